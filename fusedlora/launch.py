@@ -1,0 +1,172 @@
+"""Allocate and launch the Triton kernels: tile plans, autotuning, split-K.
+
+Callers (fusedlora.ops) validate arguments first; this layer only maps a
+matrix product onto ``lora_matmul_kernel`` and picks its tiles.
+"""
+from __future__ import annotations
+
+import functools
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .backend import interpreting, record
+
+import triton  # noqa: E402  (imported after backend so TRITON_INTERPRET is read)
+
+from .kernels.lora import lora_matmul_kernel
+from .kernels.tiles import dropout_materialize_kernel
+
+_TL_DTYPE = {}
+
+
+def _tl_dtype(dtype: torch.dtype):
+    import triton.language as tl
+
+    if not _TL_DTYPE:
+        _TL_DTYPE.update({torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32})
+    return _TL_DTYPE[dtype]
+
+
+@dataclass(frozen=True)
+class Dropout:
+    """Inverted dropout of the adapter input x, drawn from (seed, row, col) of x.
+
+    ``where`` says which operand of the product holds x: ``"a"`` (x is the
+    left operand, rows x cols), ``"b"`` (x is the right operand) or ``"epi"``
+    (the low-rank epilogue's output has the shape of x: dx).
+    """
+
+    p: float
+    seed: int
+    where: str
+
+
+# Tile configurations for the compute-bound shapes, chosen for Hopper/Ampere;
+# the autotuner keys them on (M bucket, N, K) so a serving loop with varying
+# token counts does not re-tune for every M.
+_GEMM_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=5),
+]
+# Under the interpreter every program is numpy work on the CPU: small tiles
+# keep tails and multi-tile grids covered at test shapes of a few dozen.
+_INTERPRET_TILE = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_kernel():
+    configs = [triton.Config(dict(_INTERPRET_TILE))] if interpreting() else _GEMM_CONFIGS
+    return triton.autotune(configs=configs, key=["M_BUCKET", "N", "K", "R"])(lora_matmul_kernel)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _target_programs(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # interpreter: enough splits to exercise the split-K path
+    return 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _pow2_at_least(n: int, floor: int = 16) -> int:
+    return max(floor, triton.next_power_of_2(max(int(n), 1)))
+
+
+def _input_precision(dot_dtype: torch.dtype) -> str:
+    # Follow torch's matmul setting so fp32 results match F.linear's precision.
+    if dot_dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _small_plan(M: int, N: int, K: int, device: torch.device) -> Optional[dict]:
+    """Tile plan for memory-bound products (few rows, or a rank-r output), or
+    None when the product fills the GPU and goes to the autotuned GEMM."""
+    if interpreting():
+        tile = dict(_INTERPRET_TILE)
+    elif M <= 16:  # decode: stream the weight once, split K to fill the SMs
+        tile = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 4}
+    elif N <= 128:  # rank-r output (shrink, dB): long reduction, narrow tile
+        tile = {"BLOCK_M": 64, "BLOCK_N": _pow2_at_least(N), "BLOCK_K": 128, "GROUP_M": 1,
+                "num_warps": 4, "num_stages": 3}
+    elif M <= 128:  # rank-r rows (dA): same, transposed
+        tile = {"BLOCK_M": _pow2_at_least(M), "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1,
+                "num_warps": 4, "num_stages": 3}
+    else:
+        return None
+    tiles = triton.cdiv(M, tile["BLOCK_M"]) * triton.cdiv(N, tile["BLOCK_N"])
+    k_tiles = triton.cdiv(K, tile["BLOCK_K"])
+    target = _target_programs(device)
+    split = 1 if tiles >= target else min(k_tiles, triton.cdiv(target, tiles))
+    if split > 1:  # drop splits that would get no K tile
+        split = triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))
+    tile["SPLIT_K"] = split
+    if interpreting() and M > 16 and tiles >= target:
+        return None  # let the interpreter cover the autotuned entry too
+    return tile
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, *, out_dtype: torch.dtype, dot_dtype: torch.dtype,
+           alpha: float = 1.0, bias: Optional[torch.Tensor] = None,
+           u: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None,
+           dropout: Optional[Dropout] = None, tag: str = "matmul") -> torch.Tensor:
+    """C = alpha * a @ b + bias + u @ v, each operand any 2-D strides."""
+    M, K = a.shape
+    N = b.shape[1]
+    R = u.shape[1] if u is not None else 0
+    if M == 0 or N == 0:
+        return torch.zeros((M, N), device=a.device, dtype=out_dtype)
+
+    plan = _small_plan(M, N, K, a.device)
+    split = plan["SPLIT_K"] if plan else 1
+    c = (torch.zeros if split > 1 else torch.empty)(
+        (M, N), device=a.device, dtype=torch.float32 if split > 1 else out_dtype)
+    p = dropout.p if dropout is not None else 0.0
+    drop_at = dropout.where if (dropout is not None and p > 0.0) else None
+    args = (
+        a, b, c, bias if bias is not None else c, u if u is not None else c, v if v is not None else c,
+        M, N, K, R, _pow2_at_least(M, 1),
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+        u.stride(0) if u is not None else 0, u.stride(1) if u is not None else 0,
+        v.stride(0) if v is not None else 0, v.stride(1) if v is not None else 0,
+        float(alpha), float(p), 1.0 / (1.0 - p), int(dropout.seed) if drop_at else 0,
+    )
+    flags = dict(
+        HAS_BIAS=bias is not None, HAS_LOWRANK=u is not None,
+        DROP_A=drop_at == "a", DROP_B=drop_at == "b", DROP_EPI=drop_at == "epi",
+        DOT_DTYPE=_tl_dtype(dot_dtype), INPUT_PRECISION=_input_precision(dot_dtype),
+        BLOCK_R=_pow2_at_least(R),
+    )
+    if plan is None:
+        kernel = _tuned_kernel()
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), 1)  # noqa: E731
+        kernel[grid](*args, **flags, SPLIT_K=1)
+        record(tag, "triton", "gemm")
+    else:
+        grid = (triton.cdiv(M, plan["BLOCK_M"]) * triton.cdiv(N, plan["BLOCK_N"]), split)
+        lora_matmul_kernel[grid](*args, **flags, **plan)
+        record(tag, "triton", "splitk" if split > 1 else "small")
+    return c if c.dtype == out_dtype else c.to(out_dtype)
+
+
+def dropout_mask(shape, p: float, seed: int, device) -> torch.Tensor:
+    """The keep-mask (float32 of 0/1) that the kernels draw for an x of ``shape``."""
+    M, N = shape
+    out = torch.empty((M, N), device=device, dtype=torch.float32)
+    if M and N:
+        grid = (triton.cdiv(M, 32), triton.cdiv(N, 32))
+        dropout_materialize_kernel[grid](out, M, N, out.stride(0), out.stride(1), float(p), int(seed),
+                                         BLOCK_M=32, BLOCK_N=32)
+    return out
+
+

@@ -1,0 +1,222 @@
+"""Functional fused ops, registered as torch.library custom ops.
+
+Each op is a forward custom op plus a backward custom op tied together by
+``register_autograd``, with fake implementations, so torch.compile traces a
+model of FusedLinear layers without a graph break. Arguments are validated
+here, before any kernel is launched.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .backend import record, select_backend
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_NO_SEED = torch.zeros((), dtype=torch.int64)
+
+
+# ----------------------------------------------------------------- validation
+def _check_tensor(name: str, t, ndim: Optional[int] = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a floating dtype {_FLOAT_DTYPES}, got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(t.shape)}")
+
+
+def _check_same(name: str, t: Tensor, x: Tensor) -> None:
+    if t.dtype != x.dtype:
+        raise TypeError(f"{name}: dtype {t.dtype} does not match x's dtype {x.dtype}; "
+                        f"cast one of them (e.g. {name}.to({x.dtype}))")
+    if t.device != x.device:
+        raise ValueError(f"{name}: device {t.device} does not match x's device {x.device}")
+
+
+def check_linear_args(x, weight, bias) -> None:
+    """Checks of the base layer shared by every fused op."""
+    _check_tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError("x: expected at least 1 dimension (..., in_features), got a scalar")
+    _check_tensor("weight", weight, 2)
+    _check_same("weight", weight, x)
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x: expected last dimension in_features={weight.shape[1]} (weight is "
+                         f"{tuple(weight.shape)}), got x of shape {tuple(x.shape)}")
+    if bias is not None:
+        _check_tensor("bias", bias, 1)
+        _check_same("bias", bias, x)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+
+
+def check_scalar(name: str, value, low: float = -math.inf, high: float = math.inf, high_open=False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < low or value > high or (high_open and value == high):
+        bound = f"[{low}, {high})" if high_open else f"[{low}, {high}]"
+        raise ValueError(f"{name}: expected a finite number in {bound}, got {value}")
+    return value
+
+
+def check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> Tuple[float, float]:
+    check_linear_args(x, weight, bias)
+    _check_tensor("lora_A", lora_A, 2)
+    _check_tensor("lora_B", lora_B, 2)
+    _check_same("lora_A", lora_A, x)
+    _check_same("lora_B", lora_B, x)
+    r, k = lora_A.shape
+    if r < 1:
+        raise ValueError(f"lora_A: expected rank r >= 1 rows, got shape {tuple(lora_A.shape)}")
+    if k != weight.shape[1]:
+        raise ValueError(f"lora_A: expected shape (r, {weight.shape[1]}), got {tuple(lora_A.shape)}")
+    if tuple(lora_B.shape) != (weight.shape[0], r):
+        raise ValueError(f"lora_B: expected shape ({weight.shape[0]}, {r}) to match weight and lora_A, "
+                         f"got {tuple(lora_B.shape)}")
+    return check_scalar("scaling", scaling), check_scalar("dropout_p", dropout_p, 0.0, 1.0, high_open=True)
+
+
+def _triton_dtype_ok(x: Tensor) -> None:
+    if x.dtype not in _TRITON_DTYPES:
+        raise TypeError(f"x: the Triton backend supports {_TRITON_DTYPES}, got {x.dtype}; "
+                        "use FUSEDLORA_BACKEND=torch for float64")
+
+
+def draw_seed(dropout_p: float) -> Tensor:
+    """A dropout seed from torch's CPU generator (so torch.manual_seed governs it).
+    It stays a CPU tensor: no device sync, and torch.compile keeps it in the graph."""
+    if dropout_p == 0.0:
+        return _NO_SEED
+    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+
+
+def torch_keep_mask(shape, p: float, seed: int, device) -> Optional[Tensor]:
+    """The torch backend's dropout mask: a pure function of the seed, so the
+    backward pass draws it again instead of storing it."""
+    if p == 0.0:
+        return None
+    gen = torch.Generator(device=device).manual_seed(int(seed))
+    return torch.rand(shape, generator=gen, device=device) >= p
+
+
+# ------------------------------------------------------------------ LoRA ops
+@torch.library.custom_op("fusedlora::lora_linear", mutates_args=())
+def _lora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                  scaling: float, dropout_p: float, seed: Tensor) -> Tuple[Tensor, Tensor]:
+    """2-D x -> (y, u) with u = s * drop(x) A^T in float32, saved for backward."""
+    backend = select_backend(x.device)
+    if backend == "torch":
+        mask = torch_keep_mask(x.shape, dropout_p, seed.item(), x.device)
+        u = scaling * (reference.apply_dropout(x, mask, dropout_p) @ lora_A.t())
+        record("lora.forward", "torch", "reference")
+        return torch.nn.functional.linear(x, weight, bias) + u @ lora_B.t(), u.float()
+    _triton_dtype_ok(x)
+    from .launch import Dropout, matmul
+
+    u = matmul(x, lora_A.t(), out_dtype=torch.float32, dot_dtype=x.dtype, alpha=scaling,
+               dropout=Dropout(dropout_p, int(seed.item()), "a"), tag="lora.shrink")
+    y = matmul(x, weight.t(), out_dtype=x.dtype, dot_dtype=x.dtype, bias=bias, u=u, v=lora_B.t(),
+               tag="lora.forward")
+    return y, u
+
+
+@_lora_forward.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    return (x.new_empty((x.shape[0], weight.shape[0])),
+            x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32))
+
+
+@torch.library.custom_op("fusedlora::lora_linear_backward", mutates_args=())
+def _lora_backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, u: Tensor,
+                   scaling: float, dropout_p: float, seed: Tensor, needs: List[bool]) -> List[Tensor]:
+    """(dx, dW, db, dA, dB); an empty tensor stands for a gradient not asked for."""
+    need_x, need_w, need_b, need_a, need_bb = needs
+    empty = grad_y.new_empty(0)
+    backend = select_backend(x.device)
+    if backend == "torch":
+        mask = torch_keep_mask(x.shape, dropout_p, seed.item(), x.device)
+        grads = reference.lora_linear_grads(grad_y, x, weight, lora_A, lora_B, scaling, mask, dropout_p)
+        record("lora.backward", "torch", "reference")
+        return [g if n else empty for g, n in zip(grads, needs)]
+    from .launch import Dropout, matmul
+
+    dt = x.dtype
+    seed_i = int(seed.item())
+    dx = dW = db = dA = dB = empty
+    g = None
+    if need_x or need_a:
+        g = matmul(grad_y, lora_B, out_dtype=torch.float32, dot_dtype=dt, alpha=scaling, tag="lora.grad_shrink")
+    if need_x:
+        dx = matmul(grad_y, weight, out_dtype=dt, dot_dtype=dt, u=g, v=lora_A,
+                    dropout=Dropout(dropout_p, seed_i, "epi"), tag="lora.grad_x")
+    if need_w:
+        dW = matmul(grad_y.t(), x, out_dtype=weight.dtype, dot_dtype=dt, tag="lora.grad_weight")
+    if need_b:
+        db = grad_y.sum(0, dtype=torch.float32).to(dt)
+    if need_a:
+        dA = matmul(g.t(), x, out_dtype=lora_A.dtype, dot_dtype=dt,
+                    dropout=Dropout(dropout_p, seed_i, "b"), tag="lora.grad_A")
+    if need_bb:
+        dB = matmul(grad_y.t(), u, out_dtype=lora_B.dtype, dot_dtype=dt, tag="lora.grad_B")
+    return [dx, dW, db, dA, dB]
+
+
+@_lora_backward.register_fake
+def _(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, needs):
+    shapes = [x, weight, weight[:, 0], lora_A, lora_B]
+    return [t.new_empty(t.shape) if n else grad_y.new_empty(0) for t, n in zip(shapes, needs)]
+
+
+def _lora_setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
+    ctx.scaling, ctx.dropout_p = scaling, dropout_p
+    ctx.mark_non_differentiable(output[1])
+
+
+def _lora_autograd(ctx, grad_y, grad_u):
+    x, weight, lora_A, lora_B, u, seed = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    needs = [n[0], n[1], n[2], n[3], n[4]]
+    grads = _lora_backward(grad_y, x, weight, lora_A, lora_B, u, ctx.scaling, ctx.dropout_p, seed, needs)
+    dx, dW, db, dA, dB = (g if need else None for g, need in zip(grads, needs))
+    return dx, dW, db, dA, dB, None, None, None
+
+
+_lora_forward.register_autograd(_lora_autograd, setup_context=_lora_setup_context)
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                scaling: float, dropout_p: float = 0.0) -> Tensor:
+    """y = x W^T + b + scaling * (dropout(x) A^T) B^T, fused; x of shape (..., in_features).
+
+    Differentiable in every tensor argument. ``dropout_p`` > 0 applies inverted
+    dropout to the adapter input only (PEFT's ``lora_dropout``), drawn in-kernel
+    from a seed of torch's CPU generator.
+    """
+    scaling, dropout_p = check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    lead = x.shape[:-1]
+    y, _ = _lora_forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B,
+                         scaling, dropout_p, draw_seed(dropout_p))
+    return y.reshape(*lead, weight.shape[0])
+
+
+def dropout_keep_mask(x_shape: Sequence[int], dropout_p: float, seed: int, device) -> Tensor:
+    """The keep-mask (float 0/1, shape (rows, in_features)) that the active backend
+    draws for a flattened x of ``x_shape`` and this seed: for tests and debugging."""
+    rows = int(math.prod(x_shape[:-1]))
+    shape = (rows, int(x_shape[-1]))
+    if select_backend(torch.device(device)) == "torch":
+        mask = torch_keep_mask(shape, dropout_p, seed, device)
+        return torch.ones(shape, device=device) if mask is None else mask.float()
+    from .launch import dropout_mask
+
+    return dropout_mask(shape, dropout_p, seed, device)

@@ -1,0 +1,88 @@
+"""LoRA path: one GEMM kernel with a low-rank epilogue.
+
+    C = alpha * drop_a(A) @ drop_b(B) + bias + drop_epi(U @ V)
+
+Every matrix product of a LoRA layer is an instance (see fusedlora.launch):
+
+    forward   u  = s * drop(x) @ lora_A^T          (shrink, split-K, fp32 out)
+              y  = x @ W^T + b + u @ lora_B^T      (base GEMM, rank-r epilogue)
+    backward  g  = s * dy @ lora_B                 (shrink)
+              dx = dy @ W + drop(g @ lora_A)       (one GEMM pass, rank-r epilogue)
+              dA = g^T @ drop(x),  dB = dy^T @ u,  dW = dy^T @ x
+
+Dropout is inverted dropout on the adapter input x, drawn from (seed, row,
+col) of x by tiles.dropout_keep, so no mask is ever stored. SPLIT_K > 1
+splits the reduction over programs that add fp32 partials atomically into a
+zeroed C: the memory-bound shapes (decode rows, rank-r outputs) need it to
+fill the GPU.
+"""
+import triton
+import triton.language as tl
+
+from .tiles import dropout_keep, load_tile, swizzle_tile
+
+
+@triton.jit
+def lora_matmul_kernel(
+    a_ptr, b_ptr, c_ptr, bias_ptr, u_ptr, v_ptr,
+    M, N, K, R, M_BUCKET,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    stride_um, stride_ur, stride_vr, stride_vn,
+    alpha, p, keep_scale, seed,
+    HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr,
+    DROP_A: tl.constexpr, DROP_B: tl.constexpr, DROP_EPI: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = swizzle_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+    tiles_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
+    k_first = pid_k * tiles_per_split * BLOCK_K
+    offs_k = k_first + tl.arange(0, BLOCK_K)
+    # 64-bit row offsets: M * stride can pass 2^31 on long prefills.
+    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None].to(tl.int64) * stride_bk + offs_n[None, :] * stride_bn
+    m_ok = offs_m[:, None] < M
+    n_ok = offs_n[None, :] < N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t in range(0, tiles_per_split):
+        k_ok = offs_k < K
+        a = tl.load(a_ptrs, mask=m_ok & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok, other=0.0)
+        if DROP_A:
+            keep = dropout_keep(seed, offs_m[:, None], offs_k[None, :], p)
+            a = tl.where(keep, a * keep_scale, 0.0)
+        if DROP_B:
+            keep = dropout_keep(seed, offs_k[:, None], offs_n[None, :], p)
+            b = tl.where(keep, b * keep_scale, 0.0)
+        acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+        offs_k += BLOCK_K
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    acc = acc * alpha
+
+    # The epilogue runs once per output tile: in the first split only.
+    if pid_k == 0:
+        if HAS_LOWRANK:
+            offs_r = tl.arange(0, BLOCK_R)
+            u = load_tile(u_ptr, offs_m, offs_r, stride_um, stride_ur, M, R)
+            v = load_tile(v_ptr, offs_r, offs_n, stride_vr, stride_vn, R, N)
+            low = tl.dot(u.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
+            if DROP_EPI:
+                keep = dropout_keep(seed, offs_m[:, None], offs_n[None, :], p)
+                low = tl.where(keep, low * keep_scale, 0.0)
+            acc += low
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
+
+    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
+    if SPLIT_K == 1:
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok & n_ok)
+    else:
+        tl.atomic_add(c_ptrs, acc, mask=m_ok & n_ok)

@@ -1,0 +1,53 @@
+"""Tile helpers shared by every adapter path's kernels."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def dropout_keep(seed, rows, cols, p):
+    """Keep-mask of inverted dropout for element (row, col) of a logical matrix.
+
+    The mask is a pure function of (seed, row, col): the forward pass, the
+    backward pass and the test helper that materialises it all draw the same
+    bits without a stored mask tensor. Row and column are separate Philox
+    counters, so any matrix up to 2^31 x 2^31 gets distinct streams.
+    """
+    rows_b = rows + cols * 0
+    cols_b = cols + rows * 0
+    bits, _, _, _ = tl.philox(seed, cols_b.to(tl.int32), rows_b.to(tl.int32), 0, 0)
+    return tl.uint_to_uniform_float(bits) >= p
+
+
+@triton.jit
+def swizzle_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Map a flat program id to (pid_m, pid_n) in groups of GROUP_M row tiles,
+    so consecutive programs share the same weight columns while they sit in L2."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_pid_n
+    group_id = pid // group_size
+    first_m = group_id * GROUP_M
+    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % group_m
+    pid_n = (pid % group_size) // group_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def load_tile(ptr, rows, cols, stride_r, stride_c, n_rows, n_cols):
+    """Masked load of the (rows x cols) tile; out-of-range elements read 0."""
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    return tl.load(ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0)
+
+
+@triton.jit
+def dropout_materialize_kernel(out_ptr, M, N, stride_m, stride_n, p, seed,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Writes the keep-mask (1.0 kept, 0.0 dropped) that dropout_keep draws;
+    used to check kernels against the reference, never on the hot path."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = dropout_keep(seed, rows[:, None], cols[None, :], p)
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_m + cols[None, :] * stride_n
+    tl.store(ptrs, keep.to(tl.float32), mask=mask)
