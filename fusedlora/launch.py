@@ -124,8 +124,14 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, out_dtype: torch.dtype, dot_dtyp
     M, K = a.shape
     N = b.shape[1]
     R = u.shape[1] if u is not None else 0
-    if M == 0 or N == 0:
-        return torch.zeros((M, N), device=a.device, dtype=out_dtype)
+    if M == 0 or N == 0 or K == 0:
+        # Empty reduction (e.g. a weight gradient over zero rows): nothing to launch.
+        c = torch.zeros((M, N), device=a.device, dtype=torch.float32)
+        if u is not None:
+            c += u.float() @ v.float()
+        if bias is not None:
+            c += bias.float()
+        return c.to(out_dtype)
 
     plan = _small_plan(M, N, K, a.device)
     split = plan["SPLIT_K"] if plan else 1

@@ -139,18 +139,18 @@ def _lora_backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lo
                    scaling: float, dropout_p: float, seed: Tensor, needs: List[bool]) -> List[Tensor]:
     """(dx, dW, db, dA, dB); an empty tensor stands for a gradient not asked for."""
     need_x, need_w, need_b, need_a, need_bb = needs
-    empty = grad_y.new_empty(0)
     backend = select_backend(x.device)
     if backend == "torch":
         mask = torch_keep_mask(x.shape, dropout_p, seed.item(), x.device)
         grads = reference.lora_linear_grads(grad_y, x, weight, lora_A, lora_B, scaling, mask, dropout_p)
         record("lora.backward", "torch", "reference")
-        return [g if n else empty for g, n in zip(grads, needs)]
+        return [g if n else grad_y.new_empty(0) for g, n in zip(grads, needs)]
     from .launch import Dropout, matmul
 
     dt = x.dtype
     seed_i = int(seed.item())
-    dx = dW = db = dA = dB = empty
+    # A fresh empty tensor per slot: custom op outputs may not alias each other.
+    dx, dW, db, dA, dB = (grad_y.new_empty(0) for _ in range(5))
     g = None
     if need_x or need_a:
         g = matmul(grad_y, lora_B, out_dtype=torch.float32, dot_dtype=dt, alpha=scaling, tag="lora.grad_shrink")

@@ -50,3 +50,64 @@ def lora_delta_weight(lora_A, lora_B, scaling: float) -> torch.Tensor:
     """The dense update s * B A that merging adds to W (in float32 or wider)."""
     dtype = torch.promote_types(lora_A.dtype, torch.float32)
     return scaling * (lora_B.to(dtype) @ lora_A.to(dtype))
+
+
+# --- C3A (circular-convolution adaptation, PEFT's C3A tuner) ---------------
+def _c3a_blocks(c3a_kernel, in_features: int, out_features: int):
+    nb_out, nb_in, b = c3a_kernel.shape
+    if nb_out * b != out_features or nb_in * b != in_features:
+        raise ValueError(f"c3a_kernel: shape {tuple(c3a_kernel.shape)} does not tile "
+                         f"(out_features, in_features)=({out_features}, {in_features})")
+    return nb_out, nb_in, b
+
+
+def c3a_delta_weight(c3a_kernel, in_features: int, out_features: int) -> torch.Tensor:
+    """The dense update that merging adds to W (float32 or wider), as PEFT's
+    ``get_delta_weight``: dW[m*b+s, n*b+t] = w[m, n, (t - s) mod b] / in_features."""
+    nb_out, nb_in, b = _c3a_blocks(c3a_kernel, in_features, out_features)
+    w = c3a_kernel.to(torch.promote_types(c3a_kernel.dtype, torch.float32))
+    ar = torch.arange(b, device=w.device)
+    idx = (ar[None, :] - ar[:, None]) % b                # idx[s, t] = (t - s) mod b
+    blocks = w[:, :, idx]                                # (m, n, s, t)
+    return blocks.permute(0, 2, 1, 3).reshape(out_features, in_features) / in_features
+
+
+def c3a_linear(x, weight, bias, c3a_kernel) -> torch.Tensor:
+    """y = x (W + dW)^T + b in x's dtype; dW merged into W in float32 or wider."""
+    dW = c3a_delta_weight(c3a_kernel, weight.shape[1], weight.shape[0])
+    w_eff = (weight.to(dW.dtype) + dW).to(weight.dtype)
+    return F.linear(x, w_eff, bias)
+
+
+def c3a_kernel_grad(grad_y, x, c3a_kernel) -> torch.Tensor:
+    """dL/dw[m, n, u] = sum_rows sum_s dy[., m*b+s] x[., n*b+(s+u) mod b] / K, for 2-D x."""
+    nb_out, nb_in, b = c3a_kernel.shape
+    K = x.shape[-1]
+    dt = torch.promote_types(x.dtype, torch.float32)
+    g = (grad_y.to(dt).t() @ x.to(dt)).reshape(nb_out, b, nb_in, b)   # (m, s, n, t)
+    ar = torch.arange(b, device=x.device)
+    idx = (ar[:, None] + ar[None, :]) % b                # idx[s, u] = (s + u) mod b
+    g = g.permute(0, 2, 1, 3)                            # (m, n, s, t)
+    diag = torch.gather(g, 3, idx.expand(nb_out, nb_in, b, b))   # (m, n, s, u)
+    return (diag.sum(2) / K).to(c3a_kernel.dtype)
+
+
+def c3a_linear_grads(grad_y, x, weight, c3a_kernel):
+    """Closed-form gradients of ``c3a_linear`` for 2-D x: (dx, dW, db, dw)."""
+    dW_c3a = c3a_delta_weight(c3a_kernel, weight.shape[1], weight.shape[0])
+    w_eff = (weight.to(dW_c3a.dtype) + dW_c3a).to(weight.dtype)
+    dx = grad_y @ w_eff
+    dW = grad_y.t() @ x
+    db = grad_y.sum(0)
+    return dx, dW, db, c3a_kernel_grad(grad_y, x, c3a_kernel)
+
+
+def c3a_fft_delta(x, c3a_kernel) -> torch.Tensor:
+    """PEFT's FFT algorithm (BlockCircularConvolution / K) for the adapter output
+    x dW^T, in float32 (float64 when x or the kernel is): for cross-checking."""
+    nb_out, nb_in, b = c3a_kernel.shape
+    dt = torch.promote_types(torch.promote_types(x.dtype, c3a_kernel.dtype), torch.float32)
+    xb = x.to(dt).reshape(*x.shape[:-1], nb_in, b)
+    z = torch.einsum("...nb,mnb->...mb", torch.fft.ifft(xb), torch.fft.fft(c3a_kernel.to(dt)))
+    y = torch.fft.fft(z).real
+    return y.reshape(*y.shape[:-2], nb_out * b) / x.shape[-1]

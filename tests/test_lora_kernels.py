@@ -1,0 +1,152 @@
+"""Fused LoRA kernels (Triton; interpreter on CPU) against the float64 reference."""
+import pytest
+import torch
+
+from conftest import DEVICE, TOL, dispatched, rel_err
+from fusedlora import ops, reference
+
+# (M, K, N, r): tiles are 16 under the interpreter, so these cover tails in
+# every dimension, the autotuned GEMM (many tiles), the split-K path (few
+# rows) and rank 1.
+SHAPES = [(37, 45, 29, 5), (3, 50, 40, 8), (1, 33, 17, 1), (48, 32, 64, 16), (20, 70, 9, 3)]
+DTYPES = [torch.float32, torch.float16]
+NAMES = ("x", "weight", "bias", "lora_A", "lora_B")
+
+
+def make_inputs(M, K, N, r, dtype, bias=True, lead=None, seed=None):
+    g = torch.Generator().manual_seed(seed if seed is not None else torch.randint(0, 2**30, ()).item())
+    shape = (*(lead or (M,)), K)
+    t = {
+        "x": torch.randn(shape, generator=g),
+        "weight": torch.randn(N, K, generator=g) / K**0.5,
+        "bias": torch.randn(N, generator=g) if bias else None,
+        "lora_A": torch.randn(r, K, generator=g) / K**0.5,
+        "lora_B": torch.randn(N, r, generator=g) / r**0.5,
+    }
+    return {k: (v.to(DEVICE, dtype).requires_grad_() if v is not None else None) for k, v in t.items()}
+
+
+def reference_grads(inp, scaling, grad_y, mask=None, p=0.0):
+    ref = {k: (v.detach().double().requires_grad_(v.requires_grad) if v is not None else None)
+           for k, v in inp.items()}
+    y = reference.lora_linear(*(ref[n] for n in NAMES), scaling, mask, p)
+    y.backward(grad_y.double())
+    return y, ref
+
+
+def check_against_reference(inp, scaling=0.7, p=0.0, seed=None):
+    dtype = inp["x"].dtype
+    if seed is not None:
+        torch.manual_seed(seed)
+    y = ops.lora_linear(*(inp[n] for n in NAMES), scaling, p)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    mask = None
+    if p:
+        torch.manual_seed(seed)  # the op drew its dropout seed right here
+        drawn = int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
+        mask = ops.dropout_keep_mask(inp["x"].shape, p, drawn, inp["x"].device)
+        mask = mask.reshape(inp["x"].shape).double()
+    y_ref, ref = reference_grads(inp, scaling, grad_y, mask, p)
+    assert rel_err(y, y_ref) < TOL[dtype]
+    for n in NAMES:
+        if inp[n] is not None and inp[n].requires_grad:
+            assert rel_err(inp[n].grad, ref[n].grad) < TOL[dtype], n
+    return y
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_backward_matches_reference(triton_backend, shape, dtype):
+    check_against_reference(make_inputs(*shape, dtype))
+    ran = dispatched()
+    assert any(k.startswith("lora.forward:triton") for k in ran), ran
+    assert not any(":torch:" in k for k in ran), ran
+
+
+def test_both_gemm_and_splitk_paths_are_covered(triton_backend):
+    check_against_reference(make_inputs(40, 36, 50, 4, torch.float32))  # many output tiles
+    check_against_reference(make_inputs(2, 64, 20, 4, torch.float32))   # decode: few tiles, long K
+    ran = dispatched("lora.forward")
+    assert "lora.forward:triton:gemm" in ran and "lora.forward:triton:splitk" in ran, ran
+    assert "lora.shrink:triton:splitk" in dispatched("lora.shrink")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout_matches_reference_with_kernel_mask(triton_backend, dtype):
+    check_against_reference(make_inputs(21, 40, 18, 4, dtype), p=0.3, seed=1234)
+
+
+def test_dropout_mask_is_seeded_and_unbiased(triton_backend):
+    m1 = ops.dropout_keep_mask((64, 96), 0.25, 7, DEVICE)
+    m2 = ops.dropout_keep_mask((64, 96), 0.25, 7, DEVICE)
+    m3 = ops.dropout_keep_mask((64, 96), 0.25, 8, DEVICE)
+    assert torch.equal(m1, m2) and not torch.equal(m1, m3)
+    assert abs(m1.mean().item() - 0.75) < 0.03
+    # rows and columns are independent streams: no two rows repeat
+    assert len({tuple(r.tolist()) for r in m1.cpu()}) == 64
+
+
+def test_dropout_same_seed_same_output(triton_backend):
+    inp = make_inputs(9, 30, 12, 4, torch.float32)
+    args = [inp[n].detach() for n in NAMES]
+    torch.manual_seed(3)
+    y1 = ops.lora_linear(*args, 1.5, 0.5)
+    torch.manual_seed(3)
+    y2 = ops.lora_linear(*args, 1.5, 0.5)
+    y3 = ops.lora_linear(*args, 1.5, 0.5)
+    assert torch.equal(y1, y2) and not torch.equal(y1, y3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_3d_input(triton_backend, dtype):
+    y = check_against_reference(make_inputs(0, 24, 19, 4, dtype, lead=(3, 7)))
+    assert y.shape == (3, 7, 19)
+
+
+def test_non_contiguous_input(triton_backend):
+    inp = make_inputs(13, 50, 21, 6, torch.float32)
+    wide = torch.randn(13, 100, device=DEVICE)
+    inp["x"] = wide[:, ::2].detach().requires_grad_()      # stride 2 along K
+    assert not inp["x"].is_contiguous()
+    check_against_reference(inp)
+    inp = make_inputs(13, 50, 21, 6, torch.float32)
+    inp["x"] = torch.randn(50, 13, device=DEVICE).t().requires_grad_()  # column-major
+    inp["weight"] = torch.randn(50, 21, device=DEVICE).t().mul(0.1).requires_grad_()
+    check_against_reference(inp)
+
+
+def test_no_bias_and_zero_rows(triton_backend):
+    check_against_reference(make_inputs(11, 20, 30, 2, torch.float32, bias=False))
+    inp = make_inputs(0, 20, 30, 2, torch.float32)
+    y = ops.lora_linear(*(inp[n] for n in NAMES), 2.0)
+    assert y.shape == (0, 30)
+    y.sum().backward()
+    assert inp["lora_A"].grad.abs().sum() == 0 and inp["x"].grad.shape == (0, 20)
+
+
+def test_frozen_A_and_frozen_weight_skip_their_gradients(triton_backend):
+    inp = make_inputs(17, 40, 24, 4, torch.float32)
+    inp["lora_A"].requires_grad_(False)
+    inp["weight"].requires_grad_(False)
+    inp["bias"].requires_grad_(False)
+    check_against_reference(inp)
+    ran = dispatched()
+    assert "lora.grad_x:triton:gemm" in ran or any(k.startswith("lora.grad_x") for k in ran)
+    assert not any(k.startswith(("lora.grad_A", "lora.grad_weight")) for k in ran), ran
+    assert inp["lora_A"].grad is None and inp["weight"].grad is None
+
+
+def test_only_adapter_grads(triton_backend):
+    inp = make_inputs(17, 40, 24, 4, torch.float16)
+    for n in ("x", "weight", "bias"):
+        inp[n].requires_grad_(False)
+    check_against_reference(inp)
+    assert not any(k.startswith(("lora.grad_x", "lora.grad_weight")) for k in dispatched())
+
+
+@pytest.mark.parametrize("p", [0.0, 0.4])
+def test_torch_backend_closed_form_grads(torch_backend, p):
+    inp = make_inputs(15, 22, 18, 3, torch.float64)
+    check_against_reference(inp, p=p, seed=99)
+    assert all(":torch:" in k for k in dispatched()), dispatched()
