@@ -1,0 +1,83 @@
+"""Bad input raises a clear error that names the argument, before any kernel launch."""
+import pytest
+import torch
+
+import fusedlora
+from conftest import dispatched
+from fusedlora import ops
+
+
+def args(M=4, K=8, N=6, r=2, dtype=torch.float32):
+    return dict(x=torch.randn(M, K, dtype=dtype), weight=torch.randn(N, K, dtype=dtype),
+                bias=torch.randn(N, dtype=dtype), lora_A=torch.randn(r, K, dtype=dtype),
+                lora_B=torch.randn(N, r, dtype=dtype), scaling=2.0, dropout_p=0.0)
+
+
+CASES = [
+    ("x", dict(x=torch.randn(4, 7)), ValueError, "in_features=8"),
+    ("x", dict(x=[1.0, 2.0]), TypeError, "torch.Tensor"),
+    ("x", dict(x=torch.ones(4, 8, dtype=torch.int32)), TypeError, "floating"),
+    ("weight", dict(weight=torch.randn(6, 8, dtype=torch.float16)), TypeError, "does not match x's dtype"),
+    ("weight", dict(weight=torch.randn(6, 8, device="meta")), ValueError, "device"),
+    ("bias", dict(bias=torch.randn(5)), ValueError, "bias: expected shape (6,)"),
+    ("lora_A", dict(lora_A=torch.randn(2, 9)), ValueError, "lora_A: expected shape (r, 8)"),
+    ("lora_A", dict(lora_A=torch.randn(0, 8), lora_B=torch.randn(6, 0)), ValueError, "rank r >= 1"),
+    ("lora_B", dict(lora_B=torch.randn(6, 3)), ValueError, "lora_B: expected shape (6, 2)"),
+    ("lora_B", dict(lora_B=torch.randn(6, 2, dtype=torch.float64)), TypeError, "lora_B: dtype"),
+    ("scaling", dict(scaling="2"), TypeError, "scaling"),
+    ("scaling", dict(scaling=float("nan")), ValueError, "scaling"),
+    ("dropout_p", dict(dropout_p=1.0), ValueError, "dropout_p"),
+    ("dropout_p", dict(dropout_p=-0.1), ValueError, "dropout_p"),
+]
+
+
+@pytest.mark.parametrize("name,change,exc,msg", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_lora_linear_rejects_bad_input_before_launch(triton_backend, name, change, exc, msg):
+    a = args()
+    a.update(change)
+    with pytest.raises(exc, match=name) as info:
+        ops.lora_linear(**a)
+    assert msg in str(info.value)
+    assert dispatched() == {}, "a kernel ran before the error"
+
+
+def test_triton_backend_rejects_float64(triton_backend):
+    with pytest.raises(TypeError, match="float64"):
+        ops.lora_linear(**args(dtype=torch.float64))
+    assert dispatched() == {}
+
+
+def test_unknown_backend_name(monkeypatch):
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="FUSEDLORA_BACKEND"):
+        ops.lora_linear(**args())
+
+
+def test_cuda_backend_is_reported_missing_not_faked(monkeypatch):
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="not built"):
+        ops.lora_linear(**args())
+    assert fusedlora.backend_info()["cuda_extension"]["available"] is False
+
+
+def test_module_rejects_bad_adapters():
+    layer = fusedlora.FusedLinear(8, 6)
+    with pytest.raises(ValueError, match="r: expected a positive int"):
+        layer.add_lora("a", r=0)
+    with pytest.raises(ValueError, match="lora_dropout"):
+        layer.add_lora("a", r=2, lora_dropout=1.5)
+    with pytest.raises(ValueError, match="init_lora_weights"):
+        layer.add_lora("a", r=2, init_lora_weights="pissa")
+    with pytest.raises(ValueError, match="adapter name"):
+        layer.add_lora("a.b", r=2)
+    layer.add_lora("a", r=2)
+    with pytest.raises(ValueError, match="already exists"):
+        layer.add_lora("a", r=2)
+    with pytest.raises(ValueError, match="unknown adapter 'b'"):
+        layer.set_adapter(["a", "b"])
+    with pytest.raises(ValueError, match="unknown adapter"):
+        layer.delete_adapter("b")
+    with pytest.raises(ValueError, match="in_features=8"):
+        layer(torch.randn(3, 5))
+    with pytest.raises(TypeError, match="nn.Linear"):
+        fusedlora.FusedLinear.from_linear(torch.nn.Conv1d(2, 2, 1))

@@ -1,0 +1,230 @@
+"""FusedLinear: drop-in nn.Linear, PEFT's LoRA semantics, merge, compile."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fusedlora
+from conftest import DEVICE, TOL, dispatched, rel_err
+from fusedlora import FusedLinear, reference
+
+
+def randomize_(layer, scale=0.3):
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn_like(p) * scale)
+    return layer
+
+
+def test_no_adapter_is_exactly_nn_linear():
+    torch.manual_seed(0)
+    ref = nn.Linear(20, 12)
+    torch.manual_seed(0)
+    layer = FusedLinear(20, 12)
+    assert torch.equal(ref.weight, layer.weight) and torch.equal(ref.bias, layer.bias)
+    assert list(layer.state_dict()) == list(ref.state_dict()) == ["weight", "bias"]
+    x = torch.randn(5, 3, 20)
+    assert torch.equal(layer(x), ref(x))
+    layer2 = FusedLinear(20, 12, bias=False)
+    assert layer2.bias is None and list(layer2.state_dict()) == ["weight"]
+    assert isinstance(layer, nn.Linear)
+
+
+def test_from_linear_shares_parameters():
+    lin = nn.Linear(10, 7)
+    layer = FusedLinear.from_linear(lin)
+    assert layer.weight is lin.weight and layer.bias is lin.bias
+    x = torch.randn(4, 10)
+    assert torch.equal(layer(x), lin(x))
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    assert torch.equal(layer.weight, lin.weight)
+
+
+def test_add_lora_parameters_and_inits():
+    layer = FusedLinear(32, 24, dtype=torch.float16)
+    layer.add_lora("task", r=8, lora_alpha=16)
+    assert layer.lora_A["task"].shape == (8, 32) and layer.lora_B["task"].shape == (24, 8)
+    assert layer.lora_A["task"].dtype == torch.float16
+    assert layer.scaling["task"] == 2.0 and layer.active_adapters == ["task"]
+    assert layer.lora_B["task"].abs().sum() == 0
+    bound = 1 / math.sqrt(32)  # kaiming_uniform(a=sqrt(5)) on fan_in 32
+    assert layer.lora_A["task"].abs().max() <= bound and layer.lora_A["task"].std() > bound / 4
+    layer.add_lora("rs", r=16, lora_alpha=8, use_rslora=True, init_lora_weights="gaussian")
+    assert layer.scaling["rs"] == 8 / 4 and layer.active_adapters == ["task"]
+    assert abs(layer.lora_A["rs"].float().std().item() - 1 / 16) < 0.02
+    layer.add_lora("raw", r=4, init_lora_weights=False)
+    assert layer.lora_B["raw"].abs().sum() > 0 and layer.scaling["raw"] == 1.0
+    assert set(layer.state_dict()) == {"weight", "bias", "lora_A.task", "lora_B.task", "lora_A.rs",
+                                       "lora_B.rs", "lora_A.raw", "lora_B.raw"}
+
+
+def test_state_dict_round_trip():
+    a = randomize_(FusedLinear(16, 8))
+    a.add_lora("x", r=4)
+    randomize_(a)
+    b = FusedLinear(16, 8)
+    b.add_lora("x", r=4)
+    b.load_state_dict(a.state_dict())
+    inp = torch.randn(3, 16)
+    assert torch.equal(a(inp), b(inp))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_forward_equals_reference_and_grads_flow(monkeypatch, backend):
+    monkeypatch.setenv("FUSEDLORA_BACKEND", backend)
+    fusedlora.reset_dispatch()
+    layer = randomize_(FusedLinear(30, 20, device=DEVICE))
+    layer.add_lora("t", r=6, lora_alpha=12)
+    randomize_(layer)
+    x = torch.randn(2, 5, 30, device=DEVICE, requires_grad=True)
+    y = layer(x)
+    y.square().sum().backward()
+    ref = reference.lora_linear(x.double(), layer.weight.double(), layer.bias.double(),
+                                layer.lora_A["t"].double(), layer.lora_B["t"].double(), 2.0)
+    assert rel_err(y, ref) < TOL[torch.float32]
+    assert layer.lora_A["t"].grad is not None and layer.lora_B["t"].grad is not None
+    assert layer.weight.grad is not None and x.grad is not None
+    assert any(k.startswith(f"lora.forward:{backend}") for k in dispatched())
+
+
+def test_several_active_adapters_sum(triton_backend):
+    layer = randomize_(FusedLinear(24, 16, device=DEVICE))
+    layer.add_lora("a", r=3, lora_alpha=6)
+    layer.add_lora("b", r=5, lora_alpha=2, use_rslora=True)
+    randomize_(layer)
+    layer.set_adapter(["a", "b"])
+    x = torch.randn(7, 24, device=DEVICE)
+    d = {k: v.double() for k, v in layer.state_dict().items()}
+    ref = (reference.lora_linear(x.double(), d["weight"], d["bias"], d["lora_A.a"], d["lora_B.a"], 2.0)
+           + reference.lora_linear(x.double(), 0 * d["weight"], None, d["lora_A.b"], d["lora_B.b"],
+                                   2 / math.sqrt(5)))
+    assert rel_err(layer(x), ref) < TOL[torch.float32]
+    assert dispatched("lora.forward:triton")  # one fused pass for both adapters
+    layer.set_adapter(None)
+    assert torch.equal(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+    layer.set_adapter("b")
+    layer.delete_adapter("b")
+    assert layer.active_adapters == [] and layer.adapter_names == ["a"]
+
+
+def test_several_adapters_with_dropout_in_training():
+    layer = randomize_(FusedLinear(24, 16))
+    layer.add_lora("a", r=3, lora_dropout=0.5)
+    layer.add_lora("b", r=2, lora_dropout=0.5)
+    randomize_(layer)
+    layer.set_adapter(["a", "b"])
+    x = torch.randn(64, 24)
+    fusedlora.reset_dispatch()
+    y_train = layer.train()(x)
+    assert "lora.extra_adapter:torch:eager" in dispatched()
+    y_eval = layer.eval()(x)
+    assert not torch.allclose(y_train, y_eval)
+    # dropout is unbiased: the mean over many draws approaches the eval output
+    layer.train()
+    mean = sum(layer(x) for _ in range(200)) / 200
+    assert rel_err(mean, y_eval) < 0.05
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_merge_unmerge_round_trip(triton_backend, dtype):
+    layer = randomize_(FusedLinear(40, 24, device=DEVICE, dtype=dtype))
+    layer.add_lora("a", r=4)
+    layer.add_lora("b", r=2)
+    randomize_(layer)
+    layer.set_adapter(["a", "b"])
+    w0 = layer.weight.detach().clone()
+    x = torch.randn(9, 40, device=DEVICE, dtype=dtype)
+    y = layer(x)
+    layer.merge()
+    assert layer.merged and layer.merged_adapters == ["a", "b"]
+    fusedlora.reset_dispatch()
+    y_merged = layer(x)
+    assert dispatched() == {}  # merged forward is the plain base GEMM
+    assert rel_err(y_merged, y) < TOL[dtype]
+    with pytest.raises(ValueError, match="unmerge"):
+        layer.delete_adapter("a")
+    layer.unmerge()
+    assert not layer.merged
+    tol = 0 if dtype == torch.float32 else 1e-3
+    assert rel_err(layer.weight, w0) <= max(tol, 1e-6)
+
+
+def test_to_dtype_moves_adapters(triton_backend):
+    layer = randomize_(FusedLinear(16, 12))
+    layer.add_lora("a", r=4)
+    randomize_(layer)
+    x = torch.randn(5, 16)
+    y32 = layer(x)
+    layer.to(torch.float16)
+    assert layer.lora_A["a"].dtype == torch.float16 and layer.lora_B["a"].dtype == torch.float16
+    assert rel_err(layer(x.half()), y32) < TOL[torch.float16]
+
+
+def test_matches_peft_lora_layer_forward_and_grads():
+    peft = pytest.importorskip("peft")
+
+    torch.manual_seed(0)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, use_rslora=True, init_lora_weights="gaussian",
+                          target_modules=["0"])
+    pmodel = peft.get_peft_model(nn.Sequential(nn.Linear(36, 20)), cfg)
+    pl = pmodel.base_model.model[0]
+    base = pl.base_layer
+    with torch.no_grad():
+        pl.lora_B["default"].weight.normal_()
+    base_copy = nn.Linear(36, 20)
+    base_copy.load_state_dict(base.state_dict())
+    layer = FusedLinear.from_linear(base_copy)
+    layer.add_lora("task", r=4, lora_alpha=8, use_rslora=True)
+    with torch.no_grad():
+        layer.lora_A["task"].copy_(pl.lora_A["default"].weight)
+        layer.lora_B["task"].copy_(pl.lora_B["default"].weight)
+    assert layer.scaling["task"] == pl.scaling["default"]
+    x = torch.randn(3, 6, 36)
+    y_peft, y = pl(x), layer(x)
+    assert rel_err(y, y_peft) < 1e-6
+    y_peft.sum().backward()
+    y.sum().backward()
+    assert rel_err(layer.lora_A["task"].grad, pl.lora_A["default"].weight.grad) < 1e-6
+    assert rel_err(layer.lora_B["task"].grad, pl.lora_B["default"].weight.grad) < 1e-6
+
+
+def _tiny_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(FusedLinear(16, 32), nn.GELU(), FusedLinear(32, 8))
+    for m in model:
+        if isinstance(m, FusedLinear):
+            m.add_lora("t", r=4, lora_dropout=0.1)
+            nn.init.normal_(m.lora_B["t"])
+    return model
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_torch_compile_fullgraph_no_graph_break(monkeypatch, backend):
+    monkeypatch.setenv("FUSEDLORA_BACKEND", backend)
+    torch._dynamo.reset()
+    model = _tiny_model()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(5, 16)
+    for train in (True, False):
+        model.train(train)
+        y = compiled(x)
+        y.sum().backward()
+    explain = torch._dynamo.explain(model)(x)
+    assert explain.graph_break_count == 0 and explain.graph_count == 1
+    model.eval()
+    assert rel_err(compiled(x), model(x)) < 1e-6
+
+
+def test_custom_ops_pass_opcheck(torch_backend):
+    from fusedlora.ops import _lora_backward, _lora_forward, draw_seed
+
+    x, w, b = torch.randn(5, 8), torch.randn(6, 8), torch.randn(6)
+    A, B = torch.randn(2, 8), torch.randn(6, 2)
+    for p in (0.0, 0.3):
+        args = (x, w, b, A.requires_grad_(), B.requires_grad_(), 0.5, p, draw_seed(p))
+        torch.library.opcheck(_lora_forward, args)
+    u = torch.randn(5, 2)
+    torch.library.opcheck(_lora_backward, (torch.randn(5, 6), x, w, A.detach(), B.detach(), u, 0.5, 0.0,
+                                           draw_seed(0.0), [True, False, True, True, False]))
