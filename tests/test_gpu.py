@@ -1,0 +1,53 @@
+"""GPU-only checks: bf16 (wrong under the interpreter), large shapes, the real
+autotuner and split-K plans, tf32, and CUDA graph capture of the forward."""
+import pytest
+import torch
+
+import fusedlora
+from conftest import TOL, dispatched, rel_err
+from fusedlora import ops
+from test_lora_kernels import NAMES, check_against_reference, make_inputs
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 4096, 4096, 16), (16, 4096, 11008, 64), (333, 1000, 777, 13),
+                                   (4096, 4096, 4096, 16), (5, 4000, 3000, 8)])
+def test_large_shapes_match_reference(triton_backend, shape, dtype):
+    check_against_reference(make_inputs(*shape, dtype))
+    assert dispatched("lora.forward:triton")
+
+
+def test_bf16_dropout_and_3d(triton_backend):
+    check_against_reference(make_inputs(0, 512, 384, 16, torch.bfloat16, lead=(4, 77)), p=0.1, seed=5)
+
+
+def test_tf32_tolerance(triton_backend):
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        inp = make_inputs(256, 512, 384, 16, torch.float32)
+        y = ops.lora_linear(*(inp[n] for n in NAMES), 0.5)
+        from fusedlora import reference
+        ref = reference.lora_linear(*(inp[n].double() for n in NAMES), 0.5)
+        assert rel_err(y, ref) < 1e-3
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
+@pytest.mark.parametrize("M", [1, 8, 256])
+def test_cuda_graph_capture_of_forward(triton_backend, M):
+    layer = fusedlora.FusedLinear(1024, 768, device="cuda", dtype=torch.bfloat16).eval()
+    layer.add_lora("a", r=16)
+    torch.nn.init.normal_(layer.lora_B["a"], std=0.02)
+    x = torch.randn(M, 1024, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = layer(x)  # warm-up: compiles and autotunes outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = layer(x)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(out, layer(x)) < TOL[torch.bfloat16]
+        assert not torch.equal(out, expected)
