@@ -83,10 +83,11 @@ def _pow2_at_least(n: int, floor: int = 16) -> int:
 
 
 def _input_precision(dot_dtype: torch.dtype) -> str:
-    # Follow torch's matmul setting so fp32 results match F.linear's precision.
-    if dot_dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    # fp32 follows torch's matmul setting so results match F.linear's precision;
+    # the flag is moot for 16-bit operands (left at Triton's default there).
+    if dot_dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
 
 
 def _small_plan(M: int, N: int, K: int, device: torch.device) -> Optional[dict]:
@@ -95,7 +96,7 @@ def _small_plan(M: int, N: int, K: int, device: torch.device) -> Optional[dict]:
     if interpreting():
         tile = dict(_INTERPRET_TILE)
     elif M <= 16:  # decode: stream the weight once, split K to fill the SMs
-        tile = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 4}
+        tile = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 3}
     elif N <= 128:  # rank-r output (shrink, dB): long reduction, narrow tile
         tile = {"BLOCK_M": 64, "BLOCK_N": _pow2_at_least(N), "BLOCK_K": 128, "GROUP_M": 1,
                 "num_warps": 4, "num_stages": 3}
