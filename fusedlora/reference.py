@@ -75,7 +75,8 @@ def c3a_delta_weight(c3a_kernel, in_features: int, out_features: int) -> torch.T
 def c3a_linear(x, weight, bias, c3a_kernel) -> torch.Tensor:
     """y = x (W + dW)^T + b in x's dtype; dW merged into W in float32 or wider."""
     dW = c3a_delta_weight(c3a_kernel, weight.shape[1], weight.shape[0])
-    w_eff = (weight.to(dW.dtype) + dW).to(weight.dtype)
+    dt = torch.promote_types(weight.dtype, dW.dtype)
+    w_eff = (weight.to(dt) + dW.to(dt)).to(weight.dtype)
     return F.linear(x, w_eff, bias)
 
 
@@ -95,7 +96,8 @@ def c3a_kernel_grad(grad_y, x, c3a_kernel) -> torch.Tensor:
 def c3a_linear_grads(grad_y, x, weight, c3a_kernel):
     """Closed-form gradients of ``c3a_linear`` for 2-D x: (dx, dW, db, dw)."""
     dW_c3a = c3a_delta_weight(c3a_kernel, weight.shape[1], weight.shape[0])
-    w_eff = (weight.to(dW_c3a.dtype) + dW_c3a).to(weight.dtype)
+    dt = torch.promote_types(weight.dtype, dW_c3a.dtype)
+    w_eff = (weight.to(dt) + dW_c3a.to(dt)).to(weight.dtype)
     dx = grad_y @ w_eff
     dW = grad_y.t() @ x
     db = grad_y.sum(0)
@@ -111,3 +113,32 @@ def c3a_fft_delta(x, c3a_kernel) -> torch.Tensor:
     z = torch.einsum("...nb,mnb->...mb", torch.fft.ifft(xb), torch.fft.fft(c3a_kernel.to(dt)))
     y = torch.fft.fft(z).real
     return y.reshape(*y.shape[:-2], nb_out * b) / x.shape[-1]
+
+
+# --- sparse delta (SHiRA)
+def sparse_delta_weight(indices: torch.Tensor, values: torch.Tensor, scaling: float, shape) -> torch.Tensor:
+    """Dense scaling * S of ``shape`` (out_features, in_features), S[indices[0][i], indices[1][i]] = values[i];
+    repeated pairs add up, as PEFT's sparse_coo_tensor does. In values' dtype."""
+    delta = torch.zeros(tuple(shape), device=values.device, dtype=values.dtype)
+    delta.index_put_((indices[0].long(), indices[1].long()), values * scaling, accumulate=True)
+    return delta
+
+
+def sparse_linear(x, weight, bias, indices, values, scaling: float) -> torch.Tensor:
+    """y = x (W + scaling * S)^T + b, as PEFT's SHiRA Linear computes it."""
+    delta = sparse_delta_weight(indices, values, scaling, weight.shape)
+    return F.linear(x, weight + delta.to(weight.dtype), bias)
+
+
+def sparse_linear_grads(grad_y, x, weight, indices, values, scaling: float):
+    """Closed-form gradients of ``sparse_linear`` for 2-D x: (dx, dW, d_bias, d_values).
+
+    d_values[i] = scaling * sum_m grad_y[m, row_i] * x[m, col_i], at the nonzeros only.
+    """
+    rows, cols = indices[0].long(), indices[1].long()
+    delta = sparse_delta_weight(indices, values, scaling, weight.shape)
+    dx = grad_y @ (weight + delta.to(weight.dtype))
+    dW = grad_y.t() @ x
+    db = grad_y.sum(0)
+    dvals = scaling * (grad_y[:, rows] * x[:, cols]).sum(0)
+    return dx, dW, db, dvals.to(values.dtype)

@@ -1,0 +1,5 @@
+"""Microbenchmarks of fusedlora: ``python bench/run.py`` or ``python -m fusedlora bench``.
+
+Each adapter path is a module here (``lora.py``; later ``c3a.py`` ...) that
+defines ``cases(opts)``; ``run.py`` finds it by name. See docs/benchmarks.md.
+"""

@@ -1,0 +1,331 @@
+"""Shared machinery of the microbenchmarks: cases, timing, rooflines, reports.
+
+An adapter path (bench/lora.py, later bench/c3a.py ...) only describes its
+cases: the shape, how to draw one random input set, and for each
+implementation a ``setup(inputs) -> thunk``. Everything about *how* a thunk
+is timed and reported lives here, so every path is measured the same way.
+See docs/benchmarks.md for the method.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import itertools
+import json
+import math
+import platform
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+import fusedlora
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# Input sets smaller than this could sit (partly) in L2 across repeats; they
+# are rotated so that no repeat reads what the previous one left in cache.
+ROTATE_BELOW_BYTES = 256 * 2**20
+N_ROTATING_SETS = 4
+
+
+class Skip(Exception):
+    """Raised by an implementation's setup when it cannot run here (e.g. peft missing)."""
+
+
+@dataclass
+class Options:
+    device: torch.device
+    dtype: torch.dtype
+    quick: bool = False
+    smoke: bool = False
+
+
+@dataclass
+class Case:
+    """One row of a report: a shape and variant, timed for several implementations.
+
+    ``impls`` maps a name to ``setup(inputs) -> thunk``; setup runs once per
+    input set, outside the timing, so building modules or compiling is never
+    timed. ``work`` maps an implementation to its (flops, minimal bytes); the
+    ``"*"`` entry covers implementations that compute the same thing as ``ref``.
+    """
+
+    path: str
+    variant: str
+    shape: Dict[str, int]
+    dtype: torch.dtype
+    device: torch.device
+    make_inputs: Callable[[], Dict[str, Any]]
+    impls: Dict[str, Callable[[Dict[str, Any]], Callable[[], Any]]]
+    work: Dict[str, Tuple[float, float]]
+    ref: str = "fused"
+    roof_impls: Tuple[str, ...] = ("fused",)
+
+    def work_of(self, impl: str) -> Tuple[float, float]:
+        return self.work.get(impl, self.work["*"])
+
+
+# ------------------------------------------------------------------ roofline
+def matmul_flops(*mnk: Tuple[int, int, int]) -> float:
+    return float(sum(2 * m * n * k for m, n, k in mnk))
+
+
+def numel_bytes(elem: int, *shapes: Sequence[int]) -> float:
+    return float(elem * sum(math.prod(s) for s in shapes))
+
+
+def gemm_adapter_flops(M: int, K: int, N: int, r: int = 0) -> float:
+    """y = x W^T (+ b) + (x A^T) B^T: the base GEMM plus the two thin ones."""
+    return matmul_flops((M, N, K), (M, r, K), (M, N, r))
+
+
+def gemm_adapter_bytes(M: int, K: int, N: int, r: int = 0, elem: int = 2, bias: bool = True) -> float:
+    """Each input (x, W, b, A, B) read once, y written once: the least any kernel moves."""
+    return numel_bytes(elem, (M, K), (N, K), (N if bias else 0,), (r, K), (N, r), (M, N))
+
+
+def roofline(flops: float, nbytes: float, ms: float, ceilings: dict) -> Tuple[float, str]:
+    """Percent of the roofline time max(flops/peak, bytes/bandwidth), and which bound it is.
+
+    For decode shapes the bytes term dominates (bandwidth-based), for large M
+    the flops term (FLOP-based); in between, whichever is the real limit.
+    """
+    t_flop = flops / ceilings["flops_per_s"]
+    t_bw = nbytes / ceilings["bytes_per_s"]
+    return 100.0 * max(t_flop, t_bw) / (ms * 1e-3), ("bw" if t_bw >= t_flop else "flop")
+
+
+# -------------------------------------------------------------------- timing
+def _summary(times_ms: List[float]) -> dict:
+    s = sorted(times_ms)
+
+    def q(p):  # linear interpolation, as torch.quantile
+        i = p * (len(s) - 1)
+        lo, hi = int(math.floor(i)), int(math.ceil(i))
+        return s[lo] + (s[hi] - s[lo]) * (i - lo)
+
+    return {"median_ms": q(0.5), "p20_ms": q(0.2), "p80_ms": q(0.8),
+            "min_ms": s[0], "max_ms": s[-1], "samples": len(s)}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_thunks(thunks: Sequence[Callable[[], Any]], device: torch.device,
+                warmup_ms: float = 25, rep_ms: float = 100) -> dict:
+    """Median (and spread) of one call, cycling through ``thunks`` (one per input set).
+
+    Each thunk is called once first, outside the timing, so JIT, autotuning
+    and compilation are not timed and their errors surface here.
+    """
+    for t in thunks:
+        t()
+    _sync(device)
+    it = itertools.cycle(thunks)
+
+    def step():
+        return next(it)()
+
+    if device.type == "cuda":
+        # do_bench: CUDA events around each call, L2 flushed before each one.
+        from triton.testing import do_bench
+
+        times = do_bench(step, warmup=warmup_ms, rep=rep_ms, return_mode="all")
+        return _summary(list(times))
+    # CPU: wall clock per call; a short budget keeps the smoke run quick.
+    times, deadline = [], time.perf_counter() + rep_ms * 1e-3
+    while len(times) < 5 or (time.perf_counter() < deadline and len(times) < 1000):
+        t0 = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return _summary(times)
+
+
+def measure_ceilings(device: torch.device, dtype: torch.dtype, small: bool = False) -> dict:
+    """The two roofline ceilings, measured once per run on this device:
+    bandwidth from a large device-to-device copy, FLOP/s from a large matmul."""
+    big = device.type == "cuda" and not small
+    copy_bytes = 2**30 if big else 16 * 2**20
+    n = 8192 if big else 256
+    src = torch.randn(copy_bytes // 4, device=device)  # float32 elements
+    dst = torch.empty_like(src)
+    copy_t = time_thunks([lambda: dst.copy_(src)], device)
+    del src, dst
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    mm_t = time_thunks([lambda: torch.matmul(a, b)], device)
+    del a, b
+    moved = 2 * copy_bytes  # read + write
+    return {"bytes_per_s": moved / (copy_t["median_ms"] * 1e-3),
+            "flops_per_s": 2 * n**3 / (mm_t["median_ms"] * 1e-3),
+            "copy": {"bytes_moved": moved, **copy_t},
+            "matmul": {"n": n, "dtype": str(dtype).replace("torch.", ""), **mm_t}}
+
+
+# ---------------------------------------------------------------- run a case
+def _tensors(inputs: Dict[str, Any]) -> List[torch.Tensor]:
+    return [t for t in inputs.values() if isinstance(t, torch.Tensor)]
+
+
+def _input_sets(case: Case) -> List[Dict[str, Any]]:
+    first = case.make_inputs()
+    for name, t in first.items():
+        # Zeros make some kernels (and the hardware) look faster than real data.
+        if isinstance(t, torch.Tensor) and t.numel() and not bool(t.detach().abs().amax() > 0):
+            raise ValueError(f"{case.path}/{case.variant}: input {name!r} is all zeros; draw random inputs")
+    nbytes = sum(t.numel() * t.element_size() for t in _tensors(first))
+    n = N_ROTATING_SETS if nbytes < ROTATE_BELOW_BYTES else 1
+    return [first] + [case.make_inputs() for _ in range(n - 1)]
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200] if text else ''}".rstrip(": ")
+
+
+def run_case(case: Case, ceilings: dict) -> List[dict]:
+    """Time every implementation of ``case``; one JSON-ready row each. A failing
+    implementation is recorded with its reason and the run goes on."""
+    sets = _input_sets(case)
+    rows = []
+    for impl, setup in case.impls.items():
+        flops, nbytes = case.work_of(impl)
+        row = {"path": case.path, "variant": case.variant, "shape": dict(case.shape),
+               "dtype": str(case.dtype).replace("torch.", ""), "device": str(case.device), "impl": impl,
+               "input_sets": len(sets), "flops": flops, "bytes": nbytes, "status": "ok", "reason": None,
+               "_meta": {"ref": case.ref, "roof_impls": case.roof_impls}}
+        fusedlora.reset_dispatch()
+        thunks = None
+        try:
+            thunks = [setup(s) for s in sets]
+            row.update(time_thunks(thunks, case.device))
+        except Skip as e:
+            row.update(status="skipped", reason=str(e))
+        except Exception as e:  # recorded, not fatal: one broken baseline must not lose the run
+            row.update(status="error", reason=_reason(e))
+        finally:
+            del thunks
+            if case.device.type == "cuda":
+                torch.cuda.empty_cache()
+        row["dispatch"] = sorted(fusedlora.backend_info()["dispatch"])
+        if row["status"] == "ok":
+            ms = row["median_ms"]
+            row["tflops"] = flops / (ms * 1e-3) / 1e12
+            row["gbps"] = nbytes / (ms * 1e-3) / 1e9
+            row["roofline_pct"], row["bound"] = roofline(flops, nbytes, ms, ceilings)
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------- environment
+def _git(*args: str) -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def environment(device: torch.device) -> dict:
+    info = fusedlora.backend_info()
+    env = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+           "torch": torch.__version__, "cuda": torch.version.cuda, "triton": info["triton"],
+           "python": platform.python_version(), "fusedlora": getattr(fusedlora, "__version__", None),
+           "fusedlora_backend": info["requested"], "triton_interpret": info["triton_interpret"],
+           "git_commit": _git("rev-parse", "HEAD"), "git_dirty": None, "argv": sys.argv}
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    env["git_dirty"] = None if status is None else bool(status)
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        env["gpu"] = {"capability": f"{p.major}.{p.minor}", "sms": p.multi_processor_count,
+                      "memory_gib": round(p.total_memory / 2**30, 1),
+                      "l2_bytes": getattr(p, "L2_cache_size", None)}
+    else:
+        env["cpu_threads"] = torch.get_num_threads()
+    return env
+
+
+# ------------------------------------------------------------------- reports
+def _us(ms: Optional[float]) -> str:
+    if ms is None:
+        return "—"
+    us = ms * 1e3
+    return f"{us:.2f}" if us < 10 else f"{us:.1f}" if us < 1000 else f"{us:,.0f}"
+
+
+def _rate(per_s: float, unit: str) -> str:
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M")):
+        if per_s >= scale:
+            return f"{per_s / scale:,.1f} {prefix}{unit}"
+    return f"{per_s:,.0f} {unit}"
+
+
+def markdown(rows: List[dict], env: dict, ceilings: dict, title: str = "fusedlora microbenchmarks") -> str:
+    """Tables per (path, variant): medians in µs, ratios X/ref (> 1: ref is
+    faster than X), and percent of roofline of the implementations in roof_impls."""
+    lines = [f"# {title}", "",
+             f"{env['date']} · {env['device']} · torch {env['torch']} · CUDA {env['cuda']} · "
+             f"triton {env['triton']} · commit {(env['git_commit'] or '?')[:10]}{'+dirty' if env['git_dirty'] else ''}",
+             "",
+             f"Ceilings measured this run: {_rate(ceilings['bytes_per_s'], 'B/s')} (copy), "
+             f"{_rate(ceilings['flops_per_s'], 'FLOP/s')} ({ceilings['matmul']['dtype']} matmul "
+             f"{ceilings['matmul']['n']}³). Times are medians in µs; X/ref is X's time over ref's "
+             "(> 1: ref is faster); %roof is the roofline time over the measured time.", ""]
+    if env["device"].startswith("cpu"):
+        lines += ["CPU wall-clock timings: a check of the harness, not a measurement.", ""]
+    groups: Dict[Tuple[str, str], List[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["path"], r["variant"]), []).append(r)
+    notes: Dict[str, None] = {}
+    for (path, variant), grp in groups.items():
+        meta = grp[0].get("_meta", {})
+        ref, roof_impls = meta.get("ref", "fused"), meta.get("roof_impls", ("fused",))
+        impls = list(dict.fromkeys(r["impl"] for r in grp))
+        others = [i for i in impls if i != ref]
+        keys = list(grp[0]["shape"])
+        head = keys + [f"{i} µs" for i in impls] + [f"{i}/{ref}" for i in others] + [f"{i} %roof" for i in roof_impls]
+        lines += [f"## {path} · {variant} · {grp[0]['dtype']}", "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        by_shape: Dict[tuple, Dict[str, dict]] = {}
+        for r in grp:
+            by_shape.setdefault(tuple(r["shape"].values()), {})[r["impl"]] = r
+            if r["status"] != "ok":
+                notes[f"{path} {variant} {r['impl']}: {r['status']}: {r['reason']}"] = None
+        for shape, by_impl in by_shape.items():
+            ms = {i: by_impl[i].get("median_ms") if i in by_impl else None for i in impls}
+            cells = [str(v) for v in shape] + [_us(ms[i]) for i in impls]
+            cells += [f"{ms[i] / ms[ref]:.3g}" if ms[i] and ms[ref] else "—" for i in others]
+            for i in roof_impls:
+                r = by_impl.get(i, {})
+                cells.append(f"{r['roofline_pct']:.0f}% {r['bound']}" if r.get("roofline_pct") is not None else "—")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    dispatch = sorted({d for r in rows for d in r.get("dispatch", [])})
+    lines.append(f"fusedlora dispatch (op:backend:variant): {', '.join(dispatch) or 'none'}")
+    if notes:
+        lines += ["", "Not timed:"] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")[:60] or "device"
+
+
+def write_results(out_dir: Path, env: dict, ceilings: dict, options: dict, rows: List[dict], md: str) -> List[Path]:
+    """``<date>_<device>.json`` (every raw number) and ``.md`` (the tables) under out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = env["date"].replace(":", "").replace("+0000", "Z")
+    stem = out_dir / f"{stamp}_{_slug(env['device'])}"
+    clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+    doc = {"env": env, "options": options, "ceilings": ceilings, "rows": clean}
+    json_path, md_path = Path(f"{stem}.json"), Path(f"{stem}.md")
+    json_path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    md_path.write_text(md)
+    return [json_path, md_path]

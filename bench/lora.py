@@ -1,0 +1,144 @@
+"""LoRA rows: fused ``fusedlora.ops.lora_linear`` against the ways people run LoRA today.
+
+Implementations, all timed on the same random input sets:
+  fused    fusedlora.ops.lora_linear
+  base     F.linear(x, W, b) alone: the floor the adapter's cost is measured from
+  eager    x W^T + b + s (x A^T) B^T as three matmuls and an add
+  compile  torch.compile of eager (static shapes)
+  peft     peft.tuners.lora.Linear wrapping an nn.Linear
+Variants: fwd; fwd+bwd with W frozen (grads of x, A, B; the base: of x only);
+fwd+bwd frozen-A (A.requires_grad=False, as in LoRA-FA: grads of x, B).
+"""
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fusedlora import ops
+
+from .harness import Case, Options, Skip, gemm_adapter_bytes, gemm_adapter_flops, matmul_flops, numel_bytes
+
+PATH = "lora"
+SCALING = 2.0  # lora_alpha = 2 r, a common choice; any nonzero value times the same
+VARIANTS = ("fwd", "fwd+bwd", "fwd+bwd frozen-A")
+
+
+def shapes(opts: Options):
+    if opts.smoke:
+        return [dict(M=m, K=64, N=64, r=8) for m in (1, 16)]
+    Ms = (1, 4096) if opts.quick else (1, 16, 128, 4096, 16384)
+    rs = (16,) if opts.quick else (8, 16, 64)
+    return [dict(M=m, K=k, N=n, r=r) for (k, n) in ((4096, 4096), (4096, 11008)) for r in rs for m in Ms]
+
+
+def work(s: dict, variant: str, elem: int):
+    """(flops, minimal bytes) of the adapter layer and of the base layer alone."""
+    M, K, N, r = s["M"], s["K"], s["N"], s["r"]
+    flops, nbytes = gemm_adapter_flops(M, K, N, r), gemm_adapter_bytes(M, K, N, r, elem)
+    base_flops, base_bytes = gemm_adapter_flops(M, K, N), gemm_adapter_bytes(M, K, N, 0, elem)
+    if variant == "fwd":
+        return (flops, nbytes), (base_flops, base_bytes)
+    grad_a = variant == "fwd+bwd"
+    # backward: g = gy B (M,r); dx = gy W + g A; dB = gy^T u; dA = g^T x unless A is frozen
+    flops += matmul_flops((M, r, N), (M, K, N), (M, K, r), (N, r, M)) + (matmul_flops((r, K, M)) if grad_a else 0)
+    nbytes += numel_bytes(elem, (M, N), (M, K), (N, r)) + (numel_bytes(elem, (r, K)) if grad_a else 0)
+    base_flops += matmul_flops((M, K, N))                    # dx = gy W only
+    base_bytes += numel_bytes(elem, (M, N), (M, K))           # reads gy, writes dx
+    return (flops, nbytes), (base_flops, base_bytes)
+
+
+def _inputs(s: dict, variant: str, device, dtype):
+    M, K, N, r = s["M"], s["K"], s["N"], s["r"]
+
+    def rnd(*shape, std=1.0):  # random, scaled so bf16 sums stay O(1)
+        return (torch.randn(*shape, device=device, dtype=torch.float32) * std).to(dtype)
+
+    train = variant != "fwd"
+    inp = {"x": rnd(M, K).requires_grad_(train), "W": rnd(N, K, std=K ** -0.5), "b": rnd(N, std=0.1),
+           "A": rnd(r, K, std=K ** -0.5).requires_grad_(variant == "fwd+bwd"),
+           "B": rnd(N, r, std=r ** -0.5).requires_grad_(train)}  # B random, not PEFT's zeros
+    if train:
+        inp["gy"] = rnd(M, N)
+    return inp
+
+
+def _thunk(forward, inp, wrt):
+    """Forward only, or forward and backward for exactly the tensors in ``wrt``."""
+    wrt = [t for t in wrt if t.requires_grad]
+    if "gy" not in inp:
+        return forward
+    gy = inp["gy"]
+    # autograd.grad, not .backward(): no .grad accumulation kernels after the first call
+    return lambda: torch.autograd.grad(forward(), wrt, gy)
+
+
+def eager(x, W, b, A, B, s: float):
+    return F.linear(x, W, b) + s * F.linear(F.linear(x, A), B)
+
+
+def _fused(i):
+    return _thunk(lambda: ops.lora_linear(i["x"], i["W"], i["b"], i["A"], i["B"], SCALING), i,
+                  [i["x"], i["A"], i["B"]])
+
+
+def _base(i):
+    return _thunk(lambda: F.linear(i["x"], i["W"], i["b"]), i, [i["x"]])
+
+
+def _eager(i):
+    return _thunk(lambda: eager(i["x"], i["W"], i["b"], i["A"], i["B"], SCALING), i, [i["x"], i["A"], i["B"]])
+
+
+def _compiled():
+    """Setup for torch.compile(eager), compiled once per case. Dynamo is reset
+    first so each shape gets a fresh static graph instead of piling up cache
+    entries (whose guards would be checked on every call) or hitting the
+    recompile limit and silently running eager."""
+    state = {}
+
+    def setup(i):
+        if "fn" not in state:
+            torch._dynamo.reset()
+            state["fn"] = torch.compile(eager, dynamic=False)
+        fn = state["fn"]
+        return _thunk(lambda: fn(i["x"], i["W"], i["b"], i["A"], i["B"], SCALING), i, [i["x"], i["A"], i["B"]])
+
+    return setup
+
+
+def _peft(i):
+    try:
+        from peft import LoraConfig
+        from peft.tuners.lora import Linear as PeftLinear
+    except Exception as e:  # any import failure means: no PEFT row here
+        raise Skip(f"peft not importable: {type(e).__name__}: {e}") from None
+    W, b, A, B = i["W"], i["b"], i["A"], i["B"]
+    r, (N, K) = A.shape[0], W.shape
+    base = nn.Linear(K, N, device="meta")
+    base.weight, base.bias = nn.Parameter(W, requires_grad=False), nn.Parameter(b, requires_grad=False)
+    kw = dict(r=r, lora_alpha=SCALING * r, lora_dropout=0.0, init_lora_weights=False)
+    if "config" in inspect.signature(PeftLinear.__init__).parameters:  # peft >= 0.18 wants the config too
+        kw["config"] = LoraConfig(r=r, lora_alpha=SCALING * r, target_modules=["base"])
+    layer = PeftLinear(base, "default", **kw)
+    # Share the case's tensors (no copy) so every implementation sees the same data.
+    pa = nn.Parameter(A.detach(), requires_grad=A.requires_grad)
+    pb = nn.Parameter(B.detach(), requires_grad=B.requires_grad)
+    layer.lora_A["default"].weight, layer.lora_B["default"].weight = pa, pb
+    if not math.isclose(layer.scaling["default"], SCALING):
+        raise Skip(f"peft scaling {layer.scaling['default']} != {SCALING}")
+    return _thunk(lambda: layer(i["x"]), i, [i["x"], pa, pb])
+
+
+def cases(opts: Options):
+    elem = torch.tensor([], dtype=opts.dtype).element_size()
+    for variant in VARIANTS:
+        for s in shapes(opts):
+            lora_work, base_work = work(s, variant, elem)
+            yield Case(path=PATH, variant=variant, shape=s, dtype=opts.dtype, device=opts.device,
+                       make_inputs=lambda s=s, v=variant: _inputs(s, v, opts.device, opts.dtype),
+                       impls={"fused": _fused, "base": _base, "eager": _eager, "compile": _compiled(), "peft": _peft},
+                       work={"*": lora_work, "base": base_work}, ref="fused", roof_impls=("fused", "base"))

@@ -1,0 +1,282 @@
+"""C3A (circular-convolution adaptation, PEFT's C3A tuner) as a fused op.
+
+    y = x W^T + b + x dW^T,  dW[m*b+s, n*b+t] = w[m, n, (t - s) mod b] / in_features
+
+with ``c3a_kernel`` w of shape (out_features/b, in_features/b, b). This is the
+convention of PEFT's ``C3ALinear`` (its forward is ``fft(ifft(x) * fft(w)).real / K``
+per block pair, a circular cross-correlation; its ``get_delta_weight`` is the
+dense matrix above). The Triton path folds dW into the base GEMM tile by
+tile (kernels/c3a.py): no FFT and no dense delta.
+
+Gradients are the exact gradients of that forward. (PEFT's own
+``BlockCircularConvolution.backward`` returns, for x, the adjoint of a circular
+*convolution*, i.e. w[(s - t) mod b] instead of w[(t - s) mod b]; its kernel
+gradient is right. For b > 2 its x gradient therefore differs from autograd of
+its own forward; fusedlora does not copy that.)
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import List, Optional, Union
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .backend import interpreting, record, select_backend
+from .ops import check_linear_args
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INIT_CHOICES = (True, False, "gaussian", "xavier_uniform", "kaiming_uniform")
+# Reduction length rows * b of the kernel-gradient GEMM stays in int32.
+_MAX_Q = 2**31 - 2**20
+
+
+# ----------------------------------------------------------------- validation
+def check_c3a_args(x, weight, bias, c3a_kernel) -> int:
+    """Validate a C3A call before anything is launched; returns the block size b."""
+    check_linear_args(x, weight, bias)
+    N, K = weight.shape
+    if K < 1:
+        raise ValueError(f"weight: C3A needs in_features >= 1 (the delta is scaled by 1/in_features), "
+                         f"got weight of shape {tuple(weight.shape)}")
+    if not isinstance(c3a_kernel, torch.Tensor):
+        raise TypeError(f"c3a_kernel: expected a torch.Tensor, got {type(c3a_kernel).__name__}")
+    if c3a_kernel.dim() != 3:
+        raise ValueError(f"c3a_kernel: expected a 3-D tensor (out_features/b, in_features/b, b), "
+                         f"got shape {tuple(c3a_kernel.shape)}")
+    if c3a_kernel.dtype not in (torch.float32, x.dtype):
+        raise TypeError(f"c3a_kernel: expected dtype torch.float32 (PEFT's) or x's dtype {x.dtype}, "
+                        f"got {c3a_kernel.dtype}")
+    if c3a_kernel.device != x.device:
+        raise ValueError(f"c3a_kernel: device {c3a_kernel.device} does not match x's device {x.device}")
+    b = int(c3a_kernel.shape[2])
+    if b < 1:
+        raise ValueError(f"c3a_kernel: block size b = c3a_kernel.shape[2] must be >= 1, "
+                         f"got shape {tuple(c3a_kernel.shape)}")
+    if K % b or N % b:
+        raise ValueError(f"c3a_kernel: block size b={b} (c3a_kernel.shape[2]) must divide both "
+                         f"in_features={K} and out_features={N}")
+    if tuple(c3a_kernel.shape) != (N // b, K // b, b):
+        raise ValueError(f"c3a_kernel: expected shape (out_features/b, in_features/b, b) = "
+                         f"({N // b}, {K // b}, {b}) for weight {tuple(weight.shape)}, "
+                         f"got {tuple(c3a_kernel.shape)}")
+    return b
+
+
+def _triton_dtype_ok(x: Tensor) -> None:
+    if x.dtype not in _TRITON_DTYPES:
+        raise TypeError(f"x: the Triton backend supports {_TRITON_DTYPES}, got {x.dtype}; "
+                        "use FUSEDLORA_BACKEND=torch for float64")
+
+
+# ------------------------------------------------------------------- launcher
+@functools.lru_cache(maxsize=None)
+def _tuned(which: str):
+    import triton
+
+    from .kernels.c3a import c3a_kernel_grad_kernel, c3a_matmul_kernel
+    from .launch import _GEMM_CONFIGS, _INTERPRET_TILE
+
+    configs = [triton.Config(dict(_INTERPRET_TILE))] if interpreting() else _GEMM_CONFIGS
+    if which == "matmul":
+        return triton.autotune(configs=configs, key=["M_BUCKET", "N", "K", "BS", "REDUCE_IN"])(c3a_matmul_kernel)
+    return triton.autotune(configs=configs, key=["M_BUCKET", "N", "Q_BUCKET", "BS"])(c3a_kernel_grad_kernel)
+
+
+def _c3a_matmul(a: Tensor, b: Tensor, w: Tensor, *, reduce_in: bool, in_features: int,
+                out_dtype: torch.dtype, bias: Optional[Tensor] = None, tag: str) -> Tensor:
+    """C = a @ (b + circ) + bias, circ the C3A delta laid out like b:
+    b = W^T (reduce_in, forward) or b = W (dx)."""
+    import triton
+
+    from .kernels.c3a import c3a_matmul_kernel
+    from .launch import _input_precision, _pow2_at_least, _small_plan, _tl_dtype
+
+    M, K = a.shape
+    N = b.shape[1]
+    if M == 0 or N == 0:
+        c = torch.zeros((M, N), device=a.device, dtype=torch.float32)
+        return (c + bias.float() if bias is not None else c).to(out_dtype)
+    plan = _small_plan(M, N, K, a.device)
+    split = plan["SPLIT_K"] if plan else 1
+    c = (torch.zeros if split > 1 else torch.empty)(
+        (M, N), device=a.device, dtype=torch.float32 if split > 1 else out_dtype)
+    args = (
+        a, b, c, bias if bias is not None else c, w,
+        M, N, K, int(w.shape[2]), _pow2_at_least(M, 1),
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+        w.stride(0), w.stride(1), w.stride(2), 1.0 / in_features,
+    )
+    flags = dict(HAS_BIAS=bias is not None, REDUCE_IN=reduce_in,
+                 DOT_DTYPE=_tl_dtype(a.dtype), INPUT_PRECISION=_input_precision(a.dtype))
+    if plan is None:
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), 1)  # noqa: E731
+        _tuned("matmul")[grid](*args, **flags, SPLIT_K=1)
+        record(tag, "triton", "gemm")
+    else:
+        grid = (triton.cdiv(M, plan["BLOCK_M"]) * triton.cdiv(N, plan["BLOCK_N"]), split)
+        c3a_matmul_kernel[grid](*args, **flags, **plan)
+        record(tag, "triton", "splitk" if split > 1 else "small")
+    return c if c.dtype == out_dtype else c.to(out_dtype)
+
+
+def _grad_gemm(a: Tensor, xs: Tensor, b: int, alpha: float, out: Tensor, tag: str) -> None:
+    """out (fp32, G x N) += alpha * sum_{r,s} a[r, g*b+s] xs[r, (c//b)*b + (s + c%b) mod b]."""
+    import triton
+
+    from .kernels.c3a import c3a_kernel_grad_kernel
+    from .launch import _input_precision, _pow2_at_least, _small_plan, _tl_dtype
+
+    rows = a.shape[0]
+    G, N = out.shape
+    Q = rows * b
+    plan = _small_plan(G, N, Q, a.device)
+    split = plan["SPLIT_K"] if plan else 1
+    c = out if split > 1 else torch.empty_like(out)
+    args = (
+        a, xs, c, G, N, Q, b, _pow2_at_least(G, 1), _pow2_at_least(Q, 1),
+        a.stride(0), a.stride(1), xs.stride(0), xs.stride(1), c.stride(0), c.stride(1), float(alpha),
+    )
+    flags = dict(DOT_DTYPE=_tl_dtype(a.dtype), INPUT_PRECISION=_input_precision(a.dtype))
+    if plan is None:
+        grid = lambda meta: (triton.cdiv(G, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), 1)  # noqa: E731
+        _tuned("grad")[grid](*args, **flags, SPLIT_K=1)
+        record(tag, "triton", "gemm")
+    else:
+        grid = (triton.cdiv(G, plan["BLOCK_M"]) * triton.cdiv(N, plan["BLOCK_N"]), split)
+        c3a_kernel_grad_kernel[grid](*args, **flags, **plan)
+        record(tag, "triton", "splitk" if split > 1 else "small")
+    if c is not out:
+        out += c
+
+
+def c3a_kernel_grad(grad_y: Tensor, x: Tensor, c3a_kernel: Tensor, tag: str = "c3a.grad_kernel") -> Tensor:
+    """dw[m, n, u] = sum_{r, s} dy[r, m*b+s] x[r, n*b+(s+u) mod b] / K on the Triton
+    kernel, for 2-D x and dy; no N x K intermediate."""
+    nb_out, nb_in, b = c3a_kernel.shape
+    M, K = x.shape
+    N = grad_y.shape[1]
+    # Rows of the GEMM are blocks: take the side with more of them. Swapped,
+    # out[n, m*b + v] = sum_{r,t} x[r, n*b+t] dy[r, m*b+(t+v) mod b] = dw[m, n, (-v) mod b].
+    swap = nb_in > nb_out
+    a, xs, G, cols = (x, grad_y, nb_in, N) if swap else (grad_y, x, nb_out, K)
+    out = torch.zeros((G, cols), device=x.device, dtype=torch.float32)
+    chunk = max(1, _MAX_Q // b)
+    for r0 in range(0, M, chunk):
+        _grad_gemm(a[r0:r0 + chunk], xs[r0:r0 + chunk], b, 1.0 / K, out, tag)
+    if swap:
+        idx = (-torch.arange(b, device=x.device)) % b
+        dw = out.view(nb_in, nb_out, b).permute(1, 0, 2)[:, :, idx]
+    else:
+        dw = out.view(nb_out, nb_in, b)
+    return dw.to(c3a_kernel.dtype).contiguous()
+
+
+# ----------------------------------------------------------------- custom ops
+@torch.library.custom_op("fusedlora::c3a_linear", mutates_args=())
+def _c3a_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], c3a_kernel: Tensor) -> Tensor:
+    """2-D x -> y = x (W + dW)^T + b."""
+    backend = select_backend(x.device)
+    if backend == "torch":
+        record("c3a.forward", "torch", "reference")
+        return reference.c3a_linear(x, weight, bias, c3a_kernel)
+    _triton_dtype_ok(x)
+    return _c3a_matmul(x, weight.t(), c3a_kernel, reduce_in=True, in_features=weight.shape[1],
+                       out_dtype=x.dtype, bias=bias, tag="c3a.forward")
+
+
+@_c3a_forward.register_fake
+def _(x, weight, bias, c3a_kernel):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.custom_op("fusedlora::c3a_linear_backward", mutates_args=())
+def _c3a_backward(grad_y: Tensor, x: Tensor, weight: Tensor, c3a_kernel: Tensor,
+                  needs: List[bool]) -> List[Tensor]:
+    """(dx, dW, db, dw); an empty tensor stands for a gradient not asked for."""
+    need_x, need_w, need_b, need_k = needs
+    backend = select_backend(x.device)
+    if backend == "torch":
+        grads = reference.c3a_linear_grads(grad_y, x, weight, c3a_kernel)
+        record("c3a.backward", "torch", "reference")
+        return [g.to(t.dtype) if n else grad_y.new_empty(0)
+                for g, t, n in zip(grads, (x, weight, grad_y, c3a_kernel), needs)]
+    _triton_dtype_ok(x)
+    from .launch import matmul
+
+    dt = x.dtype
+    # A distinct empty tensor per slot: outputs of a custom op may not alias each other.
+    dx, dW, db, dk = (grad_y.new_empty(0) for _ in range(4))
+    if need_x:
+        dx = _c3a_matmul(grad_y, weight, c3a_kernel, reduce_in=False, in_features=weight.shape[1],
+                         out_dtype=dt, tag="c3a.grad_x")
+    if need_w:
+        dW = matmul(grad_y.t(), x, out_dtype=weight.dtype, dot_dtype=dt, tag="c3a.grad_weight")
+    if need_b:
+        db = grad_y.sum(0, dtype=torch.float32).to(dt)
+    if need_k:
+        dk = c3a_kernel_grad(grad_y, x, c3a_kernel)
+    return [dx, dW, db, dk]
+
+
+@_c3a_backward.register_fake
+def _(grad_y, x, weight, c3a_kernel, needs):
+    shapes = [x, weight, weight[:, 0], c3a_kernel]
+    return [t.new_empty(t.shape) if n else grad_y.new_empty(0) for t, n in zip(shapes, needs)]
+
+
+def _c3a_setup_context(ctx, inputs, output):
+    x, weight, bias, c3a_kernel = inputs
+    ctx.save_for_backward(x, weight, c3a_kernel)
+
+
+def _c3a_autograd(ctx, grad_y):
+    x, weight, c3a_kernel = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    needs = [n[0], n[1], n[2], n[3]]
+    grads = _c3a_backward(grad_y, x, weight, c3a_kernel, needs)
+    return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+_c3a_forward.register_autograd(_c3a_autograd, setup_context=_c3a_setup_context)
+
+
+def c3a_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], c3a_kernel: Tensor) -> Tensor:
+    """y = x W^T + b + x dW^T with PEFT's C3A delta, fused; x of shape (..., in_features).
+
+    ``c3a_kernel`` has shape (out_features/b, in_features/b, b), dtype float32
+    (PEFT's) or x's. Differentiable in every tensor argument.
+    """
+    check_c3a_args(x, weight, bias, c3a_kernel)
+    lead = x.shape[:-1]
+    y = _c3a_forward(x.reshape(-1, x.shape[-1]), weight, bias, c3a_kernel)
+    return y.reshape(*lead, weight.shape[0])
+
+
+@torch.no_grad()
+def init_c3a_kernel(tensor: Tensor, init_weights: Union[bool, str] = True) -> Tensor:
+    """PEFT's ``reset_c3a_parameters`` in place on a (out/b, in/b, b) kernel; returns it.
+
+    True: zeros (the adapter starts as the identity); "gaussian": N(0, 1);
+    "xavier_uniform" or False: U(-a, a), a = sqrt(6 / (in + out));
+    "kaiming_uniform": U(-a, a), a = sqrt(1 / in).
+    """
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"tensor: expected a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dim() != 3:
+        raise ValueError(f"tensor: expected a 3-D c3a_kernel (out/b, in/b, b), got shape {tuple(tensor.shape)}")
+    if not any(init_weights is c or (isinstance(c, str) and init_weights == c) for c in _INIT_CHOICES):
+        raise ValueError(f"init_weights: expected one of {_INIT_CHOICES}, got {init_weights!r}")
+    b = tensor.shape[2]
+    fan_out, fan_in = tensor.shape[0] * b, tensor.shape[1] * b
+    if init_weights is True:
+        return tensor.zero_()
+    if init_weights == "gaussian":
+        return tensor.normal_()
+    if init_weights == "kaiming_uniform":
+        a = math.sqrt(1.0 / float(fan_in))
+    else:  # "xavier_uniform" or False
+        a = math.sqrt(3.0) * math.sqrt(2.0 / float(fan_in + fan_out))
+    return tensor.uniform_(-a, a)

@@ -1,0 +1,499 @@
+"""Sparse-delta adapters (SHiRA): y = x (W + scaling * S)^T + b, S sparse.
+
+Same math as PEFT's SHiRA tuner: ``indices`` (2, nnz) of integers, row i in
+out_features N and column in in_features K of the value ``values[i]``; S is
+their sparse matrix (N x K) and ``scaling`` multiplies it.
+
+Tile-bucketed layout (``SparseLayout``, built once per adapter by
+``build_layout``; a plain ``sparse_linear`` call without one builds it on the
+fly). With a square layout tile T (a power of two, 8..128; default 64, 16
+under the Triton interpreter) W splits into NUM_TN x NUM_TK tiles,
+NUM_TN = ceil(N / T), NUM_TK = ceil(K / T); bucket b = tn * NUM_TK + tk holds
+the nonzeros with row // T == tn and col // T == tk:
+
+    offsets  int32 (NUM_TN * NUM_TK + 1,)  bucket b is positions offsets[b] .. offsets[b+1]-1
+    rows     int32 (nnz,)  absolute row (in N) of each position, buckets in order,
+    cols     int32 (nnz,)  absolute column (in K);  within a bucket sorted by (row, col)
+    perm     int32 (nnz,)  position p holds the user's nonzero perm[p]:
+                           rows[p] == indices[0, perm[p]], cols[p] == indices[1, perm[p]]
+
+``values`` never gets reordered: the kernels read values[perm[p]] and write
+the value gradient to d_values[perm[p]], so the parameter and its gradient
+stay in the user's order. The layout depends only on the indices and W's
+shape, never on the values: training the values or changing ``scaling``
+reuses it. The forward GEMM reads the buckets of output tile tn in row tn of
+the bucket grid and the dx GEMM those of output tile tk in column tk: one
+layout serves both (see fusedlora.kernels.sparse for how the nonzeros merge
+into the weight tile before tl.dot).
+
+Mask builders: ``random_indices`` (PEFT's ``random_mask`` for the same seed)
+and ``magnitude_indices`` (top-k of |W|), with nnz as a ``density`` (fraction
+of N * K) or PEFT's ``r`` (nnz = r * (N + K)). ``scatter_merge_`` adds
+(sign=+1) or removes (sign=-1) scaling * S in place in O(nnz): merge,
+unmerge and switching between sparse adapters without a dense delta.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .backend import interpreting, record, select_backend
+from .ops import check_linear_args, check_scalar
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+_MIN_TILE, _MAX_TILE = 8, 128
+
+
+def default_tile() -> int:
+    """Layout tile: 64 matches the GPU kernels' tiles; the interpreter's tiles are 16."""
+    return 16 if interpreting() else 64
+
+
+# ----------------------------------------------------------------- layout
+@dataclass(frozen=True, eq=False)
+class SparseLayout:
+    """Nonzeros of a sparse delta bucketed by TILE x TILE tiles of W (see the module docstring)."""
+
+    shape: Tuple[int, int]
+    tile: int
+    offsets: Tensor
+    rows: Tensor
+    cols: Tensor
+    perm: Tensor
+
+    @property
+    def nnz(self) -> int:
+        return int(self.rows.shape[0])
+
+    @property
+    def num_tiles(self) -> Tuple[int, int]:
+        return -(-self.shape[0] // self.tile), -(-self.shape[1] // self.tile)
+
+    @property
+    def device(self) -> torch.device:
+        return self.rows.device
+
+    def tensors(self) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self.offsets, self.rows, self.cols, self.perm
+
+    def to(self, device) -> "SparseLayout":
+        return SparseLayout(self.shape, self.tile, *(t.to(device) for t in self.tensors()))
+
+    def indices(self) -> Tensor:
+        """The (2, nnz) int64 indices in the user's order."""
+        return _user_indices(self.rows, self.cols, self.perm)
+
+
+def _user_indices(rows: Tensor, cols: Tensor, perm: Tensor) -> Tensor:
+    out = torch.empty((2, rows.shape[0]), dtype=torch.int64, device=rows.device)
+    out[:, perm.long()] = torch.stack((rows.long(), cols.long()))
+    return out
+
+
+def _check_shape(shape) -> Tuple[int, int]:
+    if (not isinstance(shape, (tuple, list, torch.Size)) or len(shape) != 2
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
+        raise ValueError(f"shape: expected (out_features, in_features) of non-negative ints, got {shape!r}")
+    return int(shape[0]), int(shape[1])
+
+
+def check_indices(indices, shape, *, check_values: bool = True) -> Tuple[Tensor, Tensor]:
+    """Checks ``indices`` for a weight of ``shape``; returns (rows, cols) as int64.
+
+    ``check_values`` also checks the range and duplicates (a host sync)."""
+    N, K = _check_shape(shape)
+    if not isinstance(indices, torch.Tensor):
+        raise TypeError(f"indices: expected a torch.Tensor of shape (2, nnz), got {type(indices).__name__}")
+    if indices.dtype not in _INT_DTYPES:
+        raise TypeError(f"indices: expected an integer dtype (int32 or int64), got {indices.dtype}")
+    if indices.dim() != 2 or indices.shape[0] != 2:
+        raise ValueError(f"indices: expected shape (2, nnz) (rows in out_features, columns in in_features), "
+                         f"got {tuple(indices.shape)}")
+    nnz = indices.shape[1]
+    if nnz >= 2**31:
+        raise ValueError(f"indices: at most 2^31 - 1 nonzeros are supported, got {nnz}")
+    rows, cols = indices[0].long(), indices[1].long()
+    if check_values and nnz:
+        bad = (rows < 0) | (rows >= N) | (cols < 0) | (cols >= K)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"indices: nonzero {i} at (row {int(rows[i])}, col {int(cols[i])}) is out of range "
+                             f"for a weight of shape ({N}, {K})")
+        key, _ = torch.sort(rows * K + cols)
+        dup = key[1:] == key[:-1]
+        if bool(dup.any()):
+            k = int(key[1:][dup][0])
+            raise ValueError(f"indices: duplicate nonzero at (row {k // K}, col {k % K}); "
+                             "each (row, col) pair may appear once")
+    return rows, cols
+
+
+def build_layout(indices: Tensor, shape, tile: Optional[int] = None, device=None,
+                 validate: bool = True) -> SparseLayout:
+    """The tile-bucketed layout of ``indices`` for a weight of ``shape`` (N, K); once per adapter.
+
+    ``device`` defaults to the indices' device. ``validate=False`` skips the
+    range and duplicate checks (for indices that passed them already)."""
+    N, K = _check_shape(shape)
+    tile = default_tile() if tile is None else tile
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile & (tile - 1) or not _MIN_TILE <= tile <= _MAX_TILE:
+        raise ValueError(f"tile: expected a power of two in [{_MIN_TILE}, {_MAX_TILE}], got {tile!r}")
+    rows, cols = check_indices(indices, (N, K), check_values=validate)
+    if device is not None:
+        rows, cols = rows.to(device), cols.to(device)
+    num_tn, num_tk = -(-N // tile), -(-K // tile)
+    bucket = (rows // tile) * num_tk + cols // tile
+    # (bucket, row, col) -> one int64 key: buckets in order, row-major inside.
+    key = (bucket * tile + rows % tile) * tile + cols % tile
+    key, order = torch.sort(key, stable=True)
+    bounds = torch.arange(num_tn * num_tk + 1, device=rows.device, dtype=torch.int64) * (tile * tile)
+    offsets = torch.searchsorted(key, bounds)
+    return SparseLayout((N, K), tile, offsets.to(torch.int32), rows[order].to(torch.int32),
+                        cols[order].to(torch.int32), order.to(torch.int32))
+
+
+# ------------------------------------------------------------------ masks
+def shira_num_nonzeros(shape, *, density: Optional[float] = None, r: Optional[int] = None) -> int:
+    """nnz of a mask for W of ``shape`` (N, K): round(density * N * K), or PEFT's r * (N + K)."""
+    N, K = _check_shape(shape)
+    if (density is None) == (r is None):
+        raise ValueError("density, r: give exactly one of them")
+    if r is not None:
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise ValueError(f"r: expected a positive int, got {r!r}")
+        nnz = r * (N + K)
+        if nnz > N * K:
+            raise ValueError(f"r: r * (out_features + in_features) = {nnz} exceeds the {N * K} weights of "
+                             f"a ({N}, {K}) layer")
+        return nnz
+    density = check_scalar("density", density, 0.0, 1.0)
+    return int(round(density * N * K))
+
+
+def _flat_to_indices(flat: Tensor, K: int) -> Tensor:
+    flat, _ = torch.sort(flat)  # row-major order, as torch.where(mask) gives PEFT's indices
+    return torch.stack((flat // K, flat % K))
+
+
+def random_indices(shape, *, density: Optional[float] = None, r: Optional[int] = None,
+                   seed: Optional[int] = None, device=None) -> Tensor:
+    """(2, nnz) int64 indices of a uniformly random mask; for the same seed and nnz
+    exactly the mask of PEFT's ``shira.mask_functions.random_mask``."""
+    N, K = _check_shape(shape)
+    nnz = shira_num_nonzeros((N, K), density=density, r=r)
+    gen = torch.Generator()
+    if seed is not None:
+        gen.manual_seed(int(seed))
+    flat = torch.randperm(N * K, generator=gen)[:nnz]
+    return _flat_to_indices(flat, K).to(device if device is not None else "cpu")
+
+
+def magnitude_indices(weight: Tensor, *, density: Optional[float] = None, r: Optional[int] = None) -> Tensor:
+    """(2, nnz) int64 indices of the nnz entries of largest |W| (on weight's device)."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise TypeError(f"weight: expected a 2-D torch.Tensor, got {getattr(weight, 'shape', type(weight).__name__)}")
+    N, K = weight.shape
+    nnz = shira_num_nonzeros((N, K), density=density, r=r)
+    flat = torch.topk(weight.detach().abs().flatten().float(), nnz, sorted=False).indices
+    return _flat_to_indices(flat, K)
+
+
+def mask_to_indices(mask: Tensor) -> Tensor:
+    """PEFT's conversion of a 0/1 mask of W's shape into (2, nnz) indices (row-major)."""
+    return torch.stack(torch.where(mask != 0))
+
+
+# -------------------------------------------------------------- validation
+def _check_values(values, nnz: int, x: Tensor, x_name: str = "x") -> None:
+    if not isinstance(values, torch.Tensor):
+        raise TypeError(f"values: expected a torch.Tensor of shape (nnz,), got {type(values).__name__}")
+    if values.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"values: expected a floating dtype {_FLOAT_DTYPES}, got {values.dtype}")
+    if values.dim() != 1 or values.shape[0] != nnz:
+        raise ValueError(f"values: expected shape ({nnz},) (one per nonzero of indices), got {tuple(values.shape)}")
+    if values.device != x.device:
+        raise ValueError(f"values: device {values.device} does not match {x_name}'s device {x.device}")
+
+
+def check_sparse_args(x, weight, bias, indices, values, scaling, layout=None) -> float:
+    """Argument checks of ``sparse_linear`` (range and duplicates only when no layout is given)."""
+    check_linear_args(x, weight, bias)
+    shape = tuple(weight.shape)
+    if layout is not None:
+        if not isinstance(layout, SparseLayout):
+            raise TypeError(f"layout: expected a SparseLayout (fusedlora.sparse.build_layout), "
+                            f"got {type(layout).__name__}")
+        if tuple(layout.shape) != shape:
+            raise ValueError(f"layout: built for a weight of shape {tuple(layout.shape)}, weight is {shape}")
+        if layout.device != x.device:
+            raise ValueError(f"layout: device {layout.device} does not match x's device {x.device}; "
+                             f"use layout.to({str(x.device)!r})")
+        nnz = layout.nnz
+        if indices is not None:
+            check_indices(indices, shape, check_values=False)
+            if indices.shape[1] != nnz:
+                raise ValueError(f"indices: {indices.shape[1]} nonzeros, but the layout has {nnz}")
+    else:
+        if indices is None:
+            raise ValueError("indices: required when no prebuilt layout is given")
+        check_indices(indices, shape, check_values=False)
+        nnz = indices.shape[1]
+    _check_values(values, nnz, x)
+    return check_scalar("scaling", scaling)
+
+
+def _triton_dtypes_ok(x: Tensor, values: Tensor) -> None:
+    for name, t in (("x", x), ("values", values)):
+        if t.dtype not in _TRITON_DTYPES:
+            raise TypeError(f"{name}: the Triton backend supports {_TRITON_DTYPES}, got {t.dtype}; "
+                            "use FUSEDLORA_BACKEND=torch for float64")
+
+
+# ------------------------------------------------------------------ launch
+@functools.lru_cache(maxsize=None)
+def _tuned_kernel(tile: int):
+    import triton
+
+    from .kernels.sparse import sparse_matmul_kernel
+
+    if interpreting():
+        configs = [triton.Config({"BLOCK_M": 16, "BLOCK_N": max(16, tile), "BLOCK_K": max(16, tile),
+                                  "BLOCK_E": 16, "GROUP_M": 2})]
+    else:
+        configs = [
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": max(bn, tile), "BLOCK_K": max(64, tile),
+                           "BLOCK_E": 32, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in ((128, 128, 8, 3), (128, 128, 4, 3), (128, 64, 4, 4),
+                                 (64, 128, 4, 4), (64, 64, 4, 4))
+        ]
+    return triton.autotune(configs=configs, key=["M_BUCKET", "N", "K"])(sparse_matmul_kernel)
+
+
+def _plan(M: int, N: int, K: int, tile: int, device: torch.device) -> Optional[dict]:
+    """Tiles for the memory-bound shapes (few rows: split K to fill the GPU), or
+    None for the autotuned GEMM. Block sizes are multiples of the layout tile."""
+    import triton
+
+    from .launch import _target_programs
+
+    if interpreting():
+        plan = {"BLOCK_M": 16, "BLOCK_N": max(16, tile), "BLOCK_K": max(16, tile), "BLOCK_E": 16, "GROUP_M": 2}
+    elif M <= 16:
+        plan = {"BLOCK_M": 16, "BLOCK_N": max(64, tile), "BLOCK_K": max(64, tile), "BLOCK_E": 32, "GROUP_M": 1,
+                "num_warps": 4, "num_stages": 4}
+    else:
+        return None
+    tiles = triton.cdiv(M, plan["BLOCK_M"]) * triton.cdiv(N, plan["BLOCK_N"])
+    k_tiles = triton.cdiv(K, plan["BLOCK_K"])
+    target = _target_programs(device)
+    split = 1 if tiles >= target else max(1, min(k_tiles, triton.cdiv(target, tiles)))
+    if split > 1:
+        split = triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))
+    plan["SPLIT_K"] = split
+    if interpreting() and M > 16 and tiles >= target:
+        return None  # cover the autotuned entry under the interpreter too
+    return plan
+
+
+def _sparse_matmul(a: Tensor, b: Tensor, layout: Tuple[Tensor, Tensor, Tensor, Tensor], values: Tensor,
+                   scaling: float, tile: int, w_shape: Tuple[int, int], transposed: bool,
+                   bias: Optional[Tensor], out_dtype: torch.dtype, tag: str) -> Tensor:
+    """C = a @ (b + scaling * D) (+ bias). Forward (transposed=False): b = W^T, D = S^T;
+    dx (transposed=True): b = W, D = S. ``layout`` = (offsets, rows, cols, perm)."""
+    import triton
+
+    from .launch import _input_precision, _pow2_at_least, _tl_dtype
+
+    M, K = a.shape
+    N = b.shape[1]
+    if M == 0 or N == 0:
+        return torch.zeros((M, N), device=a.device, dtype=out_dtype)
+    offsets, rows, cols, perm = layout
+    num_tr, num_tc = -(-w_shape[0] // tile), -(-w_shape[1] // tile)
+    if transposed:  # output along W's columns, reduction along its rows
+        red_idx, out_idx, num_tn, num_tk, bs_n, bs_k = rows, cols, num_tc, num_tr, 1, num_tc
+    else:
+        red_idx, out_idx, num_tn, num_tk, bs_n, bs_k = cols, rows, num_tr, num_tc, num_tc, 1
+    has_delta = rows.shape[0] > 0
+    plan = _plan(M, N, K, tile, a.device)
+    split = plan["SPLIT_K"] if plan else 1
+    c = (torch.zeros if split > 1 else torch.empty)(
+        (M, N), device=a.device, dtype=torch.float32 if split > 1 else out_dtype)
+    dummy = c
+    args = (
+        a, b, c, bias if bias is not None else dummy,
+        offsets if has_delta else dummy, red_idx if has_delta else dummy, out_idx if has_delta else dummy,
+        perm if has_delta else dummy, values if has_delta else dummy,
+        M, N, K, _pow2_at_least(M, 1), num_tn, num_tk,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+        bs_n, bs_k, float(scaling),
+    )
+    flags = dict(HAS_BIAS=bias is not None, HAS_DELTA=has_delta, DOT_DTYPE=_tl_dtype(a.dtype),
+                 INPUT_PRECISION=_input_precision(a.dtype), TILE=tile)
+    if plan is None:
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), 1)  # noqa: E731
+        _tuned_kernel(tile)[grid](*args, **flags, SPLIT_K=1)
+        record(tag, "triton", "gemm")
+    else:
+        from .kernels.sparse import sparse_matmul_kernel
+
+        grid = (triton.cdiv(M, plan["BLOCK_M"]) * triton.cdiv(N, plan["BLOCK_N"]), split)
+        sparse_matmul_kernel[grid](*args, **flags, **plan)
+        record(tag, "triton", "splitk" if split > 1 else "small")
+    return c if c.dtype == out_dtype else c.to(out_dtype)
+
+
+def _sddmm(grad_y: Tensor, x: Tensor, rows: Tensor, cols: Tensor, perm: Tensor, scaling: float,
+           out_dtype: torch.dtype) -> Tensor:
+    """d_values (user order) = scaling * (grad_y^T x)[rows, cols], sampled at the nonzeros only."""
+    import triton
+
+    from .kernels.sparse import sddmm_kernel
+    from .launch import _target_programs
+
+    M, nnz = x.shape[0], rows.shape[0]
+    if nnz == 0 or M == 0:
+        return torch.zeros((nnz,), device=x.device, dtype=out_dtype)
+    block_m, block_e = (16, 16) if interpreting() else (64, 64)
+    chunks, m_blocks = triton.cdiv(nnz, block_e), triton.cdiv(M, block_m)
+    split = max(1, min(m_blocks, triton.cdiv(_target_programs(x.device), chunks)))
+    rows_per_split = triton.cdiv(m_blocks, split) * block_m
+    split = triton.cdiv(M, rows_per_split)
+    out = (torch.zeros if split > 1 else torch.empty)(
+        (nnz,), device=x.device, dtype=torch.float32 if split > 1 else out_dtype)
+    sddmm_kernel[(chunks, split)](
+        grad_y, x, rows, cols, perm, out, M, nnz, rows_per_split,
+        grad_y.stride(0), grad_y.stride(1), x.stride(0), x.stride(1), float(scaling),
+        SPLIT_M=split, BLOCK_M=block_m, BLOCK_E=block_e)
+    record("sparse.grad_values", "triton", "sddmm")
+    return out if out.dtype == out_dtype else out.to(out_dtype)
+
+
+# ---------------------------------------------------------------- custom ops
+@torch.library.custom_op("fusedlora::sparse_linear", mutates_args=())
+def _sparse_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], values: Tensor, offsets: Tensor,
+                    rows: Tensor, cols: Tensor, perm: Tensor, scaling: float, tile: int) -> Tensor:
+    """2-D x -> y = x (W + scaling * S)^T + b, S given by values and the layout tensors."""
+    backend = select_backend(x.device)
+    if backend == "torch":
+        record("sparse.forward", "torch", "reference")
+        return reference.sparse_linear(x, weight, bias, _user_indices(rows, cols, perm), values, scaling)
+    _triton_dtypes_ok(x, values)
+    return _sparse_matmul(x, weight.t(), (offsets, rows, cols, perm), values.contiguous(), scaling, tile,
+                          tuple(weight.shape), False, bias, x.dtype, "sparse.forward")
+
+
+@_sparse_forward.register_fake
+def _(x, weight, bias, values, offsets, rows, cols, perm, scaling, tile):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.custom_op("fusedlora::sparse_linear_backward", mutates_args=())
+def _sparse_backward(grad_y: Tensor, x: Tensor, weight: Tensor, values: Tensor, offsets: Tensor, rows: Tensor,
+                     cols: Tensor, perm: Tensor, scaling: float, tile: int, needs: List[bool]) -> List[Tensor]:
+    """(dx, dW, db, d_values); an empty tensor stands for a gradient not asked for."""
+    need_x, need_w, need_b, need_v = needs
+    backend = select_backend(x.device)
+    if backend == "torch":
+        grads = reference.sparse_linear_grads(grad_y, x, weight, _user_indices(rows, cols, perm), values, scaling)
+        record("sparse.backward", "torch", "reference")
+        return [g if n else grad_y.new_empty(0) for g, n in zip(grads, needs)]
+    _triton_dtypes_ok(x, values)
+    from .launch import matmul
+
+    dt = x.dtype
+    # A fresh empty tensor per missing gradient: outputs of a custom op may not alias each other.
+    dx, dW, db, dv = (grad_y.new_empty(0) for _ in range(4))
+    if need_x:
+        dx = _sparse_matmul(grad_y, weight, (offsets, rows, cols, perm), values.contiguous(), scaling, tile,
+                            tuple(weight.shape), True, None, dt, "sparse.grad_x")
+    if need_w:
+        dW = matmul(grad_y.t(), x, out_dtype=weight.dtype, dot_dtype=dt, tag="sparse.grad_weight")
+    if need_b:
+        db = grad_y.sum(0, dtype=torch.float32).to(dt)
+    if need_v:
+        dv = _sddmm(grad_y, x, rows, cols, perm, scaling, values.dtype)
+    return [dx, dW, db, dv]
+
+
+@_sparse_backward.register_fake
+def _(grad_y, x, weight, values, offsets, rows, cols, perm, scaling, tile, needs):
+    shapes = [x, weight, weight[:, 0], values]
+    return [t.new_empty(t.shape) if n else grad_y.new_empty(0) for t, n in zip(shapes, needs)]
+
+
+def _sparse_setup_context(ctx, inputs, output):
+    x, weight, bias, values, offsets, rows, cols, perm, scaling, tile = inputs
+    ctx.save_for_backward(x, weight, values, offsets, rows, cols, perm)
+    ctx.scaling, ctx.tile = scaling, tile
+
+
+def _sparse_autograd(ctx, grad_y):
+    x, weight, values, offsets, rows, cols, perm = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    needs = [n[0], n[1], n[2], n[3]]
+    grads = _sparse_backward(grad_y, x, weight, values, offsets, rows, cols, perm, ctx.scaling, ctx.tile, needs)
+    dx, dW, db, dv = (g if need else None for g, need in zip(grads, needs))
+    return dx, dW, db, dv, None, None, None, None, None, None
+
+
+_sparse_forward.register_autograd(_sparse_autograd, setup_context=_sparse_setup_context)
+
+
+def sparse_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], indices: Optional[Tensor], values: Tensor,
+                  scaling: float = 1.0, layout: Optional[SparseLayout] = None) -> Tensor:
+    """y = x (W + scaling * S)^T + b for x of shape (..., in_features), PEFT's SHiRA forward, fused.
+
+    S[indices[0, i], indices[1, i]] = values[i]. Differentiable in x, weight,
+    bias and values (d_values in the order of ``values``). Pass the ``layout``
+    that ``build_layout`` made when the adapter was added to skip rebuilding
+    it (and the host-synchronising checks of indices) on every call;
+    ``indices`` may then be None.
+    """
+    scaling = check_sparse_args(x, weight, bias, indices, values, scaling, layout)
+    if layout is None:
+        layout = build_layout(indices, tuple(weight.shape), device=x.device)
+    lead = x.shape[:-1]
+    y = _sparse_forward(x.reshape(-1, x.shape[-1]), weight, bias, values, *layout.tensors(),
+                        scaling, layout.tile)
+    return y.reshape(*lead, weight.shape[0])
+
+
+# ------------------------------------------------------------ merge / switch
+@torch.no_grad()
+def scatter_merge_(weight: Tensor, indices: Tensor, values: Tensor, scaling: float = 1.0, sign: int = 1,
+                   validate: bool = True) -> Tensor:
+    """W += sign * scaling * S in place, O(nnz) (index_put_ with accumulate; no dense delta).
+
+    sign=+1 merges, sign=-1 unmerges; switching adapters is an unmerge of one
+    and a merge of the other (``scatter_switch_``). The delta is formed in
+    float32 (or wider) and rounded once to W's dtype. Returns ``weight``."""
+    if not isinstance(weight, torch.Tensor) or weight.dtype not in _FLOAT_DTYPES or weight.dim() != 2:
+        raise TypeError(f"weight: expected a 2-D floating torch.Tensor, got "
+                        f"{getattr(weight, 'dtype', type(weight).__name__)} {tuple(getattr(weight, 'shape', ()))}")
+    if sign not in (1, -1) or isinstance(sign, bool):
+        raise ValueError(f"sign: expected +1 (merge) or -1 (unmerge), got {sign!r}")
+    rows, cols = check_indices(indices, tuple(weight.shape), check_values=validate)
+    _check_values(values, indices.shape[1], weight, "weight")
+    scaling = check_scalar("scaling", scaling)
+    dt = torch.promote_types(values.dtype, torch.float32)
+    delta = (values.to(dt) * (sign * scaling)).to(weight.dtype)
+    weight.index_put_((rows.to(weight.device), cols.to(weight.device)), delta, accumulate=True)
+    return weight
+
+
+def scatter_switch_(weight: Tensor, old: Optional[Sequence], new: Optional[Sequence]) -> Tensor:
+    """Swap sparse adapters in place: unmerge ``old`` and merge ``new``, each
+    (indices, values, scaling) or None. O(nnz_old + nnz_new)."""
+    if old is not None:
+        scatter_merge_(weight, *old, sign=-1)
+    if new is not None:
+        scatter_merge_(weight, *new, sign=1)
+    return weight

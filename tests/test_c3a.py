@@ -1,0 +1,307 @@
+"""C3A path (Triton; interpreter on CPU) against the float64 reference, and the
+reference against PEFT's C3A layer."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import pytest  # noqa: E402
+
+import fusedlora  # noqa: E402
+from fusedlora import reference  # noqa: E402
+from fusedlora.c3a import c3a_linear, init_c3a_kernel  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+NAMES = ("x", "weight", "bias", "c3a_kernel")
+
+
+def rel_err(out, ref) -> float:
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    assert torch.isfinite(out).all(), "non-finite values in the output"
+    denom = ref.norm().item()
+    return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
+
+
+@pytest.fixture
+def c3a_triton(monkeypatch):
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "triton")
+    fusedlora.reset_dispatch()
+    yield
+    fusedlora.reset_dispatch()
+
+
+def dispatched(prefix):
+    return {k: v for k, v in fusedlora.backend_info()["dispatch"].items() if k.startswith(prefix)}
+
+
+def make_inputs(M, K, N, b, dtype, *, bias=True, lead=None, kernel_dtype=torch.float32, device=DEVICE):
+    g = torch.Generator().manual_seed(torch.randint(0, 2**30, ()).item())
+    t = {
+        "x": torch.randn((*(lead or (M,)), K), generator=g),
+        "weight": torch.randn(N, K, generator=g) / K**0.5,
+        "bias": torch.randn(N, generator=g) if bias else None,
+        # gaussian-init kernel: dW = O(sqrt(K)/K), comparable to W, so errors in it show.
+        "c3a_kernel": torch.randn(N // b, K // b, b, generator=g),
+    }
+    out = {k: (v.to(device, dtype) if v is not None else None) for k, v in t.items()}
+    out["c3a_kernel"] = t["c3a_kernel"].to(device, kernel_dtype)
+    return {k: (v.requires_grad_() if v is not None else None) for k, v in out.items()}
+
+
+def check_against_reference(inp, grad_y=None):
+    dtype = inp["x"].dtype
+    y = c3a_linear(*(inp[n] for n in NAMES))
+    grad_y = torch.randn_like(y) if grad_y is None else grad_y
+    y.backward(grad_y)
+    ref = {k: (v.detach().double().requires_grad_(v.requires_grad) if v is not None else None)
+           for k, v in inp.items()}
+    y_ref = reference.c3a_linear(*(ref[n] for n in NAMES))
+    y_ref.backward(grad_y.double())
+    assert rel_err(y, y_ref) < TOL[dtype], "y"
+    for n in NAMES:
+        if inp[n] is not None and inp[n].requires_grad:
+            assert inp[n].grad.dtype == inp[n].dtype, n
+            assert rel_err(inp[n].grad, ref[n].grad) < TOL[dtype], n
+    return y
+
+
+# (M, K, N, b): interpreter tiles are 16, so these cover tails in every
+# dimension, tiles that straddle blocks (b = 6, 12, 48), b = 1 (dW is a plain
+# dense matrix: the autotuned GEMM entry), one circulant (b = K = N), split-K
+# (few rows) and both orientations of the kernel-gradient GEMM (N/b vs K/b).
+SHAPES = [(13, 30, 18, 6), (37, 48, 32, 16), (20, 17, 40, 1), (3, 48, 48, 48), (5, 36, 24, 12)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}_K{}_N{}_b{}".format(*s))
+def test_forward_backward_matches_reference(c3a_triton, shape, dtype):
+    check_against_reference(make_inputs(*shape, dtype))
+    d = dispatched("c3a.")
+    for op in ("c3a.forward", "c3a.grad_x", "c3a.grad_kernel", "c3a.grad_weight"):
+        assert any(k.startswith(op + ":triton:") for k in d), (op, d)
+    assert not any(":torch:" in k for k in d), d
+
+
+def test_autotuned_entries_ran(c3a_triton):
+    """Many row/column tiles: the autotuned GEMM of forward, dx and the kernel gradient."""
+    check_against_reference(make_inputs(40, 34, 36, 2, torch.float32))
+    d = dispatched("c3a.")
+    for op in ("c3a.forward", "c3a.grad_x", "c3a.grad_kernel"):
+        assert f"{op}:triton:gemm" in d, (op, d)
+
+
+def test_3d_input_no_bias_kernel_in_x_dtype(c3a_triton):
+    inp = make_inputs(0, 24, 16, 8, torch.float16, bias=False, lead=(2, 5), kernel_dtype=torch.float16)
+    y = check_against_reference(inp)
+    assert y.shape == (2, 5, 16) and y.dtype == torch.float16
+
+
+def test_non_contiguous_operands(c3a_triton):
+    M, K, N, b = 9, 20, 30, 10
+    inp = make_inputs(M, K, N, b, torch.float32)
+    x = torch.randn(M, 2 * K, device=DEVICE)[:, ::2]                        # 2-D strided view
+    w = torch.randn(K, N, device=DEVICE).t() / K**0.5                       # transposed weight
+    k = torch.randn(b, K // b, N // b, device=DEVICE).permute(2, 1, 0)      # permuted kernel
+    assert not (x.is_contiguous() or w.is_contiguous() or k.is_contiguous())
+    inp.update(x=x.requires_grad_(), weight=w.requires_grad_(), c3a_kernel=k.requires_grad_())
+    # stride-0 output gradient (what y.sum(0) would send back)
+    check_against_reference(inp, grad_y=torch.randn(N, device=DEVICE).expand(M, N))
+    # 3-D non-contiguous input (reshape copies it)
+    inp = make_inputs(M, K, N, b, torch.float32)
+    inp["x"] = torch.randn(K, 3, 4, device=DEVICE).permute(1, 2, 0).requires_grad_()
+    check_against_reference(inp)
+
+
+def test_frozen_base_layer(c3a_triton):
+    """Only the adapter trains: no dW GEMM, no bias gradient."""
+    inp = make_inputs(11, 24, 18, 6, torch.float32)
+    inp["weight"].requires_grad_(False)
+    inp["bias"].requires_grad_(False)
+    check_against_reference(inp)
+    d = dispatched("c3a.")
+    assert "c3a.grad_weight" not in " ".join(d) and any(k.startswith("c3a.grad_kernel:triton") for k in d), d
+
+
+def test_kernel_grad_row_chunks(c3a_triton, monkeypatch):
+    """Long reductions (rows * b past int32) run in row chunks that add up."""
+    import fusedlora.c3a as c3a_mod
+
+    monkeypatch.setattr(c3a_mod, "_MAX_Q", 40)   # b = 6: chunks of 6 rows
+    check_against_reference(make_inputs(13, 24, 18, 6, torch.float32))
+    check_against_reference(make_inputs(13, 12, 36, 6, torch.float32))  # swapped orientation
+
+
+def test_triton_matches_peft_layer(c3a_triton):
+    c3a = pytest.importorskip("peft.tuners.c3a")
+    K, N, b = 30, 20, 10
+    layer = c3a.C3ALinear(torch.nn.Linear(K, N), "default",
+                          c3a.C3AConfig(block_size=b, init_weights="gaussian", target_modules=["x"]), block_size=b)
+    x = torch.randn(3, 7, K)
+    with torch.no_grad():
+        y_peft = layer(x)
+        y = c3a_linear(x.to(DEVICE), layer.weight.to(DEVICE), layer.bias.to(DEVICE),
+                       layer.c3a_kernel["default"].to(DEVICE))
+    assert rel_err(y, y_peft) < 1e-5
+    assert "c3a.forward:triton:" in " ".join(dispatched("c3a."))
+
+
+@pytest.mark.parametrize("lead", [(0,), (2, 0)])
+def test_zero_rows(c3a_triton, lead):
+    inp = make_inputs(0, 12, 18, 6, torch.float32, lead=lead)
+    y = c3a_linear(*(inp[n] for n in NAMES))
+    assert y.shape == (*lead, 18)
+    y.sum().backward()
+    assert inp["x"].grad.shape == inp["x"].shape
+    for n in ("weight", "bias", "c3a_kernel"):
+        assert torch.count_nonzero(inp[n].grad) == 0, n
+
+
+def test_torch_backend_float64(monkeypatch):
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "torch")
+    fusedlora.reset_dispatch()
+    inp = make_inputs(7, 24, 36, 12, torch.float64, kernel_dtype=torch.float64)
+    y = c3a_linear(*(inp[n] for n in NAMES))
+    grads = torch.autograd.grad(y, [inp[n] for n in NAMES], torch.ones_like(y))
+    ref = [inp[n].detach().clone().requires_grad_() for n in NAMES]
+    y_ref = reference.c3a_linear(*ref)
+    y_ref.backward(torch.ones_like(y_ref))
+    assert rel_err(y, y_ref) < 1e-12
+    for g, r, n in zip(grads, ref, NAMES):
+        assert rel_err(g, r.grad) < 1e-12, n
+    assert set(dispatched("c3a.")) == {"c3a.forward:torch:reference", "c3a.backward:torch:reference"}
+
+
+def test_custom_op_registration(monkeypatch):
+    """Schema, fake impl and autograd registration (torch backend: fast)."""
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "torch")
+    from fusedlora.c3a import _c3a_forward
+
+    inp = make_inputs(5, 12, 18, 6, torch.float32)
+    torch.library.opcheck(_c3a_forward, tuple(inp[n] for n in NAMES),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+# ------------------------------------------------------------------- PEFT
+@pytest.mark.parametrize("N,K,b", [(12, 18, 6), (32, 48, 16), (5, 7, 1), (8, 8, 8)])
+def test_delta_weight_matches_peft(N, K, b):
+    """dW[m*b+s, n*b+t] = w[m, n, (t - s) mod b] / K is PEFT's get_delta_weight."""
+    utils = pytest.importorskip("peft.tuners.c3a.utils")
+    w = torch.randn(N // b, K // b, b, dtype=torch.float64)
+    dense = reference.c3a_delta_weight(w, K, N)
+    assert rel_err(dense, utils.get_circulant_fast(w) / K) < 1e-12
+    x = torch.randn(3, 2, K, dtype=torch.float64)
+    assert rel_err(reference.c3a_fft_delta(x, w), x @ dense.t()) < 1e-12
+    assert rel_err(reference.c3a_fft_delta(x, w), utils.BlockCircularConvolution.apply(x, w) / K) < 1e-12
+
+
+@pytest.mark.parametrize("b", [1, 6, 16])
+def test_reference_matches_peft_layer(b):
+    c3a = pytest.importorskip("peft.tuners.c3a")
+    K, N = 48, 96
+    base = torch.nn.Linear(K, N)
+    layer = c3a.C3ALinear(base, "default", c3a.C3AConfig(block_size=b, init_weights="gaussian",
+                                                         target_modules=["x"]), block_size=b)
+    kernel = layer.c3a_kernel["default"]
+    assert tuple(kernel.shape) == (N // b, K // b, b) and kernel.dtype == torch.float32
+    x = torch.randn(2, 5, K, requires_grad=True)
+    y_peft = layer(x)
+    grad_y = torch.randn_like(y_peft)
+    y_peft.backward(grad_y)
+
+    xr = x.detach().double().requires_grad_()
+    wr, br, kr = (t.detach().double().requires_grad_() for t in (base.weight, base.bias, kernel))
+    y_ref = reference.c3a_linear(xr, wr, br, kr)
+    y_ref.backward(grad_y.double())
+    assert rel_err(y_peft, y_ref) < 1e-5
+    assert rel_err(kernel.grad, kr.grad) < 1e-5        # PEFT's kernel gradient agrees
+    assert rel_err(base.weight.grad, wr.grad) < 1e-5
+    # x: autograd through PEFT's own FFT forward (PEFT's hand-written x gradient
+    # is the adjoint of a convolution, not of its correlation forward).
+    xf = x.detach().double().requires_grad_()
+    (xf @ wr.detach().t() + reference.c3a_fft_delta(xf, kr.detach())).backward(grad_y.double())
+    assert rel_err(xf.grad, xr.grad) < 1e-12
+    # The merged layer gives the same output.
+    layer.merge()
+    assert rel_err(layer(x), y_ref) < 1e-5
+
+
+@pytest.mark.parametrize("init", [True, False, "gaussian", "xavier_uniform", "kaiming_uniform"])
+def test_init_matches_peft(init):
+    c3a = pytest.importorskip("peft.tuners.c3a")
+    K, N, b = 24, 36, 6
+    layer = c3a.C3ALinear(torch.nn.Linear(K, N), "default",
+                          c3a.C3AConfig(block_size=b, init_weights=True, target_modules=["x"]), block_size=b)
+    torch.manual_seed(123)
+    layer.reset_c3a_parameters("default", init)
+    ours = torch.full((N // b, K // b, b), 7.0)
+    torch.manual_seed(123)
+    assert init_c3a_kernel(ours, init) is ours
+    assert torch.equal(ours, layer.c3a_kernel["default"].detach())
+
+
+def test_init_rejects_unknown():
+    with pytest.raises(ValueError, match="init_weights"):
+        init_c3a_kernel(torch.zeros(2, 2, 3), "orthogonal")
+    with pytest.raises(ValueError, match="tensor"):
+        init_c3a_kernel(torch.zeros(2, 3), True)
+
+
+# -------------------------------------------------------------- bad inputs
+def _bad(**kw):
+    inp = make_inputs(4, 12, 18, 6, torch.float32)
+    inp = {k: (v.detach() if v is not None else None) for k, v in inp.items()}
+    inp.update(kw)
+    return inp
+
+
+@pytest.mark.parametrize("case,exc,name", [
+    (dict(c3a_kernel=torch.randn(4, 3, 5)), ValueError, "c3a_kernel"),           # 5 divides neither
+    (dict(c3a_kernel=torch.randn(2, 3, 4)), ValueError, "c3a_kernel"),           # 4 divides 12, not 18
+    (dict(c3a_kernel=torch.randn(2, 3, 6)), ValueError, "c3a_kernel"),           # transposed blocks
+    (dict(c3a_kernel=torch.randn(3, 2, 0)), ValueError, "c3a_kernel"),           # b = 0
+    (dict(c3a_kernel=torch.randn(18, 12)), ValueError, "c3a_kernel"),            # 2-D
+    (dict(c3a_kernel=torch.randn(3, 2, 6, dtype=torch.float64)), TypeError, "c3a_kernel"),
+    (dict(c3a_kernel=torch.randn(3, 2, 6).half()), TypeError, "c3a_kernel"),    # not f32, not x's
+    (dict(c3a_kernel=[[0.0]]), TypeError, "c3a_kernel"),
+    (dict(c3a_kernel=torch.randn(3, 2, 6, device="meta")), ValueError, "device"),
+    (dict(x=torch.randn(4, 13)), ValueError, "x"),
+    (dict(weight=torch.randn(18, 12).half()), TypeError, "weight"),
+    (dict(bias=torch.randn(17)), ValueError, "bias"),
+    (dict(x=torch.randn(4, 0), weight=torch.randn(18, 0), c3a_kernel=torch.randn(3, 0, 6)),
+     ValueError, "in_features"),
+])
+def test_bad_inputs_raise_before_launch(c3a_triton, case, exc, name):
+    inp = _bad(**case)
+    with pytest.raises(exc, match=name):
+        c3a_linear(*(inp[n] for n in NAMES))
+    assert dispatched("c3a.") == {}
+
+
+def test_triton_rejects_float64(c3a_triton):
+    inp = _bad(x=torch.randn(4, 12, dtype=torch.float64), weight=torch.randn(18, 12, dtype=torch.float64),
+               bias=None)
+    with pytest.raises(TypeError, match="x: the Triton backend"):
+        c3a_linear(*(inp[n] for n in NAMES))
+    assert dispatched("c3a.") == {}
+
+
+# -------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(300, 768, 512, 64), (64, 1024, 4096, 1024), (517, 480, 336, 48),
+                                   (8, 2048, 1024, 128), (1000, 96, 160, 1)],
+                         ids=lambda s: "M{}_K{}_N{}_b{}".format(*s))
+def test_gpu_large(c3a_triton, shape, dtype):
+    check_against_reference(make_inputs(*shape, dtype))
+    assert not any(":torch:" in k for k in dispatched("c3a."))
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_3d_kernel_bf16(c3a_triton):
+    inp = make_inputs(0, 256, 384, 128, torch.bfloat16, lead=(4, 33), kernel_dtype=torch.bfloat16)
+    check_against_reference(inp)

@@ -1,0 +1,354 @@
+"""Sparse-delta (SHiRA) path: Triton kernels (interpreter on CPU) against the
+float64 reference, layout invariants, mask builders, O(nnz) merge, PEFT parity."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+import fusedlora  # noqa: E402
+from fusedlora import reference  # noqa: E402
+from fusedlora.sparse import (  # noqa: E402
+    SparseLayout, build_layout, magnitude_indices, random_indices, scatter_merge_, scatter_switch_,
+    shira_num_nonzeros, sparse_linear,
+)
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+NAMES = ("x", "weight", "bias", "values")
+
+
+def rel_err(out, ref) -> float:
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    assert torch.isfinite(out).all(), "non-finite values in the output"
+    denom = ref.norm().item()
+    return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
+
+
+@pytest.fixture
+def sparse_triton(monkeypatch):
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "triton")
+    fusedlora.reset_dispatch()
+    yield
+    fusedlora.reset_dispatch()
+
+
+def dispatched(prefix="sparse."):
+    return {k: v for k, v in fusedlora.backend_info()["dispatch"].items() if k.startswith(prefix)}
+
+
+def make_inputs(M, N, K, dtype, indices, bias=True, x_shape=None, w_scale=1.0):
+    x = torch.randn(*(x_shape or (M, K)), device=DEVICE, dtype=dtype)
+    w = (torch.randn(N, K, device=DEVICE, dtype=dtype) * w_scale)
+    b = torch.randn(N, device=DEVICE, dtype=dtype) if bias else None
+    v = torch.randn(indices.shape[1], device=DEVICE, dtype=dtype)
+    return {"x": x, "weight": w, "bias": b, "values": v}
+
+
+def check_against_reference(inp, indices, scaling, layout=None, x_view=None, ref_indices=None):
+    """Forward and every gradient of the fused op vs float64 autograd of the reference."""
+    dtype = inp["x"].dtype
+    leaves = {n: t.clone().requires_grad_() for n, t in inp.items() if t is not None}
+    x_in = x_view(leaves["x"]) if x_view else leaves["x"]
+    y = sparse_linear(x_in, leaves["weight"], leaves.get("bias"), indices, leaves["values"], scaling, layout=layout)
+    ref = {n: t.detach().double().requires_grad_() for n, t in leaves.items()}
+    x_ref = x_view(ref["x"]) if x_view else ref["x"]
+    idx_ref = (indices if ref_indices is None else ref_indices).to(DEVICE)
+    y_ref = reference.sparse_linear(x_ref, ref["weight"], ref.get("bias"), idx_ref, ref["values"], scaling)
+    assert y.dtype == dtype and y.shape == y_ref.shape
+    assert rel_err(y, y_ref) < TOL[dtype], "forward"
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g.double())
+    for n in leaves:
+        assert leaves[n].grad is not None, n
+        assert leaves[n].grad.dtype == leaves[n].dtype, n
+        assert rel_err(leaves[n].grad, ref[n].grad) < TOL[dtype], n
+    return y
+
+
+def assert_triton_ran(grad_values=True):
+    keys = dispatched()
+    assert any(k.startswith("sparse.forward:triton:") for k in keys), keys
+    assert any(k.startswith("sparse.grad_x:triton:") for k in keys), keys
+    if grad_values:
+        assert "sparse.grad_values:triton:sddmm" in keys, keys
+    assert not any(":torch:" in k for k in keys), keys
+
+
+# ------------------------------------------------------------ numerics
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M,N,K,density,bias", [
+    (37, 45, 53, 0.03, True),   # odd shapes, tails on every axis, autotuned entry
+    (5, 33, 70, 0.05, False),   # decode rows: split-K
+    (20, 16, 48, 0.01, True),   # ~1 %: several empty buckets
+])
+def test_matches_reference(sparse_triton, dtype, M, N, K, density, bias):
+    torch.manual_seed(hash((M, N, K, str(dtype))) % 2**31)
+    idx = random_indices((N, K), density=density, seed=M + N + K)
+    assert idx.shape[1] > 0
+    inp = make_inputs(M, N, K, dtype, idx, bias=bias)
+    check_against_reference(inp, idx, 0.75)
+    assert_triton_ran()
+
+
+def test_delta_alone_and_clustered_in_one_tile(sparse_triton):
+    """W = 0: y comes from the delta only. All nonzeros fill one 16 x 16 tile
+    (256 of them: many chunks in one bucket), the others stay empty."""
+    torch.manual_seed(1)
+    N, K = 40, 36
+    r, c = torch.meshgrid(torch.arange(16, 32), torch.arange(16, 32), indexing="ij")
+    idx = torch.stack((r.flatten(), c.flatten()))[:, torch.randperm(256)]  # user order shuffled
+    inp = make_inputs(24, N, K, torch.float32, idx, w_scale=0.0)
+    y = check_against_reference(inp, idx, 1.5)
+    assert y.detach().abs().sum() > 0
+    assert_triton_ran()
+
+
+def test_float32_values_with_half_weight(sparse_triton):
+    """PEFT keeps adapter weights in float32 on a half model: values may differ in dtype from x and W."""
+    torch.manual_seed(10)
+    idx = random_indices((18, 30), density=0.05, seed=2)
+    inp = make_inputs(9, 18, 30, torch.float16, idx)
+    inp["values"] = inp["values"].float()
+    check_against_reference(inp, idx, 1.0)
+    assert_triton_ran()
+
+
+def test_empty_delta_is_plain_linear(sparse_triton):
+    torch.manual_seed(2)
+    idx = torch.zeros((2, 0), dtype=torch.int64)
+    inp = make_inputs(19, 21, 23, torch.float32, idx)
+    y = check_against_reference(inp, idx, 2.0)
+    assert rel_err(y, F.linear(inp["x"], inp["weight"], inp["bias"])) < 1e-6
+    assert_triton_ran(grad_values=False)
+
+
+def test_3d_noncontiguous_input_and_prebuilt_small_tile_layout(sparse_triton):
+    """x a transposed 3-D view; a layout of 8 x 8 buckets (2 x 2 per kernel tile),
+    passed prebuilt with indices=None; gradients of values in the user's order."""
+    torch.manual_seed(3)
+    N, K = 27, 34
+    idx = random_indices((N, K), density=0.05, seed=7)
+    idx = idx[:, torch.randperm(idx.shape[1])]
+    layout = build_layout(idx, (N, K), tile=8, device=DEVICE)
+    inp = make_inputs(0, N, K, torch.float16, idx, x_shape=(K, 3, 4))
+    check_against_reference(inp, None, 0.5, layout=layout, x_view=lambda t: t.permute(1, 2, 0), ref_indices=idx)
+    assert_triton_ran()
+    assert torch.equal(layout.indices().cpu(), idx)
+
+
+def test_zero_rows(sparse_triton):
+    torch.manual_seed(4)
+    idx = random_indices((12, 20), density=0.1, seed=0)
+    inp = {n: (t.clone().requires_grad_() if t is not None else None)
+           for n, t in make_inputs(0, 12, 20, torch.float32, idx, x_shape=(0, 20)).items()}
+    y = sparse_linear(inp["x"], inp["weight"], inp["bias"], idx, inp["values"], 1.0)
+    assert y.shape == (0, 12)
+    y.sum().backward()
+    assert inp["x"].grad.shape == (0, 20)
+    for n in ("weight", "bias", "values"):
+        assert torch.count_nonzero(inp[n].grad) == 0, n
+
+
+# --------------------------------------------------------------- layout
+def test_layout_invariants():
+    N, K, T = 50, 70, 16
+    idx = random_indices((N, K), density=0.04, seed=3)
+    idx = idx[:, torch.randperm(idx.shape[1])].to(torch.int32)
+    lay = build_layout(idx, (N, K), tile=T)
+    assert isinstance(lay, SparseLayout) and lay.nnz == idx.shape[1] and lay.num_tiles == (4, 5)
+    off = lay.offsets.long()
+    assert off[0] == 0 and off[-1] == lay.nnz and bool((off[1:] >= off[:-1]).all())
+    for b in range(off.numel() - 1):
+        s, e = off[b], off[b + 1]
+        assert bool((lay.rows[s:e] // T == b // 5).all()) and bool((lay.cols[s:e] // T == b % 5).all())
+    p = lay.perm.long()
+    assert torch.equal(lay.rows.long(), idx[0, p].long()) and torch.equal(lay.cols.long(), idx[1, p].long())
+    assert torch.equal(lay.indices(), idx.long())
+
+
+def test_mask_builders_and_peft_sizes():
+    N, K = 30, 50
+    assert shira_num_nonzeros((N, K), r=2) == 2 * (N + K)
+    assert shira_num_nonzeros((N, K), density=0.1) == 150
+    with pytest.raises(ValueError, match="r:"):
+        shira_num_nonzeros((N, K), r=100)
+    with pytest.raises(ValueError, match="density, r"):
+        shira_num_nonzeros((N, K), r=2, density=0.1)
+    a, b = random_indices((N, K), r=2, seed=5), random_indices((N, K), r=2, seed=5)
+    assert torch.equal(a, b) and a.shape == (2, 160)
+    build_layout(a, (N, K))  # in range, no duplicates
+    w = torch.randn(N, K)
+    top = magnitude_indices(w, density=0.05)
+    thr = w.abs().flatten().kthvalue(N * K - top.shape[1]).values
+    assert bool((w.abs()[top[0], top[1]] > thr).all())
+
+
+# ---------------------------------------------------------------- merge
+def test_scatter_merge_roundtrip_and_switch(sparse_triton):
+    torch.manual_seed(6)
+    N, K = 33, 29
+    w0 = torch.randn(N, K, device=DEVICE)
+    ia, ib = random_indices((N, K), density=0.05, seed=1), random_indices((N, K), density=0.03, seed=2)
+    va, vb = torch.randn(ia.shape[1], device=DEVICE), torch.randn(ib.shape[1], device=DEVICE)
+    x = torch.randn(7, K, device=DEVICE)
+    w = w0.clone()
+    scatter_merge_(w, ia, va, 0.5)
+    assert rel_err(w, w0 + reference.sparse_delta_weight(ia, va, 0.5, (N, K))) < 1e-7
+    assert rel_err(F.linear(x, w), sparse_linear(x, w0, None, ia, va, 0.5)) < 1e-5
+    scatter_switch_(w, (ia, va, 0.5), (ib, vb, 2.0))
+    assert rel_err(w, w0 + reference.sparse_delta_weight(ib, vb, 2.0, (N, K))) < 1e-6
+    scatter_merge_(w, ib, vb, 2.0, sign=-1)
+    assert (w - w0).abs().max() < 1e-5
+    p = nn.Parameter(w0.clone())  # in place on a leaf that requires grad
+    scatter_merge_(p, ia, va, 0.5)
+    assert p.requires_grad and (p.detach() - w0).abs().max() > 0
+
+
+# ----------------------------------------------------------------- PEFT
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
+def test_matches_peft_shira_layer(sparse_triton):
+    layer_mod = pytest.importorskip("peft.tuners.shira.layer")
+    from peft.tuners.shira.config import ShiraConfig
+    from peft.tuners.shira.mask_functions import random_mask
+
+    torch.manual_seed(8)
+    N, K, r, seed = 24, 40, 2, 11
+    base = nn.Linear(K, N)
+    layer = layer_mod.Linear(base, random_mask(base, r, random_seed=seed), "default",
+                             ShiraConfig(r=r, random_seed=seed, init_weights=False), r=r)
+    peft_idx = layer.shira_indices["default"]
+    idx = random_indices((N, K), r=r, seed=seed)
+    assert torch.equal(peft_idx.long(), idx)  # same mask for the same seed
+    values = layer.shira_weight["default"].detach().clone()
+    layer.set_scale("default", 0.7)
+    x = torch.randn(3, 5, K)
+    with torch.no_grad():
+        y_peft = layer(x)
+    y = sparse_linear(x, base.weight.detach(), base.bias.detach(), peft_idx, values, 0.7)
+    assert rel_err(y, y_peft) < 1e-5
+    assert set(dispatched()) == {"sparse.forward:triton:splitk"}
+    w = base.weight.detach().clone()
+    scatter_merge_(w, peft_idx, values, 0.7)
+    layer.merge()
+    assert rel_err(w, base.weight) < 1e-7
+    layer.unmerge()
+    scatter_merge_(w, peft_idx, values, 0.7, sign=-1)
+    assert rel_err(w, base.weight) < 1e-6
+
+
+# ------------------------------------------------------- torch backend, op
+def test_torch_backend_float64(monkeypatch):
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "torch")
+    fusedlora.reset_dispatch()
+    torch.manual_seed(9)
+    idx = random_indices((9, 13), density=0.2, seed=3)
+    inp = {n: t.double().requires_grad_() for n, t in make_inputs(6, 9, 13, torch.float32, idx).items()}
+    y = sparse_linear(inp["x"], inp["weight"], inp["bias"], idx, inp["values"], 1.25)
+    assert y.dtype == torch.float64
+    assert torch.autograd.gradcheck(
+        lambda x, w, b, v: sparse_linear(x, w, b, idx, v, 1.25), tuple(inp[n] for n in NAMES))
+    assert set(dispatched()) == {"sparse.forward:torch:reference", "sparse.backward:torch:reference"}
+
+
+def test_custom_op_registration(monkeypatch):
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "torch")
+    from fusedlora.sparse import _sparse_forward
+
+    idx = random_indices((10, 14), density=0.1, seed=4)
+    inp = make_inputs(5, 10, 14, torch.float32, idx)
+    lay = build_layout(idx, (10, 14), device=DEVICE)
+    args = tuple(inp[n] for n in NAMES) + lay.tensors() + (0.5, lay.tile)
+    torch.library.opcheck(_sparse_forward, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_torch_compile_fullgraph_with_prebuilt_layout(sparse_triton):
+    """No graph break; only some gradients asked for (outputs of the backward op must not alias)."""
+    torch.manual_seed(12)
+    N, K = 20, 24
+    idx = random_indices((N, K), density=0.05, seed=1)
+    lay = build_layout(idx, (N, K), device=DEVICE)
+    w = torch.randn(N, K, device=DEVICE)
+    x = torch.randn(6, K, device=DEVICE, requires_grad=True)
+    v = torch.randn(idx.shape[1], device=DEVICE, requires_grad=True)
+    f = torch.compile(lambda x, v: sparse_linear(x, w, None, None, v, 0.5, layout=lay), fullgraph=True)
+    y = f(x, v)
+    y.sum().backward()
+    xr, vr = x.detach().double().requires_grad_(), v.detach().double().requires_grad_()
+    yr = reference.sparse_linear(xr, w.double(), None, idx.to(DEVICE), vr, 0.5)
+    yr.sum().backward()
+    assert rel_err(y, yr) < 1e-5 and rel_err(x.grad, xr.grad) < 1e-5 and rel_err(v.grad, vr.grad) < 1e-5
+    assert_triton_ran()
+
+
+# ------------------------------------------------------------ bad inputs
+def _bad_call(**over):
+    N, K = 8, 12
+    args = dict(x=torch.randn(3, K, device=DEVICE), weight=torch.randn(N, K, device=DEVICE), bias=None,
+                indices=torch.tensor([[0, 1, 7], [0, 5, 11]]), values=torch.randn(3, device=DEVICE), scaling=1.0)
+    args.update(over)
+    return sparse_linear(**args)
+
+
+@pytest.mark.parametrize("over,exc,match", [
+    (dict(indices=torch.tensor([[0, 8, 1], [0, 1, 2]])), ValueError, "indices: .*out of range"),
+    (dict(indices=torch.tensor([[0, 1, 2], [0, -1, 2]])), ValueError, "indices: .*out of range"),
+    (dict(indices=torch.tensor([[0, 1, 2], [0, 12, 2]])), ValueError, "indices: .*out of range"),
+    (dict(indices=torch.tensor([[0, 3, 3], [0, 4, 4]])), ValueError, "indices: duplicate.*row 3, col 4"),
+    (dict(indices=torch.tensor([[0, 1, 2], [0, 1, 2], [0, 1, 2]])), ValueError, r"indices: expected shape \(2, nnz\)"),
+    (dict(indices=torch.tensor([0, 1, 2])), ValueError, r"indices: expected shape \(2, nnz\)"),
+    (dict(indices=torch.tensor([[0.0, 1, 2], [0, 1, 2]])), TypeError, "indices: expected an integer dtype"),
+    (dict(indices=[[0, 1, 2], [0, 1, 2]]), TypeError, "indices: expected a torch.Tensor"),
+    (dict(values=torch.randn(4)), ValueError, r"values: expected shape \(3,\)"),
+    (dict(values=torch.randn(3, 1)), ValueError, r"values: expected shape \(3,\)"),
+    (dict(values=torch.arange(3)), TypeError, "values: expected a floating dtype"),
+    (dict(values=torch.randn(3, device="meta")), ValueError, "values: device"),
+    (dict(scaling=float("nan")), ValueError, "scaling"),
+    (dict(scaling="2"), TypeError, "scaling"),
+    (dict(x=torch.randn(3, 11)), ValueError, "x: expected last dimension"),
+    (dict(indices=None), ValueError, "indices: required"),
+])
+def test_bad_inputs_raise_before_launch(sparse_triton, over, exc, match):
+    if "values" in over and over["values"].device.type != "meta":
+        over["values"] = over["values"].to(DEVICE)
+    with pytest.raises(exc, match=match):
+        _bad_call(**over)
+    assert dispatched() == {}
+
+
+def test_bad_layout_and_merge_args(sparse_triton):
+    idx = torch.tensor([[0, 1, 7], [0, 5, 11]])
+    with pytest.raises(ValueError, match="layout: built for a weight of shape"):
+        _bad_call(layout=build_layout(idx, (9, 12)))
+    with pytest.raises(TypeError, match="layout: expected a SparseLayout"):
+        _bad_call(layout=(1, 2))
+    with pytest.raises(ValueError, match="tile"):
+        build_layout(idx, (8, 12), tile=12)
+    w = torch.randn(8, 12)
+    with pytest.raises(ValueError, match="sign"):
+        scatter_merge_(w, idx, torch.randn(3), sign=2)
+    with pytest.raises(ValueError, match="indices: duplicate"):
+        scatter_merge_(w, torch.tensor([[1, 1], [2, 2]]), torch.randn(2))
+    assert dispatched() == {}
+
+
+# ------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("M,N,K,density", [(1, 4096, 4096, 0.0156), (300, 1024, 768, 0.05), (2048, 1000, 999, 0.01)])
+def test_gpu_matches_reference(sparse_triton, dtype, M, N, K, density):
+    torch.manual_seed(0)
+    idx = random_indices((N, K), density=density, seed=1)
+    inp = make_inputs(M, N, K, dtype, idx)
+    inp["values"] = inp["values"] * 0.1
+    check_against_reference(inp, idx, 1.0, layout=build_layout(idx, (N, K), device=DEVICE))
+    assert_triton_ran()
