@@ -8,15 +8,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import c3a as c3a_ops
 from . import ops, reference
+from . import sparse as sparse_ops
 from .backend import record
 
 
+class _BufferDict(nn.Module):
+    """Named buffers (sparse adapters' indices): saved in the state_dict as
+    ``sparse_indices.<name>`` and moved by ``.to(device)``, never trained."""
+
+    def __setitem__(self, name: str, value: torch.Tensor) -> None:
+        self.register_buffer(name, value)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._buffers[name]
+
+    def __delitem__(self, name: str) -> None:
+        del self._buffers[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._buffers
+
+
 class FusedLinear(nn.Linear):
-    """``nn.Linear`` with LoRA adapters, PEFT semantics, fused kernels.
+    """``nn.Linear`` with LoRA, C3A and sparse-delta adapters, PEFT semantics, fused kernels.
 
     With no active adapter (or all merged) it is exactly ``nn.Linear``. The
     first adapter added becomes active; later ones wait for ``set_adapter``.
+    Adapter names are unique across kinds.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
@@ -31,6 +51,12 @@ class FusedLinear(nn.Linear):
         self.lora_alpha: dict = {}
         self.lora_dropout: dict = {}
         self.use_rslora: dict = {}
+        self.c3a_kernel = nn.ParameterDict()
+        self.sparse_values = nn.ParameterDict()
+        self.sparse_indices = _BufferDict()
+        self.sparse_scaling: dict = {}
+        self._sparse_layout: dict = {}
+        self._kind: dict = {}  # name -> "lora" | "c3a" | "sparse", in the order added
         self._active: List[str] = []
         self.merged_adapters: List[str] = []
 
@@ -48,7 +74,7 @@ class FusedLinear(nn.Linear):
     # ------------------------------------------------------------- adapters
     @property
     def adapter_names(self) -> List[str]:
-        return list(self.lora_A.keys())
+        return list(self._kind)
 
     @property
     def active_adapters(self) -> List[str]:
@@ -61,9 +87,9 @@ class FusedLinear(nn.Linear):
     def _check_name(self, name, must_exist: bool) -> str:
         if not isinstance(name, str) or not name or "." in name:
             raise ValueError(f"adapter name: expected a non-empty string without '.', got {name!r}")
-        if must_exist and name not in self.lora_A:
+        if must_exist and name not in self._kind:
             raise ValueError(f"adapter name: unknown adapter {name!r}; this layer has {self.adapter_names}")
-        if not must_exist and name in self.lora_A:
+        if not must_exist and name in self._kind:
             raise ValueError(f"adapter name: {name!r} already exists; delete_adapter it first")
         return name
 
@@ -95,8 +121,54 @@ class FusedLinear(nn.Linear):
         self.r[name], self.lora_alpha[name], self.lora_dropout[name] = r, lora_alpha, lora_dropout
         self.use_rslora[name] = bool(use_rslora)
         self.scaling[name] = reference.lora_scaling(r, lora_alpha, use_rslora)
+        self._added(name, "lora")
+
+    def add_c3a(self, name: str, block_size: int, init_weights: Union[bool, str] = True) -> None:
+        """Add a C3A adapter: ``c3a_kernel[name]`` of shape (out/b, in/b, b), float32, as PEFT."""
+        self._check_name(name, must_exist=False)
+        b = block_size
+        if isinstance(b, bool) or not isinstance(b, int) or b <= 0 or self.in_features % b or self.out_features % b:
+            raise ValueError(f"block_size: expected a positive int dividing in_features={self.in_features} and "
+                             f"out_features={self.out_features}, got {block_size!r}")
+        kernel = torch.empty(self.out_features // b, self.in_features // b, b, device=self.weight.device,
+                             dtype=torch.float32)
+        with torch.no_grad():
+            c3a_ops.init_c3a_kernel(kernel, init_weights)
+        self.c3a_kernel[name] = nn.Parameter(kernel)
+        self._added(name, "c3a")
+
+    def add_sparse(self, name: str, indices: torch.Tensor, values: Optional[torch.Tensor] = None,
+                   scaling: float = 1.0) -> None:
+        """Add a sparse-delta (SHiRA) adapter: W + scaling * S with S given by
+        ``indices`` (2, nnz) and ``sparse_values[name]`` (zeros when ``values`` is None)."""
+        self._check_name(name, must_exist=False)
+        shape = tuple(self.weight.shape)
+        rows, cols = sparse_ops.check_indices(indices, shape)
+        nnz = rows.numel()
+        if values is None:
+            values = torch.zeros(nnz, device=self.weight.device, dtype=self.weight.dtype)
+        elif not isinstance(values, torch.Tensor) or not values.is_floating_point() or tuple(values.shape) != (nnz,):
+            raise ValueError(f"values: expected a floating tensor of shape ({nnz},), got "
+                             f"{getattr(values, 'dtype', type(values).__name__)} {tuple(getattr(values, 'shape', ()))}")
+        indices = torch.stack([rows, cols]).to(self.weight.device)
+        self.sparse_scaling[name] = ops.check_scalar("scaling", scaling)
+        self.sparse_indices[name] = indices
+        self.sparse_values[name] = nn.Parameter(values.detach().clone().to(self.weight.device))
+        self._added(name, "sparse")
+
+    def _added(self, name: str, kind: str) -> None:
+        self._kind[name] = kind
         if not self._active:
             self._active = [name]
+
+    def _layout(self, name: str):
+        """The sparse adapter's tile layout, built once (and again after a device move)."""
+        indices = self.sparse_indices[name]
+        layout = self._sparse_layout.get(name)
+        if layout is None or layout.device != indices.device:
+            layout = sparse_ops.build_layout(indices, tuple(self.weight.shape), validate=False)
+            self._sparse_layout[name] = layout
+        return layout
 
     def set_adapter(self, names: Union[str, Iterable[str], None]) -> None:
         """Activate one adapter, several (summed) or none (``None``: base layer only)."""
@@ -115,15 +187,28 @@ class FusedLinear(nn.Linear):
         self._check_name(name, must_exist=True)
         if name in self.merged_adapters:
             raise ValueError(f"adapter name: {name!r} is merged into the weight; unmerge() first")
-        for table in (self.lora_A, self.lora_B, self.scaling, self.r, self.lora_alpha,
-                      self.lora_dropout, self.use_rslora):
-            del table[name]
+        for table in (self.lora_A, self.lora_B, self.scaling, self.r, self.lora_alpha, self.lora_dropout,
+                      self.use_rslora, self.c3a_kernel, self.sparse_values, self.sparse_indices,
+                      self.sparse_scaling, self._sparse_layout):
+            if name in table:
+                del table[name]
+        del self._kind[name]
         self._active = [n for n in self._active if n != name]
 
     # ---------------------------------------------------------------- merge
+    def _delta_weight(self, name: str) -> torch.Tensor:
+        """The dense update of a LoRA or C3A adapter, in float32 or wider."""
+        if self._kind[name] == "lora":
+            return reference.lora_delta_weight(self.lora_A[name], self.lora_B[name], self.scaling[name])
+        return reference.c3a_delta_weight(self.c3a_kernel[name], self.in_features, self.out_features)
+
     @torch.no_grad()
     def _add_delta(self, name: str, sign: float) -> None:
-        delta = reference.lora_delta_weight(self.lora_A[name], self.lora_B[name], sign * self.scaling[name])
+        if self._kind[name] == "sparse":  # O(nnz) in place: no dense delta
+            sparse_ops.scatter_merge_(self.weight, self.sparse_indices[name], self.sparse_values[name],
+                                      self.sparse_scaling[name], sign=int(sign), validate=False)
+            return
+        delta = sign * self._delta_weight(name)
         self.weight.copy_((self.weight.to(delta.dtype) + delta.to(self.weight.device)).to(self.weight.dtype))
 
     def merge(self, adapter_names: Optional[Iterable[str]] = None) -> None:
@@ -140,11 +225,53 @@ class FusedLinear(nn.Linear):
         while self.merged_adapters:
             self._add_delta(self.merged_adapters.pop(), -1.0)
 
+    def switch_merged(self, name: str) -> None:
+        """Serve adapter ``name`` merged: unmerge what is merged, merge ``name``
+        and make it the active adapter. Between sparse adapters this is an
+        O(nnz) scatter on W, with no dense delta."""
+        self._check_name(name, must_exist=True)
+        self.unmerge()
+        self.set_adapter(name)
+        self.merge([name])
+
     # -------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         names = [] if self.merged else self._active
         if not names:
             return F.linear(x, self.weight, self.bias)
+        loras = [n for n in names if self._kind[n] == "lora"]
+        others = [n for n in names if self._kind[n] != "lora"]
+        if not others:
+            return self._lora_forward(x, loras)
+        # A C3A or sparse adapter rewrites W's tiles inside the base GEMM: the
+        # first one runs fused; any further ones and the LoRA adapters beside
+        # it add their (cheap, low-rank or rare) terms eagerly.
+        y = self._fused_forward(x, others[0])
+        for n in others[1:]:
+            record(f"{self._kind[n]}.extra_adapter", "torch", "eager")
+            y = y + F.linear(x, self._delta_weight_of(n).to(x.dtype))
+        for n in loras:
+            record("lora.extra_adapter", "torch", "eager")
+            y = y + self._lora_delta(x, n)
+        return y
+
+    def _fused_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        if self._kind[name] == "c3a":
+            return c3a_ops.c3a_linear(x, self.weight, self.bias, self.c3a_kernel[name])
+        return sparse_ops.sparse_linear(x, self.weight, self.bias, None, self.sparse_values[name],
+                                        self.sparse_scaling[name], layout=self._layout(name))
+
+    def _delta_weight_of(self, name: str) -> torch.Tensor:
+        if self._kind[name] == "sparse":
+            return reference.sparse_delta_weight(self.sparse_indices[name], self.sparse_values[name],
+                                                 self.sparse_scaling[name], tuple(self.weight.shape))
+        return self._delta_weight(name)
+
+    def _lora_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        p = self.lora_dropout[name] if self.training else 0.0
+        return self.scaling[name] * F.linear(F.linear(F.dropout(x, p, True), self.lora_A[name]), self.lora_B[name])
+
+    def _lora_forward(self, x: torch.Tensor, names: List[str]) -> torch.Tensor:
         p = [self.lora_dropout[n] if self.training else 0.0 for n in names]
         A = [self.lora_A[n] for n in names]
         if len(names) == 1:
@@ -158,14 +285,22 @@ class FusedLinear(nn.Linear):
         # Dropout draws an independent mask per adapter (as PEFT does): the
         # first adapter runs fused with the base GEMM, the others eagerly.
         y = ops.lora_linear(x, self.weight, self.bias, A[0], self.lora_B[names[0]], self.scaling[names[0]], p[0])
-        for n, a, pn in zip(names[1:], A[1:], p[1:]):
+        for n in names[1:]:
             record("lora.extra_adapter", "torch", "eager")
-            y = y + self.scaling[n] * F.linear(F.linear(F.dropout(x, pn, True), a), self.lora_B[n])
+            y = y + self._lora_delta(x, n)
         return y
 
     def extra_repr(self) -> str:
         base = super().extra_repr()
-        if not self.lora_A:
+        if not self._kind:
             return base
-        ads = ", ".join(f"{n}(r={self.r[n]}, s={self.scaling[n]:g})" for n in self.adapter_names)
+
+        def describe(n):
+            if self._kind[n] == "lora":
+                return f"{n}(lora r={self.r[n]}, s={self.scaling[n]:g})"
+            if self._kind[n] == "c3a":
+                return f"{n}(c3a b={self.c3a_kernel[n].shape[2]})"
+            return f"{n}(sparse nnz={self.sparse_values[n].numel()}, s={self.sparse_scaling[n]:g})"
+
+        ads = ", ".join(describe(n) for n in self.adapter_names)
         return f"{base}, adapters=[{ads}], active={self._active}, merged={self.merged_adapters}"

@@ -1,0 +1,106 @@
+"""FusedLinear with C3A and sparse-delta adapters, alone and mixed with LoRA."""
+import pytest
+import torch
+
+import fusedlora
+from conftest import DEVICE, TOL, dispatched, rel_err
+from fusedlora import FusedLinear, reference
+from fusedlora.sparse import random_indices
+
+
+def make_layer(K=48, N=32):
+    layer = FusedLinear(K, N, device=DEVICE)
+    with torch.no_grad():
+        layer.weight.normal_(0, K**-0.5)
+        layer.bias.normal_()
+    return layer
+
+
+def test_c3a_adapter_forward_grads_merge(triton_backend):
+    layer = make_layer()
+    layer.add_c3a("c", block_size=16)
+    k = layer.c3a_kernel["c"]
+    assert k.shape == (2, 3, 16) and k.dtype == torch.float32 and k.abs().sum() == 0
+    x = torch.randn(2, 5, 48, device=DEVICE)
+    assert rel_err(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias)) < 1e-6  # zero init
+    with torch.no_grad():
+        k.normal_()
+    y = layer(x)
+    ref = reference.c3a_linear(x.double(), layer.weight.double(), layer.bias.double(), k.double())
+    assert rel_err(y, ref) < TOL[torch.float32]
+    assert dispatched("c3a.forward:triton") or any(key.startswith("c3a") and ":triton:" in key
+                                                   for key in dispatched())
+    y.sum().backward()
+    assert k.grad is not None and k.grad.abs().sum() > 0
+    w0 = layer.weight.detach().clone()
+    layer.merge()
+    assert rel_err(layer(x), ref) < TOL[torch.float32]
+    layer.unmerge()
+    assert rel_err(layer.weight, w0) < 1e-6
+    with pytest.raises(ValueError, match="block_size"):
+        layer.add_c3a("bad", block_size=5)
+
+
+def test_sparse_adapter_forward_grads_switch_state_dict(triton_backend):
+    layer = make_layer()
+    idx1 = random_indices((32, 48), density=0.05, seed=1)
+    idx2 = random_indices((32, 48), density=0.05, seed=2)
+    v1, v2 = torch.randn(idx1.shape[1]), torch.randn(idx2.shape[1])
+    layer.add_sparse("s1", idx1, v1, scaling=0.5)
+    layer.add_sparse("s2", idx2, v2)
+    assert layer.active_adapters == ["s1"]
+    assert {"sparse_indices.s1", "sparse_values.s1", "sparse_indices.s2"} <= set(layer.state_dict())
+    x = torch.randn(7, 48, device=DEVICE)
+    y = layer(x)
+    ref = reference.sparse_linear(x.double(), layer.weight.double(), layer.bias.double(), idx1, v1.double(), 0.5)
+    assert rel_err(y, ref) < TOL[torch.float32]
+    assert any(k.startswith("sparse") and ":triton:" in k for k in dispatched())
+    y.square().sum().backward()
+    assert layer.sparse_values["s1"].grad is not None and layer.sparse_values["s2"].grad is None
+
+    w0 = layer.weight.detach().clone()
+    layer.switch_merged("s2")                      # O(nnz) scatter, no dense delta
+    assert layer.merged_adapters == ["s2"] and layer.active_adapters == ["s2"]
+    expect = w0 + reference.sparse_delta_weight(idx2, v2, 1.0, (32, 48))
+    assert rel_err(layer.weight, expect) < 1e-6
+    layer.switch_merged("s1")
+    expect = w0 + reference.sparse_delta_weight(idx1, v1, 0.5, (32, 48))
+    assert rel_err(layer.weight, expect) < 1e-6
+    layer.unmerge()
+    assert rel_err(layer.weight, w0) < 1e-6
+
+    other = make_layer()
+    other.add_sparse("s1", idx1)
+    other.add_sparse("s2", idx2)
+    other.load_state_dict(layer.state_dict())
+    assert torch.equal(other.sparse_values["s1"], layer.sparse_values["s1"])
+    other.sparse_scaling["s1"] = 0.5
+    assert rel_err(other(x), layer(x)) < 1e-6
+    layer.delete_adapter("s1")
+    assert "sparse_indices.s1" not in layer.state_dict() and layer.adapter_names == ["s2"]
+
+
+def test_mixed_lora_c3a_sparse_adapters_sum(triton_backend):
+    layer = make_layer()
+    layer.add_lora("l", r=4, init_lora_weights=False)
+    layer.add_c3a("c", block_size=8, init_weights="gaussian")
+    idx = random_indices((32, 48), density=0.04, seed=3)
+    layer.add_sparse("s", idx, torch.randn(idx.shape[1]))
+    layer.set_adapter(["l", "c", "s"])
+    x = torch.randn(6, 48, device=DEVICE)
+    y = layer(x)
+    d = {k: v.detach().double() for k, v in layer.state_dict().items()}
+    W = d["weight"]
+    dW = (reference.c3a_delta_weight(d["c3a_kernel.c"], 48, 32)
+          + reference.sparse_delta_weight(idx, d["sparse_values.s"], 1.0, (32, 48)))
+    ref = reference.lora_linear(x.double(), W + dW, d["bias"], d["lora_A.l"], d["lora_B.l"], layer.scaling["l"])
+    assert rel_err(y, ref) < TOL[torch.float32]
+    ran = dispatched()
+    assert any(k.startswith("c3a") and ":triton:" in k for k in ran), ran
+    assert "sparse.extra_adapter:torch:eager" in ran and "lora.extra_adapter:torch:eager" in ran
+    y.sum().backward()
+    assert all(p.grad is not None for p in (layer.lora_A["l"], layer.c3a_kernel["c"], layer.sparse_values["s"]))
+    with pytest.raises(ValueError, match="already exists"):
+        layer.add_sparse("l", idx)
+    with pytest.raises(ValueError, match="values"):
+        layer.add_sparse("t", idx, torch.randn(3))
