@@ -15,69 +15,104 @@ import sys
 
 import pytest
 
-_SCALARS = {"alpha": "fp32", "p": "fp32", "keep_scale": "fp32", "seed": "i64"}
+_FLOAT_SCALARS = ("alpha", "p", "keep_scale", "w_scale", "scaling")
+_INT_POINTERS = ("off_ptr", "red_idx_ptr", "out_idx_ptr", "perm_ptr", "rows_ptr", "cols_ptr")
+_FP32_POINTERS = ("u_ptr", "w_ptr", "val_ptr")
 
 
-def compile_variant(arch, dtype, out, consts, num_warps, num_stages):
-    """Compile lora_matmul_kernel for arch with operands of dtype ('bf16', ...)."""
+def compile_variant(kernel, arch, dtype, out, consts, num_warps, num_stages):
+    """Compile ``kernel`` for sm_<arch>: data pointers of ``dtype`` ('bf16', ...),
+    c_ptr/out_ptr of ``out``, fp32 adapter weights, int32 layouts."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from fusedlora.kernels.lora import lora_matmul_kernel
-
-    params = list(inspect.signature(lora_matmul_kernel.fn).parameters)
     sig = {}
-    for name in params:
+    for name in inspect.signature(kernel.fn).parameters:
         if name in consts:
             sig[name] = "constexpr"
+        elif name in ("c_ptr", "out_ptr"):
+            sig[name] = f"*{out}"
+        elif name in _INT_POINTERS:
+            sig[name] = "*i32"
+        elif name in _FP32_POINTERS:
+            sig[name] = "*fp32"
         elif name.endswith("_ptr"):
-            sig[name] = f"*{out}" if name == "c_ptr" else ("*fp32" if name == "u_ptr" else f"*{dtype}")
+            sig[name] = f"*{dtype}"
+        elif name in _FLOAT_SCALARS:
+            sig[name] = "fp32"
         else:
-            sig[name] = _SCALARS.get(name, "i32")
-    src = ASTSource(lora_matmul_kernel, sig, constexprs=consts)
+            sig[name] = "i64" if name == "seed" else "i32"
+    src = ASTSource(kernel, sig, constexprs=consts)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
-def flags(**kw):
+def gemm(**kw):
     import triton.language as tl
 
-    base = dict(HAS_BIAS=False, HAS_LOWRANK=False, DROP_A=False, DROP_B=False, DROP_EPI=False,
-                DOT_DTYPE=tl.bfloat16, INPUT_PRECISION="tf32", SPLIT_K=1, BLOCK_M=128, BLOCK_N=128,
-                BLOCK_K=64, BLOCK_R=16, GROUP_M=8)
+    base = dict(DOT_DTYPE=tl.bfloat16, INPUT_PRECISION="tf32", SPLIT_K=1, BLOCK_M=128, BLOCK_N=128,
+                BLOCK_K=64, GROUP_M=8)
     base.update(kw)
     return base
 
 
+def lora(**kw):
+    return gemm(**{**dict(HAS_BIAS=False, HAS_LOWRANK=False, DROP_A=False, DROP_B=False, DROP_EPI=False,
+                          BLOCK_R=16), **kw})
+
+
 def variants():
+    """name: (kernel, arch, operand dtype, output dtype, constexprs, warps, stages, tensor-core op)."""
     import triton.language as tl
 
+    from fusedlora.kernels.c3a import c3a_kernel_grad_kernel, c3a_matmul_kernel
+    from fusedlora.kernels.lora import lora_matmul_kernel
+    from fusedlora.kernels.sparse import sddmm_kernel, sparse_matmul_kernel
+
     f16, f32 = dict(DOT_DTYPE=tl.float16), dict(DOT_DTYPE=tl.float32, INPUT_PRECISION="ieee")
-    return {  # name: (arch, operand dtype, output dtype, constexprs, warps, stages, tensor-core op)
-        # forward GEMM with bias and the rank-r epilogue, the largest autotune tile
-        "sm90-bf16-forward": (90, "bf16", "bf16", flags(HAS_BIAS=True, HAS_LOWRANK=True, BLOCK_N=256),
-                              8, 3, "wgmma"),
-        # dX: rank-r epilogue with dropout
-        "sm90-bf16-grad-x": (90, "bf16", "bf16", flags(HAS_LOWRANK=True, DROP_EPI=True), 8, 4, "wgmma"),
+    decode = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1)
+    return {
+        # LoRA forward GEMM with bias and the rank-r epilogue, the largest autotune tile
+        "lora-sm90-bf16-forward": (lora_matmul_kernel, 90, "bf16", "bf16",
+                                   lora(HAS_BIAS=True, HAS_LOWRANK=True, BLOCK_N=256), 8, 3, "wgmma"),
+        "lora-sm90-bf16-grad-x": (lora_matmul_kernel, 90, "bf16", "bf16", lora(HAS_LOWRANK=True, DROP_EPI=True),
+                                  8, 4, "wgmma"),
         # decode: split-K, fp32 atomics, rank-64 epilogue; 16-row tiles are below wgmma's 64
-        "sm90-bf16-decode": (90, "bf16", "fp32", flags(HAS_BIAS=True, HAS_LOWRANK=True, SPLIT_K=5, BLOCK_M=16,
-                                                     BLOCK_N=64, BLOCK_K=128, BLOCK_R=64, GROUP_M=1),
-                             4, 3, "mma"),
-        # shrink with dropout on x
-        "sm90-fp16-shrink": (90, "fp16", "fp32", flags(**f16, DROP_A=True, SPLIT_K=4, BLOCK_M=64, BLOCK_N=16,
-                                                     BLOCK_K=128, GROUP_M=1), 4, 3, "mma"),
-        "sm80-fp16-forward": (80, "fp16", "fp16", flags(**f16, HAS_BIAS=True, HAS_LOWRANK=True), 8, 4, "mma.sync"),
+        "lora-sm90-bf16-decode": (lora_matmul_kernel, 90, "bf16", "fp32",
+                                  lora(HAS_BIAS=True, HAS_LOWRANK=True, SPLIT_K=5, BLOCK_R=64, **decode),
+                                  4, 3, "mma"),
+        "lora-sm90-fp16-shrink": (lora_matmul_kernel, 90, "fp16", "fp32",
+                                  lora(**f16, DROP_A=True, SPLIT_K=4, BLOCK_M=64, BLOCK_N=16, BLOCK_K=128,
+                                       GROUP_M=1), 4, 3, "mma"),
+        "lora-sm80-fp16-forward": (lora_matmul_kernel, 80, "fp16", "fp16",
+                                   lora(**f16, HAS_BIAS=True, HAS_LOWRANK=True), 8, 4, "mma.sync"),
         # fp32 without tf32: exact FMA path, no tensor cores
-        "sm80-fp32-ieee-grad-A": (80, "fp32", "fp32", flags(**f32, DROP_B=True, SPLIT_K=3, BLOCK_M=16,
-                                                          BLOCK_N=64, BLOCK_K=32, GROUP_M=1), 4, 3, None),
+        "lora-sm80-fp32-ieee-grad-A": (lora_matmul_kernel, 80, "fp32", "fp32",
+                                       lora(**f32, DROP_B=True, SPLIT_K=3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=32,
+                                            GROUP_M=1), 4, 3, None),
+        "c3a-sm90-bf16-forward": (c3a_matmul_kernel, 90, "bf16", "bf16", gemm(HAS_BIAS=True, REDUCE_IN=True),
+                                  8, 3, "wgmma"),
+        "c3a-sm90-bf16-grad-x": (c3a_matmul_kernel, 90, "bf16", "bf16", gemm(HAS_BIAS=False, REDUCE_IN=False),
+                                 8, 3, "wgmma"),
+        "c3a-sm90-bf16-decode": (c3a_matmul_kernel, 90, "bf16", "fp32",
+                                 gemm(HAS_BIAS=True, REDUCE_IN=True, SPLIT_K=4, **decode), 4, 3, "mma"),
+        "c3a-sm90-bf16-grad-kernel": (c3a_kernel_grad_kernel, 90, "bf16", "fp32", gemm(BLOCK_M=64, BLOCK_N=64),
+                                      4, 3, "mma"),
+        "sparse-sm90-bf16-forward": (sparse_matmul_kernel, 90, "bf16", "bf16",
+                                     gemm(HAS_BIAS=True, HAS_DELTA=True, TILE=64, BLOCK_E=32), 8, 3, "wgmma"),
+        "sparse-sm90-bf16-decode": (sparse_matmul_kernel, 90, "bf16", "fp32",
+                                    gemm(HAS_BIAS=True, HAS_DELTA=True, TILE=64, BLOCK_E=32, SPLIT_K=4,
+                                         **{**decode, "BLOCK_K": 64}), 4, 4, "mma"),
+        "sparse-sm90-bf16-sddmm": (sddmm_kernel, 90, "bf16", "fp32", dict(SPLIT_M=4, BLOCK_M=64, BLOCK_E=32),
+                                   4, 2, None),
     }
 
 
 def main() -> None:
     report = {}
-    for name, (arch, dtype, out, consts, warps, stages, mma) in variants().items():
-        kernel = compile_variant(arch, dtype, out, consts, warps, stages)
+    for name, (kernel, arch, dtype, out, consts, warps, stages, mma) in variants().items():
+        kernel = compile_variant(kernel, arch, dtype, out, consts, warps, stages)
         ptx = kernel.asm["ptx"]
         report[name] = {"arch": arch, "cubin_bytes": len(kernel.asm["cubin"]), "shared": kernel.metadata.shared,
                         "expected_mma": mma, "has_mma": mma is None or mma in ptx}
@@ -92,9 +127,14 @@ def compiled():
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("name", ["sm90-bf16-forward", "sm90-bf16-grad-x", "sm90-bf16-decode", "sm90-fp16-shrink",
-                                  "sm80-fp16-forward", "sm80-fp32-ieee-grad-A"])
-def test_lora_kernel_compiles_for_gpu(compiled, name):
+NAMES = ["lora-sm90-bf16-forward", "lora-sm90-bf16-grad-x", "lora-sm90-bf16-decode", "lora-sm90-fp16-shrink",
+         "lora-sm80-fp16-forward", "lora-sm80-fp32-ieee-grad-A", "c3a-sm90-bf16-forward", "c3a-sm90-bf16-grad-x",
+         "c3a-sm90-bf16-decode", "c3a-sm90-bf16-grad-kernel", "sparse-sm90-bf16-forward",
+         "sparse-sm90-bf16-decode", "sparse-sm90-bf16-sddmm"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_kernel_compiles_for_gpu(compiled, name):
     k = compiled[name]
     assert k["cubin_bytes"] > 0
     assert k["has_mma"], f"{name}: no {k['expected_mma']} instruction in the PTX"
