@@ -90,6 +90,15 @@ def _input_precision(dot_dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def split_k(tiles: int, k_tiles: int, device: torch.device) -> int:
+    """How many programs share the reduction so that ``tiles`` output tiles fill the GPU."""
+    target = _target_programs(device)
+    if tiles >= target:
+        return 1
+    split = min(k_tiles, triton.cdiv(target, tiles))
+    return triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))  # no split without a K tile
+
+
 def _small_plan(M: int, N: int, K: int, device: torch.device) -> Optional[dict]:
     """Tile plan for memory-bound products (few rows, or a rank-r output), or
     None when the product fills the GPU and goes to the autotuned GEMM."""
@@ -106,13 +115,8 @@ def _small_plan(M: int, N: int, K: int, device: torch.device) -> Optional[dict]:
     else:
         return None
     tiles = triton.cdiv(M, tile["BLOCK_M"]) * triton.cdiv(N, tile["BLOCK_N"])
-    k_tiles = triton.cdiv(K, tile["BLOCK_K"])
-    target = _target_programs(device)
-    split = 1 if tiles >= target else min(k_tiles, triton.cdiv(target, tiles))
-    if split > 1:  # drop splits that would get no K tile
-        split = triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))
-    tile["SPLIT_K"] = split
-    if interpreting() and M > 16 and tiles >= target:
+    tile["SPLIT_K"] = split_k(tiles, triton.cdiv(K, tile["BLOCK_K"]), device)
+    if interpreting() and M > 16 and tiles >= _target_programs(device):
         return None  # let the interpreter cover the autotuned entry too
     return tile
 

@@ -281,7 +281,7 @@ def _plan(M: int, N: int, K: int, tile: int, device: torch.device) -> Optional[d
     None for the autotuned GEMM. Block sizes are multiples of the layout tile."""
     import triton
 
-    from .launch import _target_programs
+    from .launch import _target_programs, split_k
 
     if interpreting():
         plan = {"BLOCK_M": 16, "BLOCK_N": max(16, tile), "BLOCK_K": max(16, tile), "BLOCK_E": 16, "GROUP_M": 2}
@@ -291,13 +291,8 @@ def _plan(M: int, N: int, K: int, tile: int, device: torch.device) -> Optional[d
     else:
         return None
     tiles = triton.cdiv(M, plan["BLOCK_M"]) * triton.cdiv(N, plan["BLOCK_N"])
-    k_tiles = triton.cdiv(K, plan["BLOCK_K"])
-    target = _target_programs(device)
-    split = 1 if tiles >= target else max(1, min(k_tiles, triton.cdiv(target, tiles)))
-    if split > 1:
-        split = triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))
-    plan["SPLIT_K"] = split
-    if interpreting() and M > 16 and tiles >= target:
+    plan["SPLIT_K"] = split_k(tiles, triton.cdiv(K, plan["BLOCK_K"]), device)
+    if interpreting() and M > 16 and tiles >= _target_programs(device):
         return None  # cover the autotuned entry under the interpreter too
     return plan
 

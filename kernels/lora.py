@@ -19,7 +19,7 @@ fill the GPU.
 import triton
 import triton.language as tl
 
-from .tiles import dropout_keep, load_tile, swizzle_tile
+from .tiles import dropout_keep, load_tile, store_tile, swizzle_tile
 
 
 @triton.jit
@@ -81,8 +81,4 @@ def lora_matmul_kernel(
             bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
             acc += bias.to(tl.float32)[None, :]
 
-    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
-    if SPLIT_K == 1:
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok & n_ok)
-    else:
-        tl.atomic_add(c_ptrs, acc, mask=m_ok & n_ok)
+    store_tile(c_ptr, offs_m, offs_n, stride_cm, stride_cn, M, N, acc, SPLIT_K)

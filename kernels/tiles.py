@@ -41,6 +41,18 @@ def load_tile(ptr, rows, cols, stride_r, stride_c, n_rows, n_cols):
 
 
 @triton.jit
+def store_tile(c_ptr, offs_m, offs_n, stride_cm, stride_cn, M, N, acc, SPLIT_K: tl.constexpr):
+    """Write a GEMM's fp32 accumulator tile: cast and store, or, when the
+    reduction is split over programs, add it atomically into a zeroed fp32 C."""
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
+    if SPLIT_K == 1:
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(c_ptrs, acc, mask=mask)
+
+
+@triton.jit
 def dropout_materialize_kernel(out_ptr, M, N, stride_m, stride_n, p, seed,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Writes the keep-mask (1.0 kept, 0.0 dropped) that dropout_keep draws;

@@ -10,33 +10,12 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import fusedlora  # noqa: E402
+from conftest import DEVICE, TOL, rel_err  # noqa: E402
+from conftest import dispatched  # noqa: E402
 from fusedlora import reference  # noqa: E402
 from fusedlora.c3a import c3a_linear, init_c3a_kernel  # noqa: E402
 
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 NAMES = ("x", "weight", "bias", "c3a_kernel")
-
-
-def rel_err(out, ref) -> float:
-    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
-    assert out.shape == ref.shape, (out.shape, ref.shape)
-    assert torch.isfinite(out).all(), "non-finite values in the output"
-    denom = ref.norm().item()
-    return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
-
-
-@pytest.fixture
-def c3a_triton(monkeypatch):
-    monkeypatch.setenv("FUSEDLORA_BACKEND", "triton")
-    fusedlora.reset_dispatch()
-    yield
-    fusedlora.reset_dispatch()
-
-
-def dispatched(prefix):
-    return {k: v for k, v in fusedlora.backend_info()["dispatch"].items() if k.startswith(prefix)}
 
 
 def make_inputs(M, K, N, b, dtype, *, bias=True, lead=None, kernel_dtype=torch.float32, device=DEVICE):
@@ -79,7 +58,7 @@ SHAPES = [(13, 30, 18, 6), (37, 48, 32, 16), (20, 17, 40, 1), (3, 48, 48, 48), (
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}_K{}_N{}_b{}".format(*s))
-def test_forward_backward_matches_reference(c3a_triton, shape, dtype):
+def test_forward_backward_matches_reference(triton_backend, shape, dtype):
     check_against_reference(make_inputs(*shape, dtype))
     d = dispatched("c3a.")
     for op in ("c3a.forward", "c3a.grad_x", "c3a.grad_kernel", "c3a.grad_weight"):
@@ -87,7 +66,7 @@ def test_forward_backward_matches_reference(c3a_triton, shape, dtype):
     assert not any(":torch:" in k for k in d), d
 
 
-def test_autotuned_entries_ran(c3a_triton):
+def test_autotuned_entries_ran(triton_backend):
     """Many row/column tiles: the autotuned GEMM of forward, dx and the kernel gradient."""
     check_against_reference(make_inputs(40, 34, 36, 2, torch.float32))
     d = dispatched("c3a.")
@@ -95,13 +74,13 @@ def test_autotuned_entries_ran(c3a_triton):
         assert f"{op}:triton:gemm" in d, (op, d)
 
 
-def test_3d_input_no_bias_kernel_in_x_dtype(c3a_triton):
+def test_3d_input_no_bias_kernel_in_x_dtype(triton_backend):
     inp = make_inputs(0, 24, 16, 8, torch.float16, bias=False, lead=(2, 5), kernel_dtype=torch.float16)
     y = check_against_reference(inp)
     assert y.shape == (2, 5, 16) and y.dtype == torch.float16
 
 
-def test_non_contiguous_operands(c3a_triton):
+def test_non_contiguous_operands(triton_backend):
     M, K, N, b = 9, 20, 30, 10
     inp = make_inputs(M, K, N, b, torch.float32)
     x = torch.randn(M, 2 * K, device=DEVICE)[:, ::2]                        # 2-D strided view
@@ -117,7 +96,7 @@ def test_non_contiguous_operands(c3a_triton):
     check_against_reference(inp)
 
 
-def test_frozen_base_layer(c3a_triton):
+def test_frozen_base_layer(triton_backend):
     """Only the adapter trains: no dW GEMM, no bias gradient."""
     inp = make_inputs(11, 24, 18, 6, torch.float32)
     inp["weight"].requires_grad_(False)
@@ -127,7 +106,7 @@ def test_frozen_base_layer(c3a_triton):
     assert "c3a.grad_weight" not in " ".join(d) and any(k.startswith("c3a.grad_kernel:triton") for k in d), d
 
 
-def test_kernel_grad_row_chunks(c3a_triton, monkeypatch):
+def test_kernel_grad_row_chunks(triton_backend, monkeypatch):
     """Long reductions (rows * b past int32) run in row chunks that add up."""
     import fusedlora.c3a as c3a_mod
 
@@ -136,7 +115,7 @@ def test_kernel_grad_row_chunks(c3a_triton, monkeypatch):
     check_against_reference(make_inputs(13, 12, 36, 6, torch.float32))  # swapped orientation
 
 
-def test_triton_matches_peft_layer(c3a_triton):
+def test_triton_matches_peft_layer(triton_backend):
     c3a = pytest.importorskip("peft.tuners.c3a")
     K, N, b = 30, 20, 10
     layer = c3a.C3ALinear(torch.nn.Linear(K, N), "default",
@@ -151,7 +130,7 @@ def test_triton_matches_peft_layer(c3a_triton):
 
 
 @pytest.mark.parametrize("lead", [(0,), (2, 0)])
-def test_zero_rows(c3a_triton, lead):
+def test_zero_rows(triton_backend, lead):
     inp = make_inputs(0, 12, 18, 6, torch.float32, lead=lead)
     y = c3a_linear(*(inp[n] for n in NAMES))
     assert y.shape == (*lead, 18)
@@ -275,14 +254,14 @@ def _bad(**kw):
     (dict(x=torch.randn(4, 0), weight=torch.randn(18, 0), c3a_kernel=torch.randn(3, 0, 6)),
      ValueError, "in_features"),
 ])
-def test_bad_inputs_raise_before_launch(c3a_triton, case, exc, name):
+def test_bad_inputs_raise_before_launch(triton_backend, case, exc, name):
     inp = _bad(**case)
     with pytest.raises(exc, match=name):
         c3a_linear(*(inp[n] for n in NAMES))
     assert dispatched("c3a.") == {}
 
 
-def test_triton_rejects_float64(c3a_triton):
+def test_triton_rejects_float64(triton_backend):
     inp = _bad(x=torch.randn(4, 12, dtype=torch.float64), weight=torch.randn(18, 12, dtype=torch.float64),
                bias=None)
     with pytest.raises(TypeError, match="x: the Triton backend"):
@@ -296,12 +275,12 @@ def test_triton_rejects_float64(c3a_triton):
 @pytest.mark.parametrize("shape", [(300, 768, 512, 64), (64, 1024, 4096, 1024), (517, 480, 336, 48),
                                    (8, 2048, 1024, 128), (1000, 96, 160, 1)],
                          ids=lambda s: "M{}_K{}_N{}_b{}".format(*s))
-def test_gpu_large(c3a_triton, shape, dtype):
+def test_gpu_large(triton_backend, shape, dtype):
     check_against_reference(make_inputs(*shape, dtype))
     assert not any(":torch:" in k for k in dispatched("c3a."))
 
 
 @pytest.mark.gpu
-def test_gpu_bf16_3d_kernel_bf16(c3a_triton):
+def test_gpu_bf16_3d_kernel_bf16(triton_backend):
     inp = make_inputs(0, 256, 384, 128, torch.bfloat16, lead=(4, 33), kernel_dtype=torch.bfloat16)
     check_against_reference(inp)

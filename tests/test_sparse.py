@@ -12,36 +12,19 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import fusedlora  # noqa: E402
+from conftest import DEVICE, TOL, rel_err  # noqa: E402
+from conftest import dispatched as all_dispatched  # noqa: E402
 from fusedlora import reference  # noqa: E402
 from fusedlora.sparse import (  # noqa: E402
     SparseLayout, build_layout, magnitude_indices, random_indices, scatter_merge_, scatter_switch_,
     shira_num_nonzeros, sparse_linear,
 )
 
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 NAMES = ("x", "weight", "bias", "values")
 
 
-def rel_err(out, ref) -> float:
-    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
-    assert out.shape == ref.shape, (out.shape, ref.shape)
-    assert torch.isfinite(out).all(), "non-finite values in the output"
-    denom = ref.norm().item()
-    return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
-
-
-@pytest.fixture
-def sparse_triton(monkeypatch):
-    monkeypatch.setenv("FUSEDLORA_BACKEND", "triton")
-    fusedlora.reset_dispatch()
-    yield
-    fusedlora.reset_dispatch()
-
-
 def dispatched(prefix="sparse."):
-    return {k: v for k, v in fusedlora.backend_info()["dispatch"].items() if k.startswith(prefix)}
+    return all_dispatched(prefix)
 
 
 def make_inputs(M, N, K, dtype, indices, bias=True, x_shape=None, w_scale=1.0):
@@ -90,7 +73,7 @@ def assert_triton_ran(grad_values=True):
     (5, 33, 70, 0.05, False),   # decode rows: split-K
     (20, 16, 48, 0.01, True),   # ~1 %: several empty buckets
 ])
-def test_matches_reference(sparse_triton, dtype, M, N, K, density, bias):
+def test_matches_reference(triton_backend, dtype, M, N, K, density, bias):
     torch.manual_seed(hash((M, N, K, str(dtype))) % 2**31)
     idx = random_indices((N, K), density=density, seed=M + N + K)
     assert idx.shape[1] > 0
@@ -99,7 +82,7 @@ def test_matches_reference(sparse_triton, dtype, M, N, K, density, bias):
     assert_triton_ran()
 
 
-def test_delta_alone_and_clustered_in_one_tile(sparse_triton):
+def test_delta_alone_and_clustered_in_one_tile(triton_backend):
     """W = 0: y comes from the delta only. All nonzeros fill one 16 x 16 tile
     (256 of them: many chunks in one bucket), the others stay empty."""
     torch.manual_seed(1)
@@ -112,7 +95,7 @@ def test_delta_alone_and_clustered_in_one_tile(sparse_triton):
     assert_triton_ran()
 
 
-def test_float32_values_with_half_weight(sparse_triton):
+def test_float32_values_with_half_weight(triton_backend):
     """PEFT keeps adapter weights in float32 on a half model: values may differ in dtype from x and W."""
     torch.manual_seed(10)
     idx = random_indices((18, 30), density=0.05, seed=2)
@@ -122,7 +105,7 @@ def test_float32_values_with_half_weight(sparse_triton):
     assert_triton_ran()
 
 
-def test_empty_delta_is_plain_linear(sparse_triton):
+def test_empty_delta_is_plain_linear(triton_backend):
     torch.manual_seed(2)
     idx = torch.zeros((2, 0), dtype=torch.int64)
     inp = make_inputs(19, 21, 23, torch.float32, idx)
@@ -131,7 +114,7 @@ def test_empty_delta_is_plain_linear(sparse_triton):
     assert_triton_ran(grad_values=False)
 
 
-def test_3d_noncontiguous_input_and_prebuilt_small_tile_layout(sparse_triton):
+def test_3d_noncontiguous_input_and_prebuilt_small_tile_layout(triton_backend):
     """x a transposed 3-D view; a layout of 8 x 8 buckets (2 x 2 per kernel tile),
     passed prebuilt with indices=None; gradients of values in the user's order."""
     torch.manual_seed(3)
@@ -145,7 +128,7 @@ def test_3d_noncontiguous_input_and_prebuilt_small_tile_layout(sparse_triton):
     assert torch.equal(layout.indices().cpu(), idx)
 
 
-def test_zero_rows(sparse_triton):
+def test_zero_rows(triton_backend):
     torch.manual_seed(4)
     idx = random_indices((12, 20), density=0.1, seed=0)
     inp = {n: (t.clone().requires_grad_() if t is not None else None)
@@ -193,7 +176,7 @@ def test_mask_builders_and_peft_sizes():
 
 
 # ---------------------------------------------------------------- merge
-def test_scatter_merge_roundtrip_and_switch(sparse_triton):
+def test_scatter_merge_roundtrip_and_switch(triton_backend):
     torch.manual_seed(6)
     N, K = 33, 29
     w0 = torch.randn(N, K, device=DEVICE)
@@ -215,7 +198,7 @@ def test_scatter_merge_roundtrip_and_switch(sparse_triton):
 
 # ----------------------------------------------------------------- PEFT
 @pytest.mark.filterwarnings("ignore:Sparse invariant checks")
-def test_matches_peft_shira_layer(sparse_triton):
+def test_matches_peft_shira_layer(triton_backend):
     layer_mod = pytest.importorskip("peft.tuners.shira.layer")
     from peft.tuners.shira.config import ShiraConfig
     from peft.tuners.shira.mask_functions import random_mask
@@ -271,7 +254,7 @@ def test_custom_op_registration(monkeypatch):
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
-def test_torch_compile_fullgraph_with_prebuilt_layout(sparse_triton):
+def test_torch_compile_fullgraph_with_prebuilt_layout(triton_backend):
     """No graph break; only some gradients asked for (outputs of the backward op must not alias)."""
     torch.manual_seed(12)
     N, K = 20, 24
@@ -317,7 +300,7 @@ def _bad_call(**over):
     (dict(x=torch.randn(3, 11)), ValueError, "x: expected last dimension"),
     (dict(indices=None), ValueError, "indices: required"),
 ])
-def test_bad_inputs_raise_before_launch(sparse_triton, over, exc, match):
+def test_bad_inputs_raise_before_launch(triton_backend, over, exc, match):
     if "values" in over and over["values"].device.type != "meta":
         over["values"] = over["values"].to(DEVICE)
     with pytest.raises(exc, match=match):
@@ -325,7 +308,7 @@ def test_bad_inputs_raise_before_launch(sparse_triton, over, exc, match):
     assert dispatched() == {}
 
 
-def test_bad_layout_and_merge_args(sparse_triton):
+def test_bad_layout_and_merge_args(triton_backend):
     idx = torch.tensor([[0, 1, 7], [0, 5, 11]])
     with pytest.raises(ValueError, match="layout: built for a weight of shape"):
         _bad_call(layout=build_layout(idx, (9, 12)))
@@ -345,7 +328,7 @@ def test_bad_layout_and_merge_args(sparse_triton):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("M,N,K,density", [(1, 4096, 4096, 0.0156), (300, 1024, 768, 0.05), (2048, 1000, 999, 0.01)])
-def test_gpu_matches_reference(sparse_triton, dtype, M, N, K, density):
+def test_gpu_matches_reference(triton_backend, dtype, M, N, K, density):
     torch.manual_seed(0)
     idx = random_indices((N, K), density=density, seed=1)
     inp = make_inputs(M, N, K, dtype, idx)
