@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-import fusedlora
 from conftest import DEVICE, TOL, dispatched, rel_err
 from fusedlora import FusedLinear, reference
 from fusedlora.sparse import random_indices
