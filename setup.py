@@ -46,7 +46,7 @@ setup(
     packages=["fusedlora", "fusedlora.kernels"],
     package_dir={"fusedlora": "fusedlora", "fusedlora.kernels": "kernels"},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "triton>=3.0; platform_system == 'Linux'"],
+    install_requires=["torch>=2.4", "triton>=3.0; platform_system == 'Linux'", "ninja"],
     extras_require={"test": ["pytest>=7", "peft>=0.13"], "bench": ["matplotlib"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -3,7 +3,8 @@
 ``FUSEDLORA_BACKEND`` (read at every call, so tests and users can switch it):
   auto    CUDA tensors run the Triton kernels, CPU tensors the PyTorch reference
   triton  Triton kernels; CPU tensors only with TRITON_INTERPRET=1 (how CI runs them)
-  cuda    the compiled extension of csrc/ (not built yet: asking for it is an error)
+  cuda    the CUDA C++ extension of csrc/ (built on first use) where it has a kernel
+          (LoRA forward, 1..16 rows, no dropout); Triton for the rest, recorded as such
   torch   the plain-PyTorch path of fusedlora.reference
 Nothing falls back silently: every launch is counted in ``backend_info()["dispatch"]``.
 """
@@ -43,6 +44,8 @@ def select_backend(device: torch.device) -> str:
     """The backend that runs an op on tensors of ``device``; raises if the one asked for cannot."""
     name = requested_backend()
     if name == "auto":
+        # CUDA tensors go to Triton at every shape until GPU measurements show
+        # the CUDA extension ahead somewhere (see docs/cuda.md).
         if device.type == "cuda":
             if triton_version() is None:
                 raise RuntimeError("fusedlora: CUDA tensors need Triton, which is not importable; "
@@ -57,8 +60,14 @@ def select_backend(device: torch.device) -> str:
                                "(set before Python starts)")
         return "triton"
     if name == "cuda":
-        raise RuntimeError("FUSEDLORA_BACKEND=cuda: the CUDA extension of csrc/ is not built in this version; "
-                           "use auto or triton")
+        if device.type != "cuda":
+            raise RuntimeError(f"FUSEDLORA_BACKEND=cuda needs CUDA tensors, got {device.type} tensors")
+        from . import cuda_ext
+
+        if cuda_ext.load() is None:
+            raise RuntimeError(f"FUSEDLORA_BACKEND=cuda: the CUDA extension is unavailable: "
+                               f"{cuda_ext.status()['reason']}")
+        return "cuda"
     return "torch"
 
 
@@ -74,6 +83,8 @@ def reset_dispatch() -> None:
 
 def backend_info() -> dict:
     """What fusedlora can run here and what it has run since the last reset."""
+    from . import cuda_ext
+
     cuda_ok = torch.cuda.is_available()
     try:
         requested = requested_backend()
@@ -86,6 +97,6 @@ def backend_info() -> dict:
         "triton_interpret": interpreting(),
         "cuda_available": cuda_ok,
         "device": torch.cuda.get_device_name() if cuda_ok else "cpu",
-        "cuda_extension": {"available": False, "reason": "csrc/ kernels are not part of this version"},
+        "cuda_extension": cuda_ext.status(),
         "dispatch": dict(_dispatch),
     }

@@ -113,6 +113,13 @@ def _lora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Ten
                   scaling: float, dropout_p: float, seed: Tensor) -> Tuple[Tensor, Tensor]:
     """2-D x -> (y, u) with u = s * drop(x) A^T in float32, saved for backward."""
     backend = select_backend(x.device)
+    if backend == "cuda":
+        if x.shape[0] and x.shape[0] <= 16 and dropout_p == 0.0:
+            from .cuda_ext import load
+
+            record("lora.forward", "cuda", "decode")
+            return load().lora_decode(x, weight, bias, lora_A, lora_B, scaling)
+        backend = "triton"  # the extension has no kernel for this shape: recorded below
     if backend == "torch":
         mask = torch_keep_mask(x.shape, dropout_p, seed.item(), x.device)
         u = scaling * (reference.apply_dropout(x, mask, dropout_p) @ lora_A.t())

@@ -53,11 +53,11 @@ def test_unknown_backend_name(monkeypatch):
         ops.lora_linear(**args())
 
 
-def test_cuda_backend_is_reported_missing_not_faked(monkeypatch):
+def test_cuda_backend_without_cuda_tensors_is_an_error(monkeypatch):
     monkeypatch.setenv("FUSEDLORA_BACKEND", "cuda")
-    with pytest.raises(RuntimeError, match="not built"):
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         ops.lora_linear(**args())
-    assert fusedlora.backend_info()["cuda_extension"]["available"] is False
+    assert "available" in fusedlora.backend_info()["cuda_extension"]
 
 
 def test_module_rejects_bad_adapters():

@@ -1,0 +1,42 @@
+// Launchers of fusedlora's CUDA kernels. Plain C++ over raw pointers: no torch
+// headers here, so the .cu files compile without them (bindings.cpp is the
+// only file that includes torch).
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace fusedlora {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// y = x W^T + b + u B^T with u = scaling * x A^T, for M <= 16 rows (decode).
+// All matrices are row-major with unit stride along their last dimension and
+// the given leading dimensions (in elements).
+struct LoraDecodeArgs {
+  DType dtype;
+  const void* x;     // (M, K), ld_x
+  const void* w;     // (N, K), ld_w
+  const void* bias;  // (N,) or nullptr
+  const void* a;     // (R, K), ld_a
+  const void* b;     // (N, R), ld_b
+  void* y;           // (M, N), contiguous
+  float* u;          // (M, R) float32 workspace, zeroed by the caller
+  float* partial;    // (M, N) float32 workspace, zeroed by the caller; used when k_split > 1
+  int M, N, K, R;
+  int64_t ld_x, ld_w, ld_a, ld_b;
+  float scaling;
+  int k_split;       // programs sharing W's K range (see lora_decode_k_split)
+  cudaStream_t stream;
+};
+
+// How many blocks share the reduction so that the GEMV fills num_sms SMs.
+int lora_decode_k_split(int N, int K, int num_sms);
+
+// Largest M the decode kernels take.
+constexpr int kMaxDecodeRows = 16;
+
+// Launches the shrink, the fused GEMV and (when k_split > 1) the final cast.
+cudaError_t lora_decode_forward(const LoraDecodeArgs& args);
+
+}  // namespace fusedlora

@@ -1,0 +1,101 @@
+"""The CUDA C++ extension of csrc/: it must compile and link wherever torch has
+CUDA and nvcc exists (CI has both, no GPU); its argument checks run on the CPU;
+its kernels run against the float64 reference on a GPU."""
+import shutil
+
+import pytest
+import torch
+
+import fusedlora
+from conftest import HAS_CUDA, TOL, dispatched, rel_err
+from fusedlora import cuda_ext, reference
+
+CAN_BUILD = torch.version.cuda is not None and (shutil.which("nvcc") or __import__("os").path.exists(
+    "/usr/local/cuda/bin/nvcc"))
+
+
+@pytest.fixture(scope="module")
+def ext():
+    if not CAN_BUILD:
+        pytest.skip("no CUDA build of torch or no nvcc here: the extension cannot be compiled")
+    module = cuda_ext.load()
+    assert module is not None, cuda_ext.status()
+    return module
+
+
+def test_extension_compiles_links_and_is_reported(ext):
+    assert ext.max_decode_rows == 16 and callable(ext.lora_decode)
+    info = fusedlora.backend_info()["cuda_extension"]
+    assert info["available"] is True and info["path"]
+
+
+def args(M=2, K=8, N=6, r=2, dtype=torch.float32, device="cpu"):
+    return dict(x=torch.randn(M, K, dtype=dtype, device=device), weight=torch.randn(N, K, dtype=dtype, device=device),
+                bias=torch.randn(N, dtype=dtype, device=device), lora_A=torch.randn(r, K, dtype=dtype, device=device),
+                lora_B=torch.randn(N, r, dtype=dtype, device=device), scaling=1.5)
+
+
+BAD = [
+    (dict(x=torch.ones(2, 8, dtype=torch.int32)), TypeError, "x: expected float32, float16 or bfloat16"),
+    (dict(weight=torch.randn(6, 8, dtype=torch.float16)), TypeError, "weight: dtype"),
+    (dict(lora_B=torch.randn(6, 2, dtype=torch.float64)), TypeError, "lora_B: dtype"),
+    (dict(x=torch.randn(17, 8)), ValueError, "1 to 16 rows"),
+    (dict(x=torch.randn(8)), ValueError, "x: expected a 2-D"),
+    (dict(weight=torch.randn(6, 9)), ValueError, "weight: expected shape (out_features, 8)"),
+    (dict(weight=torch.randn(8, 6).t()), ValueError, "unit stride"),
+    (dict(lora_A=torch.randn(2, 7)), ValueError, "lora_A: expected shape (r, 8)"),
+    (dict(lora_B=torch.randn(6, 3)), ValueError, "lora_B: expected shape (6, 2)"),
+    (dict(bias=torch.randn(5)), ValueError, "bias: expected shape (6,)"),
+]
+
+
+@pytest.mark.parametrize("change,exc,msg", BAD, ids=[b[2][:24] for b in BAD])
+def test_binding_rejects_bad_arguments(ext, change, exc, msg):
+    a = args()
+    a.update(change)
+    with pytest.raises(exc) as info:
+        ext.lora_decode(**a)
+    assert msg in str(info.value)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the error for CPU tensors")
+def test_binding_and_backend_refuse_cpu_tensors(ext, monkeypatch):
+    with pytest.raises(ValueError, match="expected CUDA tensors"):
+        ext.lora_decode(**args())
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "cuda")
+    a = args()
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        fusedlora.ops.lora_linear(a["x"], a["weight"], a["bias"], a["lora_A"], a["lora_B"], 1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M,K,N,r", [(1, 4096, 4096, 16), (3, 1000, 777, 5), (16, 4096, 11008, 64),
+                                     (8, 4095, 513, 1), (5, 300, 64, 128)])
+def test_cuda_decode_matches_reference_and_triton(ext, monkeypatch, dtype, M, K, N, r):
+    a = args(M, K, N, r, dtype, "cuda")
+    a["weight"] /= K**0.5
+    a["lora_A"] /= K**0.5
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "cuda")
+    fusedlora.reset_dispatch()
+    y = fusedlora.ops.lora_linear(**a)
+    assert dispatched("lora.forward") == {"lora.forward:cuda:decode": 1}
+    ref = reference.lora_linear(*(a[k].double() for k in ("x", "weight", "bias", "lora_A", "lora_B")), a["scaling"])
+    assert rel_err(y, ref) < TOL[dtype]
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "triton")
+    assert rel_err(y, fusedlora.ops.lora_linear(**a)) < TOL[dtype]
+
+
+@pytest.mark.gpu
+def test_cuda_decode_strided_x_no_bias_and_backward(ext, monkeypatch):
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "cuda")
+    a = args(4, 512, 384, 8, torch.bfloat16, "cuda")
+    a["x"] = torch.randn(4, 1024, device="cuda", dtype=torch.bfloat16)[:, ::2].requires_grad_()
+    a["bias"] = None
+    a["lora_B"].requires_grad_()
+    y = fusedlora.ops.lora_linear(**a)
+    y.float().sum().backward()
+    ref = reference.lora_linear(a["x"].double(), a["weight"].double(), None, a["lora_A"].double(),
+                                a["lora_B"].double(), a["scaling"])
+    assert rel_err(y, ref) < TOL[torch.bfloat16]
+    assert a["lora_B"].grad is not None and a["x"].grad is not None
