@@ -64,6 +64,9 @@ class Case:
     work: Dict[str, Tuple[float, float]]
     ref: str = "fused"
     roof_impls: Tuple[str, ...] = ("fused",)
+    # Extra keyword arguments of time_thunks for this case (e.g. a longer
+    # rep_ms for slow CPU rows); None: the defaults.
+    timing: Optional[Dict[str, float]] = None
 
     def work_of(self, impl: str) -> Tuple[float, float]:
         return self.work.get(impl, self.work["*"])
@@ -97,6 +100,42 @@ def roofline(flops: float, nbytes: float, ms: float, ceilings: dict) -> Tuple[fl
     t_flop = flops / ceilings["flops_per_s"]
     t_bw = nbytes / ceilings["bytes_per_s"]
     return 100.0 * max(t_flop, t_bw) / (ms * 1e-3), ("bw" if t_bw >= t_flop else "flop")
+
+
+# ------------------------------------------------------- helpers for paths
+def elem_size(dtype: torch.dtype) -> int:
+    return torch.tensor([], dtype=dtype).element_size()
+
+
+def grad_thunk(forward: Callable[[], torch.Tensor], inputs: Dict[str, Any],
+               wrt: Sequence[torch.Tensor]) -> Callable[[], Any]:
+    """Forward only (no ``gy`` in inputs), or forward and backward for exactly
+    the tensors of ``wrt`` that require grad, against ``inputs["gy"]``.
+
+    torch.autograd.grad, not .backward(): no .grad accumulation kernels are timed."""
+    if "gy" not in inputs:
+        return forward
+    wrt = [t for t in wrt if t.requires_grad]
+    gy = inputs["gy"]
+    return lambda: torch.autograd.grad(forward(), wrt, gy)
+
+
+def compiled(fn: Callable, make_thunk: Callable[[Callable, Dict[str, Any]], Callable[[], Any]]):
+    """Setup of a ``torch.compile(fn, dynamic=False)`` implementation, compiled
+    once per case: ``make_thunk(compiled_fn, inputs)`` builds the thunk.
+
+    Dynamo is reset first so each case gets a fresh static graph instead of
+    piling up cache entries (whose guards would be checked on every call) or
+    hitting the recompile limit and silently running eager."""
+    state: Dict[str, Callable] = {}
+
+    def setup(inputs):
+        if "fn" not in state:
+            torch._dynamo.reset()
+            state["fn"] = torch.compile(fn, dynamic=False)
+        return make_thunk(state["fn"], inputs)
+
+    return setup
 
 
 # -------------------------------------------------------------------- timing
@@ -149,10 +188,14 @@ def time_thunks(thunks: Sequence[Callable[[], Any]], device: torch.device,
 
 def measure_ceilings(device: torch.device, dtype: torch.dtype, small: bool = False) -> dict:
     """The two roofline ceilings, measured once per run on this device:
-    bandwidth from a large device-to-device copy, FLOP/s from a large matmul."""
-    big = device.type == "cuda" and not small
-    copy_bytes = 2**30 if big else 16 * 2**20
-    n = 8192 if big else 256
+    bandwidth from a large device-to-device copy, FLOP/s from a large matmul.
+    ``small`` (smoke runs): tiny sizes that only check the code."""
+    if small:
+        copy_bytes, n = 16 * 2**20, 256
+    elif device.type == "cuda":
+        copy_bytes, n = 2**30, 8192
+    else:  # CPU: past the last-level cache, and a matmul a few cores finish in a fraction of a second
+        copy_bytes, n = 256 * 2**20, 2048
     src = torch.randn(copy_bytes // 4, device=device)  # float32 elements
     dst = torch.empty_like(src)
     copy_t = time_thunks([lambda: dst.copy_(src)], device)
@@ -199,12 +242,12 @@ def run_case(case: Case, ceilings: dict) -> List[dict]:
         row = {"path": case.path, "variant": case.variant, "shape": dict(case.shape),
                "dtype": str(case.dtype).replace("torch.", ""), "device": str(case.device), "impl": impl,
                "input_sets": len(sets), "flops": flops, "bytes": nbytes, "status": "ok", "reason": None,
-               "_meta": {"ref": case.ref, "roof_impls": case.roof_impls}}
+               "ref": case.ref, "roof_impls": list(case.roof_impls)}
         fusedlora.reset_dispatch()
         thunks = None
         try:
             thunks = [setup(s) for s in sets]
-            row.update(time_thunks(thunks, case.device))
+            row.update(time_thunks(thunks, case.device, **(case.timing or {})))
         except Skip as e:
             row.update(status="skipped", reason=str(e))
         except Exception as e:  # recorded, not fatal: one broken baseline must not lose the run
@@ -267,7 +310,8 @@ def _rate(per_s: float, unit: str) -> str:
     return f"{per_s:,.0f} {unit}"
 
 
-def markdown(rows: List[dict], env: dict, ceilings: dict, title: str = "fusedlora microbenchmarks") -> str:
+def markdown(rows: List[dict], env: dict, ceilings: dict, title: str = "fusedlora microbenchmarks",
+             smoke: bool = True) -> str:
     """Tables per (path, variant): medians in µs, ratios X/ref (> 1: ref is
     faster than X), and percent of roofline of the implementations in roof_impls."""
     lines = [f"# {title}", "",
@@ -279,14 +323,15 @@ def markdown(rows: List[dict], env: dict, ceilings: dict, title: str = "fusedlor
              f"{ceilings['matmul']['n']}³). Times are medians in µs; X/ref is X's time over ref's "
              "(> 1: ref is faster); %roof is the roofline time over the measured time.", ""]
     if env["device"].startswith("cpu"):
-        lines += ["CPU wall-clock timings: a check of the harness, not a measurement.", ""]
-    groups: Dict[Tuple[str, str], List[dict]] = {}
+        lines += ["CPU wall-clock timings: a check of the harness, not a measurement." if smoke else
+                  f"CPU wall-clock timings (median of time.perf_counter per call, "
+                  f"{env.get('cpu_threads', '?')} torch threads).", ""]
+    groups: Dict[Tuple[str, str, str], List[dict]] = {}
     for r in rows:
-        groups.setdefault((r["path"], r["variant"]), []).append(r)
+        groups.setdefault((r["path"], r["variant"], r["dtype"]), []).append(r)
     notes: Dict[str, None] = {}
-    for (path, variant), grp in groups.items():
-        meta = grp[0].get("_meta", {})
-        ref, roof_impls = meta.get("ref", "fused"), meta.get("roof_impls", ("fused",))
+    for (path, variant, _), grp in groups.items():
+        ref, roof_impls = grp[0].get("ref", "fused"), grp[0].get("roof_impls", ("fused",))
         impls = list(dict.fromkeys(r["impl"] for r in grp))
         others = [i for i in impls if i != ref]
         keys = list(grp[0]["shape"])
@@ -318,11 +363,18 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")[:60] or "device"
 
 
-def write_results(out_dir: Path, env: dict, ceilings: dict, options: dict, rows: List[dict], md: str) -> List[Path]:
-    """``<date>_<device>.json`` (every raw number) and ``.md`` (the tables) under out_dir."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+def result_stem(env: dict, tag: Optional[str] = None) -> str:
+    """``<date>_<device>_torch<v>_triton<v>[_<tag>]``: the file name says where and with what it ran."""
     stamp = env["date"].replace(":", "").replace("+0000", "Z")
-    stem = out_dir / f"{stamp}_{_slug(env['device'])}"
+    parts = [stamp, _slug(env["device"]), "torch" + _slug(str(env["torch"])), "triton" + _slug(str(env["triton"]))]
+    return "_".join(parts + ([_slug(tag)] if tag else []))
+
+
+def write_results(out_dir: Path, env: dict, ceilings: dict, options: dict, rows: List[dict], md: str,
+                  tag: Optional[str] = None) -> List[Path]:
+    """``<stem>.json`` (every raw number) and ``<stem>.md`` (the tables) under out_dir; see result_stem."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / result_stem(env, tag)
     clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
     doc = {"env": env, "options": options, "ceilings": ceilings, "rows": clean}
     json_path, md_path = Path(f"{stem}.json"), Path(f"{stem}.md")

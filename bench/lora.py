@@ -20,7 +20,8 @@ from torch import nn
 
 from fusedlora import ops
 
-from .harness import Case, Options, Skip, gemm_adapter_bytes, gemm_adapter_flops, matmul_flops, numel_bytes
+from .harness import (Case, Options, Skip, compiled, elem_size, gemm_adapter_bytes, gemm_adapter_flops, grad_thunk,
+                      matmul_flops, numel_bytes)
 
 PATH = "lora"
 SCALING = 2.0  # lora_alpha = 2 r, a common choice; any nonzero value times the same
@@ -66,48 +67,22 @@ def _inputs(s: dict, variant: str, device, dtype):
     return inp
 
 
-def _thunk(forward, inp, wrt):
-    """Forward only, or forward and backward for exactly the tensors in ``wrt``."""
-    wrt = [t for t in wrt if t.requires_grad]
-    if "gy" not in inp:
-        return forward
-    gy = inp["gy"]
-    # autograd.grad, not .backward(): no .grad accumulation kernels after the first call
-    return lambda: torch.autograd.grad(forward(), wrt, gy)
-
-
 def eager(x, W, b, A, B, s: float):
     return F.linear(x, W, b) + s * F.linear(F.linear(x, A), B)
 
 
 def _fused(i):
-    return _thunk(lambda: ops.lora_linear(i["x"], i["W"], i["b"], i["A"], i["B"], SCALING), i,
-                  [i["x"], i["A"], i["B"]])
+    return grad_thunk(lambda: ops.lora_linear(i["x"], i["W"], i["b"], i["A"], i["B"], SCALING), i,
+                      [i["x"], i["A"], i["B"]])
 
 
 def _base(i):
-    return _thunk(lambda: F.linear(i["x"], i["W"], i["b"]), i, [i["x"]])
+    return grad_thunk(lambda: F.linear(i["x"], i["W"], i["b"]), i, [i["x"]])
 
 
-def _eager(i):
-    return _thunk(lambda: eager(i["x"], i["W"], i["b"], i["A"], i["B"], SCALING), i, [i["x"], i["A"], i["B"]])
-
-
-def _compiled():
-    """Setup for torch.compile(eager), compiled once per case. Dynamo is reset
-    first so each shape gets a fresh static graph instead of piling up cache
-    entries (whose guards would be checked on every call) or hitting the
-    recompile limit and silently running eager."""
-    state = {}
-
-    def setup(i):
-        if "fn" not in state:
-            torch._dynamo.reset()
-            state["fn"] = torch.compile(eager, dynamic=False)
-        fn = state["fn"]
-        return _thunk(lambda: fn(i["x"], i["W"], i["b"], i["A"], i["B"], SCALING), i, [i["x"], i["A"], i["B"]])
-
-    return setup
+def _eager(i, fn=None):
+    fn = eager if fn is None else fn
+    return grad_thunk(lambda: fn(i["x"], i["W"], i["b"], i["A"], i["B"], SCALING), i, [i["x"], i["A"], i["B"]])
 
 
 def _peft(i):
@@ -130,15 +105,16 @@ def _peft(i):
     layer.lora_A["default"].weight, layer.lora_B["default"].weight = pa, pb
     if not math.isclose(layer.scaling["default"], SCALING):
         raise Skip(f"peft scaling {layer.scaling['default']} != {SCALING}")
-    return _thunk(lambda: layer(i["x"]), i, [i["x"], pa, pb])
+    return grad_thunk(lambda: layer(i["x"]), i, [i["x"], pa, pb])
 
 
 def cases(opts: Options):
-    elem = torch.tensor([], dtype=opts.dtype).element_size()
+    elem = elem_size(opts.dtype)
     for variant in VARIANTS:
         for s in shapes(opts):
             lora_work, base_work = work(s, variant, elem)
             yield Case(path=PATH, variant=variant, shape=s, dtype=opts.dtype, device=opts.device,
                        make_inputs=lambda s=s, v=variant: _inputs(s, v, opts.device, opts.dtype),
-                       impls={"fused": _fused, "base": _base, "eager": _eager, "compile": _compiled(), "peft": _peft},
+                       impls={"fused": _fused, "base": _base, "eager": _eager,
+                              "compile": compiled(eager, lambda fn, i: _eager(i, fn)), "peft": _peft},
                        work={"*": lora_work, "base": base_work}, ref="fused", roof_impls=("fused", "base"))

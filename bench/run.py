@@ -1,8 +1,10 @@
-"""Run the microbenchmarks: ``python bench/run.py [--paths lora] [--quick|--smoke] [--out DIR]``.
+"""Run the microbenchmarks: ``python bench/run.py [--paths lora] [--quick|--smoke] [--out DIR] [--report]``.
 
 A path is a module of bench/ with a ``cases(opts)`` generator: adding
 bench/c3a.py makes ``--paths c3a`` work, and ``--paths all`` (the default)
-picks it up, without touching this file.
+picks it up, without touching this file. A path whose full-size rows are
+cheap on a CPU says so with ``CPU_FULL_SIZE = True`` (bench/switch.py).
+``--report`` also draws the plots of bench/report.py next to the results.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import torch  # noqa: E402
 
 from bench import harness  # noqa: E402
 
-_NOT_PATHS = {"harness", "run"}
+_NOT_PATHS = {"harness", "run", "report"}
 
 
 def discover_paths() -> list:
@@ -54,42 +56,89 @@ def parse_args(argv):
     size.add_argument("--quick", action="store_true", help="a few representative shapes")
     size.add_argument("--smoke", action="store_true", help="tiny float32 shapes: checks the harness, on CPU in seconds")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="default: cuda if available")
-    p.add_argument("--out", type=Path, default=BENCH_DIR / "results", help="folder for <date>_<device>.json/.md")
+    p.add_argument("--out", type=Path, default=BENCH_DIR / "results", help="folder for the results: <date>_<device>_torch<v>_triton<v>[_<paths>].json/.md")
+    p.add_argument("--report", action="store_true",
+                   help="also draw the plots (PNG, needs matplotlib: pip install -e .[bench]) and link them "
+                        "from the markdown report; shows a progress bar (tqdm if installed)")
     args = p.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device visible")
-    if args.device == "cpu" and not args.smoke:
-        p.error("full-size shapes on CPU would take hours; use --smoke (or run on a GPU)")
     return args
+
+
+def _check_cpu_sizes(args, names, mods) -> None:
+    slow = [n for n, m in zip(names, mods) if not getattr(m, "CPU_FULL_SIZE", False)]
+    if args.device == "cpu" and not args.smoke and slow:
+        cheap = [n for n in discover_paths() if getattr(load_path(n), "CPU_FULL_SIZE", False)]
+        _fail(f"full-size shapes of {', '.join(slow)} on CPU would take hours; use --smoke, run on a GPU, "
+              f"or pick paths that are cheap on a CPU: --paths {','.join(cheap) or '(none)'}")
+
+
+class Progress:
+    """A tqdm bar on stderr when ``bar`` and tqdm is installed, else one
+    ``[i/n]`` line per case; either way each case's timings are printed."""
+
+    def __init__(self, total: int, bar: bool):
+        self.total, self.done, self.t0, self.bar = total, 0, time.perf_counter(), None
+        if bar:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                pass
+            else:
+                self.bar = tqdm(total=total, unit="case", file=sys.stderr, dynamic_ncols=True)
+
+    def step(self, text: str) -> None:
+        self.done += 1
+        line = f"[{self.done}/{self.total} {time.perf_counter() - self.t0:6.1f}s] {text}"
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+            self.bar.update(1)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     names = discover_paths() if args.paths == "all" else [n.strip() for n in args.paths.split(",") if n.strip()]
     mods = [load_path(n) for n in names]
+    _check_cpu_sizes(args, names, mods)
     device = torch.device(args.device)
-    opts = harness.Options(device=device, dtype=torch.float32 if args.smoke else torch.bfloat16,
-                           quick=args.quick, smoke=args.smoke)
+    # bf16 on the GPU; float32 for smoke runs and on the CPU (no fast bf16 matmul there).
+    dtype = torch.float32 if args.smoke or device.type == "cpu" else torch.bfloat16
+    opts = harness.Options(device=device, dtype=dtype, quick=args.quick, smoke=args.smoke)
     torch.manual_seed(0)
     env = harness.environment(device)
     ceilings = harness.measure_ceilings(device, opts.dtype, small=args.smoke)
-    rows, t0 = [], time.perf_counter()
-    for mod in mods:
-        for case in mod.cases(opts):
+    cases = [case for mod in mods for case in mod.cases(opts)]
+    progress, rows = Progress(len(cases), bar=args.report), []
+    try:
+        for case in cases:
             new = harness.run_case(case, ceilings)
             rows += new
-            done = ", ".join(f"{r['impl']} {r['median_ms'] * 1e3:.1f}us" if r["status"] == "ok" else f"{r['impl']} {r['status']}"
-                             for r in new)
-            print(f"[{time.perf_counter() - t0:6.1f}s] {case.path} {case.variant} {case.shape}: {done}",
-                  file=sys.stderr, flush=True)
-    md = harness.markdown(rows, env, ceilings)
+            done = ", ".join(f"{r['impl']} {r['median_ms'] * 1e3:.1f}us" if r["status"] == "ok"
+                             else f"{r['impl']} {r['status']}" for r in new)
+            progress.step(f"{case.path} {case.variant} {str(case.dtype).replace('torch.', '')} {case.shape}: {done}")
+    finally:
+        progress.close()
+    md = harness.markdown(rows, env, ceilings, smoke=args.smoke)
     print(md)
     options = {"paths": names, "quick": args.quick, "smoke": args.smoke, "device": args.device,
-               "dtype": str(opts.dtype).replace("torch.", ""),
+               "dtype": str(opts.dtype).replace("torch.", ""), "report": args.report,
                "rotate_below_bytes": harness.ROTATE_BELOW_BYTES, "rotating_sets": harness.N_ROTATING_SETS}
-    for path in harness.write_results(args.out, env, ceilings, options, rows, md):
+    tag = None if args.paths == "all" else "-".join(names)
+    written = harness.write_results(args.out, env, ceilings, options, rows, md, tag=tag)
+    if args.report:
+        from bench import report
+
+        written += report.write_report(*written)
+    for path in written:
         print(f"wrote {path}", file=sys.stderr)
     return 0
 

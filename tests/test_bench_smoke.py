@@ -5,16 +5,58 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+PATHS = {  # path -> implementations every row of it must have
+    "lora": ("fused", "base", "eager", "compile", "peft"),
+    "c3a": ("fused", "base", "eager", "compile", "peft"),
+    "sparse": ("fused", "base", "eager", "compile", "peft"),
+    "switch": ("sparse", "sparse-module", "index_add", "lora", "lora-module", "peft-lora", "peft-shira"),
+}
 
 
-def test_bench_smoke_writes_table_and_json(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "fusedlora", "bench", "--smoke", "--paths", "lora",
-                          "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_bench_smoke_writes_table_json_and_report(tmp_path):
+    """Every path in one run (one interpreter start, one ceiling measurement), with --report."""
+    run = subprocess.run([sys.executable, "-m", "fusedlora", "bench", "--smoke", "--report",
+                          "--paths", ",".join(PATHS), "--out", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "fused" in run.stdout and "F.linear" in run.stdout or "base" in run.stdout
+    for path in PATHS:
+        assert f"## {path} · " in run.stdout, path
     (js,) = tmp_path.glob("*.json")
+    assert "_torch" in js.name and "_triton" in js.name  # the file name states the versions
     data = json.loads(js.read_text())
-    text = json.dumps(data)
-    for impl in ("fused", "base", "eager", "compile", "peft"):
-        assert f'"{impl}"' in text, impl
-    assert list(tmp_path.glob("*.md"))
+    rows = data["rows"]
+    for path, impls in PATHS.items():
+        mine = [r for r in rows if r["path"] == path]
+        assert mine, path
+        shapes = {json.dumps(r["shape"], sort_keys=True) + r["variant"] for r in mine}
+        for impl in impls:
+            got = [r for r in mine if r["impl"] == impl]
+            assert len(got) == len(shapes), (path, impl)
+            # peft may legitimately be missing; everything else must have run
+            ok = {r["status"] for r in got} <= ({"ok", "skipped"} if impl.startswith("peft") else {"ok"})
+            assert ok, (path, impl, [(r["status"], r["reason"]) for r in got])
+            assert all(r["ref"] and r["roof_impls"] for r in got)
+    (md,) = tmp_path.glob("*.md")
+    text = md.read_text()
+    assert "## Plots" in text
+    pngs = sorted(p.name.rsplit("_", 1)[-1] for p in tmp_path.glob("*.png"))
+    if _has_matplotlib():
+        assert pngs == ["roofline.png", "speedup.png"], pngs
+        assert all(f"]({p.name})" in text for p in tmp_path.glob("*.png"))
+    else:
+        assert not pngs and "matplotlib is not importable" in text
+
+
+def test_bench_refuses_full_size_on_cpu_except_cheap_paths(tmp_path):
+    run = subprocess.run([sys.executable, "bench/run.py", "--device", "cpu", "--paths", "lora",
+                          "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "--paths switch" in run.stderr, run.stderr[-2000:]
+    assert not list(tmp_path.iterdir())

@@ -1,0 +1,117 @@
+"""C3A rows: fused ``fusedlora.c3a.c3a_linear`` against the ways people run C3A today.
+
+Implementations, all timed on the same random input sets:
+  fused    fusedlora.c3a.c3a_linear (the circulant delta folded into the base GEMM)
+  base     F.linear(x, W, b) alone: the floor the adapter's cost is measured from
+  eager    PEFT's algorithm: F.linear plus the block-circular FFT path
+           (fusedlora.reference.c3a_fft_delta: ifft(x) * fft(w), fft, real part, / K, in float32)
+  compile  torch.compile of eager (static shapes)
+  peft     peft.tuners.c3a.C3ALinear wrapping an nn.Linear (its own autograd Function)
+Variants: fwd; fwd+bwd with W frozen (grads of x and the kernel; the base: of x only).
+The kernel is float32, as PEFT stores it; x, W and b are in the run's dtype.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fusedlora import reference
+from fusedlora.c3a import c3a_linear, init_c3a_kernel
+
+from .harness import Case, Options, Skip, compiled, elem_size, grad_thunk, matmul_flops, numel_bytes
+
+PATH = "c3a"
+VARIANTS = ("fwd", "fwd+bwd")
+BLOCK_SIZES = (64, 128, 256)
+
+
+def shapes(opts: Options):
+    if opts.smoke:
+        return [dict(M=m, K=64, N=64, b=16) for m in (1, 16)]
+    Ms = (1, 4096) if opts.quick else (1, 16, 4096)
+    bs = (128,) if opts.quick else BLOCK_SIZES
+    return [dict(M=m, K=4096, N=4096, b=b) for b in bs for m in Ms]
+
+
+def work(s: dict, variant: str, elem: int):
+    """(flops, minimal bytes) of the C3A layer and of the base layer alone.
+
+    The delta costs no matmul FLOPs when folded into W's tiles; its minimal
+    traffic is the float32 kernel, (N/b)(K/b)b = NK/b values. The backward
+    adds dx = gy (W + dW) and the kernel gradient, each an M x N x K
+    reduction (dw[m, n, u] sums M * b products for each of the NK/b values)."""
+    M, K, N, b = s["M"], s["K"], s["N"], s["b"]
+    kernel_bytes = 4.0 * N * K // b
+    base_flops = matmul_flops((M, N, K))
+    base_bytes = numel_bytes(elem, (M, K), (N, K), (N,), (M, N))
+    flops, nbytes = base_flops, base_bytes + kernel_bytes
+    if variant == "fwd":
+        return (flops, nbytes), (base_flops, base_bytes)
+    flops += 2 * matmul_flops((M, K, N))                 # dx, d kernel
+    nbytes += numel_bytes(elem, (M, N), (M, K)) + kernel_bytes   # read gy, write dx and d kernel
+    base_flops += matmul_flops((M, K, N))                # dx = gy W only
+    base_bytes += numel_bytes(elem, (M, N), (M, K))
+    return (flops, nbytes), (base_flops, base_bytes)
+
+
+def _inputs(s: dict, variant: str, device, dtype):
+    M, K, N, b = s["M"], s["K"], s["N"], s["b"]
+
+    def rnd(*shape, std=1.0):  # random, scaled so bf16 sums stay O(1)
+        return (torch.randn(*shape, device=device, dtype=torch.float32) * std).to(dtype)
+
+    train = variant != "fwd"
+    kernel = init_c3a_kernel(torch.empty(N // b, K // b, b, device=device, dtype=torch.float32), "gaussian")
+    inp = {"x": rnd(M, K).requires_grad_(train), "W": rnd(N, K, std=K ** -0.5), "b": rnd(N, std=0.1),
+           "kernel": kernel.requires_grad_(train)}  # PEFT's gaussian init, not its zeros
+    if train:
+        inp["gy"] = rnd(M, N)
+    return inp
+
+
+def eager(x, W, bias, kernel):
+    """PEFT's C3A forward: the base layer plus the FFT path, added in x's dtype."""
+    return F.linear(x, W, bias) + reference.c3a_fft_delta(x, kernel).to(x.dtype)
+
+
+def _fused(i):
+    return grad_thunk(lambda: c3a_linear(i["x"], i["W"], i["b"], i["kernel"]), i, [i["x"], i["kernel"]])
+
+
+def _base(i):
+    return grad_thunk(lambda: F.linear(i["x"], i["W"], i["b"]), i, [i["x"]])
+
+
+def _eager(i, fn=None):
+    fn = eager if fn is None else fn
+    return grad_thunk(lambda: fn(i["x"], i["W"], i["b"], i["kernel"]), i, [i["x"], i["kernel"]])
+
+
+def _peft(i):
+    try:
+        from peft.tuners.c3a import C3AConfig, C3ALinear
+    except Exception as e:  # any import failure means: no PEFT row here
+        raise Skip(f"peft C3A not importable: {type(e).__name__}: {e}") from None
+    W, b, kernel = i["W"], i["b"], i["kernel"]
+    (N, K), bs = W.shape, kernel.shape[2]
+    base = nn.Linear(K, N, device="meta")
+    base.weight, base.bias = nn.Parameter(W, requires_grad=False), nn.Parameter(b, requires_grad=False)
+    layer = C3ALinear(base, "default", C3AConfig(block_size=bs, init_weights=True, target_modules=["base"]),
+                      block_size=bs)
+    # Share the case's kernel (no copy): every implementation sees the same data.
+    pk = nn.Parameter(kernel.detach(), requires_grad=kernel.requires_grad)
+    layer.c3a_kernel["default"] = pk
+    return grad_thunk(lambda: layer(i["x"]), i, [i["x"], pk])
+
+
+def cases(opts: Options):
+    elem = elem_size(opts.dtype)
+    for variant in VARIANTS:
+        for s in shapes(opts):
+            c3a_work, base_work = work(s, variant, elem)
+            yield Case(path=PATH, variant=variant, shape=s, dtype=opts.dtype, device=opts.device,
+                       make_inputs=lambda s=s, v=variant: _inputs(s, v, opts.device, opts.dtype),
+                       impls={"fused": _fused, "base": _base, "eager": _eager,
+                              "compile": compiled(eager, lambda fn, i: _eager(i, fn)), "peft": _peft},
+                       work={"*": c3a_work, "base": base_work}, ref="fused", roof_impls=("fused", "base"))

@@ -1,0 +1,166 @@
+"""Sparse-delta (SHiRA) rows: fused ``fusedlora.sparse.sparse_linear`` against the ways people run it today.
+
+Implementations, all timed on the same random input sets:
+  fused    fusedlora.sparse.sparse_linear with the layout that build_layout made
+           when the adapter was added (as FusedLinear does): no per-call layout work
+  base     F.linear(x, W, b) alone: the floor the adapter's cost is measured from
+  eager    PEFT's SHiRA algorithm: clone W, add the torch.sparse_coo_tensor of
+           scaling * values, F.linear with the result
+  compile  torch.compile (static shapes) of eager written with ops dynamo traces: the same
+           math and traffic (a full copy of W per call, the nonzeros scatter-added into it) as
+           W.index_put((rows, cols), scaling * values, accumulate=True); torch.sparse_coo_tensor
+           itself is a graph break, which would leave the compiled graphs no different from eager
+  peft     peft.tuners.shira.layer.Linear wrapping an nn.Linear, given the same
+           indices and values (its own r only sizes its init; see _peft)
+Variants: fwd; fwd+bwd with W frozen (grads of x and the values; the base: of x only).
+Densities are fractions of W's N*K entries; the mask is uniformly random
+(fusedlora.sparse.random_indices, PEFT's random_mask for the same seed).
+
+Switching adapters in place is timed separately, in bench/switch.py.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fusedlora.sparse import build_layout, random_indices, shira_num_nonzeros, sparse_linear
+
+from .harness import Case, Options, Skip, compiled, elem_size, grad_thunk, matmul_flops, numel_bytes
+
+# PEFT's SHiRA builds a torch.sparse_coo_tensor per call; torch warns about it every time.
+warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
+
+PATH = "sparse"
+VARIANTS = ("fwd", "fwd+bwd")
+DENSITIES = (0.005, 0.01, 0.02)
+SCALING = 1.0  # PEFT's default SHiRA scale
+
+
+def shapes(opts: Options):
+    if opts.smoke:
+        return [dict(M=m, K=64, N=64, density=0.02, nnz=shira_num_nonzeros((64, 64), density=0.02))
+                for m in (1, 16)]
+    Ms = (1, 4096) if opts.quick else (1, 16, 4096)
+    ds = (0.01,) if opts.quick else DENSITIES
+    return [dict(M=m, K=4096, N=4096, density=d, nnz=shira_num_nonzeros((4096, 4096), density=d))
+            for d in ds for m in Ms]
+
+
+def work(s: dict, variant: str, elem: int):
+    """(flops, minimal bytes) of the sparse-delta layer and of the base layer alone.
+
+    Minimal traffic of the delta: each nonzero's value and its (row, col) as
+    two int32. The forward adds 2 M nnz FLOPs for x S^T; the backward adds
+    dx = gy (W + s S) and the sampled d_values = s (gy^T x)[rows, cols]."""
+    M, K, N, nnz = s["M"], s["K"], s["N"], s["nnz"]
+    delta_bytes = nnz * (elem + 8.0)
+    base_flops = matmul_flops((M, N, K))
+    base_bytes = numel_bytes(elem, (M, K), (N, K), (N,), (M, N))
+    flops, nbytes = base_flops + 2.0 * M * nnz, base_bytes + delta_bytes
+    if variant == "fwd":
+        return (flops, nbytes), (base_flops, base_bytes)
+    flops += matmul_flops((M, K, N)) + 4.0 * M * nnz         # dx (dense + sparse part), d_values
+    nbytes += numel_bytes(elem, (M, N), (M, K), (nnz,))       # read gy, write dx and d_values
+    base_flops += matmul_flops((M, K, N))
+    base_bytes += numel_bytes(elem, (M, N), (M, K))
+    return (flops, nbytes), (base_flops, base_bytes)
+
+
+@functools.lru_cache(maxsize=32)
+def mask(N: int, K: int, density: float, seed: int) -> torch.Tensor:
+    """(2, nnz) int64 CPU indices of a random mask, cached: drawing one is a
+    randperm of N*K, which would otherwise dominate a CPU run's setup."""
+    return random_indices((N, K), density=density, seed=seed)
+
+
+def _inputs(s: dict, variant: str, device, dtype, seed: int):
+    M, K, N, d = s["M"], s["K"], s["N"], s["density"]
+
+    def rnd(*shape, std=1.0):  # random, scaled so bf16 sums stay O(1)
+        return (torch.randn(*shape, device=device, dtype=torch.float32) * std).to(dtype)
+
+    train = variant != "fwd"
+    indices = mask(N, K, d, seed).to(device)
+    inp = {"x": rnd(M, K).requires_grad_(train), "W": rnd(N, K, std=K ** -0.5), "b": rnd(N, std=0.1),
+           "indices": indices, "layout": build_layout(indices, (N, K), device=device),
+           "values": rnd(indices.shape[1], std=K ** -0.5).requires_grad_(train)}  # random, not PEFT's zeros
+    if train:
+        inp["gy"] = rnd(M, N)
+    return inp
+
+
+def eager(x, W, bias, indices, values, scaling: float):
+    """PEFT's SHiRA forward: a dense copy of W plus the sparse delta, then F.linear."""
+    new_weight = W.clone()
+    new_weight += torch.sparse_coo_tensor(indices, values * scaling, W.shape)
+    return F.linear(x, new_weight, bias)
+
+
+def eager_traceable(x, W, bias, indices, values, scaling: float):
+    """eager's math in ops that torch.compile traces: copy of W, scatter-add, F.linear."""
+    new_weight = W.index_put((indices[0], indices[1]), values * scaling, accumulate=True)
+    return F.linear(x, new_weight, bias)
+
+
+def _fused(i):
+    return grad_thunk(lambda: sparse_linear(i["x"], i["W"], i["b"], None, i["values"], SCALING, layout=i["layout"]),
+                      i, [i["x"], i["values"]])
+
+
+def _base(i):
+    return grad_thunk(lambda: F.linear(i["x"], i["W"], i["b"]), i, [i["x"]])
+
+
+def _eager(i, fn=None):
+    fn = eager if fn is None else fn
+    return grad_thunk(lambda: fn(i["x"], i["W"], i["b"], i["indices"], i["values"], SCALING), i,
+                      [i["x"], i["values"]])
+
+
+def peft_shira_layer(W: torch.Tensor, bias, indices: torch.Tensor, values: torch.Tensor, scaling: float):
+    """PEFT's SHiRA Linear over W (shared, not copied) with the given nonzeros.
+
+    PEFT sizes a layer's nonzeros as r * (in + out); densities of N*K rarely
+    are such a multiple, so the layer is built with r=1 and no mask, then
+    given the indices (int32, as PEFT stores them) and the values: its
+    forward and merge use only those. Raises Skip when PEFT is missing."""
+    try:
+        from peft.tuners.shira.config import ShiraConfig
+        from peft.tuners.shira.layer import Linear as ShiraLinear
+    except Exception as e:  # any import failure means: no PEFT row here
+        raise Skip(f"peft SHiRA not importable: {type(e).__name__}: {e}") from None
+    N, K = W.shape
+    base = nn.Linear(K, N, bias=bias is not None, device="meta")
+    base.weight = nn.Parameter(W, requires_grad=False)
+    if bias is not None:
+        base.bias = nn.Parameter(bias, requires_grad=False)
+    layer = ShiraLinear(base, None, "default", ShiraConfig(r=1, init_weights=True, target_modules=["base"]), r=1)
+    layer.shira_indices["default"] = indices.to(torch.int)
+    pv = nn.Parameter(values.detach(), requires_grad=values.requires_grad)  # shares the case's values
+    layer.shira_weight["default"] = pv
+    layer.set_scale("default", scaling)
+    return layer, pv
+
+
+def _peft(i):
+    layer, pv = peft_shira_layer(i["W"], i["b"], i["indices"], i["values"], SCALING)
+    return grad_thunk(lambda: layer(i["x"]), i, [i["x"], pv])
+
+
+def cases(opts: Options):
+    elem = elem_size(opts.dtype)
+    for variant in VARIANTS:
+        for s in shapes(opts):
+            sparse_work, base_work = work(s, variant, elem)
+            seeds = itertools.count()  # one mask per rotating input set
+            yield Case(path=PATH, variant=variant, shape=s, dtype=opts.dtype, device=opts.device,
+                       make_inputs=lambda s=s, v=variant, seeds=seeds: _inputs(s, v, opts.device, opts.dtype,
+                                                                               next(seeds)),
+                       impls={"fused": _fused, "base": _base, "eager": _eager,
+                              "compile": compiled(eager_traceable, lambda fn, i: _eager(i, fn)), "peft": _peft},
+                       work={"*": sparse_work, "base": base_work}, ref="fused", roof_impls=("fused", "base"))
