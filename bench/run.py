@@ -57,6 +57,9 @@ def parse_args(argv):
     size.add_argument("--smoke", action="store_true", help="tiny float32 shapes: checks the harness, on CPU in seconds")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="default: cuda if available")
     p.add_argument("--out", type=Path, default=BENCH_DIR / "results", help="folder for the results: <date>_<device>_torch<v>_triton<v>[_<paths>].json/.md")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU runs: torch.set_num_threads (default: torch's); on a shared machine 1 avoids "
+                        "OpenMP threads waiting on each other for cores other jobs hold")
     p.add_argument("--report", action="store_true",
                    help="also draw the plots (PNG, needs matplotlib: pip install -e .[bench]) and link them "
                         "from the markdown report; shows a progress bar (tqdm if installed)")
@@ -110,6 +113,10 @@ def main(argv=None) -> int:
     mods = [load_path(n) for n in names]
     _check_cpu_sizes(args, names, mods)
     device = torch.device(args.device)
+    if args.threads is not None:
+        if args.threads < 1:
+            _fail(f"--threads: expected a positive count, got {args.threads}")
+        torch.set_num_threads(args.threads)
     # bf16 on the GPU; float32 for smoke runs and on the CPU (no fast bf16 matmul there).
     dtype = torch.float32 if args.smoke or device.type == "cpu" else torch.bfloat16
     opts = harness.Options(device=device, dtype=dtype, quick=args.quick, smoke=args.smoke)
@@ -130,6 +137,7 @@ def main(argv=None) -> int:
     md = harness.markdown(rows, env, ceilings, smoke=args.smoke)
     print(md)
     options = {"paths": names, "quick": args.quick, "smoke": args.smoke, "device": args.device,
+               "threads": args.threads,
                "dtype": str(opts.dtype).replace("torch.", ""), "report": args.report,
                "rotate_below_bytes": harness.ROTATE_BELOW_BYTES, "rotating_sets": harness.N_ROTATING_SETS}
     tag = None if args.paths == "all" else "-".join(names)
