@@ -176,7 +176,7 @@ def _figure(doc: dict, kind: str, png: Path) -> Optional[Path]:
         return None
     ncols = min(3, len(groups))
     nrows = math.ceil(len(groups) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.9 * nrows + 1.0), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(max(5.2 * ncols, 10.0), 3.9 * nrows + 1.4), squeeze=False)
     colors: Dict[str, str] = {}
     for ax, ((path, variant, dtype), grp) in zip(axes.flat, groups):
         ref = _ref(grp)
@@ -208,15 +208,15 @@ def _figure(doc: dict, kind: str, png: Path) -> Optional[Path]:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
     env = doc["env"]
-    what = ("speedup of the fused op: each peer's median time over the reference's" if kind == "speedup"
+    what = ("speedup of the fused op: each peer's median time over the fused op's" if kind == "speedup"
             else "percent of roofline: max(FLOPs / peak, bytes / bandwidth) over the measured median")
     fig.suptitle(f"fusedlora · {what}\n{env['device']} · torch {env['torch']} · triton {env['triton']} · "
                  f"{env['date'][:10]} · commit {(env.get('git_commit') or '?')[:10]}"
                  f"{'+dirty' if env.get('git_dirty') else ''}", fontsize=11)
-    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(8, len(handles)),
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(5 if ncols == 1 else 8, len(handles)),
                frameon=False, fontsize=9)
-    fig.tight_layout(rect=(0, 0.06 if nrows == 1 else 0.04, 1, 0.95))
-    fig.savefig(png, dpi=110)
+    fig.tight_layout(rect=(0, 0.1 if nrows == 1 else 0.05, 1, 0.93))
+    fig.savefig(png, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return png
 
