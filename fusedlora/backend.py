@@ -72,6 +72,10 @@ def select_backend(device: torch.device) -> str:
 
 
 def record(op: str, backend: str, variant: str) -> None:
+    # Inside a traced module forward the lock would break the graph; the ops'
+    # own records run at execution time (custom op bodies are not traced).
+    if torch.compiler.is_compiling():
+        return
     with _lock:
         _dispatch[f"{op}:{backend}:{variant}"] += 1
 

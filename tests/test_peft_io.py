@@ -415,9 +415,6 @@ def test_torch_compile_fullgraph_patched_model(base):
     _compile_train_and_eval(_mixed_model(base))
 
 
-@pytest.mark.xfail(strict=True, raises=torch._dynamo.exc.Unsupported,
-                   reason="FusedLinear.forward calls backend.record (a threading.Lock) for a second active "
-                          "adapter kind on one layer: a graph break (needs a compile-safe record)")
 def test_torch_compile_fullgraph_stacked_adapter_kinds(base):
     _compile_train_and_eval(_mixed_model(base, stacked=True))
 
