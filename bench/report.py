@@ -27,7 +27,9 @@ PLOTS_MARK = "<!-- plots: bench/report.py -->"
 COLORS = {"fused": "#1f77b4", "base": "#7f7f7f", "eager": "#ff7f0e", "compile": "#2ca02c", "peft": "#d62728",
           "sparse": "#08306b", "sparse-module": "#17becf", "index_add": "#2ca02c", "lora": "#8c564b", "lora-module": "#bcbd22",
           "peft-lora": "#e377c2", "peft-shira": "#9467bd"}
-_EXTRA = ["#9467bd", "#17becf", "#bcbd22", "#e377c2", "#8c564b", "#000000"]
+# tab20 and a few more: for implementations not in COLORS, or whose color another one took
+_EXTRA = ["#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7",
+          "#dbdb8d", "#9edae5", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#000000"]
 
 
 def plot_paths(json_path: Path) -> Tuple[Path, Path]:
@@ -36,8 +38,11 @@ def plot_paths(json_path: Path) -> Tuple[Path, Path]:
 
 
 def _color(impl: str, seen: Dict[str, str]) -> str:
+    """One color per implementation within a figure, never shared by two of them."""
     if impl not in seen:
-        seen[impl] = COLORS.get(impl) or _EXTRA[len([k for k in seen if k not in COLORS]) % len(_EXTRA)]
+        used = set(seen.values())
+        free = [c for c in [COLORS.get(impl)] + list(COLORS.values()) + _EXTRA if c and c not in used]
+        seen[impl] = free[0] if free else _EXTRA[len(seen) % len(_EXTRA)]
     return seen[impl]
 
 

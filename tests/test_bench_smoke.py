@@ -22,8 +22,9 @@ def _has_matplotlib() -> bool:
 
 
 def test_bench_smoke_writes_table_json_and_report(tmp_path):
-    """Every path in one run (one interpreter start, one ceiling measurement), with --report."""
-    run = subprocess.run([sys.executable, "-m", "fusedlora", "bench", "--smoke", "--report",
+    """Every path in one run (one interpreter start, one ceiling measurement), with --report.
+    One thread: on a loaded machine two OpenMP threads wait on each other for milliseconds."""
+    run = subprocess.run([sys.executable, "-m", "fusedlora", "bench", "--smoke", "--report", "--threads", "1",
                           "--paths", ",".join(PATHS), "--out", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
