@@ -142,3 +142,38 @@ def sparse_linear_grads(grad_y, x, weight, indices, values, scaling: float):
     db = grad_y.sum(0)
     dvals = scaling * (grad_y[:, rows] * x[:, cols]).sum(0)
     return dx, dW, db, dvals.to(values.dtype)
+
+
+# --- multi-adapter (batched serving: every row its own adapter)
+def multi_lora_linear(x, weight, bias, row_adapter, lora_As, lora_Bs, scalings) -> torch.Tensor:
+    """y[m] = x[m] W^T + b + s_a (x[m] A_a^T) B_a^T with a = row_adapter[m]; rows of -1 (or of
+    an adapter given as A = None) get the base only. Every adapter is applied to all rows and
+    masked: the plain oracle, not a fast path."""
+    y = F.linear(x, weight, bias)
+    zero = torch.zeros((), dtype=y.dtype, device=y.device)
+    for a, (A, B, s) in enumerate(zip(lora_As, lora_Bs, scalings)):
+        if A is None:
+            continue
+        rows = (row_adapter == a).unsqueeze(-1)
+        y = y + torch.where(rows, s * F.linear(F.linear(x, A), B), zero)
+    return y
+
+
+def multi_lora_linear_grads(grad_y, x, weight, row_adapter, lora_As, lora_Bs, scalings):
+    """Closed-form gradients of ``multi_lora_linear`` for 2-D x: (dx, dW, db, [dA_a], [dB_a])
+    (None for an adapter given as None)."""
+    dx = grad_y @ weight
+    dW = grad_y.t() @ x
+    db = grad_y.sum(0)
+    dAs, dBs = [], []
+    for a, (A, B, s) in enumerate(zip(lora_As, lora_Bs, scalings)):
+        if A is None:
+            dAs.append(None)
+            dBs.append(None)
+            continue
+        gy = grad_y * (row_adapter == a).to(grad_y.dtype).unsqueeze(1)   # rows of adapter a only
+        g = s * (gy @ B)
+        dx = dx + g @ A
+        dAs.append(g.t() @ x)
+        dBs.append(gy.t() @ (s * (x @ A.t())))
+    return dx, dW, db, dAs, dBs

@@ -16,8 +16,9 @@ import sys
 import pytest
 
 _FLOAT_SCALARS = ("alpha", "p", "keep_scale", "w_scale", "scaling")
-_INT_POINTERS = ("off_ptr", "red_idx_ptr", "out_idx_ptr", "perm_ptr", "rows_ptr", "cols_ptr")
-_FP32_POINTERS = ("u_ptr", "w_ptr", "val_ptr")
+_INT_POINTERS = ("off_ptr", "red_idx_ptr", "out_idx_ptr", "perm_ptr", "rows_ptr", "cols_ptr",
+                 "slot_ptr", "segid_ptr", "segstart_ptr", "rank_ptr", "start_ptr", "end_ptr")
+_FP32_POINTERS = ("u_ptr", "w_ptr", "val_ptr", "scale_ptr", "l_ptr")
 
 
 def compile_variant(kernel, arch, dtype, out, consts, num_warps, num_stages):
@@ -68,6 +69,7 @@ def variants():
 
     from fusedlora.kernels.c3a import c3a_kernel_grad_kernel, c3a_matmul_kernel
     from fusedlora.kernels.lora import lora_matmul_kernel
+    from fusedlora.kernels.multi import multi_grad_kernel, multi_matmul_kernel, multi_shrink_kernel
     from fusedlora.kernels.sparse import sddmm_kernel, sparse_matmul_kernel
 
     f16, f32 = dict(DOT_DTYPE=tl.float16), dict(DOT_DTYPE=tl.float32, INPUT_PRECISION="ieee")
@@ -106,6 +108,28 @@ def variants():
                                          **{**decode, "BLOCK_K": 64}), 4, 4, "mma"),
         "sparse-sm90-bf16-sddmm": (sddmm_kernel, 90, "bf16", "fp32", dict(SPLIT_M=4, BLOCK_M=64, BLOCK_E=32),
                                    4, 2, None),
+        # multi-adapter: SGMV base GEMM with per-segment rank-r dots in the epilogue (prefill)
+        "multi-sm90-bf16-forward-sgmv": (multi_matmul_kernel, 90, "bf16", "bf16",
+                                         gemm(HAS_BIAS=True, SORTED=True, SEG_DOT_MAX=8, BLOCK_R=16, BLOCK_N=256),
+                                         8, 3, "wgmma"),
+        # BGMV decode: split-K base GEMM, per-row gathered rank-1 epilogue (no dot there)
+        "multi-sm90-bf16-decode-bgmv": (multi_matmul_kernel, 90, "bf16", "fp32",
+                                        gemm(HAS_BIAS=True, SORTED=False, SEG_DOT_MAX=8, BLOCK_R=16, SPLIT_K=4,
+                                             **decode), 4, 3, "mma"),
+        "multi-sm80-fp16-grad-x-sgmv": (multi_matmul_kernel, 80, "fp16", "fp16",
+                                        gemm(**f16, HAS_BIAS=False, SORTED=True, SEG_DOT_MAX=8, BLOCK_R=16),
+                                        8, 4, "mma.sync"),
+        "multi-sm90-bf16-shrink-sgmv": (multi_shrink_kernel, 90, "bf16", "fp32",
+                                        dict(DOT_DTYPE=tl.bfloat16, INPUT_PRECISION="tf32", SORTED=True,
+                                             SEG_DOT_MAX=8, SPLIT_K=2, BLOCK_M=64, BLOCK_R=64, BLOCK_K=64),
+                                        4, 1, "mma"),
+        "multi-sm90-bf16-shrink-bgmv": (multi_shrink_kernel, 90, "bf16", "fp32",
+                                        dict(DOT_DTYPE=tl.bfloat16, INPUT_PRECISION="tf32", SORTED=False,
+                                             SEG_DOT_MAX=8, SPLIT_K=4, BLOCK_M=1, BLOCK_R=16, BLOCK_K=256),
+                                        4, 1, None),
+        "multi-sm90-bf16-grad-grouped": (multi_grad_kernel, 90, "bf16", "fp32",
+                                         dict(DOT_DTYPE=tl.bfloat16, INPUT_PRECISION="tf32", SPLIT_M=4,
+                                              BLOCK_M=64, BLOCK_N=128, BLOCK_R=16), 4, 3, "mma"),
     }
 
 
@@ -130,7 +154,9 @@ def compiled():
 NAMES = ["lora-sm90-bf16-forward", "lora-sm90-bf16-grad-x", "lora-sm90-bf16-decode", "lora-sm90-fp16-shrink",
          "lora-sm80-fp16-forward", "lora-sm80-fp32-ieee-grad-A", "c3a-sm90-bf16-forward", "c3a-sm90-bf16-grad-x",
          "c3a-sm90-bf16-decode", "c3a-sm90-bf16-grad-kernel", "sparse-sm90-bf16-forward",
-         "sparse-sm90-bf16-decode", "sparse-sm90-bf16-sddmm"]
+         "sparse-sm90-bf16-decode", "sparse-sm90-bf16-sddmm", "multi-sm90-bf16-forward-sgmv",
+         "multi-sm90-bf16-decode-bgmv", "multi-sm80-fp16-grad-x-sgmv", "multi-sm90-bf16-shrink-sgmv",
+         "multi-sm90-bf16-shrink-bgmv", "multi-sm90-bf16-grad-grouped"]
 
 
 @pytest.mark.parametrize("name", NAMES)

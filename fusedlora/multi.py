@@ -1,0 +1,868 @@
+"""Batched multi-adapter serving: every row of a batch picks its own adapter.
+
+    layer.add_lora("a", r=8); layer.add_lora("b", r=64); layer.add_c3a("c", block_size=64)
+    ids = torch.tensor([layer.adapter_id("b"), -1, layer.adapter_id("a"), ...], device=x.device)
+    y = layer(x, adapter_ids=ids)          # one id per sample or per row; -1 = base only
+    with fusedlora.use_adapters(model, ids):
+        logits = model(input_ids)          # every FusedLinear inside routes by ids
+
+Pieces (docs/multi.md has the design note):
+
+* Global ids (``REGISTRY``): an adapter name gets an integer id the first time
+  any layer of the process adds it, and keeps it for the life of the process,
+  so one ``ids`` tensor routes a whole model. Ids are never given to another
+  name.
+* Per-layer unified pool (``AdapterPool``): the rows of every LoRA A stacked
+  in one growable buffer (R_total x in_features), the rows of every B^T in
+  another (R_total x out_features), S-LoRA style: ranks differ without
+  padding, an adapter added is appended (capacity doubling: amortised O(its
+  size)), one deleted leaves a hole that a compaction reclaims once holes
+  outweigh live rows (amortised O(its size) as well). Small device tables
+  give each adapter slot its pool offset, rank and scale.
+* Source of truth: ``lora_A[name]`` / ``lora_B[name]`` stay the parameters.
+  The pool is a copy, re-synchronised lazily at each multi-adapter forward
+  from the parameters' identity, shape and in-place version counter
+  (``Tensor._version``, bumped by optimizer steps, ``copy_``,
+  ``load_state_dict``): only the adapters that changed are copied again.
+  When gradients must reach the parameters (grad mode on and some LoRA
+  parameter requires grad) or under torch.compile, the pool is instead the
+  differentiable ``torch.cat`` of the parameters, built per call.
+* Kernels (kernels/multi.py): BGMV (gather) for decode-sized batches,
+  SGMV (rows grouped by a device-side sort) for prefill, both fused into the
+  base GEMM's epilogue; a grouped gradient kernel; no host synchronisation.
+* C3A and sparse adapters in a mixed batch: the LoRA kernel serves their rows
+  with the base (their slot has rank 0), and their delta is added per adapter
+  in PyTorch, masked to its rows (C3A by FFT, O(rows * N * K / b); sparse by a
+  weighted embedding_bag, O(rows * nnz)); differentiable by autograd. Recorded
+  as ``multi.c3a_delta:torch:masked`` / ``multi.sparse_delta:torch:masked``.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import threading
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import reference
+from .backend import interpreting, record, select_backend
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+# Batches of more than this many rows take the segmented (SGMV) path: a sort
+# of the rows by adapter pays off once tiles of rows can share an adapter.
+# Under the interpreter (tiles of 16) the threshold is low so that tests
+# at shapes of tens cover both paths. Tests may patch these.
+SORT_MIN_ROWS_GPU = 64
+SORT_MIN_ROWS_INTERPRET = 16
+# A sorted tile that meets more segments than this runs the per-row gather
+# epilogue instead of one tensor-core dot per segment.
+SEG_DOT_MAX_GPU = 8
+SEG_DOT_MAX_INTERPRET = 2
+
+
+def sort_min_rows() -> int:
+    return SORT_MIN_ROWS_INTERPRET if interpreting() else SORT_MIN_ROWS_GPU
+
+
+def _seg_dot_max() -> int:
+    return SEG_DOT_MAX_INTERPRET if interpreting() else SEG_DOT_MAX_GPU
+
+
+# ------------------------------------------------------------------ global ids
+class _Registry:
+    """name -> process-wide integer id, assigned on first use, never reused."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._ids: Dict[str, int] = {}
+
+    def id_for(self, name: str) -> int:
+        with self._lock:
+            i = self._ids.get(name)
+            if i is None:
+                i = self._ids[name] = len(self._ids)
+            return i
+
+    def get(self, name: str) -> Optional[int]:
+        return self._ids.get(name)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def names(self) -> Dict[int, str]:
+        return {i: n for n, i in self._ids.items()}
+
+
+REGISTRY = _Registry()
+
+
+def adapter_id(name: str) -> int:
+    """The process-wide id of adapter ``name`` (assigned now if the name is new)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"adapter name: expected a non-empty string, got {name!r}")
+    return REGISTRY.id_for(name)
+
+
+# ------------------------------------------------------------------- routing
+@dataclass
+class Routing:
+    """Rows grouped by slot (device tensors, no host sync): perm (sorted position
+    -> row), segid (position -> segment), segstart (segment -> first position;
+    M beyond the last), start/end (slot -> its positions)."""
+
+    perm: Tensor
+    segid: Tensor
+    segstart: Tensor
+    start: Tensor
+    end: Tensor
+
+
+def route(row_slot: Tensor, num_slots: int) -> Routing:
+    """Stable device-side sort of the rows by slot (-1 rows first), and its segments."""
+    M = row_slot.shape[0]
+    dev = row_slot.device
+    sorted_slot, perm = torch.sort(row_slot, stable=True)
+    new = torch.ones(M, dtype=torch.bool, device=dev)
+    new[1:] = sorted_slot[1:] != sorted_slot[:-1]
+    segid = torch.cumsum(new, 0, dtype=torch.int32) - 1
+    # Segment starts by a scatter with a dummy target (M + 1) for the
+    # positions that start none: no data-dependent shape, no sync.
+    segstart = torch.full((M + 2,), M, dtype=torch.int32, device=dev)
+    target = torch.where(new, segid.long(), torch.full_like(segid, M + 1, dtype=torch.long))
+    segstart.scatter_(0, target, torch.arange(M, dtype=torch.int32, device=dev))
+    slots = torch.arange(max(num_slots, 1), dtype=sorted_slot.dtype, device=dev)
+    start = torch.searchsorted(sorted_slot, slots).to(torch.int32)
+    end = torch.searchsorted(sorted_slot, slots, right=True).to(torch.int32)
+    return Routing(perm.to(torch.int32), segid, segstart, start, end)
+
+
+# ------------------------------------------------------------------ launchers
+@functools.lru_cache(maxsize=None)
+def _tuned_matmul():
+    import triton
+
+    from .kernels.multi import multi_matmul_kernel
+    from .launch import _GEMM_CONFIGS, _INTERPRET_TILE
+
+    if interpreting():
+        configs = [triton.Config(dict(_INTERPRET_TILE, BLOCK_R=16))]
+    else:
+        configs = [triton.Config({**c.kwargs, "BLOCK_R": 16}, num_warps=c.num_warps, num_stages=c.num_stages)
+                   for c in _GEMM_CONFIGS]
+    return triton.autotune(configs=configs, key=["M_BUCKET", "N", "K", "R_MAX"])(multi_matmul_kernel)
+
+
+def _meta(slot_off: Tensor, slot_rank: Tensor, routing: Optional[Routing], dummy: Tensor):
+    if routing is None:
+        return dummy, dummy, dummy
+    return routing.perm, routing.segid, routing.segstart
+
+
+def _shrink(x: Tensor, pool: Tensor, row_slot: Tensor, slot_off: Tensor, slot_rank: Tensor, slot_scale: Tensor,
+            max_rank: int, routing: Optional[Routing], tag: str) -> Tensor:
+    """u[m, :rank] = scale * x[m] P[slot]^T, float32 (M x max_rank), rows in natural order."""
+    import triton
+
+    from .kernels.multi import multi_shrink_kernel
+    from .launch import _input_precision, _pow2_at_least, _tl_dtype, split_k
+
+    M, K = x.shape
+    u = torch.zeros((M, max_rank), device=x.device, dtype=torch.float32)
+    if M == 0 or K == 0 or max_rank == 0:
+        return u
+    sorted_ = routing is not None
+    if interpreting():
+        block_m, block_r, block_k, warps = 16, 16, 16, 4
+    elif sorted_:
+        block_m, block_r, block_k, warps = 64, min(64, _pow2_at_least(max_rank)), 64, 4
+    else:
+        block_m, block_r, block_k, warps = 1, 16, 256, 4
+    rows = triton.cdiv(M, block_m) if sorted_ else M
+    r_chunks = triton.cdiv(max_rank, block_r)
+    split = split_k(rows * r_chunks, triton.cdiv(K, block_k), x.device)
+    perm, segid, segstart = _meta(slot_off, slot_rank, routing, row_slot)
+    multi_shrink_kernel[(rows, r_chunks, split)](
+        x, pool, u, row_slot, perm, segid, segstart, slot_off, slot_rank, slot_scale, M, K,
+        x.stride(0), x.stride(1), pool.stride(0), pool.stride(1), u.stride(0), u.stride(1),
+        DOT_DTYPE=_tl_dtype(x.dtype), INPUT_PRECISION=_input_precision(x.dtype), SORTED=sorted_,
+        SEG_DOT_MAX=_seg_dot_max(), SPLIT_K=split, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k,
+        num_warps=warps)
+    record(tag, "triton", "sgmv" if sorted_ else "bgmv")
+    return u
+
+
+def _matmul(a: Tensor, b: Tensor, bias: Optional[Tensor], u: Tensor, q: Tensor, row_slot: Tensor,
+            slot_off: Tensor, slot_rank: Tensor, routing: Optional[Routing], out_dtype: torch.dtype,
+            tag: str) -> Tensor:
+    """C[m] = a[m] @ b + bias + u[m, :rank] @ q[off : off + rank] (slot of row m)."""
+    import triton
+
+    from .kernels.multi import multi_matmul_kernel
+    from .launch import _input_precision, _pow2_at_least, _small_plan, _tl_dtype
+
+    M, K = a.shape
+    N = b.shape[1]
+    if M == 0 or N == 0:
+        c = torch.zeros((M, N), device=a.device, dtype=out_dtype)
+        return c + bias if bias is not None else c
+    sorted_ = routing is not None
+    plan = _small_plan(M, N, K, a.device)
+    split = plan["SPLIT_K"] if plan else 1
+    c = (torch.zeros if split > 1 else torch.empty)(
+        (M, N), device=a.device, dtype=torch.float32 if split > 1 else out_dtype)
+    perm, segid, segstart = _meta(slot_off, slot_rank, routing, row_slot)
+    args = (a, b, c, bias if bias is not None else c, u, q, row_slot, perm, segid, segstart, slot_off, slot_rank,
+            M, N, K, _pow2_at_least(M, 1), _pow2_at_least(u.shape[1], 1),
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+            u.stride(0), u.stride(1), q.stride(0), q.stride(1))
+    flags = dict(HAS_BIAS=bias is not None, DOT_DTYPE=_tl_dtype(a.dtype), INPUT_PRECISION=_input_precision(a.dtype),
+                 SORTED=sorted_, SEG_DOT_MAX=_seg_dot_max())
+    path = "sgmv" if sorted_ else "bgmv"
+    if plan is None:
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), 1)  # noqa: E731
+        _tuned_matmul()[grid](*args, **flags, SPLIT_K=1)
+        record(tag, "triton", path)
+    else:
+        grid = (triton.cdiv(M, plan["BLOCK_M"]) * triton.cdiv(N, plan["BLOCK_N"]), split)
+        multi_matmul_kernel[grid](*args, **flags, **plan, BLOCK_R=16)
+        record(tag, "triton", f"{path}-splitk" if split > 1 else path)
+    return c if c.dtype == out_dtype else c.to(out_dtype)
+
+
+def _grouped_grad(left: Tensor, right: Tensor, routing: Routing, slot_off: Tensor, slot_rank: Tensor,
+                  pool_rows: int, max_rank: int, out_dtype: torch.dtype, tag: str) -> Tensor:
+    """out[off[s] + j, n] = sum over rows m of slot s of left[m, j] * right[m, n]; pool-shaped."""
+    import triton
+
+    from .kernels.multi import multi_grad_kernel
+    from .launch import _input_precision, _target_programs, _tl_dtype
+
+    M, N = right.shape
+    out = torch.zeros((pool_rows, N), device=right.device, dtype=torch.float32)
+    S = slot_rank.shape[0]
+    if M == 0 or N == 0 or max_rank == 0 or pool_rows == 0 or S == 0:
+        return out.to(out_dtype)
+    block_m, block_n, block_r = (16, 16, 16) if interpreting() else (64, 128, 16)
+    r_chunks = triton.cdiv(max_rank, block_r)
+    n_tiles = triton.cdiv(N, block_n)
+    programs = S * r_chunks * n_tiles
+    split = max(1, min(triton.cdiv(M, block_m), triton.cdiv(_target_programs(right.device), programs)))
+    multi_grad_kernel[(S * r_chunks, n_tiles, split)](
+        left, right, out, routing.perm, routing.start, routing.end, slot_off, slot_rank, N, r_chunks,
+        left.stride(0), left.stride(1), right.stride(0), right.stride(1), out.stride(0), out.stride(1),
+        DOT_DTYPE=_tl_dtype(right.dtype), INPUT_PRECISION=_input_precision(right.dtype), SPLIT_M=split,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r)
+    record(tag, "triton", "grouped")
+    return out.to(out_dtype)
+
+
+# ------------------------------------------------------------- torch backend
+def _groups(row_slot: Tensor, slot_off: Tensor, slot_rank: Tensor, slot_scale: Tensor):
+    """(rows, off, rank, scale) of each LoRA slot that has rows: the torch backend groups rows
+    by adapter on the host, as PEFT's mixed batch does (host syncs are fine on this path)."""
+    offs, ranks, scales = slot_off.tolist(), slot_rank.tolist(), slot_scale.tolist()
+    for s in torch.unique(row_slot).tolist():
+        if s >= 0 and ranks[s] > 0:
+            yield torch.nonzero(row_slot == s).squeeze(1), offs[s], ranks[s], scales[s]
+
+
+def _torch_forward(x, weight, bias, pool_A, pool_BT, row_slot, slot_off, slot_rank, slot_scale, max_rank):
+    y = F.linear(x, weight, bias)
+    u = torch.zeros((x.shape[0], max_rank), device=x.device, dtype=torch.float32)
+    for rows, o, r, c in _groups(row_slot, slot_off, slot_rank, slot_scale):
+        us = c * (x.index_select(0, rows) @ pool_A[o:o + r].t())
+        y.index_add_(0, rows, us @ pool_BT[o:o + r])
+        u[rows, :r] = us.float()
+    return y, u
+
+
+def _torch_backward(grad_y, x, weight, pool_A, pool_BT, row_slot, slot_off, slot_rank, slot_scale):
+    """(dx, dW, db, d pool_A, d pool_BT): reference.multi_lora_linear_grads, one group at a time."""
+    dx, dW, db = grad_y @ weight, grad_y.t() @ x, grad_y.sum(0)
+    dA, dBT = torch.zeros_like(pool_A), torch.zeros_like(pool_BT)
+    for rows, o, r, c in _groups(row_slot, slot_off, slot_rank, slot_scale):
+        gy, xs = grad_y.index_select(0, rows), x.index_select(0, rows)
+        A, BT = pool_A[o:o + r], pool_BT[o:o + r]
+        g = c * (gy @ BT.t())
+        dx.index_add_(0, rows, g @ A)
+        dA[o:o + r] = g.t() @ xs
+        dBT[o:o + r] = (c * (xs @ A.t())).t() @ gy
+    return dx, dW, db, dA, dBT
+
+
+# ----------------------------------------------------------------- custom ops
+def _check_triton_dtype(x: Tensor) -> None:
+    if x.dtype not in _TRITON_DTYPES:
+        raise TypeError(f"x: the Triton backend supports {_TRITON_DTYPES}, got {x.dtype}; "
+                        "use FUSEDLORA_BACKEND=torch for float64")
+
+
+@torch.library.custom_op("fusedlora::multi_lora_linear", mutates_args=())
+def _multi_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], pool_A: Tensor, pool_BT: Tensor,
+                   row_slot: Tensor, slot_off: Tensor, slot_rank: Tensor, slot_scale: Tensor,
+                   max_rank: int) -> Tuple[Tensor, Tensor]:
+    """2-D x -> (y, u): y[m] = x[m] W^T + b + u[m] P_B[slot[m]], u = scale * x P_A^T (float32, saved)."""
+    backend = select_backend(x.device)
+    if backend == "torch":
+        record("multi.forward", "torch", "grouped")
+        return _torch_forward(x, weight, bias, pool_A, pool_BT, row_slot, slot_off, slot_rank, slot_scale, max_rank)
+    _check_triton_dtype(x)
+    routing = route(row_slot, slot_rank.shape[0]) if x.shape[0] > sort_min_rows() else None
+    u = _shrink(x, pool_A, row_slot, slot_off, slot_rank, slot_scale, max_rank, routing, "multi.shrink")
+    y = _matmul(x, weight.t(), bias, u, pool_BT, row_slot, slot_off, slot_rank, routing, x.dtype, "multi.forward")
+    return y, u
+
+
+@_multi_forward.register_fake
+def _(x, weight, bias, pool_A, pool_BT, row_slot, slot_off, slot_rank, slot_scale, max_rank):
+    return (x.new_empty((x.shape[0], weight.shape[0])),
+            x.new_empty((x.shape[0], max_rank), dtype=torch.float32))
+
+
+@torch.library.custom_op("fusedlora::multi_lora_linear_backward", mutates_args=())
+def _multi_backward(grad_y: Tensor, x: Tensor, weight: Tensor, pool_A: Tensor, pool_BT: Tensor, u: Tensor,
+                    row_slot: Tensor, slot_off: Tensor, slot_rank: Tensor, slot_scale: Tensor, max_rank: int,
+                    needs: List[bool]) -> List[Tensor]:
+    """(dx, dW, db, d pool_A, d pool_BT); an empty tensor stands for a gradient not asked for."""
+    need_x, need_w, need_b, need_a, need_bb = needs
+    backend = select_backend(x.device)
+    if backend == "torch":
+        record("multi.backward", "torch", "grouped")
+        grads = _torch_backward(grad_y, x, weight, pool_A, pool_BT, row_slot, slot_off, slot_rank, slot_scale)
+        return [g if n else grad_y.new_empty(0) for g, n in zip(grads, needs)]
+    _check_triton_dtype(x)
+    from .launch import matmul
+
+    dt = x.dtype
+    M = x.shape[0]
+    dx, dW, db, dA, dBT = (grad_y.new_empty(0) for _ in range(5))
+    routing = route(row_slot, slot_rank.shape[0]) if M > 0 and (need_a or need_bb or M > sort_min_rows()) else None
+    g = None
+    if need_x or need_a:
+        g = _shrink(grad_y, pool_BT, row_slot, slot_off, slot_rank, slot_scale, max_rank,
+                    routing if M > sort_min_rows() else None, "multi.grad_shrink")
+    if need_x:
+        dx = _matmul(grad_y, weight, None, g, pool_A, row_slot, slot_off, slot_rank,
+                     routing if M > sort_min_rows() else None, dt, "multi.grad_x")
+    if need_w:
+        dW = matmul(grad_y.t(), x, out_dtype=weight.dtype, dot_dtype=dt, tag="multi.grad_weight")
+    if need_b:
+        db = grad_y.sum(0, dtype=torch.float32).to(dt)
+    if need_a:
+        dA = (_grouped_grad(g, x, routing, slot_off, slot_rank, pool_A.shape[0], max_rank, pool_A.dtype,
+                            "multi.grad_A") if routing is not None else torch.zeros_like(pool_A))
+    if need_bb:
+        dBT = (_grouped_grad(u, grad_y, routing, slot_off, slot_rank, pool_BT.shape[0], max_rank, pool_BT.dtype,
+                             "multi.grad_B") if routing is not None else torch.zeros_like(pool_BT))
+    return [dx, dW, db, dA, dBT]
+
+
+@_multi_backward.register_fake
+def _(grad_y, x, weight, pool_A, pool_BT, u, row_slot, slot_off, slot_rank, slot_scale, max_rank, needs):
+    shapes = [x, weight, weight[:, 0], pool_A, pool_BT]
+    return [t.new_empty(t.shape) if n else grad_y.new_empty(0) for t, n in zip(shapes, needs)]
+
+
+def _multi_setup_context(ctx, inputs, output):
+    x, weight, bias, pool_A, pool_BT, row_slot, slot_off, slot_rank, slot_scale, max_rank = inputs
+    ctx.save_for_backward(x, weight, pool_A, pool_BT, output[1], row_slot, slot_off, slot_rank, slot_scale)
+    ctx.max_rank = max_rank
+    ctx.mark_non_differentiable(output[1])
+
+
+def _multi_autograd(ctx, grad_y, grad_u):
+    x, weight, pool_A, pool_BT, u, row_slot, slot_off, slot_rank, slot_scale = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    needs = [n[0], n[1], n[2], n[3], n[4]]
+    grads = _multi_backward(grad_y, x, weight, pool_A, pool_BT, u, row_slot, slot_off, slot_rank, slot_scale,
+                            ctx.max_rank, needs)
+    dx, dW, db, dA, dBT = (g if need else None for g, need in zip(grads, needs))
+    return dx, dW, db, dA, dBT, None, None, None, None, None
+
+
+_multi_forward.register_autograd(_multi_autograd, setup_context=_multi_setup_context)
+
+
+def check_multi_args(x, weight, bias, row_slot, pool_A, pool_BT, slot_off, slot_rank, slot_scale) -> None:
+    from .ops import _check_same, _check_tensor, check_linear_args
+
+    check_linear_args(x, weight, bias)
+    N, K = weight.shape
+    for name, t, cols in (("pool_A", pool_A, K), ("pool_BT", pool_BT, N)):
+        _check_tensor(name, t, 2)
+        _check_same(name, t, x)
+        if t.shape[1] != cols:
+            raise ValueError(f"{name}: expected shape (R_total, {cols}), got {tuple(t.shape)}")
+    if pool_A.shape[0] != pool_BT.shape[0]:
+        raise ValueError(f"pool_BT: expected {pool_A.shape[0]} rows like pool_A, got {tuple(pool_BT.shape)}")
+    for name, t, dt in (("row_slot", row_slot, torch.int32), ("slot_off", slot_off, torch.int32),
+                        ("slot_rank", slot_rank, torch.int32), ("slot_scale", slot_scale, torch.float32)):
+        if not isinstance(t, torch.Tensor) or t.dtype != dt or t.dim() != 1:
+            raise TypeError(f"{name}: expected a 1-D {dt} tensor, got "
+                            f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+        if t.device != x.device:
+            raise ValueError(f"{name}: device {t.device} does not match x's device {x.device}")
+    if row_slot.shape[0] != x.shape[0]:
+        raise ValueError(f"row_slot: expected one slot per row of x ({x.shape[0]}), got {row_slot.shape[0]}")
+    if not (slot_off.shape == slot_rank.shape == slot_scale.shape):
+        raise ValueError("slot_off, slot_rank, slot_scale: expected the same length (one entry per slot)")
+
+
+def multi_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], row_slot: Tensor, pool_A: Tensor,
+                      pool_BT: Tensor, slot_off: Tensor, slot_rank: Tensor, slot_scale: Tensor,
+                      max_rank: Optional[int] = None) -> Tensor:
+    """y[m] = x[m] W^T + b + scale[s] (x[m] A_s^T) B_s^T with s = row_slot[m] (-1: base only).
+
+    The pooled functional form (FusedLinear's ``adapter_ids`` builds these
+    arguments for you; ``pack_loras`` builds them from lists): adapter slot s
+    owns rows slot_off[s] .. + slot_rank[s] - 1 of ``pool_A`` (its A) and of
+    ``pool_BT`` (its B^T). x is 2-D (M, K); row_slot int32 (M,); slot_off,
+    slot_rank int32 and slot_scale float32, one entry per slot. Slots must be
+    in range (-1 .. S-1): FusedLinear validates ids before they get here.
+    ``max_rank`` (largest slot_rank, host int) avoids a sync when given.
+    Differentiable in x, weight, bias and both pools.
+    """
+    check_multi_args(x, weight, bias, row_slot, pool_A, pool_BT, slot_off, slot_rank, slot_scale)
+    if max_rank is None:
+        max_rank = int(slot_rank.max()) if slot_rank.numel() else 0
+    y, _ = _multi_forward(x, weight, bias, pool_A, pool_BT, row_slot, slot_off, slot_rank, slot_scale, int(max_rank))
+    return y
+
+
+def pack_loras(As: List[Optional[Tensor]], Bs: List[Optional[Tensor]], scalings: List[float], device=None):
+    """Pool arguments of ``multi_lora_linear`` for slots 0..S-1 (a None A is a slot of rank 0):
+    (pool_A, pool_BT, slot_off, slot_rank, slot_scale, max_rank); differentiable in As and Bs."""
+    ref = next(a for a in As if a is not None)
+    device = ref.device if device is None else device
+    offs, ranks, off = [], [], 0
+    for A in As:
+        r = 0 if A is None else A.shape[0]
+        offs.append(off)
+        ranks.append(r)
+        off += r
+    pool_A = torch.cat([A for A in As if A is not None])
+    pool_BT = torch.cat([B.t() for B in Bs if B is not None])
+    return (pool_A, pool_BT, torch.tensor(offs, dtype=torch.int32, device=device),
+            torch.tensor(ranks, dtype=torch.int32, device=device),
+            torch.tensor([float(s) for s in scalings], dtype=torch.float32, device=device), max(ranks))
+
+
+# --------------------------------------------------------------------- pool
+@dataclass
+class _Entry:
+    off: int
+    rank: int
+    key: tuple
+
+
+@dataclass
+class Tables:
+    """Device tables of one layer's adapters (slot = position in the layer's adapter order)."""
+
+    id_to_slot: Tensor   # int32 (max id + 3,): index id + 1 -> slot; -1 for id -1, others' ids, the last entry
+    slot_off: Tensor     # int32 (S,)
+    slot_rank: Tensor    # int32 (S,); 0 for C3A / sparse slots
+    slot_scale: Tensor   # float32 (S,)
+    max_rank: int
+    names: Tuple[str, ...]
+    kinds: Tuple[str, ...]
+
+
+def _param_key(A: Tensor, B: Tensor) -> tuple:
+    # The parameters themselves (compared by identity: a replaced parameter is
+    # a new object) and their in-place version counters.
+    return (A, A._version, B, B._version)
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(x is y if isinstance(x, Tensor) else x == y for x, y in zip(a, b))
+
+
+class AdapterPool:
+    """A layer's LoRA adapters in one growable pool (see the module docstring)."""
+
+    def __init__(self):
+        self.A: Optional[Tensor] = None     # (capacity, in_features)
+        self.BT: Optional[Tensor] = None    # (capacity, out_features)
+        self.used = 0                       # rows handed out (live + dead)
+        self.dead = 0                       # rows of deleted adapters not reclaimed yet
+        self.entries: Dict[str, _Entry] = {}
+        self.layout_version = 0
+        self.copied_rows = 0                # rows written since creation (tests check amortisation)
+        self._tables: Dict[tuple, Tables] = {}
+
+    # ---- rows
+    def _reset(self, K: int, N: int, device, dtype) -> None:
+        self.A = torch.empty((0, K), device=device, dtype=dtype)
+        self.BT = torch.empty((0, N), device=device, dtype=dtype)
+        self.used = self.dead = 0
+        self.entries.clear()
+        self.layout_version += 1
+
+    def _grow(self, need: int) -> None:
+        cap = self.A.shape[0]
+        if self.used + need <= cap:
+            return
+        new_cap = max(self.used + need, 2 * cap, 16)
+        for attr in ("A", "BT"):
+            old = getattr(self, attr)
+            buf = old.new_zeros((new_cap, old.shape[1]))
+            buf[:self.used] = old[:self.used]
+            setattr(self, attr, buf)
+
+    def _compact(self) -> None:
+        """Move live rows to the front, in order: O(live rows), paid for by the dead ones."""
+        pos = 0
+        for e in sorted(self.entries.values(), key=lambda e: e.off):
+            if e.off != pos:
+                self.A[pos:pos + e.rank] = self.A[e.off:e.off + e.rank].clone()
+                self.BT[pos:pos + e.rank] = self.BT[e.off:e.off + e.rank].clone()
+                e.off = pos
+            pos += e.rank
+        self.used, self.dead = pos, 0
+        self.layout_version += 1
+
+    def _free(self, name: str) -> None:
+        e = self.entries.pop(name)
+        self.dead += e.rank
+        if e.off + e.rank == self.used:  # the last block: just give the rows back
+            self.used -= e.rank
+            self.dead -= e.rank
+        if self.dead > self.used - self.dead:
+            self._compact()
+        self.layout_version += 1
+
+    @torch.no_grad()
+    def _write(self, name: str, A: Tensor, B: Tensor, key: tuple) -> None:
+        r = A.shape[0]
+        e = self.entries.get(name)
+        if e is not None and e.rank != r:
+            self._free(name)
+            e = None
+        if e is None:
+            self._grow(r)
+            e = self.entries[name] = _Entry(self.used, r, ())
+            self.used += r
+            self.layout_version += 1
+        self.A[e.off:e.off + r] = A
+        self.BT[e.off:e.off + r] = B.t()
+        e.key = key
+        self.copied_rows += r
+
+    def sync(self, layer) -> None:
+        """Bring the pool up to date with the layer's LoRA parameters (copies only what changed)."""
+        W = layer.weight
+        if self.A is None or self.A.device != W.device or self.A.dtype != W.dtype or \
+                self.A.shape[1] != W.shape[1] or self.BT.shape[1] != W.shape[0]:
+            self._reset(W.shape[1], W.shape[0], W.device, W.dtype)
+        kinds = layer._kind
+        for name in [n for n in self.entries if kinds.get(n) != "lora"]:
+            self._free(name)
+        for name, kind in kinds.items():
+            if kind != "lora":
+                continue
+            A, B = layer.lora_A[name], layer.lora_B[name]
+            e = self.entries.get(name)
+            key = _param_key(A, B)
+            if e is None or not _same_key(e.key, key):
+                _check_adapter_dtype(layer, name, A, B)
+                self._write(name, A.detach(), B.detach(), key)
+
+    # ---- tables
+    def tables(self, layer, pooled: bool) -> Tables:
+        """Device tables for the pool (pooled) or for the torch.cat of the parameters in layer order."""
+        kinds = layer._kind
+        names = tuple(kinds)
+        ranks = tuple(layer.r[n] if kinds[n] == "lora" else 0 for n in names)
+        scales = tuple(float(layer.scaling[n]) if kinds[n] == "lora" else 0.0 for n in names)
+        if pooled:
+            offs = tuple(self.entries[n].off if kinds[n] == "lora" else 0 for n in names)
+        else:
+            offs, o = [], 0
+            for r in ranks:
+                offs.append(o)
+                o += r
+            offs = tuple(offs)
+        ids = tuple(REGISTRY.get(n) for n in names)
+        key = (names, tuple(kinds.values()), ranks, scales, offs, ids, layer.weight.device)
+        t = self._tables.get(key)
+        if t is None:
+            t = _build_tables(names, tuple(kinds.values()), ranks, scales, offs, ids, layer.weight.device)
+            if len(self._tables) > 4:
+                self._tables.clear()
+            self._tables[key] = t
+        return t
+
+
+def layer_tables(layer) -> Tables:
+    """Tables for the torch.cat of the layer's parameters in layer order, built without any
+    cache (the torch.compile path: every value is a constant of the graph)."""
+    kinds = layer._kind
+    names = tuple(kinds)
+    ranks = tuple(layer.r[n] if kinds[n] == "lora" else 0 for n in names)
+    scales = tuple(float(layer.scaling[n]) if kinds[n] == "lora" else 0.0 for n in names)
+    offs, o = [], 0
+    for r in ranks:
+        offs.append(o)
+        o += r
+    ids = tuple(REGISTRY.get(n) for n in names)
+    return _build_tables(names, tuple(kinds.values()), ranks, scales, tuple(offs), ids, layer.weight.device)
+
+
+def _build_tables(names, kinds, ranks, scales, offs, ids, device) -> Tables:
+    table = [-1] * (max(ids, default=-1) + 3)
+    for slot, i in enumerate(ids):
+        table[i + 1] = slot
+    i32 = dict(dtype=torch.int32, device=device)
+    return Tables(torch.tensor(table, **i32), torch.tensor(list(offs), **i32), torch.tensor(list(ranks), **i32),
+                  torch.tensor(list(scales), dtype=torch.float32, device=device), max(ranks, default=0),
+                  tuple(names), tuple(kinds))
+
+
+def _check_adapter_dtype(layer, name: str, A: Tensor, B: Tensor) -> None:
+    W = layer.weight
+    for pname, t in ((f"lora_A[{name!r}]", A), (f"lora_B[{name!r}]", B)):
+        if t.dtype != W.dtype or t.device != W.device:
+            raise TypeError(f"{pname}: dtype/device {t.dtype}/{t.device} does not match the layer's weight "
+                            f"{W.dtype}/{W.device}; the multi-adapter path pools adapters in the weight's dtype")
+
+
+# ------------------------------------------------------------ layer forward
+def _compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover - older torch
+        return False
+
+
+def expand_ids(ids, x: Tensor) -> Tensor:
+    """Check ``ids`` against x and return one id per row of x.reshape(-1, K) (int64)."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"adapter_ids: expected an integer torch.Tensor, got {type(ids).__name__}")
+    if ids.dtype not in _INT_DTYPES:
+        raise TypeError(f"adapter_ids: expected an integer dtype (int32 or int64), got {ids.dtype}")
+    if ids.device != x.device:
+        raise ValueError(f"adapter_ids: device {ids.device} does not match x's device {x.device}")
+    lead = tuple(x.shape[:-1])
+    if tuple(ids.shape) == lead:
+        rows = ids.reshape(-1)
+    elif x.dim() >= 2 and ids.dim() == 1 and ids.shape[0] == x.shape[0]:
+        rows = ids.reshape((-1,) + (1,) * (len(lead) - 1)).expand(lead).reshape(-1)
+    else:
+        raise ValueError(f"adapter_ids: expected one id per sample (shape ({x.shape[0] if x.dim() > 1 else ''},)) "
+                         f"or per row (shape {lead}) of x of shape {tuple(x.shape)}, got {tuple(ids.shape)}")
+    return rows.long()
+
+
+def _bad_ids_error(layer, row_ids: Tensor, row_slot: Tensor, tables: Tables) -> ValueError:
+    bad = sorted(set(row_ids[(row_slot < 0) & (row_ids != -1)].tolist()))
+    known = REGISTRY.names()
+    described = [f"{i} ({known[i]!r}, not in this layer)" if i in known else str(i) for i in bad[:8]]
+    have = {n: REGISTRY.id_for(n) for n in tables.names}
+    return ValueError(f"adapter_ids: {', '.join(described)}{' ...' if len(bad) > 8 else ''} name no adapter of "
+                      f"this layer; its adapters are {have} (use -1 for the base layer, layer.adapter_id(name) "
+                      "for an id)")
+
+
+def _fingerprint(layer, params) -> tuple:
+    """What the cached pool and tables of a layer depend on, read at C speed where it can:
+    adapter adds/deletes (the layer's counter), parameter identity (a replaced parameter),
+    in-place versions (optimizer steps, copy_, load_state_dict), scalings, requires_grad,
+    grad mode, the weight's dtype and device."""
+    W = layer.weight
+    return (layer._multi_struct, torch.is_grad_enabled(), W.dtype, W.device,
+            tuple(map(id, layer.lora_A._parameters.values())), tuple(map(id, layer.lora_B._parameters.values())),
+            tuple(layer.scaling.values()), tuple([p._version for p in params]),
+            tuple([p.requires_grad for p in params]))
+
+
+def _prepare(layer, compiling: bool):
+    """(tables, pool_A, pool_BT, LoRA names): pool_A/pool_BT are the synchronised pool, or
+    None when the call must build the differentiable torch.cat of the parameters instead.
+    Eager calls reuse the previous answer while the layer's fingerprint is unchanged, so a
+    serving loop pays O(adapters) C-speed checks per call, not a Python resync."""
+    kinds = layer._kind
+    if compiling:
+        return layer_tables(layer), None, None, [n for n in kinds if kinds[n] == "lora"]
+    cached = layer._multi_cache
+    if cached is not None and _fingerprint(layer, cached[0]) == cached[1]:
+        return cached[2]
+    loras = [n for n in kinds if kinds[n] == "lora"]
+    params = [p for n in loras for p in (layer.lora_A[n], layer.lora_B[n])]
+    differentiable = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+    if layer._multi_pool is None:
+        layer._multi_pool = AdapterPool()
+    pool = layer._multi_pool
+    if loras and not differentiable:
+        pool.sync(layer)
+    tables = pool.tables(layer, pooled=bool(loras) and not differentiable)
+    if loras and not differentiable:
+        answer = (tables, pool.A[:pool.used], pool.BT[:pool.used], loras)
+    else:
+        answer = (tables, None, None, loras)
+    layer._multi_cache = (params, _fingerprint(layer, params), answer)
+    return answer
+
+
+def layer_forward(layer, x: Tensor, ids: Tensor, validate: bool = True, strict: bool = True,
+                  present: Optional[frozenset] = None) -> Tensor:
+    """FusedLinear's forward with per-row adapters (FusedLinear.forward(x, adapter_ids=...) calls this).
+
+    ``strict``: an id that names no adapter of this layer is an error (when
+    validating); otherwise (use_adapters) it serves that row with the base.
+    ``present`` (global ids of the batch, known to use_adapters) narrows the
+    C3A / sparse deltas to the adapters in the batch.
+    """
+    from .ops import check_linear_args
+
+    if layer.merged:
+        raise ValueError(f"adapter_ids: adapters {layer.merged_adapters} are merged into the weight; unmerge() "
+                         "before routing rows to adapters")
+    check_linear_args(x, layer.weight, layer.bias)
+    row_ids = expand_ids(ids, x)
+    kinds = layer._kind
+    if layer.training and any(layer.lora_dropout.get(n, 0.0) > 0 for n in kinds):
+        bad = [n for n in kinds if layer.lora_dropout.get(n, 0.0) > 0]
+        raise NotImplementedError(f"adapter_ids: LoRA dropout in training mode is not supported by the multi-adapter "
+                                  f"path (adapters {bad} have lora_dropout > 0); call eval() or set lora_dropout to 0")
+    compiling = _compiling()
+    tables, pool_A, pool_BT, loras = _prepare(layer, compiling)
+    differentiable = pool_A is None
+    table = tables.id_to_slot
+    row_slot = table[(row_ids + 1).clamp(0, table.shape[0] - 1)]
+
+    counts = None
+    if validate:
+        bad = (row_slot < 0) & (row_ids != -1) if strict else None
+        if compiling:
+            if bad is not None:
+                torch._assert_async(~bad.any(), "adapter_ids: an id names no adapter of this layer")
+        else:
+            others = [s for s, k in enumerate(tables.kinds) if k != "lora"]
+            flags = torch.stack([bad.any()]) if bad is not None else row_slot.new_zeros(1, dtype=torch.bool)
+            if others:
+                counts = torch.bincount((row_slot + 1).long(), minlength=len(kinds) + 1)[1:]
+                host = torch.cat([flags.long(), counts]).tolist()
+                counts = host[1:]
+            else:
+                host = flags.long().tolist()
+            if host[0]:
+                raise _bad_ids_error(layer, row_ids, row_slot, tables)
+
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if loras:
+        if differentiable:
+            for n in loras:
+                _check_adapter_dtype(layer, n, layer.lora_A[n], layer.lora_B[n])
+            pool_A = torch.cat([layer.lora_A[n] for n in loras])
+            pool_BT = torch.cat([layer.lora_B[n].t() for n in loras])
+        y, _ = _multi_forward(x2, layer.weight, layer.bias, pool_A, pool_BT, row_slot.to(torch.int32),
+                              tables.slot_off, tables.slot_rank, tables.slot_scale, tables.max_rank)
+    else:
+        y = F.linear(x2, layer.weight, layer.bias)
+        record("multi.base", "torch", "linear")
+    # C3A and sparse rows: each such adapter's delta, added to its rows only. On the GPU
+    # (and under torch.compile) it is computed for all rows and masked, which needs no
+    # host sync; the torch backend gathers the rows first (syncs are fine there).
+    gather = not compiling and select_backend(x.device) == "torch"
+    for slot, (name, kind) in enumerate(zip(tables.names, tables.kinds)):
+        if kind == "lora":
+            continue
+        if counts is not None and counts[slot] == 0:
+            continue
+        if present is not None and REGISTRY.get(name) not in present:
+            continue
+        if gather:
+            rows = torch.nonzero(row_slot == slot).squeeze(1)
+            if rows.numel() == 0:
+                continue
+            delta = _kind_delta(layer, name, kind, x2.index_select(0, rows))
+            y = y.index_add(0, rows, delta.to(y.dtype))
+            record(f"multi.{kind}_delta", "torch", "gathered")
+        else:
+            delta = _kind_delta(layer, name, kind, x2)
+            mask = (row_slot == slot)[:, None]
+            y = (y.to(delta.dtype) + torch.where(mask, delta, torch.zeros((), dtype=delta.dtype, device=y.device))
+                 ).to(x.dtype)
+            record(f"multi.{kind}_delta", "torch", "masked")
+    return y.reshape(*lead, layer.out_features)
+
+
+def _kind_delta(layer, name: str, kind: str, x2: Tensor) -> Tensor:
+    if kind == "c3a":
+        return reference.c3a_fft_delta(x2, layer.c3a_kernel[name])
+    return _sparse_delta(layer, name, x2)
+
+
+def _sparse_delta(layer, name: str, x2: Tensor) -> Tensor:
+    """scaling * x S^T for all rows (M x N, float32 or wider), as a weighted embedding_bag over
+    the nonzeros sorted by output row: O(M * nnz) work, O(M * N) memory."""
+    indices = layer.sparse_indices[name]
+    values = layer.sparse_values[name]
+    N = layer.out_features
+    rows, cols = indices[0].long(), indices[1].long()
+    order = torch.argsort(rows * layer.in_features + cols)
+    offsets = torch.searchsorted(rows[order], torch.arange(N, device=rows.device))
+    dt = torch.promote_types(x2.dtype, torch.float32)
+    weight = x2.to(dt).t()
+    w = values[order].to(dt) * layer.sparse_scaling[name]
+    out = F.embedding_bag(cols[order], weight, offsets, mode="sum", per_sample_weights=w)  # (N, M)
+    return out.t()
+
+
+# ---------------------------------------------------------------- use_adapters
+@dataclass
+class _Route:
+    ids: Tensor
+    validate: bool
+    present: Optional[frozenset]
+
+
+@contextlib.contextmanager
+def use_adapters(model: torch.nn.Module, ids: Tensor, validate: bool = True):
+    """Route every FusedLinear inside ``model`` by ``ids`` for the forwards in this scope.
+
+    ``ids``: one global adapter id per sample (x.shape[0] of every layer's
+    input) or per row; -1 = base only. Works with an unmodified model (the
+    ids never pass through forward signatures). With ``validate`` the ids are
+    checked once here (one host sync): each must be -1 or name an adapter of
+    some FusedLinear of the model. A layer that lacks a row's adapter serves
+    that row with its base weights, as PEFT does for layers outside
+    ``target_modules``. ``validate=False``: no check and no sync (CUDA-graph
+    capture); unknown ids act as -1.
+    """
+    from .module import FusedLinear
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in _INT_DTYPES:
+        raise TypeError(f"ids: expected an integer torch.Tensor, got {getattr(ids, 'dtype', type(ids).__name__)}")
+    layers = [m for m in model.modules() if isinstance(m, FusedLinear)]
+    present = None
+    if validate:
+        known = {REGISTRY.id_for(n) for m in layers for n in m._kind}
+        present = frozenset(int(i) for i in torch.unique(ids).tolist())
+        bad = sorted(i for i in present if i != -1 and i not in known)
+        if bad:
+            names = REGISTRY.names()
+            described = [f"{i} ({names[i]!r})" if i in names else str(i) for i in bad[:8]]
+            have = {n: REGISTRY.id_for(n) for n in sorted({n for m in layers for n in m._kind})}
+            raise ValueError(f"ids: {', '.join(described)} name no adapter of any FusedLinear in the model; "
+                             f"its adapters are {have} (-1 = base)")
+    route_ = _Route(ids, validate, present)
+    saved = [(m, m._multi_route) for m in layers]
+    for m in layers:
+        m._multi_route = route_
+    try:
+        yield model
+    finally:
+        for m, prev in saved:
+            m._multi_route = prev

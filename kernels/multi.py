@@ -1,0 +1,314 @@
+"""Multi-adapter path: every row of a batch picks its own LoRA adapter.
+
+The LoRA adapters of a layer live in one pool (fusedlora.multi.AdapterPool):
+the rows of every A (r x K) stacked in P_A (R_total x K) and the rows of every
+B^T (r x N) stacked in P_B (R_total x N); adapter slot s owns pool rows
+off[s] .. off[s] + rank[s] - 1 in both, with its scale in scale[s]. Ranks
+differ freely: nothing is padded to the largest rank. Row m of the batch is
+routed to slot[m] (-1: base only; a slot of rank 0, such as a C3A or sparse
+adapter whose delta is added elsewhere, does no LoRA work either).
+
+Products (fusedlora.multi launches them):
+
+    forward   u[m]  = scale[s] * x[m] P_A[s]^T          multi_shrink_kernel
+              y[m]  = x[m] W^T + b + u[m] P_B[s]         multi_matmul_kernel (epilogue)
+    backward  g[m]  = scale[s] * dy[m] P_B[s]^T         multi_shrink_kernel
+              dx[m] = dy[m] W + g[m] P_A[s]             multi_matmul_kernel (epilogue)
+              dP_A[s] = g[rows of s]^T x[rows of s]     multi_grad_kernel
+              dP_B[s] = u[rows of s]^T dy[rows of s]    multi_grad_kernel
+
+with P[s] the rank[s] pool rows of slot s, and u, g (M x R_MAX, float32)
+indexed by the row's natural position.
+
+Two row orders:
+
+* BGMV (gather, ``SORTED=False``): rows in their natural order. The shrink
+  runs one program per (row, rank chunk, K split) and the expand epilogue
+  adds rank-1 updates u[:, j] (x) P_B[off[row] + j] gathered per row, j up
+  to the largest rank in the tile, each row masked at its own rank: for
+  decode batches, where no two rows need to share an adapter and the
+  product is memory-bound. No sort, no host work.
+* SGMV (segmented, ``SORTED=True``): rows visited in the order ``perm`` of a
+  device-side stable sort by slot, so that rows of one adapter are
+  contiguous: segment i covers sorted positions segstart[i] ..
+  segstart[i+1] - 1 and segid[p] is the segment of position p. A tile of
+  BLOCK_M sorted positions loops over the (few) segments it intersects and
+  runs each as a tensor-core dot with that adapter's rows: for prefill.
+  A tile that intersects more than SEG_DOT_MAX segments (a fragmented
+  batch) falls back to the per-row gather of the BGMV path for that tile
+  only, decided at run time. x is read and y written through ``perm``: no
+  permuted copy of either is made.
+
+Neither path needs the number of segments or of rows per adapter on the
+host: the grids depend only on M, the pool's slot count and its largest
+rank, so a forward never synchronises with the host (CUDA-graph capturable).
+The gradient kernel covers one (slot, rank chunk, column tile) per program
+and loops over that slot's rows [start[s], end[s]) of the sorted order,
+optionally split over SPLIT_M programs that add fp32 partials atomically.
+"""
+import triton
+import triton.language as tl
+
+from .tiles import swizzle_tile
+
+
+@triton.jit
+def _store_rows(c_ptr, rows, pos_ok, offs_n, stride_cm, stride_cn, N, acc, SPLIT_K: tl.constexpr):
+    """Store (or, split over K, atomically add) a tile whose rows live at ``rows`` of C."""
+    mask = pos_ok[:, None] & (offs_n[None, :] < N)
+    ptrs = c_ptr + rows[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
+    if SPLIT_K == 1:
+        tl.store(ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(ptrs, acc, mask=mask)
+
+
+@triton.jit
+def _shrink_row(x_ptr, p_ptr, u_ptr, slot_ptr, off_ptr, rank_ptr, scale_ptr,
+                row, r0, k_first, k_tiles, K,
+                stride_xm, stride_xk, stride_pr, stride_pk, stride_um, stride_ur,
+                SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """u[row, r0 : r0 + BLOCK_R] (+)= scale * x[row, k-range] . P[off + j, k-range] for one row (BGMV)."""
+    slot = tl.load(slot_ptr + row)
+    if slot >= 0:
+        rank = tl.load(rank_ptr + slot)
+        if r0 < rank:
+            off = tl.load(off_ptr + slot)
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            r_ok = offs_r < rank
+            offs_k = k_first + tl.arange(0, BLOCK_K)
+            x_row = x_ptr + row.to(tl.int64) * stride_xm
+            p_rows = p_ptr + (off + offs_r)[:, None].to(tl.int64) * stride_pr
+            acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+            for t in range(0, k_tiles):
+                k_ok = offs_k < K
+                xv = tl.load(x_row + offs_k * stride_xk, mask=k_ok, other=0.0)
+                pv = tl.load(p_rows + offs_k[None, :] * stride_pk, mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+                acc += tl.sum(pv.to(tl.float32) * xv.to(tl.float32)[None, :], axis=1)
+                offs_k += BLOCK_K
+            acc = acc * tl.load(scale_ptr + slot)
+            u_ptrs = u_ptr + row.to(tl.int64) * stride_um + offs_r * stride_ur
+            if SPLIT_K == 1:
+                tl.store(u_ptrs, acc, mask=r_ok)
+            else:
+                tl.atomic_add(u_ptrs, acc, mask=r_ok)
+
+
+@triton.jit
+def multi_shrink_kernel(
+    x_ptr, p_ptr, u_ptr, slot_ptr, perm_ptr, segid_ptr, segstart_ptr, off_ptr, rank_ptr, scale_ptr,
+    M, K,
+    stride_xm, stride_xk, stride_pr, stride_pk, stride_um, stride_ur,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, SORTED: tl.constexpr,
+    SEG_DOT_MAX: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """u[m, j] = scale[s] * sum_k x[m, k] P[off[s] + j, k] for j < rank[s], s = slot[m].
+
+    u is float32, zeroed by the launcher (it is also the atomic target when
+    SPLIT_K > 1); columns j >= rank[s] and rows of slot -1 stay zero.
+    Grid: (M or cdiv(M, BLOCK_M) when SORTED, cdiv(R_MAX, BLOCK_R), SPLIT_K).
+    """
+    r0 = tl.program_id(1) * BLOCK_R
+    k_tiles = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
+    k_first = tl.program_id(2) * k_tiles * BLOCK_K
+    if SORTED:
+        lo = tl.program_id(0) * BLOCK_M
+        hi = tl.minimum(lo + BLOCK_M, M)
+        first = tl.load(segid_ptr + lo)
+        last = tl.load(segid_ptr + hi - 1)
+        if last - first < SEG_DOT_MAX:
+            offs_p = lo + tl.arange(0, BLOCK_M)
+            for seg in range(first, last + 1):
+                start = tl.maximum(tl.load(segstart_ptr + seg), lo)
+                end = tl.minimum(tl.load(segstart_ptr + seg + 1), hi)
+                slot = tl.load(slot_ptr + tl.load(perm_ptr + start))
+                if slot >= 0:
+                    rank = tl.load(rank_ptr + slot)
+                    if r0 < rank:
+                        off = tl.load(off_ptr + slot)
+                        p_ok = (offs_p >= start) & (offs_p < end)
+                        rows = tl.load(perm_ptr + offs_p, mask=p_ok, other=0)
+                        offs_r = r0 + tl.arange(0, BLOCK_R)
+                        r_ok = offs_r < rank
+                        offs_k = k_first + tl.arange(0, BLOCK_K)
+                        x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
+                        p_ptrs = p_ptr + (off + offs_r)[None, :].to(tl.int64) * stride_pr + offs_k[:, None] * stride_pk
+                        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+                        for t in range(0, k_tiles):
+                            k_ok = offs_k < K
+                            a = tl.load(x_ptrs, mask=p_ok[:, None] & k_ok[None, :], other=0.0)
+                            b = tl.load(p_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+                            acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+                            offs_k += BLOCK_K
+                            x_ptrs += BLOCK_K * stride_xk
+                            p_ptrs += BLOCK_K * stride_pk
+                        acc = acc * tl.load(scale_ptr + slot)
+                        u_ptrs = u_ptr + rows[:, None].to(tl.int64) * stride_um + offs_r[None, :] * stride_ur
+                        if SPLIT_K == 1:
+                            tl.store(u_ptrs, acc, mask=p_ok[:, None] & r_ok[None, :])
+                        else:
+                            tl.atomic_add(u_ptrs, acc, mask=p_ok[:, None] & r_ok[None, :])
+        else:
+            for pos in range(lo, hi):
+                _shrink_row(x_ptr, p_ptr, u_ptr, slot_ptr, off_ptr, rank_ptr, scale_ptr,
+                            tl.load(perm_ptr + pos), r0, k_first, k_tiles, K,
+                            stride_xm, stride_xk, stride_pr, stride_pk, stride_um, stride_ur,
+                            SPLIT_K, BLOCK_R, BLOCK_K)
+    else:
+        _shrink_row(x_ptr, p_ptr, u_ptr, slot_ptr, off_ptr, rank_ptr, scale_ptr,
+                    tl.program_id(0), r0, k_first, k_tiles, K,
+                    stride_xm, stride_xk, stride_pr, stride_pk, stride_um, stride_ur,
+                    SPLIT_K, BLOCK_R, BLOCK_K)
+
+
+@triton.jit
+def _gather_expand(acc, u_ptr, q_ptr, slot_ptr, off_ptr, rank_ptr, rows, pos_ok, offs_n, N,
+                   stride_um, stride_ur, stride_qr, stride_qn):
+    """acc[i, :] += sum_{j < rank} u[rows[i], j] * Q[off + j, offs_n], adapter per row (BGMV):
+    rank-1 updates up to the tile's largest rank, each row masked at its own."""
+    slot = tl.load(slot_ptr + rows, mask=pos_ok, other=-1)
+    has = pos_ok & (slot >= 0)
+    s = tl.where(has, slot, 0)
+    rank = tl.load(rank_ptr + s, mask=has, other=0)
+    off = tl.load(off_ptr + s, mask=has, other=0)
+    n_ok = offs_n[None, :] < N
+    u_rows = u_ptr + rows.to(tl.int64) * stride_um
+    q_rows = q_ptr + off.to(tl.int64)[:, None] * stride_qr + offs_n[None, :] * stride_qn
+    for j in range(0, tl.max(rank, axis=0)):
+        j_ok = j < rank
+        uj = tl.load(u_rows + j * stride_ur, mask=j_ok, other=0.0)
+        q = tl.load(q_rows + j * stride_qr, mask=j_ok[:, None] & n_ok, other=0.0)
+        acc += uj[:, None] * q.to(tl.float32)
+    return acc
+
+
+@triton.jit
+def multi_matmul_kernel(
+    a_ptr, b_ptr, c_ptr, bias_ptr, u_ptr, q_ptr,
+    slot_ptr, perm_ptr, segid_ptr, segstart_ptr, off_ptr, rank_ptr,
+    M, N, K, M_BUCKET, R_MAX,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    stride_um, stride_ur, stride_qr, stride_qn,
+    HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    SORTED: tl.constexpr, SEG_DOT_MAX: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """C[m] = A[m] @ B + bias + u[m, :rank[s]] @ Q[off[s] : off[s] + rank[s]], s = slot[m].
+
+    The base GEMM of the layer (forward: A = x, B = W^T, Q = P_B; dx: A = dy,
+    B = W, Q = P_A) with every row's own adapter added in the epilogue of its
+    output tile: no M x N intermediate. SORTED visits rows in the order perm
+    (R_MAX, the pool's largest rank, only keys the autotuner).
+    """
+    pid_m, pid_n = swizzle_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    offs_p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pos_ok = offs_p < M
+    if SORTED:
+        rows = tl.load(perm_ptr + offs_p, mask=pos_ok, other=0)
+    else:
+        rows = offs_p
+
+    k_tiles = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
+    offs_k = pid_k * k_tiles * BLOCK_K + tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None].to(tl.int64) * stride_bk + offs_n[None, :] * stride_bn
+    n_ok = offs_n[None, :] < N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t in range(0, k_tiles):
+        k_ok = offs_k < K
+        a = tl.load(a_ptrs, mask=pos_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok, other=0.0)
+        acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+        offs_k += BLOCK_K
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    # Epilogue, once per output tile (first K split only).
+    if pid_k == 0:
+        if SORTED:
+            lo = pid_m * BLOCK_M
+            hi = tl.minimum(lo + BLOCK_M, M)
+            first = tl.load(segid_ptr + lo)
+            last = tl.load(segid_ptr + hi - 1)
+            if last - first < SEG_DOT_MAX:
+                # SGMV: one tensor-core dot per (segment, rank chunk), ranks as they are.
+                for seg in range(first, last + 1):
+                    start = tl.load(segstart_ptr + seg)
+                    end = tl.load(segstart_ptr + seg + 1)
+                    slot = tl.load(slot_ptr + tl.load(perm_ptr + tl.maximum(start, lo)))
+                    if slot >= 0:
+                        rank = tl.load(rank_ptr + slot)
+                        off = tl.load(off_ptr + slot)
+                        seg_ok = pos_ok & (offs_p >= start) & (offs_p < end)
+                        for r0 in range(0, rank, BLOCK_R):
+                            offs_r = r0 + tl.arange(0, BLOCK_R)
+                            r_ok = offs_r < rank
+                            u = tl.load(u_ptr + rows[:, None].to(tl.int64) * stride_um + offs_r[None, :] * stride_ur,
+                                        mask=seg_ok[:, None] & r_ok[None, :], other=0.0)
+                            q = tl.load(q_ptr + (off + offs_r)[:, None].to(tl.int64) * stride_qr
+                                        + offs_n[None, :] * stride_qn, mask=r_ok[:, None] & n_ok, other=0.0)
+                            acc += tl.dot(u.to(DOT_DTYPE), q.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
+            else:
+                acc = _gather_expand(acc, u_ptr, q_ptr, slot_ptr, off_ptr, rank_ptr, rows, pos_ok, offs_n, N,
+                                     stride_um, stride_ur, stride_qr, stride_qn)
+        else:
+            acc = _gather_expand(acc, u_ptr, q_ptr, slot_ptr, off_ptr, rank_ptr, rows, pos_ok, offs_n, N,
+                                 stride_um, stride_ur, stride_qr, stride_qn)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
+
+    _store_rows(c_ptr, rows, pos_ok, offs_n, stride_cm, stride_cn, N, acc, SPLIT_K)
+
+
+@triton.jit
+def multi_grad_kernel(
+    l_ptr, r_ptr, out_ptr, perm_ptr, start_ptr, end_ptr, off_ptr, rank_ptr,
+    N, R_CHUNKS,
+    stride_lm, stride_lr, stride_rm, stride_rn, stride_om, stride_on,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, SPLIT_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """out[off[s] + j, n] (+)= sum over rows m of slot s of L[m, j] * R[m, n], j < rank[s].
+
+    The rows of slot s are perm[start[s] : end[s]] (sorted order). Grid:
+    (slots * R_CHUNKS, cdiv(N, BLOCK_N), SPLIT_M); with SPLIT_M > 1 the
+    programs of a slot split its rows and add into a zeroed float32 out.
+    Pool rows of no slot (and slots without rows) are left as they are.
+    """
+    slot = tl.program_id(0) // R_CHUNKS
+    r0 = (tl.program_id(0) % R_CHUNKS) * BLOCK_R
+    rank = tl.load(rank_ptr + slot)
+    if r0 < rank:
+        start = tl.load(start_ptr + slot)
+        end = tl.load(end_ptr + slot)
+        chunk = tl.cdiv(tl.cdiv(end - start, SPLIT_M), BLOCK_M) * BLOCK_M
+        lo = start + tl.program_id(2) * chunk
+        hi = tl.minimum(lo + chunk, end)
+        if lo < hi:
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            r_ok = offs_r < rank
+            offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < N
+            acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+            for p0 in range(lo, hi, BLOCK_M):
+                offs_p = p0 + tl.arange(0, BLOCK_M)
+                p_ok = offs_p < hi
+                rows = tl.load(perm_ptr + offs_p, mask=p_ok, other=0).to(tl.int64)
+                lt = tl.load(l_ptr + rows[None, :] * stride_lm + offs_r[:, None] * stride_lr,
+                             mask=r_ok[:, None] & p_ok[None, :], other=0.0)
+                rt = tl.load(r_ptr + rows[:, None] * stride_rm + offs_n[None, :] * stride_rn,
+                             mask=p_ok[:, None] & n_ok[None, :], other=0.0)
+                acc = tl.dot(lt.to(DOT_DTYPE), rt.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+            off = tl.load(off_ptr + slot)
+            ptrs = out_ptr + (off + offs_r)[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
+            mask = r_ok[:, None] & n_ok[None, :]
+            if SPLIT_M == 1:
+                tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+            else:
+                tl.atomic_add(ptrs, acc, mask=mask)

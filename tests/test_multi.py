@@ -1,0 +1,449 @@
+"""Batched multi-adapter serving (issue 4): every row its own adapter, forward and backward.
+
+Under the interpreter the SGMV (sorted) path runs for batches of more than
+16 rows and the BGMV (gather) path for fewer; sorted tiles meeting more than
+2 segments take the per-row gather epilogue (fusedlora.multi's thresholds).
+"""
+import pytest
+import torch
+from torch import nn
+
+import fusedlora
+from conftest import DEVICE, TOL, dispatched, rel_err
+from fusedlora import FusedLinear, multi, reference
+from fusedlora.sparse import random_indices
+
+
+def make_layer(K, N, ranks, dtype=torch.float32, names=None, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    layer = FusedLinear(K, N, bias=bias, device=DEVICE, dtype=dtype)
+    names = names or [f"r{r}_{i}" for i, r in enumerate(ranks)]
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(N, K, generator=g) / K**0.5)
+        if bias:
+            layer.bias.copy_(torch.randn(N, generator=g))
+        for n, r in zip(names, ranks):
+            layer.add_lora(n, r=r, lora_alpha=1.5 * r)
+            layer.lora_A[n].copy_(torch.randn(r, K, generator=g) / K**0.5)
+            layer.lora_B[n].copy_(torch.randn(N, r, generator=g) / r**0.5)
+    return layer, names
+
+
+def draw_ids(layer, names, n, with_base=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    choices = torch.tensor([layer.adapter_id(a) for a in names] + ([-1] if with_base else []))
+    return choices[torch.randint(0, len(choices), (n,), generator=g)].to(DEVICE)
+
+
+def name_of(i):
+    return None if i == -1 else multi.REGISTRY.names()[i]
+
+
+def rowwise_single(layer, x, row_ids):
+    """The single-adapter forward of every row with that row's adapter (base for -1)."""
+    saved = layer.active_adapters
+    x2 = x.reshape(-1, x.shape[-1])
+    out = []
+    with torch.no_grad():
+        for row, i in zip(x2, row_ids.reshape(-1).tolist()):
+            layer.set_adapter(name_of(i))
+            out.append(layer(row[None])[0])
+    layer.set_adapter(saved)
+    return torch.stack(out).reshape(*x.shape[:-1], layer.out_features)
+
+
+def reference_multi(layer, names, x, row_ids, grad_y=None):
+    """float64 oracle (reference.multi_lora_linear), with its autograd gradients."""
+    p = {k: v.detach().double().requires_grad_() for k, v in layer.named_parameters()}
+    xd = x.detach().double().requires_grad_()
+    slot = {layer.adapter_id(n): s for s, n in enumerate(names)}
+    row = torch.tensor([slot.get(i, -1) for i in row_ids.reshape(-1).tolist()], device=x.device)
+    x2 = xd.reshape(-1, x.shape[-1])
+    y = reference.multi_lora_linear(x2, p["weight"], p.get("bias"), row, [p[f"lora_A.{n}"] for n in names],
+                                    [p[f"lora_B.{n}"] for n in names], [layer.scaling[n] for n in names])
+    y = y.reshape(*x.shape[:-1], -1)
+    if grad_y is not None:
+        y.backward(grad_y.double())
+    return y, xd, p
+
+
+# --------------------------------------------------------------- forward
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M", [5, 37])  # BGMV, SGMV
+def test_mixed_ranks_rowwise_equal_single_adapter(triton_backend, dtype, M):
+    layer, names = make_layer(45, 29, [1, 3, 8], dtype)
+    layer.eval()
+    x = torch.randn(M, 45, device=DEVICE, dtype=dtype)
+    ids = draw_ids(layer, names, M, seed=M)
+    with torch.no_grad():
+        y = layer(x, adapter_ids=ids)
+    assert y.dtype == dtype and y.shape == (M, 29)
+    assert rel_err(y, rowwise_single(layer, x, ids)) < TOL[dtype]
+    assert rel_err(y, reference_multi(layer, names, x, ids)[0]) < TOL[dtype]
+    path = "sgmv" if M > multi.sort_min_rows() else "bgmv"
+    ran = dispatched("multi.")
+    assert any(k.startswith(f"multi.forward:triton:{path}") for k in ran), ran
+    assert f"multi.shrink:triton:{path}" in ran, ran
+
+
+@pytest.mark.parametrize("M", [6, 40])
+def test_forward_backward_all_grads(triton_backend, M):
+    """fp32 and fp16, BGMV and SGMV: y, dx, dW, db and every adapter's dA, dB against float64."""
+    for dtype in (torch.float32, torch.float16):
+        layer, names = make_layer(33, 26, [1, 3, 8, 20], dtype, seed=M)
+        x = torch.randn(M, 33, device=DEVICE, dtype=dtype, requires_grad=True)
+        ids = draw_ids(layer, names, M, seed=M + 1)
+        ids[:4] = torch.tensor([layer.adapter_id(n) for n in names])  # every adapter has rows
+        fusedlora.reset_dispatch()
+        y = layer(x, adapter_ids=ids)
+        gy = torch.randn_like(y)
+        y.backward(gy)
+        y_ref, xd, p = reference_multi(layer, names, x, ids, gy)
+        tol = TOL[dtype]
+        assert rel_err(y, y_ref) < tol
+        assert rel_err(x.grad, xd.grad) < tol
+        for k, prm in layer.named_parameters():
+            assert rel_err(prm.grad, p[k].grad) < tol, k
+        ran = dispatched("multi.")
+        for op in ("multi.grad_A:triton:grouped", "multi.grad_B:triton:grouped"):
+            assert op in ran, ran
+        assert any(k.startswith("multi.grad_x:triton:") for k in ran), ran
+
+
+def test_fragmented_sorted_tiles_and_per_row_ids_3d(triton_backend):
+    """Six adapters, 2-3 rows each: sorted tiles meet more than SEG_DOT_MAX segments and take
+    the in-tile gather; per-row ids on a 3-D input."""
+    layer, names = make_layer(24, 20, [2, 5, 1, 7, 3, 16])
+    layer.eval()
+    ids = torch.tensor([layer.adapter_id(n) for n in names] * 3 + [-1, -1], device=DEVICE)
+    ids = ids[torch.randperm(20, generator=torch.Generator().manual_seed(1))].reshape(4, 5)
+    x = torch.randn(4, 5, 24, device=DEVICE)
+    with torch.no_grad():
+        y = layer(x, adapter_ids=ids)
+    assert y.shape == (4, 5, 20)
+    assert rel_err(y, reference_multi(layer, names, x, ids)[0]) < TOL[torch.float32]
+    assert rel_err(y, rowwise_single(layer, x, ids)) < TOL[torch.float32]
+    assert "multi.forward:triton:sgmv" in dispatched()
+
+
+def test_per_sample_ids_3d_noncontiguous_odd_shapes_no_bias(triton_backend):
+    layer, names = make_layer(33, 17, [3, 1], bias=False)
+    wide = torch.randn(3, 7, 66, device=DEVICE)
+    x = wide[..., ::2].requires_grad_()                      # stride 2 along K
+    assert not x.is_contiguous()
+    ids = torch.tensor([layer.adapter_id(names[1]), -1, layer.adapter_id(names[0])], device=DEVICE)
+    y = layer(x, adapter_ids=ids)                           # one id per sample
+    assert y.shape == (3, 7, 17)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    rows = ids[:, None].expand(3, 7)
+    y_ref, xd, p = reference_multi(layer, names, x, rows, gy)
+    assert rel_err(y, y_ref) < TOL[torch.float32]
+    assert rel_err(x.grad, xd.grad) < TOL[torch.float32]
+    for n in names:
+        assert rel_err(layer.lora_A[n].grad, p[f"lora_A.{n}"].grad) < TOL[torch.float32]
+    assert rel_err(y[1], rowwise_single(layer, x[1:2], rows[1:2])[0]) < 1e-6   # -1: the base layer
+
+
+def test_zero_rows_and_all_base(triton_backend):
+    layer, names = make_layer(20, 12, [4, 2])
+    x = torch.randn(0, 20, device=DEVICE, requires_grad=True)
+    y = layer(x, adapter_ids=torch.zeros(0, dtype=torch.long, device=DEVICE))
+    assert y.shape == (0, 12)
+    y.sum().backward()
+    assert x.grad.shape == (0, 20) and layer.lora_A[names[0]].grad.abs().sum() == 0
+    x = torch.randn(3, 4, 20, device=DEVICE)
+    with torch.no_grad():
+        y = layer(x, adapter_ids=torch.full((3,), -1, device=DEVICE))
+    assert rel_err(y, nn.functional.linear(x, layer.weight, layer.bias)) < 1e-6
+
+
+# ----------------------------------------------------------- ids and pool
+def test_global_ids_stable_across_layers_and_deletes(triton_backend):
+    l1 = FusedLinear(16, 8, device=DEVICE)
+    l2 = FusedLinear(8, 16, device=DEVICE)
+    l1.add_lora("gid_x", r=2)
+    l2.add_lora("gid_y", r=3)
+    l2.add_lora("gid_x", r=4)
+    l1.add_lora("gid_y", r=1)
+    ix, iy = l1.adapter_id("gid_x"), l1.adapter_id("gid_y")
+    assert ix != iy and l2.adapter_id("gid_x") == ix and l2.adapter_id("gid_y") == iy
+    assert fusedlora.adapter_id("gid_x") == ix
+    l1.delete_adapter("gid_x")
+    assert l1.adapter_id("gid_y") == iy and l2.adapter_id("gid_x") == ix
+    with pytest.raises(ValueError, match="unknown adapter 'gid_x'"):
+        l1.adapter_id("gid_x")
+    l1.add_lora("gid_x", r=5)                   # re-added: the same id as before
+    assert l1.adapter_id("gid_x") == ix
+
+
+def test_pool_growth_delete_and_sync_are_amortised(triton_backend):
+    layer, names = make_layer(16, 12, [(i % 4) + 1 for i in range(24)])
+    layer.eval()
+    x = torch.randn(40, 16, device=DEVICE)
+
+    def check():
+        live = layer.adapter_names
+        ids = draw_ids(layer, live, 40, seed=len(live))
+        with torch.no_grad():
+            y = layer(x, adapter_ids=ids)
+        assert rel_err(y, reference_multi(layer, live, x, ids)[0]) < TOL[torch.float32]
+
+    check()
+    pool = layer._multi_pool
+    total = sum(layer.r.values())
+    assert pool.copied_rows == total
+    for n in names[::2]:                        # delete half: holes, then one compaction
+        layer.delete_adapter(n)
+    check()
+    assert pool.used <= 2 * sum(layer.r.values())
+    assert pool.copied_rows <= 2 * total        # only live rows moved, once
+    before = pool.copied_rows
+    with torch.no_grad():                       # an optimizer-style in-place update of one adapter
+        layer.lora_B[names[1]].mul_(2.0)
+    check()
+    assert pool.copied_rows == before + layer.r[names[1]]
+    layer.add_lora("late", r=6, init_lora_weights=False)
+    check()
+    assert pool.copied_rows == before + layer.r[names[1]] + 6
+
+
+def test_bad_ids_raise_and_validate_false_skips(triton_backend):
+    layer, names = make_layer(16, 12, [2])
+    other = FusedLinear(4, 4)
+    other.add_lora("only_elsewhere", r=1)
+    x = torch.randn(4, 16, device=DEVICE)
+    bad = torch.tensor([layer.adapter_id(names[0]), other.adapter_id("only_elsewhere"), -1, 10**6], device=DEVICE)
+    with pytest.raises(ValueError, match="name no adapter of this layer") as info:
+        layer(x, adapter_ids=bad)
+    assert "only_elsewhere" in str(info.value) and str(10**6) in str(info.value)
+    with pytest.raises(ValueError, match="name no adapter"):
+        layer(x, adapter_ids=torch.tensor([-2, -1, -1, -1], device=DEVICE))
+    fusedlora.reset_dispatch()
+    with torch.no_grad():
+        y = layer(x, adapter_ids=bad, validate=False)   # no check: unknown ids act as -1
+        ok = layer(x, adapter_ids=torch.tensor([bad[0].item(), -1, -1, -1], device=DEVICE))
+    assert torch.allclose(y, ok)
+    with pytest.raises(TypeError, match="integer"):
+        layer(x, adapter_ids=torch.zeros(4))
+    with pytest.raises(ValueError, match="one id per sample"):
+        layer(x, adapter_ids=torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="device"):
+        layer(x, adapter_ids=torch.zeros(4, dtype=torch.long, device="meta"))
+    layer.merge()
+    with pytest.raises(ValueError, match="unmerge"):
+        layer(x, adapter_ids=bad[:1].expand(4))
+    layer.unmerge()
+    layer.lora_dropout[names[0]] = 0.1
+    with pytest.raises(NotImplementedError, match="dropout"):
+        layer.train()(x, adapter_ids=bad[:1].expand(4))
+
+
+# ------------------------------------------------------ C3A and sparse rows
+def test_mixed_kinds_lora_c3a_sparse(triton_backend):
+    layer, names = make_layer(32, 24, [3, 8])
+    layer.add_c3a("c3", block_size=8, init_weights="gaussian")
+    idx = random_indices((24, 32), density=0.1, seed=4)
+    layer.add_sparse("sp", idx, torch.randn(idx.shape[1]), scaling=0.7)
+    kinds = names + ["c3", "sp"]
+    M = 24
+    ids = draw_ids(layer, kinds, M, seed=9)
+    ids[:5] = torch.tensor([layer.adapter_id(n) for n in kinds] + [-1])
+    x = torch.randn(M, 32, device=DEVICE, requires_grad=True)
+    y = layer(x, adapter_ids=ids)
+    assert rel_err(y, rowwise_single(layer, x.detach(), ids)) < TOL[torch.float32]
+    ran = dispatched("multi.")
+    assert {"multi.c3a_delta:torch:masked", "multi.sparse_delta:torch:masked"} <= set(ran), ran
+    assert any(k.startswith("multi.forward:triton") for k in ran)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    # float64 oracle: per row, its own dense weight
+    d = {k: v.detach().double() for k, v in layer.state_dict().items()}
+    kc = layer.c3a_kernel["c3"].detach().double().requires_grad_()
+    vs = layer.sparse_values["sp"].detach().double().requires_grad_()
+    xd = x.detach().double()
+    out = []
+    for m, i in enumerate(ids.tolist()):
+        n = name_of(i)
+        W = d["weight"]
+        if n == "c3":
+            W = W + reference.c3a_delta_weight(kc, 32, 24)
+        elif n == "sp":
+            W = W + reference.sparse_delta_weight(idx, vs, 0.7, (24, 32))
+        row = nn.functional.linear(xd[m], W, d["bias"])
+        if n in names:
+            row = row + layer.scaling[n] * d[f"lora_B.{n}"] @ (d[f"lora_A.{n}"] @ xd[m])
+        out.append(row)
+    torch.stack(out).backward(gy.double())
+    assert rel_err(layer.c3a_kernel["c3"].grad, kc.grad) < TOL[torch.float32]
+    assert rel_err(layer.sparse_values["sp"].grad, vs.grad) < TOL[torch.float32]
+    assert layer.lora_A[names[0]].grad is not None and x.grad is not None
+
+
+# -------------------------------------------------------------- use_adapters
+def _model():
+    torch.manual_seed(3)
+    model = nn.Sequential(FusedLinear(16, 24), nn.GELU(), FusedLinear(24, 24), nn.GELU(), FusedLinear(24, 8))
+    model[0].add_lora("ua_a", r=2, init_lora_weights=False)
+    model[0].add_lora("ua_b", r=6, init_lora_weights=False)
+    model[2].add_lora("ua_b", r=3, init_lora_weights=False)   # ua_a absent here: base for its rows
+    model[4].add_lora("ua_a", r=5, init_lora_weights=False)
+    return model.to(DEVICE).eval()
+
+
+def _per_sample(model, x, names):
+    out = []
+    for xi, n in zip(x, names):
+        for m in model:
+            if isinstance(m, FusedLinear):
+                m.set_adapter(n if n in m.adapter_names else None)
+        with torch.no_grad():
+            out.append(model(xi[None])[0])
+    return torch.stack(out)
+
+
+def test_use_adapters_routes_a_sequential(triton_backend):
+    model = _model()
+    names = ["ua_b", None, "ua_a", "ua_b"]
+    ids = torch.tensor([fusedlora.adapter_id(n) if n else -1 for n in names], device=DEVICE)
+    x = torch.randn(4, 3, 16, device=DEVICE)
+    with torch.no_grad(), fusedlora.use_adapters(model, ids) as m:
+        assert m is model
+        y = model(x)
+    ref = _per_sample(model, x, names)
+    assert rel_err(y, ref) < TOL[torch.float32]
+    assert all(m._multi_route is None for m in model if isinstance(m, FusedLinear))
+    with pytest.raises(ValueError, match="no adapter of any FusedLinear"):
+        with fusedlora.use_adapters(model, torch.tensor([10**6], device=DEVICE)):
+            pass
+    for m in model:
+        if isinstance(m, FusedLinear):
+            m.set_adapter(None)
+    with torch.no_grad():   # outside the scope: the plain layers again
+        assert rel_err(model(x), _per_sample(model, x, [None] * 4)) < 1e-6
+
+
+def test_use_adapters_tiny_llama(triton_backend, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=64, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+
+    def patch(mod):
+        for name, child in mod.named_children():
+            if isinstance(child, nn.Linear) and not isinstance(child, FusedLinear):
+                setattr(mod, name, FusedLinear.from_linear(child))
+            else:
+                patch(child)
+    patch(model)
+    layers = model.model.layers
+    for i, blk in enumerate(layers):
+        blk.self_attn.q_proj.add_lora("llama_a", r=4, init_lora_weights=False)
+        blk.self_attn.v_proj.add_lora("llama_b", r=2, init_lora_weights=False)
+        blk.self_attn.v_proj.add_lora("llama_a", r=8, init_lora_weights=False)
+    layers[1].mlp.down_proj.add_lora("llama_b", r=3, init_lora_weights=False)
+    model.to(DEVICE)
+    ids_of = {n: fusedlora.adapter_id(n) for n in ("llama_a", "llama_b")}
+    names = ["llama_a", None, "llama_b"]
+    ids = torch.tensor([ids_of[n] if n else -1 for n in names], device=DEVICE)
+    tokens = torch.randint(0, 64, (3, 6), device=DEVICE)
+    fusedlora.reset_dispatch()
+    with torch.no_grad(), fusedlora.use_adapters(model, ids):
+        logits = model(tokens).logits
+    assert any(k.startswith("multi.forward:triton") for k in dispatched())
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "torch")   # the per-sample oracle on the reference path
+    ref = []
+    for t, n in zip(tokens, names):
+        for m in model.modules():
+            if isinstance(m, FusedLinear) and m.adapter_names:
+                m.set_adapter(n if n in m.adapter_names else None)
+        with torch.no_grad():
+            ref.append(model(t[None]).logits[0])
+    assert rel_err(logits, torch.stack(ref)) < 1e-5
+
+
+# ---------------------------------------------------- torch backend, compile
+def test_torch_backend_matches_reference_and_opcheck(torch_backend):
+    layer, names = make_layer(20, 14, [2, 5])
+    x = torch.randn(9, 20, requires_grad=True)
+    ids = draw_ids(layer, names, 9, seed=2)
+    y = layer(x, adapter_ids=ids)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    y_ref, xd, p = reference_multi(layer, names, x, ids, gy)
+    assert rel_err(y, y_ref) < 1e-5 and rel_err(x.grad, xd.grad) < 1e-5
+    for k, prm in layer.named_parameters():
+        assert rel_err(prm.grad, p[k].grad) < 1e-5, k
+    assert all(":torch:" in k for k in dispatched()), dispatched()
+    from fusedlora.multi import _multi_backward, _multi_forward, pack_loras
+    As = [layer.lora_A[n].detach() for n in names]
+    Bs = [layer.lora_B[n].detach() for n in names]
+    pool_A, pool_BT, off, rank, scale, rmax = pack_loras([None] + As, [None] + Bs, [0.0, 1.5, 0.5])
+    slot = torch.tensor([0, 1, 2, -1, 2, 1, 1, 0, -1], dtype=torch.int32)
+    args = (x.detach(), layer.weight.detach(), layer.bias.detach(), pool_A.requires_grad_(),
+            pool_BT.requires_grad_(), slot, off, rank, scale, rmax)
+    torch.library.opcheck(_multi_forward, args)
+    u = torch.randn(9, rmax)
+    torch.library.opcheck(_multi_backward, (gy, *args[:2], pool_A.detach(), pool_BT.detach(), u, slot, off, rank,
+                                            scale, rmax, [True, False, True, True, True]))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_torch_compile_fullgraph(monkeypatch, backend):
+    monkeypatch.setenv("FUSEDLORA_BACKEND", backend)
+    torch._dynamo.reset()
+    layer, names = make_layer(16, 12, [2, 4])
+    ids = draw_ids(layer, names, 6, seed=5)
+
+    def f(x, ids):
+        return layer(x, adapter_ids=ids)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    x = torch.randn(6, 16, requires_grad=True)
+    y = compiled(x, ids)
+    y.sum().backward()
+    gA = layer.lora_A[names[1]].grad.clone()
+    for prm in layer.parameters():
+        prm.grad = None
+    y_eager = f(x, ids)
+    y_eager.sum().backward()
+    assert rel_err(y, y_eager) < 1e-6 and rel_err(gA, layer.lora_A[names[1]].grad) < 1e-6
+    with pytest.raises(RuntimeError, match="names no adapter"):
+        compiled(x, torch.full((6,), 10**6))
+
+
+# ------------------------------------------------------------------ GPU only
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 64, 333, 4096])
+def test_gpu_bf16_large_mixed_ranks(triton_backend, M):
+    layer, names = make_layer(4096, 4096, [8, 16, 64, 8, 16, 64, 8, 16], torch.bfloat16)
+    x = torch.randn(M, 4096, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    ids = draw_ids(layer, names, M, seed=M)
+    y = layer(x, adapter_ids=ids)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    y_ref, xd, p = reference_multi(layer, names, x, ids, gy)
+    assert rel_err(y, y_ref) < TOL[torch.bfloat16]
+    assert rel_err(x.grad, xd.grad) < TOL[torch.bfloat16]
+    for n in names:
+        if p[f"lora_A.{n}"].grad.abs().sum() > 0:
+            assert rel_err(layer.lora_A[n].grad, p[f"lora_A.{n}"].grad) < TOL[torch.bfloat16], n
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [8, 256])
+def test_gpu_cuda_graph_capture_validate_false(triton_backend, M):
+    layer, names = make_layer(1024, 768, [16, 4, 32], torch.bfloat16)
+    layer.eval()
+    x = torch.randn(M, 1024, device="cuda", dtype=torch.bfloat16)
+    ids = draw_ids(layer, names, M, seed=1)
+    with torch.no_grad():
+        layer(x, adapter_ids=ids, validate=False)     # warm-up: compile, autotune, build the pool
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = layer(x, adapter_ids=ids, validate=False)
+        x.copy_(torch.randn_like(x))
+        ids.copy_(draw_ids(layer, names, M, seed=2))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(out, layer(x, adapter_ids=ids)) < TOL[torch.bfloat16]
