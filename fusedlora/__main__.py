@@ -12,6 +12,7 @@ commands:
   info    print fusedlora.backend_info() as JSON
   demo    run the demo (python -m fusedlora demo --help)
   bench   run the microbenchmarks of the source tree's bench/ (python -m fusedlora bench --help)
+  serve-demo  batched generation, every request its own adapter (python -m fusedlora serve-demo --help)
 """
 
 
@@ -50,7 +51,13 @@ def _bench(argv) -> int:
     return run.main(argv) or 0
 
 
-COMMANDS = {"info": _info, "demo": _demo, "bench": _bench}
+def _serve_demo(argv) -> int:
+    from . import serve_demo
+
+    return serve_demo.main(argv) or 0
+
+
+COMMANDS = {"info": _info, "demo": _demo, "bench": _bench, "serve-demo": _serve_demo}
 
 
 def main(argv=None) -> int:
