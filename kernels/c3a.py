@@ -32,7 +32,7 @@ the result, whichever gives more output rows.
 import triton
 import triton.language as tl
 
-from .tiles import store_tile, swizzle_tile
+from .tiles import add_bias, store_tile, swizzle_tile
 
 
 @triton.jit
@@ -94,8 +94,7 @@ def c3a_matmul_kernel(
 
     if HAS_BIAS:
         if pid_k == 0:
-            bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
-            acc += bias.to(tl.float32)[None, :]
+            acc = add_bias(acc, bias_ptr, offs_n, N)
 
     store_tile(c_ptr, offs_m, offs_n, stride_cm, stride_cn, M, N, acc, SPLIT_K)
 

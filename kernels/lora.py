@@ -19,7 +19,7 @@ fill the GPU.
 import triton
 import triton.language as tl
 
-from .tiles import dropout_keep, load_tile, store_tile, swizzle_tile
+from .tiles import add_bias, dropout_keep, load_tile, split_k_range, store_tile, swizzle_tile
 
 
 @triton.jit
@@ -40,8 +40,7 @@ def lora_matmul_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
 
-    tiles_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
-    k_first = pid_k * tiles_per_split * BLOCK_K
+    tiles_per_split, k_first = split_k_range(K, pid_k, BLOCK_K, SPLIT_K)
     offs_k = k_first + tl.arange(0, BLOCK_K)
     # 64-bit row offsets: M * stride can pass 2^31 on long prefills.
     a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
@@ -78,7 +77,6 @@ def lora_matmul_kernel(
                 low = tl.where(keep, low * keep_scale, 0.0)
             acc += low
         if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
-            acc += bias.to(tl.float32)[None, :]
+            acc = add_bias(acc, bias_ptr, offs_n, N)
 
     store_tile(c_ptr, offs_m, offs_n, stride_cm, stride_cn, M, N, acc, SPLIT_K)

@@ -28,7 +28,7 @@ strides, (NUM_TK, 1) forward and (1, NUM_TK) for dx.
 import triton
 import triton.language as tl
 
-from .tiles import store_tile, swizzle_tile
+from .tiles import add_bias, split_k_range, store_tile, swizzle_tile
 
 
 @triton.jit
@@ -58,8 +58,7 @@ def sparse_matmul_kernel(
     local_k = tl.arange(0, BLOCK_K)
     local_n = tl.arange(0, BLOCK_N)
 
-    tiles_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
-    k_first = pid_k * tiles_per_split * BLOCK_K
+    tiles_per_split, k_first = split_k_range(K, pid_k, BLOCK_K, SPLIT_K)
     offs_k = k_first + local_k
     a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + offs_k[:, None].to(tl.int64) * stride_bk + offs_n[None, :] * stride_bn
@@ -101,8 +100,7 @@ def sparse_matmul_kernel(
 
     if HAS_BIAS:
         if pid_k == 0:
-            bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
-            acc += bias.to(tl.float32)[None, :]
+            acc = add_bias(acc, bias_ptr, offs_n, N)
 
     store_tile(c_ptr, offs_m, offs_n, stride_cm, stride_cn, M, N, acc, SPLIT_K)
 

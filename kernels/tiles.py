@@ -41,6 +41,20 @@ def load_tile(ptr, rows, cols, stride_r, stride_c, n_rows, n_cols):
 
 
 @triton.jit
+def split_k_range(K, pid_k, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """(tiles in this program's share of the reduction, its first k): split
+    SPLIT_K ways at whole BLOCK_K tiles; the last shares may run past K (masked)."""
+    tiles_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
+    return tiles_per_split, pid_k * tiles_per_split * BLOCK_K
+
+
+@triton.jit
+def add_bias(acc, bias_ptr, offs_n, N):
+    bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
+    return acc + bias.to(tl.float32)[None, :]
+
+
+@triton.jit
 def store_tile(c_ptr, offs_m, offs_n, stride_cm, stride_cn, M, N, acc, SPLIT_K: tl.constexpr):
     """Write a GEMM's fp32 accumulator tile: cast and store, or, when the
     reduction is split over programs, add it atomically into a zeroed fp32 C."""
