@@ -62,7 +62,10 @@ _INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 SORT_MIN_ROWS_GPU = 64
 SORT_MIN_ROWS_INTERPRET = 16
 # A sorted tile that meets more segments than this runs the per-row gather
-# epilogue instead of one tensor-core dot per segment.
+# instead of one tensor-core dot per segment. The shrink (row-sized gathers)
+# uses it on the GPU too; the base GEMM's epilogue only under the interpreter
+# (0: always a dot per segment), as its 128 x 256 tiles would spill the
+# gather's pointer tiles.
 SEG_DOT_MAX_GPU = 8
 SEG_DOT_MAX_INTERPRET = 2
 
@@ -71,8 +74,10 @@ def sort_min_rows() -> int:
     return SORT_MIN_ROWS_INTERPRET if interpreting() else SORT_MIN_ROWS_GPU
 
 
-def _seg_dot_max() -> int:
-    return SEG_DOT_MAX_INTERPRET if interpreting() else SEG_DOT_MAX_GPU
+def _seg_dot_max(epilogue: bool = False) -> int:
+    if interpreting():
+        return SEG_DOT_MAX_INTERPRET
+    return 0 if epilogue else SEG_DOT_MAX_GPU
 
 
 # ------------------------------------------------------------------ global ids
@@ -159,15 +164,27 @@ def _tuned_matmul():
     return triton.autotune(configs=configs, key=["M_BUCKET", "N", "K", "R_MAX"])(multi_matmul_kernel)
 
 
-def _meta(slot_off: Tensor, slot_rank: Tensor, routing: Optional[Routing], dummy: Tensor):
+@dataclass
+class _Slots:
+    """Per-slot device tables handed to the launchers, and the dropout of this call."""
+
+    off: Tensor
+    rank: Tensor
+    scale: Tensor
+    drop: Tensor
+    dropout: bool
+    seed: int
+
+
+def _meta(routing: Optional[Routing], dummy: Tensor):
     if routing is None:
         return dummy, dummy, dummy
     return routing.perm, routing.segid, routing.segstart
 
 
-def _shrink(x: Tensor, pool: Tensor, row_slot: Tensor, slot_off: Tensor, slot_rank: Tensor, slot_scale: Tensor,
-            max_rank: int, routing: Optional[Routing], tag: str) -> Tensor:
-    """u[m, :rank] = scale * x[m] P[slot]^T, float32 (M x max_rank), rows in natural order."""
+def _shrink(x: Tensor, pool: Tensor, row_slot: Tensor, sl: _Slots, max_rank: int, routing: Optional[Routing],
+            dropout: bool, tag: str) -> Tensor:
+    """u[m, :rank] = scale * drop(x[m]) P[slot]^T, float32 (M x max_rank), rows in natural order."""
     import triton
 
     from .kernels.multi import multi_shrink_kernel
@@ -187,21 +204,20 @@ def _shrink(x: Tensor, pool: Tensor, row_slot: Tensor, slot_off: Tensor, slot_ra
     rows = triton.cdiv(M, block_m) if sorted_ else M
     r_chunks = triton.cdiv(max_rank, block_r)
     split = split_k(rows * r_chunks, triton.cdiv(K, block_k), x.device)
-    perm, segid, segstart = _meta(slot_off, slot_rank, routing, row_slot)
+    perm, segid, segstart = _meta(routing, row_slot)
     multi_shrink_kernel[(rows, r_chunks, split)](
-        x, pool, u, row_slot, perm, segid, segstart, slot_off, slot_rank, slot_scale, M, K,
-        x.stride(0), x.stride(1), pool.stride(0), pool.stride(1), u.stride(0), u.stride(1),
-        DOT_DTYPE=_tl_dtype(x.dtype), INPUT_PRECISION=_input_precision(x.dtype), SORTED=sorted_,
-        SEG_DOT_MAX=_seg_dot_max(), SPLIT_K=split, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k,
+        x, pool, u, row_slot, perm, segid, segstart, sl.off, sl.rank, sl.scale, sl.drop, M, K,
+        x.stride(0), x.stride(1), pool.stride(0), pool.stride(1), u.stride(0), u.stride(1), sl.seed,
+        DOT_DTYPE=_tl_dtype(x.dtype), INPUT_PRECISION=_input_precision(x.dtype), SORTED=sorted_, DROPOUT=dropout,
+        SEG_DOT_MAX=_seg_dot_max() or block_m + 1, SPLIT_K=split, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k,
         num_warps=warps)
     record(tag, "triton", "sgmv" if sorted_ else "bgmv")
     return u
 
 
-def _matmul(a: Tensor, b: Tensor, bias: Optional[Tensor], u: Tensor, q: Tensor, row_slot: Tensor,
-            slot_off: Tensor, slot_rank: Tensor, routing: Optional[Routing], out_dtype: torch.dtype,
-            tag: str) -> Tensor:
-    """C[m] = a[m] @ b + bias + u[m, :rank] @ q[off : off + rank] (slot of row m)."""
+def _matmul(a: Tensor, b: Tensor, bias: Optional[Tensor], u: Tensor, q: Tensor, row_slot: Tensor, sl: _Slots,
+            routing: Optional[Routing], drop_epi: bool, out_dtype: torch.dtype, tag: str) -> Tensor:
+    """C[m] = a[m] @ b + bias + drop?(u[m, :rank] @ q[off : off + rank]) (slot of row m)."""
     import triton
 
     from .kernels.multi import multi_matmul_kernel
@@ -217,13 +233,13 @@ def _matmul(a: Tensor, b: Tensor, bias: Optional[Tensor], u: Tensor, q: Tensor, 
     split = plan["SPLIT_K"] if plan else 1
     c = (torch.zeros if split > 1 else torch.empty)(
         (M, N), device=a.device, dtype=torch.float32 if split > 1 else out_dtype)
-    perm, segid, segstart = _meta(slot_off, slot_rank, routing, row_slot)
-    args = (a, b, c, bias if bias is not None else c, u, q, row_slot, perm, segid, segstart, slot_off, slot_rank,
-            M, N, K, _pow2_at_least(M, 1), _pow2_at_least(u.shape[1], 1),
+    perm, segid, segstart = _meta(routing, row_slot)
+    args = (a, b, c, bias if bias is not None else c, u, q, row_slot, perm, segid, segstart, sl.off, sl.rank,
+            sl.drop, M, N, K, _pow2_at_least(M, 1), _pow2_at_least(u.shape[1], 1),
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-            u.stride(0), u.stride(1), q.stride(0), q.stride(1))
-    flags = dict(HAS_BIAS=bias is not None, DOT_DTYPE=_tl_dtype(a.dtype), INPUT_PRECISION=_input_precision(a.dtype),
-                 SORTED=sorted_, SEG_DOT_MAX=_seg_dot_max())
+            u.stride(0), u.stride(1), q.stride(0), q.stride(1), sl.seed)
+    flags = dict(HAS_BIAS=bias is not None, DROP_EPI=drop_epi, DOT_DTYPE=_tl_dtype(a.dtype),
+                 INPUT_PRECISION=_input_precision(a.dtype), SORTED=sorted_, SEG_DOT_MAX=_seg_dot_max(epilogue=True))
     path = "sgmv" if sorted_ else "bgmv"
     if plan is None:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), 1)  # noqa: E731
@@ -236,9 +252,9 @@ def _matmul(a: Tensor, b: Tensor, bias: Optional[Tensor], u: Tensor, q: Tensor, 
     return c if c.dtype == out_dtype else c.to(out_dtype)
 
 
-def _grouped_grad(left: Tensor, right: Tensor, routing: Routing, slot_off: Tensor, slot_rank: Tensor,
-                  pool_rows: int, max_rank: int, out_dtype: torch.dtype, tag: str) -> Tensor:
-    """out[off[s] + j, n] = sum over rows m of slot s of left[m, j] * right[m, n]; pool-shaped."""
+def _grouped_grad(left: Tensor, right: Tensor, routing: Routing, sl: _Slots, pool_rows: int, max_rank: int,
+                  drop_right: bool, out_dtype: torch.dtype, tag: str) -> Tensor:
+    """out[off[s] + j, n] = sum over rows m of slot s of left[m, j] * drop?(right)[m, n]; pool-shaped."""
     import triton
 
     from .kernels.multi import multi_grad_kernel
@@ -246,7 +262,7 @@ def _grouped_grad(left: Tensor, right: Tensor, routing: Routing, slot_off: Tenso
 
     M, N = right.shape
     out = torch.zeros((pool_rows, N), device=right.device, dtype=torch.float32)
-    S = slot_rank.shape[0]
+    S = sl.rank.shape[0]
     if M == 0 or N == 0 or max_rank == 0 or pool_rows == 0 or S == 0:
         return out.to(out_dtype)
     block_m, block_n, block_r = (16, 16, 16) if interpreting() else (64, 128, 16)
@@ -255,43 +271,60 @@ def _grouped_grad(left: Tensor, right: Tensor, routing: Routing, slot_off: Tenso
     programs = S * r_chunks * n_tiles
     split = max(1, min(triton.cdiv(M, block_m), triton.cdiv(_target_programs(right.device), programs)))
     multi_grad_kernel[(S * r_chunks, n_tiles, split)](
-        left, right, out, routing.perm, routing.start, routing.end, slot_off, slot_rank, N, r_chunks,
-        left.stride(0), left.stride(1), right.stride(0), right.stride(1), out.stride(0), out.stride(1),
-        DOT_DTYPE=_tl_dtype(right.dtype), INPUT_PRECISION=_input_precision(right.dtype), SPLIT_M=split,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r)
+        left, right, out, routing.perm, routing.start, routing.end, sl.off, sl.rank, sl.drop, N, r_chunks,
+        left.stride(0), left.stride(1), right.stride(0), right.stride(1), out.stride(0), out.stride(1), sl.seed,
+        DROP_R=drop_right, DOT_DTYPE=_tl_dtype(right.dtype), INPUT_PRECISION=_input_precision(right.dtype),
+        SPLIT_M=split, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r)
     record(tag, "triton", "grouped")
     return out.to(out_dtype)
 
 
 # ------------------------------------------------------------- torch backend
-def _groups(row_slot: Tensor, slot_off: Tensor, slot_rank: Tensor, slot_scale: Tensor):
-    """(rows, off, rank, scale) of each LoRA slot that has rows: the torch backend groups rows
-    by adapter on the host, as PEFT's mixed batch does (host syncs are fine on this path)."""
-    offs, ranks, scales = slot_off.tolist(), slot_rank.tolist(), slot_scale.tolist()
+def _torch_keep(shape, seed: int, device) -> Tensor:
+    """Uniform draws of the torch backend's dropout for x of ``shape``; row m keeps (m, k)
+    where the draw is >= its slot's probability. A pure function of the seed: the
+    backward draws it again instead of storing a mask."""
+    gen = torch.Generator(device=device).manual_seed(int(seed))
+    return torch.rand(shape, generator=gen, device=device)
+
+
+def _groups(row_slot: Tensor, sl: _Slots):
+    """(rows, off, rank, scale, p) of each LoRA slot that has rows: the torch backend groups
+    rows by adapter on the host, as PEFT's mixed batch does (host syncs are fine on this path)."""
+    offs, ranks, scales, drops = sl.off.tolist(), sl.rank.tolist(), sl.scale.tolist(), sl.drop.tolist()
     for s in torch.unique(row_slot).tolist():
         if s >= 0 and ranks[s] > 0:
-            yield torch.nonzero(row_slot == s).squeeze(1), offs[s], ranks[s], scales[s]
+            yield torch.nonzero(row_slot == s).squeeze(1), offs[s], ranks[s], scales[s], drops[s]
 
 
-def _torch_forward(x, weight, bias, pool_A, pool_BT, row_slot, slot_off, slot_rank, slot_scale, max_rank):
+def _dropped(xs: Tensor, draws: Optional[Tensor], rows: Tensor, p: float) -> Tensor:
+    if draws is None or p == 0.0:
+        return xs
+    return xs * (draws.index_select(0, rows) >= p).to(xs.dtype) / (1.0 - p)
+
+
+def _torch_forward(x, weight, bias, pool_A, pool_BT, row_slot, sl: _Slots, max_rank):
     y = F.linear(x, weight, bias)
     u = torch.zeros((x.shape[0], max_rank), device=x.device, dtype=torch.float32)
-    for rows, o, r, c in _groups(row_slot, slot_off, slot_rank, slot_scale):
-        us = c * (x.index_select(0, rows) @ pool_A[o:o + r].t())
+    draws = _torch_keep(x.shape, sl.seed, x.device) if sl.dropout else None
+    for rows, o, r, c, p in _groups(row_slot, sl):
+        us = c * (_dropped(x.index_select(0, rows), draws, rows, p) @ pool_A[o:o + r].t())
         y.index_add_(0, rows, us @ pool_BT[o:o + r])
         u[rows, :r] = us.float()
     return y, u
 
 
-def _torch_backward(grad_y, x, weight, pool_A, pool_BT, row_slot, slot_off, slot_rank, slot_scale):
+def _torch_backward(grad_y, x, weight, pool_A, pool_BT, row_slot, sl: _Slots):
     """(dx, dW, db, d pool_A, d pool_BT): reference.multi_lora_linear_grads, one group at a time."""
     dx, dW, db = grad_y @ weight, grad_y.t() @ x, grad_y.sum(0)
     dA, dBT = torch.zeros_like(pool_A), torch.zeros_like(pool_BT)
-    for rows, o, r, c in _groups(row_slot, slot_off, slot_rank, slot_scale):
-        gy, xs = grad_y.index_select(0, rows), x.index_select(0, rows)
+    draws = _torch_keep(x.shape, sl.seed, x.device) if sl.dropout else None
+    for rows, o, r, c, p in _groups(row_slot, sl):
+        gy = grad_y.index_select(0, rows)
+        xs = _dropped(x.index_select(0, rows), draws, rows, p)
         A, BT = pool_A[o:o + r], pool_BT[o:o + r]
         g = c * (gy @ BT.t())
-        dx.index_add_(0, rows, g @ A)
+        dx.index_add_(0, rows, _dropped(g @ A, draws, rows, p))
         dA[o:o + r] = g.t() @ xs
         dBT[o:o + r] = (c * (xs @ A.t())).t() @ gy
     return dx, dW, db, dA, dBT
@@ -306,36 +339,40 @@ def _check_triton_dtype(x: Tensor) -> None:
 
 @torch.library.custom_op("fusedlora::multi_lora_linear", mutates_args=())
 def _multi_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], pool_A: Tensor, pool_BT: Tensor,
-                   row_slot: Tensor, slot_off: Tensor, slot_rank: Tensor, slot_scale: Tensor,
-                   max_rank: int) -> Tuple[Tensor, Tensor]:
-    """2-D x -> (y, u): y[m] = x[m] W^T + b + u[m] P_B[slot[m]], u = scale * x P_A^T (float32, saved)."""
+                   row_slot: Tensor, slot_off: Tensor, slot_rank: Tensor, slot_scale: Tensor, slot_drop: Tensor,
+                   max_rank: int, dropout: bool, seed: Tensor) -> Tuple[Tensor, Tensor]:
+    """2-D x -> (y, u): y[m] = x[m] W^T + b + u[m] P_B[slot[m]], u = scale * drop(x) P_A^T
+    (float32, saved for backward); dropout (if ``dropout``) with each slot's probability."""
+    sl = _Slots(slot_off, slot_rank, slot_scale, slot_drop, dropout, int(seed.item()) if dropout else 0)
     backend = select_backend(x.device)
     if backend == "torch":
         record("multi.forward", "torch", "grouped")
-        return _torch_forward(x, weight, bias, pool_A, pool_BT, row_slot, slot_off, slot_rank, slot_scale, max_rank)
+        return _torch_forward(x, weight, bias, pool_A, pool_BT, row_slot, sl, max_rank)
     _check_triton_dtype(x)
     routing = route(row_slot, slot_rank.shape[0]) if x.shape[0] > sort_min_rows() else None
-    u = _shrink(x, pool_A, row_slot, slot_off, slot_rank, slot_scale, max_rank, routing, "multi.shrink")
-    y = _matmul(x, weight.t(), bias, u, pool_BT, row_slot, slot_off, slot_rank, routing, x.dtype, "multi.forward")
+    u = _shrink(x, pool_A, row_slot, sl, max_rank, routing, dropout, "multi.shrink")
+    y = _matmul(x, weight.t(), bias, u, pool_BT, row_slot, sl, routing, False, x.dtype, "multi.forward")
     return y, u
 
 
 @_multi_forward.register_fake
-def _(x, weight, bias, pool_A, pool_BT, row_slot, slot_off, slot_rank, slot_scale, max_rank):
+def _(x, weight, bias, pool_A, pool_BT, row_slot, slot_off, slot_rank, slot_scale, slot_drop, max_rank, dropout,
+      seed):
     return (x.new_empty((x.shape[0], weight.shape[0])),
             x.new_empty((x.shape[0], max_rank), dtype=torch.float32))
 
 
 @torch.library.custom_op("fusedlora::multi_lora_linear_backward", mutates_args=())
 def _multi_backward(grad_y: Tensor, x: Tensor, weight: Tensor, pool_A: Tensor, pool_BT: Tensor, u: Tensor,
-                    row_slot: Tensor, slot_off: Tensor, slot_rank: Tensor, slot_scale: Tensor, max_rank: int,
-                    needs: List[bool]) -> List[Tensor]:
+                    row_slot: Tensor, slot_off: Tensor, slot_rank: Tensor, slot_scale: Tensor, slot_drop: Tensor,
+                    max_rank: int, dropout: bool, seed: Tensor, needs: List[bool]) -> List[Tensor]:
     """(dx, dW, db, d pool_A, d pool_BT); an empty tensor stands for a gradient not asked for."""
     need_x, need_w, need_b, need_a, need_bb = needs
+    sl = _Slots(slot_off, slot_rank, slot_scale, slot_drop, dropout, int(seed.item()) if dropout else 0)
     backend = select_backend(x.device)
     if backend == "torch":
         record("multi.backward", "torch", "grouped")
-        grads = _torch_backward(grad_y, x, weight, pool_A, pool_BT, row_slot, slot_off, slot_rank, slot_scale)
+        grads = _torch_backward(grad_y, x, weight, pool_A, pool_BT, row_slot, sl)
         return [g if n else grad_y.new_empty(0) for g, n in zip(grads, needs)]
     _check_triton_dtype(x)
     from .launch import matmul
@@ -343,54 +380,59 @@ def _multi_backward(grad_y: Tensor, x: Tensor, weight: Tensor, pool_A: Tensor, p
     dt = x.dtype
     M = x.shape[0]
     dx, dW, db, dA, dBT = (grad_y.new_empty(0) for _ in range(5))
-    routing = route(row_slot, slot_rank.shape[0]) if M > 0 and (need_a or need_bb or M > sort_min_rows()) else None
+    sort_rows = M > sort_min_rows()
+    routing = route(row_slot, slot_rank.shape[0]) if M > 0 and (need_a or need_bb or sort_rows) else None
     g = None
     if need_x or need_a:
-        g = _shrink(grad_y, pool_BT, row_slot, slot_off, slot_rank, slot_scale, max_rank,
-                    routing if M > sort_min_rows() else None, "multi.grad_shrink")
+        g = _shrink(grad_y, pool_BT, row_slot, sl, max_rank, routing if sort_rows else None, False,
+                    "multi.grad_shrink")
     if need_x:
-        dx = _matmul(grad_y, weight, None, g, pool_A, row_slot, slot_off, slot_rank,
-                     routing if M > sort_min_rows() else None, dt, "multi.grad_x")
+        dx = _matmul(grad_y, weight, None, g, pool_A, row_slot, sl, routing if sort_rows else None, dropout, dt,
+                     "multi.grad_x")
     if need_w:
         dW = matmul(grad_y.t(), x, out_dtype=weight.dtype, dot_dtype=dt, tag="multi.grad_weight")
     if need_b:
         db = grad_y.sum(0, dtype=torch.float32).to(dt)
     if need_a:
-        dA = (_grouped_grad(g, x, routing, slot_off, slot_rank, pool_A.shape[0], max_rank, pool_A.dtype,
-                            "multi.grad_A") if routing is not None else torch.zeros_like(pool_A))
+        dA = (_grouped_grad(g, x, routing, sl, pool_A.shape[0], max_rank, dropout, pool_A.dtype, "multi.grad_A")
+              if routing is not None else torch.zeros_like(pool_A))
     if need_bb:
-        dBT = (_grouped_grad(u, grad_y, routing, slot_off, slot_rank, pool_BT.shape[0], max_rank, pool_BT.dtype,
+        dBT = (_grouped_grad(u, grad_y, routing, sl, pool_BT.shape[0], max_rank, False, pool_BT.dtype,
                              "multi.grad_B") if routing is not None else torch.zeros_like(pool_BT))
     return [dx, dW, db, dA, dBT]
 
 
 @_multi_backward.register_fake
-def _(grad_y, x, weight, pool_A, pool_BT, u, row_slot, slot_off, slot_rank, slot_scale, max_rank, needs):
+def _(grad_y, x, weight, pool_A, pool_BT, u, row_slot, slot_off, slot_rank, slot_scale, slot_drop, max_rank,
+      dropout, seed, needs):
     shapes = [x, weight, weight[:, 0], pool_A, pool_BT]
     return [t.new_empty(t.shape) if n else grad_y.new_empty(0) for t, n in zip(shapes, needs)]
 
 
 def _multi_setup_context(ctx, inputs, output):
-    x, weight, bias, pool_A, pool_BT, row_slot, slot_off, slot_rank, slot_scale, max_rank = inputs
-    ctx.save_for_backward(x, weight, pool_A, pool_BT, output[1], row_slot, slot_off, slot_rank, slot_scale)
-    ctx.max_rank = max_rank
+    (x, weight, bias, pool_A, pool_BT, row_slot, slot_off, slot_rank, slot_scale, slot_drop, max_rank, dropout,
+     seed) = inputs
+    ctx.save_for_backward(x, weight, pool_A, pool_BT, output[1], row_slot, slot_off, slot_rank, slot_scale,
+                          slot_drop, seed)
+    ctx.max_rank, ctx.dropout = max_rank, dropout
     ctx.mark_non_differentiable(output[1])
 
 
 def _multi_autograd(ctx, grad_y, grad_u):
-    x, weight, pool_A, pool_BT, u, row_slot, slot_off, slot_rank, slot_scale = ctx.saved_tensors
+    x, weight, pool_A, pool_BT, u, row_slot, slot_off, slot_rank, slot_scale, slot_drop, seed = ctx.saved_tensors
     n = ctx.needs_input_grad
     needs = [n[0], n[1], n[2], n[3], n[4]]
     grads = _multi_backward(grad_y, x, weight, pool_A, pool_BT, u, row_slot, slot_off, slot_rank, slot_scale,
-                            ctx.max_rank, needs)
+                            slot_drop, ctx.max_rank, ctx.dropout, seed, needs)
     dx, dW, db, dA, dBT = (g if need else None for g, need in zip(grads, needs))
-    return dx, dW, db, dA, dBT, None, None, None, None, None
+    return dx, dW, db, dA, dBT, None, None, None, None, None, None, None, None
 
 
 _multi_forward.register_autograd(_multi_autograd, setup_context=_multi_setup_context)
 
 
-def check_multi_args(x, weight, bias, row_slot, pool_A, pool_BT, slot_off, slot_rank, slot_scale) -> None:
+def check_multi_args(x, weight, bias, row_slot, pool_A, pool_BT, slot_off, slot_rank, slot_scale,
+                     slot_drop=None) -> None:
     from .ops import _check_same, _check_tensor, check_linear_args
 
     check_linear_args(x, weight, bias)
@@ -402,8 +444,11 @@ def check_multi_args(x, weight, bias, row_slot, pool_A, pool_BT, slot_off, slot_
             raise ValueError(f"{name}: expected shape (R_total, {cols}), got {tuple(t.shape)}")
     if pool_A.shape[0] != pool_BT.shape[0]:
         raise ValueError(f"pool_BT: expected {pool_A.shape[0]} rows like pool_A, got {tuple(pool_BT.shape)}")
-    for name, t, dt in (("row_slot", row_slot, torch.int32), ("slot_off", slot_off, torch.int32),
-                        ("slot_rank", slot_rank, torch.int32), ("slot_scale", slot_scale, torch.float32)):
+    tables = [("row_slot", row_slot, torch.int32), ("slot_off", slot_off, torch.int32),
+              ("slot_rank", slot_rank, torch.int32), ("slot_scale", slot_scale, torch.float32)]
+    if slot_drop is not None:
+        tables.append(("slot_drop", slot_drop, torch.float32))
+    for name, t, dt in tables:
         if not isinstance(t, torch.Tensor) or t.dtype != dt or t.dim() != 1:
             raise TypeError(f"{name}: expected a 1-D {dt} tensor, got "
                             f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
@@ -411,14 +456,15 @@ def check_multi_args(x, weight, bias, row_slot, pool_A, pool_BT, slot_off, slot_
             raise ValueError(f"{name}: device {t.device} does not match x's device {x.device}")
     if row_slot.shape[0] != x.shape[0]:
         raise ValueError(f"row_slot: expected one slot per row of x ({x.shape[0]}), got {row_slot.shape[0]}")
-    if not (slot_off.shape == slot_rank.shape == slot_scale.shape):
-        raise ValueError("slot_off, slot_rank, slot_scale: expected the same length (one entry per slot)")
+    if not (slot_off.shape == slot_rank.shape == slot_scale.shape) or \
+            (slot_drop is not None and slot_drop.shape != slot_off.shape):
+        raise ValueError("slot_off, slot_rank, slot_scale, slot_drop: expected the same length (one entry per slot)")
 
 
 def multi_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], row_slot: Tensor, pool_A: Tensor,
                       pool_BT: Tensor, slot_off: Tensor, slot_rank: Tensor, slot_scale: Tensor,
-                      max_rank: Optional[int] = None) -> Tensor:
-    """y[m] = x[m] W^T + b + scale[s] (x[m] A_s^T) B_s^T with s = row_slot[m] (-1: base only).
+                      max_rank: Optional[int] = None, slot_drop: Optional[Tensor] = None) -> Tensor:
+    """y[m] = x[m] W^T + b + scale[s] (drop_s(x[m]) A_s^T) B_s^T with s = row_slot[m] (-1: base only).
 
     The pooled functional form (FusedLinear's ``adapter_ids`` builds these
     arguments for you; ``pack_loras`` builds them from lists): adapter slot s
@@ -427,12 +473,20 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], row_slo
     slot_rank int32 and slot_scale float32, one entry per slot. Slots must be
     in range (-1 .. S-1): FusedLinear validates ids before they get here.
     ``max_rank`` (largest slot_rank, host int) avoids a sync when given.
+    ``slot_drop`` (float32 per slot): inverted dropout of each slot's adapter
+    input, drawn from a seed of torch's CPU generator, as ``ops.lora_linear``.
     Differentiable in x, weight, bias and both pools.
     """
-    check_multi_args(x, weight, bias, row_slot, pool_A, pool_BT, slot_off, slot_rank, slot_scale)
+    check_multi_args(x, weight, bias, row_slot, pool_A, pool_BT, slot_off, slot_rank, slot_scale, slot_drop)
     if max_rank is None:
         max_rank = int(slot_rank.max()) if slot_rank.numel() else 0
-    y, _ = _multi_forward(x, weight, bias, pool_A, pool_BT, row_slot, slot_off, slot_rank, slot_scale, int(max_rank))
+    from .ops import draw_seed
+
+    if slot_drop is None:
+        slot_drop = torch.zeros_like(slot_scale)
+    p_max = float(slot_drop.max()) if slot_drop.numel() else 0.0
+    y, _ = _multi_forward(x, weight, bias, pool_A, pool_BT, row_slot, slot_off, slot_rank, slot_scale, slot_drop,
+                          int(max_rank), p_max > 0, draw_seed(p_max))
     return y
 
 
@@ -470,7 +524,9 @@ class Tables:
     slot_off: Tensor     # int32 (S,)
     slot_rank: Tensor    # int32 (S,); 0 for C3A / sparse slots
     slot_scale: Tensor   # float32 (S,)
+    slot_drop: Tensor    # float32 (S,): lora_dropout (applied in training mode only)
     max_rank: int
+    max_drop: float
     names: Tuple[str, ...]
     kinds: Tuple[str, ...]
 
@@ -582,6 +638,7 @@ class AdapterPool:
         names = tuple(kinds)
         ranks = tuple(layer.r[n] if kinds[n] == "lora" else 0 for n in names)
         scales = tuple(float(layer.scaling[n]) if kinds[n] == "lora" else 0.0 for n in names)
+        drops = tuple(float(layer.lora_dropout[n]) if kinds[n] == "lora" else 0.0 for n in names)
         if pooled:
             offs = tuple(self.entries[n].off if kinds[n] == "lora" else 0 for n in names)
         else:
@@ -591,10 +648,10 @@ class AdapterPool:
                 o += r
             offs = tuple(offs)
         ids = tuple(REGISTRY.get(n) for n in names)
-        key = (names, tuple(kinds.values()), ranks, scales, offs, ids, layer.weight.device)
+        key = (names, tuple(kinds.values()), ranks, scales, drops, offs, ids, layer.weight.device)
         t = self._tables.get(key)
         if t is None:
-            t = _build_tables(names, tuple(kinds.values()), ranks, scales, offs, ids, layer.weight.device)
+            t = _build_tables(names, tuple(kinds.values()), ranks, scales, drops, offs, ids, layer.weight.device)
             if len(self._tables) > 4:
                 self._tables.clear()
             self._tables[key] = t
@@ -608,22 +665,24 @@ def layer_tables(layer) -> Tables:
     names = tuple(kinds)
     ranks = tuple(layer.r[n] if kinds[n] == "lora" else 0 for n in names)
     scales = tuple(float(layer.scaling[n]) if kinds[n] == "lora" else 0.0 for n in names)
+    drops = tuple(float(layer.lora_dropout[n]) if kinds[n] == "lora" else 0.0 for n in names)
     offs, o = [], 0
     for r in ranks:
         offs.append(o)
         o += r
     ids = tuple(REGISTRY.get(n) for n in names)
-    return _build_tables(names, tuple(kinds.values()), ranks, scales, tuple(offs), ids, layer.weight.device)
+    return _build_tables(names, tuple(kinds.values()), ranks, scales, drops, tuple(offs), ids, layer.weight.device)
 
 
-def _build_tables(names, kinds, ranks, scales, offs, ids, device) -> Tables:
+def _build_tables(names, kinds, ranks, scales, drops, offs, ids, device) -> Tables:
     table = [-1] * (max(ids, default=-1) + 3)
     for slot, i in enumerate(ids):
         table[i + 1] = slot
     i32 = dict(dtype=torch.int32, device=device)
     return Tables(torch.tensor(table, **i32), torch.tensor(list(offs), **i32), torch.tensor(list(ranks), **i32),
-                  torch.tensor(list(scales), dtype=torch.float32, device=device), max(ranks, default=0),
-                  tuple(names), tuple(kinds))
+                  torch.tensor(list(scales), dtype=torch.float32, device=device),
+                  torch.tensor(list(drops), dtype=torch.float32, device=device), max(ranks, default=0),
+                  max(drops, default=0.0), tuple(names), tuple(kinds))
 
 
 def _check_adapter_dtype(layer, name: str, A: Tensor, B: Tensor) -> None:
@@ -679,7 +738,7 @@ def _fingerprint(layer, params) -> tuple:
     W = layer.weight
     return (layer._multi_struct, torch.is_grad_enabled(), W.dtype, W.device,
             tuple(map(id, layer.lora_A._parameters.values())), tuple(map(id, layer.lora_B._parameters.values())),
-            tuple(layer.scaling.values()), tuple([p._version for p in params]),
+            tuple(layer.scaling.values()), tuple(layer.lora_dropout.values()), tuple([p._version for p in params]),
             tuple([p.requires_grad for p in params]))
 
 
@@ -728,10 +787,6 @@ def layer_forward(layer, x: Tensor, ids: Tensor, validate: bool = True, strict: 
     check_linear_args(x, layer.weight, layer.bias)
     row_ids = expand_ids(ids, x)
     kinds = layer._kind
-    if layer.training and any(layer.lora_dropout.get(n, 0.0) > 0 for n in kinds):
-        bad = [n for n in kinds if layer.lora_dropout.get(n, 0.0) > 0]
-        raise NotImplementedError(f"adapter_ids: LoRA dropout in training mode is not supported by the multi-adapter "
-                                  f"path (adapters {bad} have lora_dropout > 0); call eval() or set lora_dropout to 0")
     compiling = _compiling()
     tables, pool_A, pool_BT, loras = _prepare(layer, compiling)
     differentiable = pool_A is None
@@ -764,8 +819,12 @@ def layer_forward(layer, x: Tensor, ids: Tensor, validate: bool = True, strict: 
                 _check_adapter_dtype(layer, n, layer.lora_A[n], layer.lora_B[n])
             pool_A = torch.cat([layer.lora_A[n] for n in loras])
             pool_BT = torch.cat([layer.lora_B[n].t() for n in loras])
+        from .ops import draw_seed
+
+        p_max = tables.max_drop if layer.training else 0.0
         y, _ = _multi_forward(x2, layer.weight, layer.bias, pool_A, pool_BT, row_slot.to(torch.int32),
-                              tables.slot_off, tables.slot_rank, tables.slot_scale, tables.max_rank)
+                              tables.slot_off, tables.slot_rank, tables.slot_scale, tables.slot_drop, tables.max_rank,
+                              p_max > 0, draw_seed(p_max))
     else:
         y = F.linear(x2, layer.weight, layer.bias)
         record("multi.base", "torch", "linear")

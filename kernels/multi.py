@@ -49,7 +49,7 @@ optionally split over SPLIT_M programs that add fp32 partials atomically.
 import triton
 import triton.language as tl
 
-from .tiles import swizzle_tile
+from .tiles import dropout_keep, swizzle_tile
 
 
 @triton.jit
@@ -64,16 +64,17 @@ def _store_rows(c_ptr, rows, pos_ok, offs_n, stride_cm, stride_cn, N, acc, SPLIT
 
 
 @triton.jit
-def _shrink_row(x_ptr, p_ptr, u_ptr, slot_ptr, off_ptr, rank_ptr, scale_ptr,
+def _shrink_row(x_ptr, p_ptr, u_ptr, slot_ptr, off_ptr, rank_ptr, scale_ptr, drop_ptr, seed,
                 row, r0, k_first, k_tiles, K,
                 stride_xm, stride_xk, stride_pr, stride_pk, stride_um, stride_ur,
-                SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """u[row, r0 : r0 + BLOCK_R] (+)= scale * x[row, k-range] . P[off + j, k-range] for one row (BGMV)."""
+                DROPOUT: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """u[row, r0 : r0 + BLOCK_R] (+)= scale * drop(x[row, k-range]) . P[off + j, k-range] for one row (BGMV)."""
     slot = tl.load(slot_ptr + row)
     if slot >= 0:
         rank = tl.load(rank_ptr + slot)
         if r0 < rank:
             off = tl.load(off_ptr + slot)
+            p = tl.load(drop_ptr + slot)
             offs_r = r0 + tl.arange(0, BLOCK_R)
             r_ok = offs_r < rank
             offs_k = k_first + tl.arange(0, BLOCK_K)
@@ -82,9 +83,11 @@ def _shrink_row(x_ptr, p_ptr, u_ptr, slot_ptr, off_ptr, rank_ptr, scale_ptr,
             acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
             for t in range(0, k_tiles):
                 k_ok = offs_k < K
-                xv = tl.load(x_row + offs_k * stride_xk, mask=k_ok, other=0.0)
+                xv = tl.load(x_row + offs_k * stride_xk, mask=k_ok, other=0.0).to(tl.float32)
+                if DROPOUT:
+                    xv = tl.where(dropout_keep(seed, row, offs_k, p), xv / (1.0 - p), 0.0)
                 pv = tl.load(p_rows + offs_k[None, :] * stride_pk, mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-                acc += tl.sum(pv.to(tl.float32) * xv.to(tl.float32)[None, :], axis=1)
+                acc += tl.sum(pv.to(tl.float32) * xv[None, :], axis=1)
                 offs_k += BLOCK_K
             acc = acc * tl.load(scale_ptr + slot)
             u_ptrs = u_ptr + row.to(tl.int64) * stride_um + offs_r * stride_ur
@@ -96,14 +99,17 @@ def _shrink_row(x_ptr, p_ptr, u_ptr, slot_ptr, off_ptr, rank_ptr, scale_ptr,
 
 @triton.jit
 def multi_shrink_kernel(
-    x_ptr, p_ptr, u_ptr, slot_ptr, perm_ptr, segid_ptr, segstart_ptr, off_ptr, rank_ptr, scale_ptr,
+    x_ptr, p_ptr, u_ptr, slot_ptr, perm_ptr, segid_ptr, segstart_ptr, off_ptr, rank_ptr, scale_ptr, drop_ptr,
     M, K,
-    stride_xm, stride_xk, stride_pr, stride_pk, stride_um, stride_ur,
-    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, SORTED: tl.constexpr,
+    stride_xm, stride_xk, stride_pr, stride_pk, stride_um, stride_ur, seed,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, SORTED: tl.constexpr, DROPOUT: tl.constexpr,
     SEG_DOT_MAX: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """u[m, j] = scale[s] * sum_k x[m, k] P[off[s] + j, k] for j < rank[s], s = slot[m].
+    """u[m, j] = scale[s] * sum_k drop(x)[m, k] P[off[s] + j, k] for j < rank[s], s = slot[m].
+
+    DROPOUT: inverted dropout of x with the slot's probability drop[s], drawn
+    from (seed, m, k) by tiles.dropout_keep, as the single-adapter path does.
 
     u is float32, zeroed by the launcher (it is also the atomic target when
     SPLIT_K > 1); columns j >= rank[s] and rows of slot -1 stay zero.
@@ -127,6 +133,7 @@ def multi_shrink_kernel(
                     rank = tl.load(rank_ptr + slot)
                     if r0 < rank:
                         off = tl.load(off_ptr + slot)
+                        p = tl.load(drop_ptr + slot)
                         p_ok = (offs_p >= start) & (offs_p < end)
                         rows = tl.load(perm_ptr + offs_p, mask=p_ok, other=0)
                         offs_r = r0 + tl.arange(0, BLOCK_R)
@@ -138,6 +145,9 @@ def multi_shrink_kernel(
                         for t in range(0, k_tiles):
                             k_ok = offs_k < K
                             a = tl.load(x_ptrs, mask=p_ok[:, None] & k_ok[None, :], other=0.0)
+                            if DROPOUT:
+                                keep = dropout_keep(seed, rows[:, None], offs_k[None, :], p)
+                                a = tl.where(keep, a.to(tl.float32) / (1.0 - p), 0.0)
                             b = tl.load(p_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
                             acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
                             offs_k += BLOCK_K
@@ -151,22 +161,24 @@ def multi_shrink_kernel(
                             tl.atomic_add(u_ptrs, acc, mask=p_ok[:, None] & r_ok[None, :])
         else:
             for pos in range(lo, hi):
-                _shrink_row(x_ptr, p_ptr, u_ptr, slot_ptr, off_ptr, rank_ptr, scale_ptr,
+                _shrink_row(x_ptr, p_ptr, u_ptr, slot_ptr, off_ptr, rank_ptr, scale_ptr, drop_ptr, seed,
                             tl.load(perm_ptr + pos), r0, k_first, k_tiles, K,
                             stride_xm, stride_xk, stride_pr, stride_pk, stride_um, stride_ur,
-                            SPLIT_K, BLOCK_R, BLOCK_K)
+                            DROPOUT, SPLIT_K, BLOCK_R, BLOCK_K)
     else:
-        _shrink_row(x_ptr, p_ptr, u_ptr, slot_ptr, off_ptr, rank_ptr, scale_ptr,
+        _shrink_row(x_ptr, p_ptr, u_ptr, slot_ptr, off_ptr, rank_ptr, scale_ptr, drop_ptr, seed,
                     tl.program_id(0), r0, k_first, k_tiles, K,
                     stride_xm, stride_xk, stride_pr, stride_pk, stride_um, stride_ur,
-                    SPLIT_K, BLOCK_R, BLOCK_K)
+                    DROPOUT, SPLIT_K, BLOCK_R, BLOCK_K)
 
 
 @triton.jit
-def _gather_expand(acc, u_ptr, q_ptr, slot_ptr, off_ptr, rank_ptr, rows, pos_ok, offs_n, N,
-                   stride_um, stride_ur, stride_qr, stride_qn):
+def _gather_expand(acc, u_ptr, q_ptr, slot_ptr, off_ptr, rank_ptr, drop_ptr, seed, rows, pos_ok, offs_n, N,
+                   stride_um, stride_ur, stride_qr, stride_qn,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROP_EPI: tl.constexpr):
     """acc[i, :] += sum_{j < rank} u[rows[i], j] * Q[off + j, offs_n], adapter per row (BGMV):
-    rank-1 updates up to the tile's largest rank, each row masked at its own."""
+    rank-1 updates up to the tile's largest rank, each row masked at its own. DROP_EPI applies
+    the row's inverted dropout (probability drop[slot]) to the sum, at (row, column)."""
     slot = tl.load(slot_ptr + rows, mask=pos_ok, other=-1)
     has = pos_ok & (slot >= 0)
     s = tl.where(has, slot, 0)
@@ -175,22 +187,77 @@ def _gather_expand(acc, u_ptr, q_ptr, slot_ptr, off_ptr, rank_ptr, rows, pos_ok,
     n_ok = offs_n[None, :] < N
     u_rows = u_ptr + rows.to(tl.int64) * stride_um
     q_rows = q_ptr + off.to(tl.int64)[:, None] * stride_qr + offs_n[None, :] * stride_qn
-    for j in range(0, tl.max(rank, axis=0)):
-        j_ok = j < rank
-        uj = tl.load(u_rows + j * stride_ur, mask=j_ok, other=0.0)
-        q = tl.load(q_rows + j * stride_qr, mask=j_ok[:, None] & n_ok, other=0.0)
-        acc += uj[:, None] * q.to(tl.float32)
+    if DROP_EPI:
+        # dropout applies to the whole low-rank term of a row: sum it apart first
+        low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for j in range(0, tl.max(rank, axis=0)):
+            j_ok = j < rank
+            uj = tl.load(u_rows + j * stride_ur, mask=j_ok, other=0.0)
+            q = tl.load(q_rows + j * stride_qr, mask=j_ok[:, None] & n_ok, other=0.0)
+            low += uj[:, None] * q.to(tl.float32)
+        p = tl.load(drop_ptr + s, mask=has, other=0.0)[:, None]
+        acc += tl.where(dropout_keep(seed, rows[:, None], offs_n[None, :], p), low / (1.0 - p), 0.0)
+    else:
+        for j in range(0, tl.max(rank, axis=0)):
+            j_ok = j < rank
+            uj = tl.load(u_rows + j * stride_ur, mask=j_ok, other=0.0)
+            q = tl.load(q_rows + j * stride_qr, mask=j_ok[:, None] & n_ok, other=0.0)
+            acc += uj[:, None] * q.to(tl.float32)
+    return acc
+
+
+@triton.jit
+def _segment_dots(acc, u_ptr, q_ptr, slot_ptr, perm_ptr, segid_ptr, segstart_ptr, off_ptr, rank_ptr, drop_ptr, seed,
+                  rows, offs_p, pos_ok, offs_n, pid_m, M, N, stride_um, stride_ur, stride_qr, stride_qn,
+                  DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DROP_EPI: tl.constexpr):
+    """SGMV epilogue: for each segment of the (sorted) tile and each rank chunk up to that
+    segment's own rank, one tensor-core dot u[rows of the segment] @ Q[off + chunk, n-tile]."""
+    n_ok = offs_n[None, :] < N
+    lo = pid_m * BLOCK_M
+    hi = tl.minimum(lo + BLOCK_M, M)
+    for seg in range(tl.load(segid_ptr + lo), tl.load(segid_ptr + hi - 1) + 1):
+        start = tl.load(segstart_ptr + seg)
+        end = tl.load(segstart_ptr + seg + 1)
+        slot = tl.load(slot_ptr + tl.load(perm_ptr + tl.maximum(start, lo)))
+        if slot >= 0:
+            rank = tl.load(rank_ptr + slot)
+            off = tl.load(off_ptr + slot)
+            seg_ok = pos_ok & (offs_p >= start) & (offs_p < end)
+            u_rows = u_ptr + rows[:, None].to(tl.int64) * stride_um
+            if DROP_EPI:
+                # dropout applies to the segment's whole low-rank term: sum it apart first
+                low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for r0 in range(0, rank, BLOCK_R):
+                    offs_r = r0 + tl.arange(0, BLOCK_R)
+                    r_ok = offs_r < rank
+                    u = tl.load(u_rows + offs_r[None, :] * stride_ur, mask=seg_ok[:, None] & r_ok[None, :], other=0.0)
+                    q = tl.load(q_ptr + (off + offs_r)[:, None].to(tl.int64) * stride_qr + offs_n[None, :] * stride_qn,
+                                mask=r_ok[:, None] & n_ok, other=0.0)
+                    low = tl.dot(u.to(DOT_DTYPE), q.to(DOT_DTYPE), low, input_precision=INPUT_PRECISION)
+                p = tl.load(drop_ptr + slot)
+                keep = dropout_keep(seed, rows[:, None], offs_n[None, :], p)
+                acc += tl.where(keep, low / (1.0 - p), 0.0)
+            else:
+                # straight into acc: no second M x N register tile
+                for r0 in range(0, rank, BLOCK_R):
+                    offs_r = r0 + tl.arange(0, BLOCK_R)
+                    r_ok = offs_r < rank
+                    u = tl.load(u_rows + offs_r[None, :] * stride_ur, mask=seg_ok[:, None] & r_ok[None, :], other=0.0)
+                    q = tl.load(q_ptr + (off + offs_r)[:, None].to(tl.int64) * stride_qr + offs_n[None, :] * stride_qn,
+                                mask=r_ok[:, None] & n_ok, other=0.0)
+                    acc = tl.dot(u.to(DOT_DTYPE), q.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
     return acc
 
 
 @triton.jit
 def multi_matmul_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr, u_ptr, q_ptr,
-    slot_ptr, perm_ptr, segid_ptr, segstart_ptr, off_ptr, rank_ptr,
+    slot_ptr, perm_ptr, segid_ptr, segstart_ptr, off_ptr, rank_ptr, drop_ptr,
     M, N, K, M_BUCKET, R_MAX,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-    stride_um, stride_ur, stride_qr, stride_qn,
-    HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    stride_um, stride_ur, stride_qr, stride_qn, seed,
+    HAS_BIAS: tl.constexpr, DROP_EPI: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     SORTED: tl.constexpr, SEG_DOT_MAX: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
@@ -200,7 +267,12 @@ def multi_matmul_kernel(
     The base GEMM of the layer (forward: A = x, B = W^T, Q = P_B; dx: A = dy,
     B = W, Q = P_A) with every row's own adapter added in the epilogue of its
     output tile: no M x N intermediate. SORTED visits rows in the order perm
-    (R_MAX, the pool's largest rank, only keys the autotuner).
+    (R_MAX, the pool's largest rank, only keys the autotuner). DROP_EPI (dx
+    with dropout) applies each row's inverted dropout to its low-rank term.
+    SEG_DOT_MAX > 0: a sorted tile meeting more segments than that takes the
+    per-row gather instead of one dot per segment (small tiles only: the
+    gather's BLOCK_M x BLOCK_N pointer tiles would spill at 128 x 256); 0:
+    always one dot per segment (no gather code in the kernel).
     """
     pid_m, pid_n = swizzle_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
@@ -231,34 +303,27 @@ def multi_matmul_kernel(
     # Epilogue, once per output tile (first K split only).
     if pid_k == 0:
         if SORTED:
-            lo = pid_m * BLOCK_M
-            hi = tl.minimum(lo + BLOCK_M, M)
-            first = tl.load(segid_ptr + lo)
-            last = tl.load(segid_ptr + hi - 1)
-            if last - first < SEG_DOT_MAX:
-                # SGMV: one tensor-core dot per (segment, rank chunk), ranks as they are.
-                for seg in range(first, last + 1):
-                    start = tl.load(segstart_ptr + seg)
-                    end = tl.load(segstart_ptr + seg + 1)
-                    slot = tl.load(slot_ptr + tl.load(perm_ptr + tl.maximum(start, lo)))
-                    if slot >= 0:
-                        rank = tl.load(rank_ptr + slot)
-                        off = tl.load(off_ptr + slot)
-                        seg_ok = pos_ok & (offs_p >= start) & (offs_p < end)
-                        for r0 in range(0, rank, BLOCK_R):
-                            offs_r = r0 + tl.arange(0, BLOCK_R)
-                            r_ok = offs_r < rank
-                            u = tl.load(u_ptr + rows[:, None].to(tl.int64) * stride_um + offs_r[None, :] * stride_ur,
-                                        mask=seg_ok[:, None] & r_ok[None, :], other=0.0)
-                            q = tl.load(q_ptr + (off + offs_r)[:, None].to(tl.int64) * stride_qr
-                                        + offs_n[None, :] * stride_qn, mask=r_ok[:, None] & n_ok, other=0.0)
-                            acc += tl.dot(u.to(DOT_DTYPE), q.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
+            if SEG_DOT_MAX > 0:
+                lo = pid_m * BLOCK_M
+                first = tl.load(segid_ptr + lo)
+                last = tl.load(segid_ptr + tl.minimum(lo + BLOCK_M, M) - 1)
+                if last - first < SEG_DOT_MAX:
+                    acc = _segment_dots(acc, u_ptr, q_ptr, slot_ptr, perm_ptr, segid_ptr, segstart_ptr, off_ptr,
+                                        rank_ptr, drop_ptr, seed, rows, offs_p, pos_ok, offs_n, pid_m, M, N,
+                                        stride_um, stride_ur, stride_qr, stride_qn, DOT_DTYPE, INPUT_PRECISION,
+                                        BLOCK_M, BLOCK_N, BLOCK_R, DROP_EPI)
+                else:
+                    acc = _gather_expand(acc, u_ptr, q_ptr, slot_ptr, off_ptr, rank_ptr, drop_ptr, seed, rows,
+                                         pos_ok, offs_n, N, stride_um, stride_ur, stride_qr, stride_qn,
+                                         BLOCK_M, BLOCK_N, DROP_EPI)
             else:
-                acc = _gather_expand(acc, u_ptr, q_ptr, slot_ptr, off_ptr, rank_ptr, rows, pos_ok, offs_n, N,
-                                     stride_um, stride_ur, stride_qr, stride_qn)
+                acc = _segment_dots(acc, u_ptr, q_ptr, slot_ptr, perm_ptr, segid_ptr, segstart_ptr, off_ptr,
+                                    rank_ptr, drop_ptr, seed, rows, offs_p, pos_ok, offs_n, pid_m, M, N,
+                                    stride_um, stride_ur, stride_qr, stride_qn, DOT_DTYPE, INPUT_PRECISION,
+                                    BLOCK_M, BLOCK_N, BLOCK_R, DROP_EPI)
         else:
-            acc = _gather_expand(acc, u_ptr, q_ptr, slot_ptr, off_ptr, rank_ptr, rows, pos_ok, offs_n, N,
-                                 stride_um, stride_ur, stride_qr, stride_qn)
+            acc = _gather_expand(acc, u_ptr, q_ptr, slot_ptr, off_ptr, rank_ptr, drop_ptr, seed, rows, pos_ok,
+                                 offs_n, N, stride_um, stride_ur, stride_qr, stride_qn, BLOCK_M, BLOCK_N, DROP_EPI)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
             acc += bias.to(tl.float32)[None, :]
@@ -268,10 +333,10 @@ def multi_matmul_kernel(
 
 @triton.jit
 def multi_grad_kernel(
-    l_ptr, r_ptr, out_ptr, perm_ptr, start_ptr, end_ptr, off_ptr, rank_ptr,
+    l_ptr, r_ptr, out_ptr, perm_ptr, start_ptr, end_ptr, off_ptr, rank_ptr, drop_ptr,
     N, R_CHUNKS,
-    stride_lm, stride_lr, stride_rm, stride_rn, stride_om, stride_on,
-    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, SPLIT_M: tl.constexpr,
+    stride_lm, stride_lr, stride_rm, stride_rn, stride_om, stride_on, seed,
+    DROP_R: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, SPLIT_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """out[off[s] + j, n] (+)= sum over rows m of slot s of L[m, j] * R[m, n], j < rank[s].
@@ -280,6 +345,7 @@ def multi_grad_kernel(
     (slots * R_CHUNKS, cdiv(N, BLOCK_N), SPLIT_M); with SPLIT_M > 1 the
     programs of a slot split its rows and add into a zeroed float32 out.
     Pool rows of no slot (and slots without rows) are left as they are.
+    DROP_R: R is x under the slot's inverted dropout (the gradient of P_A).
     """
     slot = tl.program_id(0) // R_CHUNKS
     r0 = (tl.program_id(0) % R_CHUNKS) * BLOCK_R
@@ -295,6 +361,7 @@ def multi_grad_kernel(
             r_ok = offs_r < rank
             offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
             n_ok = offs_n < N
+            p = tl.load(drop_ptr + slot)
             acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
             for p0 in range(lo, hi, BLOCK_M):
                 offs_p = p0 + tl.arange(0, BLOCK_M)
@@ -304,6 +371,9 @@ def multi_grad_kernel(
                              mask=r_ok[:, None] & p_ok[None, :], other=0.0)
                 rt = tl.load(r_ptr + rows[:, None] * stride_rm + offs_n[None, :] * stride_rn,
                              mask=p_ok[:, None] & n_ok[None, :], other=0.0)
+                if DROP_R:
+                    keep = dropout_keep(seed, rows[:, None], offs_n[None, :], p)
+                    rt = tl.where(keep, rt.to(tl.float32) / (1.0 - p), 0.0)
                 acc = tl.dot(lt.to(DOT_DTYPE), rt.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
             off = tl.load(off_ptr + slot)
             ptrs = out_ptr + (off + offs_r)[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on

@@ -18,7 +18,7 @@ import pytest
 _FLOAT_SCALARS = ("alpha", "p", "keep_scale", "w_scale", "scaling")
 _INT_POINTERS = ("off_ptr", "red_idx_ptr", "out_idx_ptr", "perm_ptr", "rows_ptr", "cols_ptr",
                  "slot_ptr", "segid_ptr", "segstart_ptr", "rank_ptr", "start_ptr", "end_ptr")
-_FP32_POINTERS = ("u_ptr", "w_ptr", "val_ptr", "scale_ptr", "l_ptr")
+_FP32_POINTERS = ("u_ptr", "w_ptr", "val_ptr", "scale_ptr", "l_ptr", "drop_ptr")
 
 
 def compile_variant(kernel, arch, dtype, out, consts, num_warps, num_stages):
@@ -110,25 +110,27 @@ def variants():
                                    4, 2, None),
         # multi-adapter: SGMV base GEMM with per-segment rank-r dots in the epilogue (prefill)
         "multi-sm90-bf16-forward-sgmv": (multi_matmul_kernel, 90, "bf16", "bf16",
-                                         gemm(HAS_BIAS=True, SORTED=True, SEG_DOT_MAX=8, BLOCK_R=16, BLOCK_N=256),
+                                         gemm(HAS_BIAS=True, DROP_EPI=False, SORTED=True, SEG_DOT_MAX=0, BLOCK_R=16,
+                                              BLOCK_N=256),
                                          8, 3, "wgmma"),
         # BGMV decode: split-K base GEMM, per-row gathered rank-1 epilogue (no dot there)
         "multi-sm90-bf16-decode-bgmv": (multi_matmul_kernel, 90, "bf16", "fp32",
-                                        gemm(HAS_BIAS=True, SORTED=False, SEG_DOT_MAX=8, BLOCK_R=16, SPLIT_K=4,
-                                             **decode), 4, 3, "mma"),
+                                        gemm(HAS_BIAS=True, DROP_EPI=False, SORTED=False, SEG_DOT_MAX=8, BLOCK_R=16,
+                                             SPLIT_K=4, **decode), 4, 3, "mma"),
+        # dx with per-adapter dropout on the low-rank term, sm_80
         "multi-sm80-fp16-grad-x-sgmv": (multi_matmul_kernel, 80, "fp16", "fp16",
-                                        gemm(**f16, HAS_BIAS=False, SORTED=True, SEG_DOT_MAX=8, BLOCK_R=16),
-                                        8, 4, "mma.sync"),
+                                        gemm(**f16, HAS_BIAS=False, DROP_EPI=True, SORTED=True, SEG_DOT_MAX=0,
+                                             BLOCK_R=16), 8, 4, "mma.sync"),
         "multi-sm90-bf16-shrink-sgmv": (multi_shrink_kernel, 90, "bf16", "fp32",
-                                        dict(DOT_DTYPE=tl.bfloat16, INPUT_PRECISION="tf32", SORTED=True,
+                                        dict(DOT_DTYPE=tl.bfloat16, INPUT_PRECISION="tf32", SORTED=True, DROPOUT=True,
                                              SEG_DOT_MAX=8, SPLIT_K=2, BLOCK_M=64, BLOCK_R=64, BLOCK_K=64),
                                         4, 1, "mma"),
         "multi-sm90-bf16-shrink-bgmv": (multi_shrink_kernel, 90, "bf16", "fp32",
-                                        dict(DOT_DTYPE=tl.bfloat16, INPUT_PRECISION="tf32", SORTED=False,
+                                        dict(DOT_DTYPE=tl.bfloat16, INPUT_PRECISION="tf32", SORTED=False, DROPOUT=False,
                                              SEG_DOT_MAX=8, SPLIT_K=4, BLOCK_M=1, BLOCK_R=16, BLOCK_K=256),
                                         4, 1, None),
         "multi-sm90-bf16-grad-grouped": (multi_grad_kernel, 90, "bf16", "fp32",
-                                         dict(DOT_DTYPE=tl.bfloat16, INPUT_PRECISION="tf32", SPLIT_M=4,
+                                         dict(DROP_R=True, DOT_DTYPE=tl.bfloat16, INPUT_PRECISION="tf32", SPLIT_M=4,
                                               BLOCK_M=64, BLOCK_N=128, BLOCK_R=16), 4, 3, "mma"),
     }
 

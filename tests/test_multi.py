@@ -110,9 +110,12 @@ def test_forward_backward_all_grads(triton_backend, M):
         assert any(k.startswith("multi.grad_x:triton:") for k in ran), ran
 
 
-def test_fragmented_sorted_tiles_and_per_row_ids_3d(triton_backend):
+@pytest.mark.parametrize("seg_dot_max", [2, 0])
+def test_fragmented_sorted_tiles_and_per_row_ids_3d(triton_backend, monkeypatch, seg_dot_max):
     """Six adapters, 2-3 rows each: sorted tiles meet more than SEG_DOT_MAX segments and take
-    the in-tile gather; per-row ids on a 3-D input."""
+    the in-tile gather (2), or one dot per segment however many (0, the GPU's epilogue);
+    per-row ids on a 3-D input."""
+    monkeypatch.setattr(multi, "SEG_DOT_MAX_INTERPRET", seg_dot_max)
     layer, names = make_layer(24, 20, [2, 5, 1, 7, 3, 16])
     layer.eval()
     ids = torch.tensor([layer.adapter_id(n) for n in names] * 3 + [-1, -1], device=DEVICE)
@@ -234,9 +237,46 @@ def test_bad_ids_raise_and_validate_false_skips(triton_backend):
     with pytest.raises(ValueError, match="unmerge"):
         layer(x, adapter_ids=bad[:1].expand(4))
     layer.unmerge()
-    layer.lora_dropout[names[0]] = 0.1
-    with pytest.raises(NotImplementedError, match="dropout"):
-        layer.train()(x, adapter_ids=bad[:1].expand(4))
+
+
+@pytest.mark.parametrize("backend,M", [("triton", 6), ("triton", 40), ("torch", 12)])
+def test_dropout_in_training_per_adapter(monkeypatch, backend, M):
+    """Each adapter's own lora_dropout on its rows, drawn from one seed as the single-adapter
+    path draws it (kernel mask = ops.dropout_keep_mask at that adapter's p); all gradients."""
+    monkeypatch.setenv("FUSEDLORA_BACKEND", backend)
+    fusedlora.reset_dispatch()
+    layer, names = make_layer(24, 18, [3, 5, 2], seed=M)
+    for n, p in zip(names, (0.3, 0.0, 0.6)):
+        layer.lora_dropout[n] = p
+    layer.train()
+    x = torch.randn(M, 24, device=DEVICE, requires_grad=True)
+    ids = draw_ids(layer, names, M, seed=M)
+    torch.manual_seed(77)
+    y = layer(x, adapter_ids=ids)
+    torch.manual_seed(77)
+    seed = int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    p = {k: v.detach().double().requires_grad_() for k, v in layer.named_parameters()}
+    xd = x.detach().double().requires_grad_()
+    rows = []
+    for m, i in enumerate(ids.tolist()):
+        row = nn.functional.linear(xd[m], p["weight"], p["bias"])
+        n = name_of(i)
+        if n is not None:
+            q = layer.lora_dropout[n]
+            keep = fusedlora.ops.dropout_keep_mask((M, 24), q, seed, DEVICE)[m].double()
+            xm = xd[m] * keep / (1 - q)
+            row = row + layer.scaling[n] * p[f"lora_B.{n}"] @ (p[f"lora_A.{n}"] @ xm)
+        rows.append(row)
+    y_ref = torch.stack(rows)
+    y_ref.backward(gy.double())
+    assert rel_err(y, y_ref) < TOL[torch.float32]
+    assert rel_err(x.grad, xd.grad) < TOL[torch.float32]
+    for k, prm in layer.named_parameters():
+        assert rel_err(prm.grad, p[k].grad) < TOL[torch.float32], k
+    with torch.no_grad():   # eval: no dropout
+        assert rel_err(layer.eval()(x, adapter_ids=ids), reference_multi(layer, names, x, ids)[0]) < TOL[torch.float32]
 
 
 # ------------------------------------------------------ C3A and sparse rows
@@ -381,12 +421,15 @@ def test_torch_backend_matches_reference_and_opcheck(torch_backend):
     Bs = [layer.lora_B[n].detach() for n in names]
     pool_A, pool_BT, off, rank, scale, rmax = pack_loras([None] + As, [None] + Bs, [0.0, 1.5, 0.5])
     slot = torch.tensor([0, 1, 2, -1, 2, 1, 1, 0, -1], dtype=torch.int32)
-    args = (x.detach(), layer.weight.detach(), layer.bias.detach(), pool_A.requires_grad_(),
-            pool_BT.requires_grad_(), slot, off, rank, scale, rmax)
-    torch.library.opcheck(_multi_forward, args)
-    u = torch.randn(9, rmax)
-    torch.library.opcheck(_multi_backward, (gy, *args[:2], pool_A.detach(), pool_BT.detach(), u, slot, off, rank,
-                                            scale, rmax, [True, False, True, True, True]))
+    drop = torch.tensor([0.0, 0.25, 0.0])
+    for dropout in (False, True):
+        seed = fusedlora.ops.draw_seed(0.25 if dropout else 0.0)
+        args = (x.detach(), layer.weight.detach(), layer.bias.detach(), pool_A.requires_grad_(),
+                pool_BT.requires_grad_(), slot, off, rank, scale, drop, rmax, dropout, seed)
+        torch.library.opcheck(_multi_forward, args)
+        u = torch.randn(9, rmax)
+        torch.library.opcheck(_multi_backward, (gy, *args[:2], pool_A.detach(), pool_BT.detach(), u, slot, off, rank,
+                                                scale, drop, rmax, dropout, seed, [True, False, True, True, True]))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -410,6 +453,13 @@ def test_torch_compile_fullgraph(monkeypatch, backend):
     assert rel_err(y, y_eager) < 1e-6 and rel_err(gA, layer.lora_A[names[1]].grad) < 1e-6
     with pytest.raises(RuntimeError, match="names no adapter"):
         compiled(x, torch.full((6,), 10**6))
+    model = _model()
+    cm = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x3 = torch.randn(4, 3, 16)
+    for names in (["ua_b", None, "ua_a", "ua_b"], ["ua_a", "ua_a", None, "ua_b"]):
+        ids = torch.tensor([fusedlora.adapter_id(n) if n else -1 for n in names])
+        with torch.no_grad(), fusedlora.use_adapters(model, ids):
+            assert rel_err(cm(x3), model(x3)) < 1e-6
 
 
 # ------------------------------------------------------------------ GPU only
