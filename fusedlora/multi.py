@@ -29,18 +29,19 @@ Pieces (docs/multi.md has the design note):
   differentiable ``torch.cat`` of the parameters, built per call.
 * Kernels (kernels/multi.py): BGMV (gather) for decode-sized batches,
   SGMV (rows grouped by a device-side sort) for prefill, both fused into the
-  base GEMM's epilogue; a grouped gradient kernel; no host synchronisation.
+  base GEMM's epilogue; a grouped gradient kernel; each adapter's own
+  lora_dropout in training; no host synchronisation.
 * C3A and sparse adapters in a mixed batch: the LoRA kernel serves their rows
   with the base (their slot has rank 0), and their delta is added per adapter
   in PyTorch, masked to its rows (C3A by FFT, O(rows * N * K / b); sparse by a
   weighted embedding_bag, O(rows * nnz)); differentiable by autograd. Recorded
-  as ``multi.c3a_delta:torch:masked`` / ``multi.sparse_delta:torch:masked``.
+  as ``multi.c3a_delta:torch:masked`` / ``multi.sparse_delta:torch:masked``
+  (``:gathered`` on the torch backend, which selects the rows first).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import threading
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -552,6 +553,7 @@ class AdapterPool:
         self.entries: Dict[str, _Entry] = {}
         self.layout_version = 0
         self.copied_rows = 0                # rows written since creation (tests check amortisation)
+        self.sparse_order: Dict[str, tuple] = {}  # sparse adapters' nonzeros sorted by output row
         self._tables: Dict[tuple, Tables] = {}
 
     # ---- rows
@@ -863,17 +865,25 @@ def _kind_delta(layer, name: str, kind: str, x2: Tensor) -> Tensor:
 
 def _sparse_delta(layer, name: str, x2: Tensor) -> Tensor:
     """scaling * x S^T for all rows (M x N, float32 or wider), as a weighted embedding_bag over
-    the nonzeros sorted by output row: O(M * nnz) work, O(M * N) memory."""
+    the nonzeros sorted by output row: O(M * nnz) work, O(M * N) memory. The row order is
+    cached per adapter in eager mode (keyed by the indices buffer and its version)."""
     indices = layer.sparse_indices[name]
     values = layer.sparse_values[name]
     N = layer.out_features
-    rows, cols = indices[0].long(), indices[1].long()
-    order = torch.argsort(rows * layer.in_features + cols)
-    offsets = torch.searchsorted(rows[order], torch.arange(N, device=rows.device))
+    pool = None if _compiling() else layer._multi_pool
+    hit = pool.sparse_order.get(name) if pool is not None else None
+    if hit is not None and hit[0] is indices and hit[1] == indices._version:
+        order, cols, offsets = hit[2:]
+    else:
+        rows, cols = indices[0].long(), indices[1].long()
+        order = torch.argsort(rows * layer.in_features + cols)
+        offsets = torch.searchsorted(rows[order], torch.arange(N, device=rows.device))
+        cols = cols[order]
+        if pool is not None:
+            pool.sparse_order[name] = (indices, indices._version, order, cols, offsets)
     dt = torch.promote_types(x2.dtype, torch.float32)
-    weight = x2.to(dt).t()
     w = values[order].to(dt) * layer.sparse_scaling[name]
-    out = F.embedding_bag(cols[order], weight, offsets, mode="sum", per_sample_weights=w)  # (N, M)
+    out = F.embedding_bag(cols, x2.to(dt).t(), offsets, mode="sum", per_sample_weights=w)  # (N, M)
     return out.t()
 
 

@@ -280,7 +280,10 @@ def test_dropout_in_training_per_adapter(monkeypatch, backend, M):
 
 
 # ------------------------------------------------------ C3A and sparse rows
-def test_mixed_kinds_lora_c3a_sparse(triton_backend):
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_mixed_kinds_lora_c3a_sparse(monkeypatch, backend):
+    monkeypatch.setenv("FUSEDLORA_BACKEND", backend)
+    fusedlora.reset_dispatch()
     layer, names = make_layer(32, 24, [3, 8])
     layer.add_c3a("c3", block_size=8, init_weights="gaussian")
     idx = random_indices((24, 32), density=0.1, seed=4)
@@ -293,8 +296,9 @@ def test_mixed_kinds_lora_c3a_sparse(triton_backend):
     y = layer(x, adapter_ids=ids)
     assert rel_err(y, rowwise_single(layer, x.detach(), ids)) < TOL[torch.float32]
     ran = dispatched("multi.")
-    assert {"multi.c3a_delta:torch:masked", "multi.sparse_delta:torch:masked"} <= set(ran), ran
-    assert any(k.startswith("multi.forward:triton") for k in ran)
+    how = "masked" if backend == "triton" else "gathered"   # torch backend: rows selected on the host
+    assert {f"multi.c3a_delta:torch:{how}", f"multi.sparse_delta:torch:{how}"} <= set(ran), ran
+    assert any(k.startswith(f"multi.forward:{backend}") for k in ran)
     gy = torch.randn_like(y)
     y.backward(gy)
     # float64 oracle: per row, its own dense weight
