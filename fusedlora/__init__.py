@@ -9,7 +9,7 @@ from . import ops, reference
 from .backend import backend_info, reset_dispatch
 from .module import FusedLinear
 from . import multi  # noqa: E402
-from .multi import adapter_id, use_adapters
+from .routing import adapter_id, use_adapters
 from .patch import patch_model, set_adapter
 from .peft_io import from_peft, load_peft_adapter, save_peft_adapter
 

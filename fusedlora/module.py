@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import c3a as c3a_ops
-from . import multi, ops, reference
+from . import ops, reference, routing
 from . import sparse as sparse_ops
 from .backend import record
 
@@ -59,9 +59,9 @@ class FusedLinear(nn.Linear):
         self._kind: dict = {}  # name -> "lora" | "c3a" | "sparse", in the order added
         self._active: List[str] = []
         self.merged_adapters: List[str] = []
-        self._multi_pool = None   # multi.AdapterPool, built at the first adapter_ids forward
+        self._multi_pool = None   # routing.AdapterPool, built at the first adapter_ids forward
         self._multi_route = None  # set by fusedlora.use_adapters for the forwards in its scope
-        self._multi_cache = None  # multi._prepare's answer and what it depends on
+        self._multi_cache = None  # routing._prepare's answer and what it depends on
         self._multi_struct = 0    # bumped by every add / delete of an adapter
 
     @classmethod
@@ -163,7 +163,7 @@ class FusedLinear(nn.Linear):
     def _added(self, name: str, kind: str) -> None:
         self._kind[name] = kind
         self._multi_struct += 1
-        multi.REGISTRY.id_for(name)  # ids in order of first addition, process-wide
+        routing.REGISTRY.id_for(name)  # ids in order of first addition, process-wide
         if not self._active:
             self._active = [name]
 
@@ -180,7 +180,7 @@ class FusedLinear(nn.Linear):
         """The integer id of adapter ``name`` for ``adapter_ids`` / ``fusedlora.use_adapters``:
         process-wide (the same name has the same id in every layer) and stable while it exists."""
         self._check_name(name, must_exist=True)
-        return multi.REGISTRY.id_for(name)
+        return routing.REGISTRY.id_for(name)
 
     def set_adapter(self, names: Union[str, Iterable[str], None]) -> None:
         """Activate one adapter, several (summed) or none (``None``: base layer only)."""
@@ -256,10 +256,10 @@ class FusedLinear(nn.Linear):
         such ids then act as -1). Without ids: the active adapters, or the ids of an enclosing
         ``fusedlora.use_adapters``."""
         if adapter_ids is not None:
-            return multi.layer_forward(self, x, adapter_ids, validate=validate, strict=True)
+            return routing.layer_forward(self, x, adapter_ids, validate=validate, strict=True)
         route = self._multi_route
         if route is not None and self._kind:
-            return multi.layer_forward(self, x, route.ids, validate=False, strict=False, present=route.present)
+            return routing.layer_forward(self, x, route.ids, validate=False, strict=False, present=route.present)
         names = [] if self.merged else self._active
         if not names:
             return F.linear(x, self.weight, self.bias)

@@ -1,6 +1,6 @@
 """Multi-adapter path: every row of a batch picks its own LoRA adapter.
 
-The LoRA adapters of a layer live in one pool (fusedlora.multi.AdapterPool):
+The LoRA adapters of a layer live in one pool (fusedlora.routing.AdapterPool):
 the rows of every A (r x K) stacked in P_A (R_total x K) and the rows of every
 B^T (r x N) stacked in P_B (R_total x N); adapter slot s owns pool rows
 off[s] .. off[s] + rank[s] - 1 in both, with its scale in scale[s]. Ranks

@@ -10,7 +10,7 @@ from torch import nn
 
 import fusedlora
 from conftest import DEVICE, TOL, dispatched, rel_err
-from fusedlora import FusedLinear, multi, reference
+from fusedlora import FusedLinear, multi, reference, routing
 from fusedlora.sparse import random_indices
 
 
@@ -36,7 +36,7 @@ def draw_ids(layer, names, n, with_base=True, seed=0):
 
 
 def name_of(i):
-    return None if i == -1 else multi.REGISTRY.names()[i]
+    return None if i == -1 else routing.REGISTRY.names()[i]
 
 
 def rowwise_single(layer, x, row_ids):
@@ -420,7 +420,8 @@ def test_torch_backend_matches_reference_and_opcheck(torch_backend):
     for k, prm in layer.named_parameters():
         assert rel_err(prm.grad, p[k].grad) < 1e-5, k
     assert all(":torch:" in k for k in dispatched()), dispatched()
-    from fusedlora.multi import _multi_backward, _multi_forward, pack_loras
+    from fusedlora.multi import _multi_backward, _multi_forward
+    from fusedlora.routing import pack_loras
     As = [layer.lora_A[n].detach() for n in names]
     Bs = [layer.lora_B[n].detach() for n in names]
     pool_A, pool_BT, off, rank, scale, rmax = pack_loras([None] + As, [None] + Bs, [0.0, 1.5, 0.5])

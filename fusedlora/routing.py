@@ -1,0 +1,501 @@
+"""Adapter routing for FusedLinear: global adapter ids, the per-layer unified
+LoRA pool, and the layer- and model-level entry points (``layer(x,
+adapter_ids=...)``, ``use_adapters``). The fused ops they call live in
+fusedlora.multi; docs/multi.md has the design note.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import reference
+from .backend import record, select_backend
+from .multi import _INT_DTYPES, _multi_forward
+
+
+
+# ------------------------------------------------------------------ global ids
+class _Registry:
+    """name -> process-wide integer id, assigned on first use, never reused."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._ids: Dict[str, int] = {}
+
+    def id_for(self, name: str) -> int:
+        with self._lock:
+            i = self._ids.get(name)
+            if i is None:
+                i = self._ids[name] = len(self._ids)
+            return i
+
+    def get(self, name: str) -> Optional[int]:
+        return self._ids.get(name)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def names(self) -> Dict[int, str]:
+        return {i: n for n, i in self._ids.items()}
+
+
+REGISTRY = _Registry()
+
+
+def adapter_id(name: str) -> int:
+    """The process-wide id of adapter ``name`` (assigned now if the name is new)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"adapter name: expected a non-empty string, got {name!r}")
+    return REGISTRY.id_for(name)
+
+
+def pack_loras(As: List[Optional[Tensor]], Bs: List[Optional[Tensor]], scalings: List[float], device=None):
+    """Pool arguments of ``multi_lora_linear`` for slots 0..S-1 (a None A is a slot of rank 0):
+    (pool_A, pool_BT, slot_off, slot_rank, slot_scale, max_rank); differentiable in As and Bs."""
+    ref = next(a for a in As if a is not None)
+    device = ref.device if device is None else device
+    offs, ranks, off = [], [], 0
+    for A in As:
+        r = 0 if A is None else A.shape[0]
+        offs.append(off)
+        ranks.append(r)
+        off += r
+    pool_A = torch.cat([A for A in As if A is not None])
+    pool_BT = torch.cat([B.t() for B in Bs if B is not None])
+    return (pool_A, pool_BT, torch.tensor(offs, dtype=torch.int32, device=device),
+            torch.tensor(ranks, dtype=torch.int32, device=device),
+            torch.tensor([float(s) for s in scalings], dtype=torch.float32, device=device), max(ranks))
+
+
+# --------------------------------------------------------------------- pool
+@dataclass
+class _Entry:
+    off: int
+    rank: int
+    key: tuple
+
+
+@dataclass
+class Tables:
+    """Device tables of one layer's adapters (slot = position in the layer's adapter order)."""
+
+    id_to_slot: Tensor   # int32 (max id + 3,): index id + 1 -> slot; -1 for id -1, others' ids, the last entry
+    slot_off: Tensor     # int32 (S,)
+    slot_rank: Tensor    # int32 (S,); 0 for C3A / sparse slots
+    slot_scale: Tensor   # float32 (S,)
+    slot_drop: Tensor    # float32 (S,): lora_dropout (applied in training mode only)
+    max_rank: int
+    max_drop: float
+    names: Tuple[str, ...]
+    kinds: Tuple[str, ...]
+
+
+def _param_key(A: Tensor, B: Tensor) -> tuple:
+    # The parameters themselves (compared by identity: a replaced parameter is
+    # a new object) and their in-place version counters.
+    return (A, A._version, B, B._version)
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(x is y if isinstance(x, Tensor) else x == y for x, y in zip(a, b))
+
+
+class AdapterPool:
+    """A layer's LoRA adapters in one growable pool (see the module docstring)."""
+
+    def __init__(self):
+        self.A: Optional[Tensor] = None     # (capacity, in_features)
+        self.BT: Optional[Tensor] = None    # (capacity, out_features)
+        self.used = 0                       # rows handed out (live + dead)
+        self.dead = 0                       # rows of deleted adapters not reclaimed yet
+        self.entries: Dict[str, _Entry] = {}
+        self.layout_version = 0
+        self.copied_rows = 0                # rows written since creation (tests check amortisation)
+        self.sparse_order: Dict[str, tuple] = {}  # sparse adapters' nonzeros sorted by output row
+        self._tables: Dict[tuple, Tables] = {}
+
+    # ---- rows
+    def _reset(self, K: int, N: int, device, dtype) -> None:
+        self.A = torch.empty((0, K), device=device, dtype=dtype)
+        self.BT = torch.empty((0, N), device=device, dtype=dtype)
+        self.used = self.dead = 0
+        self.entries.clear()
+        self.layout_version += 1
+
+    def _grow(self, need: int) -> None:
+        cap = self.A.shape[0]
+        if self.used + need <= cap:
+            return
+        new_cap = max(self.used + need, 2 * cap, 16)
+        for attr in ("A", "BT"):
+            old = getattr(self, attr)
+            buf = old.new_zeros((new_cap, old.shape[1]))
+            buf[:self.used] = old[:self.used]
+            setattr(self, attr, buf)
+
+    def _compact(self) -> None:
+        """Move live rows to the front, in order: O(live rows), paid for by the dead ones."""
+        pos = 0
+        for e in sorted(self.entries.values(), key=lambda e: e.off):
+            if e.off != pos:
+                self.A[pos:pos + e.rank] = self.A[e.off:e.off + e.rank].clone()
+                self.BT[pos:pos + e.rank] = self.BT[e.off:e.off + e.rank].clone()
+                e.off = pos
+            pos += e.rank
+        self.used, self.dead = pos, 0
+        self.layout_version += 1
+
+    def _free(self, name: str) -> None:
+        e = self.entries.pop(name)
+        self.dead += e.rank
+        if e.off + e.rank == self.used:  # the last block: just give the rows back
+            self.used -= e.rank
+            self.dead -= e.rank
+        if self.dead > self.used - self.dead:
+            self._compact()
+        self.layout_version += 1
+
+    @torch.no_grad()
+    def _write(self, name: str, A: Tensor, B: Tensor, key: tuple) -> None:
+        r = A.shape[0]
+        e = self.entries.get(name)
+        if e is not None and e.rank != r:
+            self._free(name)
+            e = None
+        if e is None:
+            self._grow(r)
+            e = self.entries[name] = _Entry(self.used, r, ())
+            self.used += r
+            self.layout_version += 1
+        self.A[e.off:e.off + r] = A
+        self.BT[e.off:e.off + r] = B.t()
+        e.key = key
+        self.copied_rows += r
+
+    def sync(self, layer) -> None:
+        """Bring the pool up to date with the layer's LoRA parameters (copies only what changed)."""
+        W = layer.weight
+        if self.A is None or self.A.device != W.device or self.A.dtype != W.dtype or \
+                self.A.shape[1] != W.shape[1] or self.BT.shape[1] != W.shape[0]:
+            self._reset(W.shape[1], W.shape[0], W.device, W.dtype)
+        kinds = layer._kind
+        for name in [n for n in self.entries if kinds.get(n) != "lora"]:
+            self._free(name)
+        for name, kind in kinds.items():
+            if kind != "lora":
+                continue
+            A, B = layer.lora_A[name], layer.lora_B[name]
+            e = self.entries.get(name)
+            key = _param_key(A, B)
+            if e is None or not _same_key(e.key, key):
+                _check_adapter_dtype(layer, name, A, B)
+                self._write(name, A.detach(), B.detach(), key)
+
+    # ---- tables
+    def tables(self, layer, pooled: bool) -> Tables:
+        """Device tables for the pool (pooled) or for the torch.cat of the parameters in layer order."""
+        kinds = layer._kind
+        names = tuple(kinds)
+        ranks = tuple(layer.r[n] if kinds[n] == "lora" else 0 for n in names)
+        scales = tuple(float(layer.scaling[n]) if kinds[n] == "lora" else 0.0 for n in names)
+        drops = tuple(float(layer.lora_dropout[n]) if kinds[n] == "lora" else 0.0 for n in names)
+        if pooled:
+            offs = tuple(self.entries[n].off if kinds[n] == "lora" else 0 for n in names)
+        else:
+            offs, o = [], 0
+            for r in ranks:
+                offs.append(o)
+                o += r
+            offs = tuple(offs)
+        ids = tuple(REGISTRY.get(n) for n in names)
+        key = (names, tuple(kinds.values()), ranks, scales, drops, offs, ids, layer.weight.device)
+        t = self._tables.get(key)
+        if t is None:
+            t = _build_tables(names, tuple(kinds.values()), ranks, scales, drops, offs, ids, layer.weight.device)
+            if len(self._tables) > 4:
+                self._tables.clear()
+            self._tables[key] = t
+        return t
+
+
+def layer_tables(layer) -> Tables:
+    """Tables for the torch.cat of the layer's parameters in layer order, built without any
+    cache (the torch.compile path: every value is a constant of the graph)."""
+    kinds = layer._kind
+    names = tuple(kinds)
+    ranks = tuple(layer.r[n] if kinds[n] == "lora" else 0 for n in names)
+    scales = tuple(float(layer.scaling[n]) if kinds[n] == "lora" else 0.0 for n in names)
+    drops = tuple(float(layer.lora_dropout[n]) if kinds[n] == "lora" else 0.0 for n in names)
+    offs, o = [], 0
+    for r in ranks:
+        offs.append(o)
+        o += r
+    ids = tuple(REGISTRY.get(n) for n in names)
+    return _build_tables(names, tuple(kinds.values()), ranks, scales, drops, tuple(offs), ids, layer.weight.device)
+
+
+def _build_tables(names, kinds, ranks, scales, drops, offs, ids, device) -> Tables:
+    table = [-1] * (max(ids, default=-1) + 3)
+    for slot, i in enumerate(ids):
+        table[i + 1] = slot
+    i32 = dict(dtype=torch.int32, device=device)
+    return Tables(torch.tensor(table, **i32), torch.tensor(list(offs), **i32), torch.tensor(list(ranks), **i32),
+                  torch.tensor(list(scales), dtype=torch.float32, device=device),
+                  torch.tensor(list(drops), dtype=torch.float32, device=device), max(ranks, default=0),
+                  max(drops, default=0.0), tuple(names), tuple(kinds))
+
+
+def _check_adapter_dtype(layer, name: str, A: Tensor, B: Tensor) -> None:
+    W = layer.weight
+    for pname, t in ((f"lora_A[{name!r}]", A), (f"lora_B[{name!r}]", B)):
+        if t.dtype != W.dtype or t.device != W.device:
+            raise TypeError(f"{pname}: dtype/device {t.dtype}/{t.device} does not match the layer's weight "
+                            f"{W.dtype}/{W.device}; the multi-adapter path pools adapters in the weight's dtype")
+
+
+# ------------------------------------------------------------ layer forward
+def _compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover - older torch
+        return False
+
+
+def expand_ids(ids, x: Tensor) -> Tensor:
+    """Check ``ids`` against x and return one id per row of x.reshape(-1, K) (int64)."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"adapter_ids: expected an integer torch.Tensor, got {type(ids).__name__}")
+    if ids.dtype not in _INT_DTYPES:
+        raise TypeError(f"adapter_ids: expected an integer dtype (int32 or int64), got {ids.dtype}")
+    if ids.device != x.device:
+        raise ValueError(f"adapter_ids: device {ids.device} does not match x's device {x.device}")
+    lead = tuple(x.shape[:-1])
+    if tuple(ids.shape) == lead:
+        rows = ids.reshape(-1)
+    elif x.dim() >= 2 and ids.dim() == 1 and ids.shape[0] == x.shape[0]:
+        rows = ids.reshape((-1,) + (1,) * (len(lead) - 1)).expand(lead).reshape(-1)
+    else:
+        raise ValueError(f"adapter_ids: expected one id per sample (shape ({x.shape[0] if x.dim() > 1 else ''},)) "
+                         f"or per row (shape {lead}) of x of shape {tuple(x.shape)}, got {tuple(ids.shape)}")
+    return rows.long()
+
+
+def _bad_ids_error(layer, row_ids: Tensor, row_slot: Tensor, tables: Tables) -> ValueError:
+    bad = sorted(set(row_ids[(row_slot < 0) & (row_ids != -1)].tolist()))
+    known = REGISTRY.names()
+    described = [f"{i} ({known[i]!r}, not in this layer)" if i in known else str(i) for i in bad[:8]]
+    have = {n: REGISTRY.id_for(n) for n in tables.names}
+    return ValueError(f"adapter_ids: {', '.join(described)}{' ...' if len(bad) > 8 else ''} name no adapter of "
+                      f"this layer; its adapters are {have} (use -1 for the base layer, layer.adapter_id(name) "
+                      "for an id)")
+
+
+def _fingerprint(layer, params) -> tuple:
+    """What the cached pool and tables of a layer depend on, read at C speed where it can:
+    adapter adds/deletes (the layer's counter), parameter identity (a replaced parameter),
+    in-place versions (optimizer steps, copy_, load_state_dict), scalings, requires_grad,
+    grad mode, the weight's dtype and device."""
+    W = layer.weight
+    return (layer._multi_struct, torch.is_grad_enabled(), W.dtype, W.device,
+            tuple(map(id, layer.lora_A._parameters.values())), tuple(map(id, layer.lora_B._parameters.values())),
+            tuple(layer.scaling.values()), tuple(layer.lora_dropout.values()), tuple([p._version for p in params]),
+            tuple([p.requires_grad for p in params]))
+
+
+def _prepare(layer, compiling: bool):
+    """(tables, pool_A, pool_BT, LoRA names): pool_A/pool_BT are the synchronised pool, or
+    None when the call must build the differentiable torch.cat of the parameters instead.
+    Eager calls reuse the previous answer while the layer's fingerprint is unchanged, so a
+    serving loop pays O(adapters) C-speed checks per call, not a Python resync."""
+    kinds = layer._kind
+    if compiling:
+        return layer_tables(layer), None, None, [n for n in kinds if kinds[n] == "lora"]
+    cached = layer._multi_cache
+    if cached is not None and _fingerprint(layer, cached[0]) == cached[1]:
+        return cached[2]
+    loras = [n for n in kinds if kinds[n] == "lora"]
+    params = [p for n in loras for p in (layer.lora_A[n], layer.lora_B[n])]
+    differentiable = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+    if layer._multi_pool is None:
+        layer._multi_pool = AdapterPool()
+    pool = layer._multi_pool
+    if loras and not differentiable:
+        pool.sync(layer)
+    tables = pool.tables(layer, pooled=bool(loras) and not differentiable)
+    if loras and not differentiable:
+        answer = (tables, pool.A[:pool.used], pool.BT[:pool.used], loras)
+    else:
+        answer = (tables, None, None, loras)
+    layer._multi_cache = (params, _fingerprint(layer, params), answer)
+    return answer
+
+
+def layer_forward(layer, x: Tensor, ids: Tensor, validate: bool = True, strict: bool = True,
+                  present: Optional[frozenset] = None) -> Tensor:
+    """FusedLinear's forward with per-row adapters (FusedLinear.forward(x, adapter_ids=...) calls this).
+
+    ``strict``: an id that names no adapter of this layer is an error (when
+    validating); otherwise (use_adapters) it serves that row with the base.
+    ``present`` (global ids of the batch, known to use_adapters) narrows the
+    C3A / sparse deltas to the adapters in the batch.
+    """
+    from .ops import check_linear_args
+
+    if layer.merged:
+        raise ValueError(f"adapter_ids: adapters {layer.merged_adapters} are merged into the weight; unmerge() "
+                         "before routing rows to adapters")
+    check_linear_args(x, layer.weight, layer.bias)
+    row_ids = expand_ids(ids, x)
+    kinds = layer._kind
+    compiling = _compiling()
+    tables, pool_A, pool_BT, loras = _prepare(layer, compiling)
+    differentiable = pool_A is None
+    table = tables.id_to_slot
+    row_slot = table[(row_ids + 1).clamp(0, table.shape[0] - 1)]
+
+    counts = None
+    if validate:
+        bad = (row_slot < 0) & (row_ids != -1) if strict else None
+        if compiling:
+            if bad is not None:
+                torch._assert_async(~bad.any(), "adapter_ids: an id names no adapter of this layer")
+        else:
+            others = [s for s, k in enumerate(tables.kinds) if k != "lora"]
+            flags = torch.stack([bad.any()]) if bad is not None else row_slot.new_zeros(1, dtype=torch.bool)
+            if others:
+                counts = torch.bincount((row_slot + 1).long(), minlength=len(kinds) + 1)[1:]
+                host = torch.cat([flags.long(), counts]).tolist()
+                counts = host[1:]
+            else:
+                host = flags.long().tolist()
+            if host[0]:
+                raise _bad_ids_error(layer, row_ids, row_slot, tables)
+
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if loras:
+        if differentiable:
+            for n in loras:
+                _check_adapter_dtype(layer, n, layer.lora_A[n], layer.lora_B[n])
+            pool_A = torch.cat([layer.lora_A[n] for n in loras])
+            pool_BT = torch.cat([layer.lora_B[n].t() for n in loras])
+        from .ops import draw_seed
+
+        p_max = tables.max_drop if layer.training else 0.0
+        y, _ = _multi_forward(x2, layer.weight, layer.bias, pool_A, pool_BT, row_slot.to(torch.int32),
+                              tables.slot_off, tables.slot_rank, tables.slot_scale, tables.slot_drop, tables.max_rank,
+                              p_max > 0, draw_seed(p_max))
+    else:
+        y = F.linear(x2, layer.weight, layer.bias)
+        record("multi.base", "torch", "linear")
+    # C3A and sparse rows: each such adapter's delta, added to its rows only. On the GPU
+    # (and under torch.compile) it is computed for all rows and masked, which needs no
+    # host sync; the torch backend gathers the rows first (syncs are fine there).
+    gather = not compiling and select_backend(x.device) == "torch"
+    for slot, (name, kind) in enumerate(zip(tables.names, tables.kinds)):
+        if kind == "lora":
+            continue
+        if counts is not None and counts[slot] == 0:
+            continue
+        if present is not None and REGISTRY.get(name) not in present:
+            continue
+        if gather:
+            rows = torch.nonzero(row_slot == slot).squeeze(1)
+            if rows.numel() == 0:
+                continue
+            delta = _kind_delta(layer, name, kind, x2.index_select(0, rows))
+            y = y.index_add(0, rows, delta.to(y.dtype))
+            record(f"multi.{kind}_delta", "torch", "gathered")
+        else:
+            delta = _kind_delta(layer, name, kind, x2)
+            mask = (row_slot == slot)[:, None]
+            y = (y.to(delta.dtype) + torch.where(mask, delta, torch.zeros((), dtype=delta.dtype, device=y.device))
+                 ).to(x.dtype)
+            record(f"multi.{kind}_delta", "torch", "masked")
+    return y.reshape(*lead, layer.out_features)
+
+
+def _kind_delta(layer, name: str, kind: str, x2: Tensor) -> Tensor:
+    if kind == "c3a":
+        return reference.c3a_fft_delta(x2, layer.c3a_kernel[name])
+    return _sparse_delta(layer, name, x2)
+
+
+def _sparse_delta(layer, name: str, x2: Tensor) -> Tensor:
+    """scaling * x S^T for all rows (M x N, float32 or wider), as a weighted embedding_bag over
+    the nonzeros sorted by output row: O(M * nnz) work, O(M * N) memory. The row order is
+    cached per adapter in eager mode (keyed by the indices buffer and its version)."""
+    indices = layer.sparse_indices[name]
+    values = layer.sparse_values[name]
+    N = layer.out_features
+    pool = None if _compiling() else layer._multi_pool
+    hit = pool.sparse_order.get(name) if pool is not None else None
+    if hit is not None and hit[0] is indices and hit[1] == indices._version:
+        order, cols, offsets = hit[2:]
+    else:
+        rows, cols = indices[0].long(), indices[1].long()
+        order = torch.argsort(rows * layer.in_features + cols)
+        offsets = torch.searchsorted(rows[order], torch.arange(N, device=rows.device))
+        cols = cols[order]
+        if pool is not None:
+            pool.sparse_order[name] = (indices, indices._version, order, cols, offsets)
+    dt = torch.promote_types(x2.dtype, torch.float32)
+    w = values[order].to(dt) * layer.sparse_scaling[name]
+    out = F.embedding_bag(cols, x2.to(dt).t(), offsets, mode="sum", per_sample_weights=w)  # (N, M)
+    return out.t()
+
+
+# ---------------------------------------------------------------- use_adapters
+@dataclass
+class _Route:
+    ids: Tensor
+    validate: bool
+    present: Optional[frozenset]
+
+
+@contextlib.contextmanager
+def use_adapters(model: torch.nn.Module, ids: Tensor, validate: bool = True):
+    """Route every FusedLinear inside ``model`` by ``ids`` for the forwards in this scope.
+
+    ``ids``: one global adapter id per sample (x.shape[0] of every layer's
+    input) or per row; -1 = base only. Works with an unmodified model (the
+    ids never pass through forward signatures). With ``validate`` the ids are
+    checked once here (one host sync): each must be -1 or name an adapter of
+    some FusedLinear of the model. A layer that lacks a row's adapter serves
+    that row with its base weights, as PEFT does for layers outside
+    ``target_modules``. ``validate=False``: no check and no sync (CUDA-graph
+    capture); unknown ids act as -1.
+    """
+    from .module import FusedLinear
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in _INT_DTYPES:
+        raise TypeError(f"ids: expected an integer torch.Tensor, got {getattr(ids, 'dtype', type(ids).__name__)}")
+    layers = [m for m in model.modules() if isinstance(m, FusedLinear)]
+    present = None
+    if validate:
+        known = {REGISTRY.id_for(n) for m in layers for n in m._kind}
+        present = frozenset(int(i) for i in torch.unique(ids).tolist())
+        bad = sorted(i for i in present if i != -1 and i not in known)
+        if bad:
+            names = REGISTRY.names()
+            described = [f"{i} ({names[i]!r})" if i in names else str(i) for i in bad[:8]]
+            have = {n: REGISTRY.id_for(n) for n in sorted({n for m in layers for n in m._kind})}
+            raise ValueError(f"ids: {', '.join(described)} name no adapter of any FusedLinear in the model; "
+                             f"its adapters are {have} (-1 = base)")
+    route_ = _Route(ids, validate, present)
+    saved = [(m, m._multi_route) for m in layers]
+    for m in layers:
+        m._multi_route = route_
+    try:
+        yield model
+    finally:
+        for m, prev in saved:
+            m._multi_route = prev
