@@ -459,6 +459,20 @@ class _Route:
     present: Optional[frozenset]
 
 
+def adapter_ids(names, device=None) -> Tensor:
+    """PEFT's mixed-batch ``adapter_names`` (one name per sample, ``"__base__"``
+    for the base model) as the id tensor that ``use_adapters`` takes."""
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"names: expected a list of adapter names, got {names!r}")
+    ids = []
+    for n in names:
+        i = -1 if n == "__base__" else REGISTRY.get(n)
+        if i is None:
+            raise ValueError(f"names: no adapter named {n!r} was ever added; known: {sorted(REGISTRY.names().values())}")
+        ids.append(i)
+    return torch.tensor(ids, dtype=torch.int64, device=device)
+
+
 @contextlib.contextmanager
 def use_adapters(model: torch.nn.Module, ids: Tensor, validate: bool = True):
     """Route every FusedLinear inside ``model`` by ``ids`` for the forwards in this scope.

@@ -427,3 +427,25 @@ def test_triton_kernels_serve_a_patched_model(base, triton_backend, monkeypatch)
                                                                        "sparse.forward"}
     monkeypatch.setenv("FUSEDLORA_BACKEND", "torch")
     assert rel_err(y, logits(model, ids)) < TOL
+
+
+def test_from_peft_mixed_batch_adapter_names_via_ids(base):
+    """PEFT's mixed batch (``adapter_names=``, "__base__" for the base) equals use_adapters with adapter_ids."""
+    pm = make_peft(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=LINEARS))
+    make_peft(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"]), name="second", pm=pm)
+    ids3 = torch.randint(0, 100, (3, 7), generator=torch.Generator().manual_seed(2))
+    names = ["second", "__base__", "default"]
+    with torch.no_grad():
+        ref = pm(input_ids=ids3, adapter_names=names).logits
+    model = fusedlora.from_peft(pm)
+    with fusedlora.use_adapters(model, fusedlora.adapter_ids(names)):
+        got = logits(model, ids3)
+    assert rel_err(got, ref) < TOL
+    for row, name in enumerate(names):  # and row by row equal to the single-adapter model
+        if name == "__base__":
+            fusedlora.set_adapter(model, None)
+        else:
+            fusedlora.set_adapter(model, name)
+        assert rel_err(got[row], logits(model, ids3[row:row + 1])[0]) < TOL
+    with pytest.raises(ValueError, match="no adapter named 'nope'"):
+        fusedlora.adapter_ids(["nope"])
