@@ -221,6 +221,11 @@ class FusedLinear(nn.Linear):
             sparse_ops.scatter_merge_(self.weight, self.sparse_indices[name], self.sparse_values[name],
                                       self.sparse_scaling[name], sign=int(sign), validate=False)
             return
+        A, B = (self.lora_A[name], self.lora_B[name]) if self._kind[name] == "lora" else (None, None)
+        if A is not None and A.dtype == B.dtype == self.weight.dtype and A.device == self.weight.device:
+            # In place, fp32 accumulation, one rounding: no N x K temporaries.
+            self.weight.addmm_(B, A, alpha=sign * self.scaling[name])
+            return
         delta = sign * self._delta_weight(name)
         self.weight.copy_((self.weight.to(delta.dtype) + delta.to(self.weight.device)).to(self.weight.dtype))
 
