@@ -89,10 +89,8 @@ def _c3a_matmul(a: Tensor, b: Tensor, w: Tensor, *, reduce_in: bool, in_features
                 out_dtype: torch.dtype, bias: Optional[Tensor] = None, tag: str) -> Tensor:
     """C = a @ (b + circ) + bias, circ the C3A delta laid out like b:
     b = W^T (reduce_in, forward) or b = W (dx)."""
-    import triton
-
     from .kernels.c3a import c3a_matmul_kernel
-    from .launch import _input_precision, _pow2_at_least, _small_plan, _tl_dtype
+    from .launch import _input_precision, _pow2_at_least, _small_plan, _tl_dtype, gemm_output, launch_gemm
 
     M, K = a.shape
     N = b.shape[1]
@@ -100,9 +98,7 @@ def _c3a_matmul(a: Tensor, b: Tensor, w: Tensor, *, reduce_in: bool, in_features
         c = torch.zeros((M, N), device=a.device, dtype=torch.float32)
         return (c + bias.float() if bias is not None else c).to(out_dtype)
     plan = _small_plan(M, N, K, a.device)
-    split = plan["SPLIT_K"] if plan else 1
-    c = (torch.zeros if split > 1 else torch.empty)(
-        (M, N), device=a.device, dtype=torch.float32 if split > 1 else out_dtype)
+    c = gemm_output(M, N, plan, out_dtype, a.device)
     args = (
         a, b, c, bias if bias is not None else c, w,
         M, N, K, int(w.shape[2]), _pow2_at_least(M, 1),
@@ -111,23 +107,14 @@ def _c3a_matmul(a: Tensor, b: Tensor, w: Tensor, *, reduce_in: bool, in_features
     )
     flags = dict(HAS_BIAS=bias is not None, REDUCE_IN=reduce_in,
                  DOT_DTYPE=_tl_dtype(a.dtype), INPUT_PRECISION=_input_precision(a.dtype))
-    if plan is None:
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), 1)  # noqa: E731
-        _tuned("matmul")[grid](*args, **flags, SPLIT_K=1)
-        record(tag, "triton", "gemm")
-    else:
-        grid = (triton.cdiv(M, plan["BLOCK_M"]) * triton.cdiv(N, plan["BLOCK_N"]), split)
-        c3a_matmul_kernel[grid](*args, **flags, **plan)
-        record(tag, "triton", "splitk" if split > 1 else "small")
+    launch_gemm(c3a_matmul_kernel, lambda: _tuned("matmul"), plan, M, N, args, flags, tag)
     return c if c.dtype == out_dtype else c.to(out_dtype)
 
 
 def _grad_gemm(a: Tensor, xs: Tensor, b: int, alpha: float, out: Tensor, tag: str) -> None:
     """out (fp32, G x N) += alpha * sum_{r,s} a[r, g*b+s] xs[r, (c//b)*b + (s + c%b) mod b]."""
-    import triton
-
     from .kernels.c3a import c3a_kernel_grad_kernel
-    from .launch import _input_precision, _pow2_at_least, _small_plan, _tl_dtype
+    from .launch import _input_precision, _pow2_at_least, _small_plan, _tl_dtype, launch_gemm
 
     rows = a.shape[0]
     G, N = out.shape
@@ -140,14 +127,7 @@ def _grad_gemm(a: Tensor, xs: Tensor, b: int, alpha: float, out: Tensor, tag: st
         a.stride(0), a.stride(1), xs.stride(0), xs.stride(1), c.stride(0), c.stride(1), float(alpha),
     )
     flags = dict(DOT_DTYPE=_tl_dtype(a.dtype), INPUT_PRECISION=_input_precision(a.dtype))
-    if plan is None:
-        grid = lambda meta: (triton.cdiv(G, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), 1)  # noqa: E731
-        _tuned("grad")[grid](*args, **flags, SPLIT_K=1)
-        record(tag, "triton", "gemm")
-    else:
-        grid = (triton.cdiv(G, plan["BLOCK_M"]) * triton.cdiv(N, plan["BLOCK_N"]), split)
-        c3a_kernel_grad_kernel[grid](*args, **flags, **plan)
-        record(tag, "triton", "splitk" if split > 1 else "small")
+    launch_gemm(c3a_kernel_grad_kernel, lambda: _tuned("grad"), plan, G, N, args, flags, tag)
     if c is not out:
         out += c
 

@@ -121,6 +121,28 @@ def _small_plan(M: int, N: int, K: int, device: torch.device) -> Optional[dict]:
     return tile
 
 
+def gemm_output(M: int, N: int, plan: Optional[dict], out_dtype: torch.dtype, device) -> torch.Tensor:
+    """C for one launch: a zeroed fp32 buffer when the reduction is split
+    (programs add their partials into it atomically), else uninitialised."""
+    if plan is not None and plan["SPLIT_K"] > 1:
+        return torch.zeros((M, N), device=device, dtype=torch.float32)
+    return torch.empty((M, N), device=device, dtype=out_dtype)
+
+
+def launch_gemm(kernel, tuned, plan: Optional[dict], M: int, N: int, args: tuple, flags: dict, tag: str) -> None:
+    """Launch a GEMM-shaped kernel over (M, N) output tiles: the autotuned entry
+    (``tuned()``) when ``plan`` is None, else ``kernel`` with the plan's tiles and
+    SPLIT_K programs per tile; record which ran."""
+    if plan is None:
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), 1)  # noqa: E731
+        tuned()[grid](*args, **flags, SPLIT_K=1)
+        record(tag, "triton", "gemm")
+        return
+    split = plan["SPLIT_K"]
+    kernel[(triton.cdiv(M, plan["BLOCK_M"]) * triton.cdiv(N, plan["BLOCK_N"]), split)](*args, **flags, **plan)
+    record(tag, "triton", "splitk" if split > 1 else "small")
+
+
 def matmul(a: torch.Tensor, b: torch.Tensor, *, out_dtype: torch.dtype, dot_dtype: torch.dtype,
            alpha: float = 1.0, bias: Optional[torch.Tensor] = None,
            u: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None,
@@ -139,9 +161,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, out_dtype: torch.dtype, dot_dtyp
         return c.to(out_dtype)
 
     plan = _small_plan(M, N, K, a.device)
-    split = plan["SPLIT_K"] if plan else 1
-    c = (torch.zeros if split > 1 else torch.empty)(
-        (M, N), device=a.device, dtype=torch.float32 if split > 1 else out_dtype)
+    c = gemm_output(M, N, plan, out_dtype, a.device)
     p = dropout.p if dropout is not None else 0.0
     drop_at = dropout.where if (dropout is not None and p > 0.0) else None
     args = (
@@ -158,15 +178,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, out_dtype: torch.dtype, dot_dtyp
         DOT_DTYPE=_tl_dtype(dot_dtype), INPUT_PRECISION=_input_precision(dot_dtype),
         BLOCK_R=_pow2_at_least(R),
     )
-    if plan is None:
-        kernel = _tuned_kernel()
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), 1)  # noqa: E731
-        kernel[grid](*args, **flags, SPLIT_K=1)
-        record(tag, "triton", "gemm")
-    else:
-        grid = (triton.cdiv(M, plan["BLOCK_M"]) * triton.cdiv(N, plan["BLOCK_N"]), split)
-        lora_matmul_kernel[grid](*args, **flags, **plan)
-        record(tag, "triton", "splitk" if split > 1 else "small")
+    launch_gemm(lora_matmul_kernel, _tuned_kernel, plan, M, N, args, flags, tag)
     return c if c.dtype == out_dtype else c.to(out_dtype)
 
 

@@ -302,9 +302,8 @@ def _sparse_matmul(a: Tensor, b: Tensor, layout: Tuple[Tensor, Tensor, Tensor, T
                    bias: Optional[Tensor], out_dtype: torch.dtype, tag: str) -> Tensor:
     """C = a @ (b + scaling * D) (+ bias). Forward (transposed=False): b = W^T, D = S^T;
     dx (transposed=True): b = W, D = S. ``layout`` = (offsets, rows, cols, perm)."""
-    import triton
-
-    from .launch import _input_precision, _pow2_at_least, _tl_dtype
+    from .kernels.sparse import sparse_matmul_kernel
+    from .launch import _input_precision, _pow2_at_least, _tl_dtype, gemm_output, launch_gemm
 
     M, K = a.shape
     N = b.shape[1]
@@ -318,9 +317,7 @@ def _sparse_matmul(a: Tensor, b: Tensor, layout: Tuple[Tensor, Tensor, Tensor, T
         red_idx, out_idx, num_tn, num_tk, bs_n, bs_k = cols, rows, num_tr, num_tc, num_tc, 1
     has_delta = rows.shape[0] > 0
     plan = _plan(M, N, K, tile, a.device)
-    split = plan["SPLIT_K"] if plan else 1
-    c = (torch.zeros if split > 1 else torch.empty)(
-        (M, N), device=a.device, dtype=torch.float32 if split > 1 else out_dtype)
+    c = gemm_output(M, N, plan, out_dtype, a.device)
     dummy = c
     args = (
         a, b, c, bias if bias is not None else dummy,
@@ -332,16 +329,7 @@ def _sparse_matmul(a: Tensor, b: Tensor, layout: Tuple[Tensor, Tensor, Tensor, T
     )
     flags = dict(HAS_BIAS=bias is not None, HAS_DELTA=has_delta, DOT_DTYPE=_tl_dtype(a.dtype),
                  INPUT_PRECISION=_input_precision(a.dtype), TILE=tile)
-    if plan is None:
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), 1)  # noqa: E731
-        _tuned_kernel(tile)[grid](*args, **flags, SPLIT_K=1)
-        record(tag, "triton", "gemm")
-    else:
-        from .kernels.sparse import sparse_matmul_kernel
-
-        grid = (triton.cdiv(M, plan["BLOCK_M"]) * triton.cdiv(N, plan["BLOCK_N"]), split)
-        sparse_matmul_kernel[grid](*args, **flags, **plan)
-        record(tag, "triton", "splitk" if split > 1 else "small")
+    launch_gemm(sparse_matmul_kernel, lambda: _tuned_kernel(tile), plan, M, N, args, flags, tag)
     return c if c.dtype == out_dtype else c.to(out_dtype)
 
 
