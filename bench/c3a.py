@@ -19,7 +19,7 @@ from torch import nn
 from fusedlora import reference
 from fusedlora.c3a import c3a_linear, init_c3a_kernel
 
-from .harness import Case, Options, Skip, compiled, elem_size, grad_thunk, matmul_flops, numel_bytes
+from .harness import Case, Options, Skip, compiled, elem_size, grad_thunk, matmul_flops, numel_bytes, random_maker
 
 PATH = "c3a"
 VARIANTS = ("fwd", "fwd+bwd")
@@ -58,8 +58,7 @@ def work(s: dict, variant: str, elem: int):
 def _inputs(s: dict, variant: str, device, dtype):
     M, K, N, b = s["M"], s["K"], s["N"], s["b"]
 
-    def rnd(*shape, std=1.0):  # random, scaled so bf16 sums stay O(1)
-        return (torch.randn(*shape, device=device, dtype=torch.float32) * std).to(dtype)
+    rnd = random_maker(device, dtype)
 
     train = variant != "fwd"
     kernel = init_c3a_kernel(torch.empty(N // b, K // b, b, device=device, dtype=torch.float32), "gaussian")

@@ -103,6 +103,14 @@ def roofline(flops: float, nbytes: float, ms: float, ceilings: dict) -> Tuple[fl
 
 
 # ------------------------------------------------------- helpers for paths
+def random_maker(device, dtype):
+    """rnd(*shape, std=1.0): normal samples drawn in fp32, scaled (so bf16 sums
+    stay O(1)) and cast: never zeros, which would time faster than real data."""
+    def rnd(*shape, std=1.0):
+        return (torch.randn(*shape, device=device, dtype=torch.float32) * std).to(dtype)
+    return rnd
+
+
 def elem_size(dtype: torch.dtype) -> int:
     return torch.tensor([], dtype=dtype).element_size()
 

@@ -14,14 +14,13 @@ from __future__ import annotations
 import inspect
 import math
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fusedlora import ops
 
 from .harness import (Case, Options, Skip, compiled, elem_size, gemm_adapter_bytes, gemm_adapter_flops, grad_thunk,
-                      matmul_flops, numel_bytes)
+                      matmul_flops, numel_bytes, random_maker)
 
 PATH = "lora"
 SCALING = 2.0  # lora_alpha = 2 r, a common choice; any nonzero value times the same
@@ -55,8 +54,7 @@ def work(s: dict, variant: str, elem: int):
 def _inputs(s: dict, variant: str, device, dtype):
     M, K, N, r = s["M"], s["K"], s["N"], s["r"]
 
-    def rnd(*shape, std=1.0):  # random, scaled so bf16 sums stay O(1)
-        return (torch.randn(*shape, device=device, dtype=torch.float32) * std).to(dtype)
+    rnd = random_maker(device, dtype)
 
     train = variant != "fwd"
     inp = {"x": rnd(M, K).requires_grad_(train), "W": rnd(N, K, std=K ** -0.5), "b": rnd(N, std=0.1),

@@ -30,7 +30,7 @@ from torch import nn
 
 from fusedlora.sparse import build_layout, random_indices, shira_num_nonzeros, sparse_linear
 
-from .harness import Case, Options, Skip, compiled, elem_size, grad_thunk, matmul_flops, numel_bytes
+from .harness import Case, Options, Skip, compiled, elem_size, grad_thunk, matmul_flops, numel_bytes, random_maker
 
 # PEFT's SHiRA builds a torch.sparse_coo_tensor per call; torch warns about it every time.
 warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
@@ -81,8 +81,7 @@ def mask(N: int, K: int, density: float, seed: int) -> torch.Tensor:
 def _inputs(s: dict, variant: str, device, dtype, seed: int):
     M, K, N, d = s["M"], s["K"], s["N"], s["density"]
 
-    def rnd(*shape, std=1.0):  # random, scaled so bf16 sums stay O(1)
-        return (torch.randn(*shape, device=device, dtype=torch.float32) * std).to(dtype)
+    rnd = random_maker(device, dtype)
 
     train = variant != "fwd"
     indices = mask(N, K, d, seed).to(device)

@@ -36,7 +36,7 @@ from torch import nn
 from fusedlora import FusedLinear
 from fusedlora.sparse import scatter_switch_, shira_num_nonzeros
 
-from .harness import Case, Options, Skip, elem_size, matmul_flops, numel_bytes
+from .harness import Case, Options, Skip, elem_size, matmul_flops, numel_bytes, random_maker
 from .sparse import mask, peft_shira_layer
 
 PATH = "switch"
@@ -77,8 +77,7 @@ def work(s: dict, elem: int):
 def _inputs(s: dict, device, dtype, seed: int):
     N, K, r, d = s["N"], s["K"], s["r"], s["density"]
 
-    def rnd(*shape, std=1.0):
-        return (torch.randn(*shape, device=device, dtype=torch.float32) * std).to(dtype)
+    rnd = random_maker(device, dtype)
 
     inp = {"W": rnd(N, K, std=K ** -0.5)}
     for name, k in (("a", 0), ("b", 1)):
