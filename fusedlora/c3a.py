@@ -97,7 +97,7 @@ def _c3a_matmul(a: Tensor, b: Tensor, w: Tensor, *, reduce_in: bool, in_features
     if M == 0 or N == 0:
         c = torch.zeros((M, N), device=a.device, dtype=torch.float32)
         return (c + bias.float() if bias is not None else c).to(out_dtype)
-    plan = _small_plan(M, N, K, a.device)
+    plan = _small_plan(M, N, K, a.device, a.dtype.itemsize)
     c = gemm_output(M, N, plan, out_dtype, a.device)
     args = (
         a, b, c, bias if bias is not None else c, w,
@@ -105,7 +105,7 @@ def _c3a_matmul(a: Tensor, b: Tensor, w: Tensor, *, reduce_in: bool, in_features
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         w.stride(0), w.stride(1), w.stride(2), 1.0 / in_features,
     )
-    flags = dict(HAS_BIAS=bias is not None, REDUCE_IN=reduce_in,
+    flags = dict(HAS_BIAS=bias is not None, REDUCE_IN=reduce_in, EXACT_DELTA=a.dtype.itemsize == 2,
                  DOT_DTYPE=_tl_dtype(a.dtype), INPUT_PRECISION=_input_precision(a.dtype))
     launch_gemm(c3a_matmul_kernel, lambda: _tuned("matmul"), plan, M, N, args, flags, tag)
     return c if c.dtype == out_dtype else c.to(out_dtype)
@@ -119,7 +119,7 @@ def _grad_gemm(a: Tensor, xs: Tensor, b: int, alpha: float, out: Tensor, tag: st
     rows = a.shape[0]
     G, N = out.shape
     Q = rows * b
-    plan = _small_plan(G, N, Q, a.device)
+    plan = _small_plan(G, N, Q, a.device, a.dtype.itemsize)
     split = plan["SPLIT_K"] if plan else 1
     c = out if split > 1 else torch.empty_like(out)
     args = (

@@ -99,18 +99,22 @@ def split_k(tiles: int, k_tiles: int, device: torch.device) -> int:
     return triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))  # no split without a K tile
 
 
-def _small_plan(M: int, N: int, K: int, device: torch.device) -> Optional[dict]:
+def _small_plan(M: int, N: int, K: int, device: torch.device, elem_bytes: int = 2) -> Optional[dict]:
     """Tile plan for memory-bound products (few rows, or a rank-r output), or
-    None when the product fills the GPU and goes to the autotuned GEMM."""
+    None when the product fills the GPU and goes to the autotuned GEMM.
+    ``elem_bytes`` of the operands: 4-byte tiles take a quarter of the K depth,
+    so three pipeline stages fit an A100's shared memory (these plans bypass
+    the autotuner, which would otherwise drop a config that does not fit)."""
+    bk = 128 if elem_bytes <= 2 else 32
     if interpreting():
         tile = dict(_INTERPRET_TILE)
     elif M <= 16:  # decode: stream the weight once, split K to fill the SMs
-        tile = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 3}
+        tile = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": bk, "GROUP_M": 1, "num_warps": 4, "num_stages": 3}
     elif N <= 128:  # rank-r output (shrink, dB): long reduction, narrow tile
-        tile = {"BLOCK_M": 64, "BLOCK_N": _pow2_at_least(N), "BLOCK_K": 128, "GROUP_M": 1,
+        tile = {"BLOCK_M": 64, "BLOCK_N": _pow2_at_least(N), "BLOCK_K": bk, "GROUP_M": 1,
                 "num_warps": 4, "num_stages": 3}
     elif M <= 128:  # rank-r rows (dA): same, transposed
-        tile = {"BLOCK_M": _pow2_at_least(M), "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1,
+        tile = {"BLOCK_M": _pow2_at_least(M), "BLOCK_N": 64, "BLOCK_K": bk, "GROUP_M": 1,
                 "num_warps": 4, "num_stages": 3}
     else:
         return None
@@ -160,7 +164,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, out_dtype: torch.dtype, dot_dtyp
             c += bias.float()
         return c.to(out_dtype)
 
-    plan = _small_plan(M, N, K, a.device)
+    plan = _small_plan(M, N, K, a.device, dot_dtype.itemsize)
     c = gemm_output(M, N, plan, out_dtype, a.device)
     p = dropout.p if dropout is not None else 0.0
     drop_at = dropout.where if (dropout is not None and p > 0.0) else None

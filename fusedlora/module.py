@@ -168,13 +168,16 @@ class FusedLinear(nn.Linear):
             self._active = [name]
 
     def _layout(self, name: str):
-        """The sparse adapter's tile layout, built once (and again after a device move)."""
+        """The sparse adapter's tile layout, built again whenever its indices change
+        (a device move, or load_state_dict copying new ones in place). A rebuild
+        checks range and duplicates: the kernels index W with them."""
         indices = self.sparse_indices[name]
-        layout = self._sparse_layout.get(name)
-        if layout is None or layout.device != indices.device:
-            layout = sparse_ops.build_layout(indices, tuple(self.weight.shape), validate=False)
-            self._sparse_layout[name] = layout
-        return layout
+        key = (indices.device, indices.data_ptr(), indices._version)
+        cached = self._sparse_layout.get(name)
+        if cached is None or cached[0] != key:
+            cached = (key, sparse_ops.build_layout(indices, tuple(self.weight.shape)))
+            self._sparse_layout[name] = cached
+        return cached[1]
 
     def adapter_id(self, name: str) -> int:
         """The integer id of adapter ``name`` for ``adapter_ids`` / ``fusedlora.use_adapters``:

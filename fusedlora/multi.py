@@ -194,7 +194,7 @@ def _matmul(a: Tensor, b: Tensor, bias: Optional[Tensor], u: Tensor, q: Tensor, 
         c = torch.zeros((M, N), device=a.device, dtype=out_dtype)
         return c + bias if bias is not None else c
     sorted_ = routing is not None
-    plan = _small_plan(M, N, K, a.device)
+    plan = _small_plan(M, N, K, a.device, a.dtype.itemsize)
     split = plan["SPLIT_K"] if plan else 1
     c = (torch.zeros if split > 1 else torch.empty)(
         (M, N), device=a.device, dtype=torch.float32 if split > 1 else out_dtype)
@@ -426,6 +426,26 @@ def check_multi_args(x, weight, bias, row_slot, pool_A, pool_BT, slot_off, slot_
         raise ValueError("slot_off, slot_rank, slot_scale, slot_drop: expected the same length (one entry per slot)")
 
 
+def _check_table_values(row_slot, slot_off, slot_rank, slot_drop, pool_rows: int, max_rank) -> int:
+    """Values of caller-built tables (one host sync): the kernels index the pools
+    and size their buffers by them, so an entry out of range would read or write
+    out of bounds. Returns max_rank."""
+    S = slot_off.shape[0]
+    if row_slot.numel() and (int(row_slot.min()) < -1 or int(row_slot.max()) >= S):
+        raise ValueError(f"row_slot: expected slots in -1 .. {S - 1}, got {int(row_slot.min())} .. "
+                         f"{int(row_slot.max())}")
+    if S and (int(slot_rank.min()) < 0 or int(slot_off.min()) < 0
+              or int((slot_off.long() + slot_rank.long()).max()) > pool_rows):
+        raise ValueError(f"slot_off, slot_rank: every slot must own rows inside the pool's {pool_rows} rows "
+                         f"(offsets >= 0, ranks >= 0, offset + rank <= {pool_rows})")
+    if slot_drop is not None and S and (float(slot_drop.min()) < 0 or float(slot_drop.max()) >= 1):
+        raise ValueError("slot_drop: expected dropout probabilities in [0, 1)")
+    true_max = int(slot_rank.max()) if S else 0
+    if max_rank is not None and int(max_rank) < true_max:
+        raise ValueError(f"max_rank: {max_rank} is below the largest slot_rank {true_max}")
+    return true_max if max_rank is None else int(max_rank)
+
+
 def multi_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], row_slot: Tensor, pool_A: Tensor,
                       pool_BT: Tensor, slot_off: Tensor, slot_rank: Tensor, slot_scale: Tensor,
                       max_rank: Optional[int] = None, slot_drop: Optional[Tensor] = None) -> Tensor:
@@ -443,8 +463,7 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], row_slo
     Differentiable in x, weight, bias and both pools.
     """
     check_multi_args(x, weight, bias, row_slot, pool_A, pool_BT, slot_off, slot_rank, slot_scale, slot_drop)
-    if max_rank is None:
-        max_rank = int(slot_rank.max()) if slot_rank.numel() else 0
+    max_rank = _check_table_values(row_slot, slot_off, slot_rank, slot_drop, pool_A.shape[0], max_rank)
     from .ops import draw_seed
 
     if slot_drop is None:

@@ -227,3 +227,10 @@ def dropout_keep_mask(x_shape: Sequence[int], dropout_p: float, seed: int, devic
     from .launch import dropout_mask
 
     return dropout_mask(shape, dropout_p, seed, device)
+
+
+# The other fused paths' functional forms, also reachable as fusedlora.ops.* (the
+# names the issues give them); they live with their launchers. Imported last:
+# those modules import this one's checks.
+from .c3a import c3a_linear  # noqa: E402,F401
+from .sparse import sparse_linear  # noqa: E402,F401

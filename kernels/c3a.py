@@ -32,7 +32,7 @@ the result, whichever gives more output rows.
 import triton
 import triton.language as tl
 
-from .tiles import add_bias, store_tile, swizzle_tile
+from .tiles import add_bias, split_k_range, store_tile, swizzle_tile
 
 
 @triton.jit
@@ -41,7 +41,7 @@ def c3a_matmul_kernel(
     M, N, K, BS, M_BUCKET,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     stride_w_out, stride_w_in, stride_w_u, w_scale,
-    HAS_BIAS: tl.constexpr, REDUCE_IN: tl.constexpr,
+    HAS_BIAS: tl.constexpr, REDUCE_IN: tl.constexpr, EXACT_DELTA: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -56,10 +56,10 @@ def c3a_matmul_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
 
-    tiles_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
-    offs_k = pid_k * tiles_per_split * BLOCK_K + tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None].to(tl.int64) * stride_bk + offs_n[None, :] * stride_bn
+    tiles_per_split, k_first = split_k_range(K, pid_k, BLOCK_K, SPLIT_K)
+    offs_k = k_first + tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :].to(tl.int64) * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None].to(tl.int64) * stride_bk + offs_n[None, :].to(tl.int64) * stride_bn
     m_ok = offs_m[:, None] < M
     n_ok = offs_n[None, :] < N
 
@@ -72,6 +72,7 @@ def c3a_matmul_kernel(
         w_col = w_ptr + col_blk[None, :].to(tl.int64) * stride_w_in
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for t in range(0, tiles_per_split):
         k_ok = offs_k < K
         a = tl.load(a_ptrs, mask=m_ok & k_ok[None, :], other=0.0)
@@ -86,11 +87,20 @@ def c3a_matmul_kernel(
             w_ptrs = w_col + red_blk[:, None].to(tl.int64) * stride_w_out
         d = tl.where(d < 0, d + BS, d)
         circ = tl.load(w_ptrs + d * stride_w_u, mask=k_ok[:, None] & n_ok, other=0.0)
-        b = (b.to(tl.float32) + circ.to(tl.float32) * w_scale).to(DOT_DTYPE)
-        acc = tl.dot(a.to(DOT_DTYPE), b, acc, input_precision=INPUT_PRECISION)
+        if EXACT_DELTA:
+            # 16-bit operands: w / in_features is far below one rounding step of
+            # W, so W + delta rounded to 16 bits would drop most of the adapter.
+            # The delta gets its own product (unscaled circulant, fp32 accumulator).
+            acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+            acc_delta = tl.dot(a.to(DOT_DTYPE), circ.to(DOT_DTYPE), acc_delta, input_precision=INPUT_PRECISION)
+        else:
+            b = (b.to(tl.float32) + circ.to(tl.float32) * w_scale).to(DOT_DTYPE)
+            acc = tl.dot(a.to(DOT_DTYPE), b, acc, input_precision=INPUT_PRECISION)
         offs_k += BLOCK_K
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
+    if EXACT_DELTA:
+        acc += acc_delta * w_scale
 
     if HAS_BIAS:
         if pid_k == 0:

@@ -42,9 +42,10 @@ def lora_matmul_kernel(
 
     tiles_per_split, k_first = split_k_range(K, pid_k, BLOCK_K, SPLIT_K)
     offs_k = k_first + tl.arange(0, BLOCK_K)
-    # 64-bit row offsets: M * stride can pass 2^31 on long prefills.
-    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None].to(tl.int64) * stride_bk + offs_n[None, :] * stride_bn
+    # 64-bit offsets: M * stride passes 2^31 on long prefills, and so does
+    # k * stride of a transposed operand (dy^T in the weight gradients).
+    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :].to(tl.int64) * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None].to(tl.int64) * stride_bk + offs_n[None, :].to(tl.int64) * stride_bn
     m_ok = offs_m[:, None] < M
     n_ok = offs_n[None, :] < N
 

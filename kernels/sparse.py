@@ -60,8 +60,8 @@ def sparse_matmul_kernel(
 
     tiles_per_split, k_first = split_k_range(K, pid_k, BLOCK_K, SPLIT_K)
     offs_k = k_first + local_k
-    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None].to(tl.int64) * stride_bk + offs_n[None, :] * stride_bn
+    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :].to(tl.int64) * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None].to(tl.int64) * stride_bk + offs_n[None, :].to(tl.int64) * stride_bn
     m_ok = offs_m[:, None] < M
     n_ok = offs_n[None, :] < N
 

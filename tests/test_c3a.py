@@ -269,6 +269,28 @@ def test_triton_rejects_float64(triton_backend):
     assert dispatched("c3a.") == {}
 
 
+def cancelling_inputs(M, K, N, b, dtype):
+    """x = [v, v], W = [w, -w]: x W^T = 0 while |W| stays realistic (~1/sqrt(K)), so y is
+    the adapter's term alone. With PEFT's kaiming_uniform kernel w/K is below half a
+    16-bit rounding step of W: a kernel that folds it into W before rounding loses it."""
+    inp = make_inputs(M, K, N, b, dtype, bias=False)
+    with torch.no_grad():
+        v = torch.randn(M, K // 2, device=DEVICE)
+        w = torch.randn(N, K // 2, device=DEVICE) / K**0.5
+        inp["x"].copy_(torch.cat([v, v], dim=1))
+        inp["weight"].copy_(torch.cat([w, -w], dim=1))
+        inp["c3a_kernel"].copy_(init_c3a_kernel(torch.empty_like(inp["c3a_kernel"]), "kaiming_uniform"))
+    return inp
+
+
+def test_fp16_keeps_the_adapter_term_below_the_weights_rounding_step(triton_backend):
+    inp = cancelling_inputs(4, 2048, 64, 16, torch.float16)
+    with torch.no_grad():
+        y = c3a_linear(*(inp[n] for n in NAMES))
+    ref = reference.c3a_linear(*(inp[n].double() if inp[n] is not None else None for n in NAMES))
+    assert rel_err(y, ref) < TOL[torch.float16]
+
+
 # -------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -277,6 +299,12 @@ def test_triton_rejects_float64(triton_backend):
                          ids=lambda s: "M{}_K{}_N{}_b{}".format(*s))
 def test_gpu_large(triton_backend, shape, dtype):
     check_against_reference(make_inputs(*shape, dtype))
+    M, K, N, b = shape
+    inp = cancelling_inputs(M, K, N, b, dtype)  # the adapter's own term, not hidden in x W^T
+    with torch.no_grad():
+        y = c3a_linear(*(inp[n] for n in NAMES))
+    ref = reference.c3a_linear(*(inp[n].double() if inp[n] is not None else None for n in NAMES))
+    assert rel_err(y, ref) < TOL[dtype]
     assert not any(":torch:" in k for k in dispatched("c3a."))
 
 

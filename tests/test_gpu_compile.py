@@ -63,6 +63,18 @@ def lora(**kw):
                           BLOCK_R=16), **kw})
 
 
+def planned(M, N, K, elem_bytes, **consts):
+    """The tile plan fusedlora.launch picks on a GPU for this product (split-K
+    and memory-bound shapes bypass the autotuner, so nothing else checks them)."""
+    import torch
+
+    from fusedlora.launch import _small_plan
+
+    plan = dict(_small_plan(M, N, K, torch.device("cpu"), elem_bytes))
+    warps, stages = plan.pop("num_warps"), plan.pop("num_stages")
+    return lora(**{**plan, **consts}), warps, stages
+
+
 def variants():
     """name: (kernel, arch, operand dtype, output dtype, constexprs, warps, stages, tensor-core op)."""
     import triton.language as tl
@@ -74,6 +86,8 @@ def variants():
 
     f16, f32 = dict(DOT_DTYPE=tl.float16), dict(DOT_DTYPE=tl.float32, INPUT_PRECISION="ieee")
     decode = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1)
+    f32_dA, w_dA, s_dA = planned(128, 4096, 4096, 4, **f32, DROP_B=True)
+    f32_shrink, w_sh, s_sh = planned(4096, 128, 4096, 4, DOT_DTYPE=tl.float32)
     return {
         # LoRA forward GEMM with bias and the rank-r epilogue, the largest autotune tile
         "lora-sm90-bf16-forward": (lora_matmul_kernel, 90, "bf16", "bf16",
@@ -93,12 +107,15 @@ def variants():
         "lora-sm80-fp32-ieee-grad-A": (lora_matmul_kernel, 80, "fp32", "fp32",
                                        lora(**f32, DROP_B=True, SPLIT_K=3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=32,
                                             GROUP_M=1), 4, 3, None),
-        "c3a-sm90-bf16-forward": (c3a_matmul_kernel, 90, "bf16", "bf16", gemm(HAS_BIAS=True, REDUCE_IN=True),
-                                  8, 3, "wgmma"),
-        "c3a-sm90-bf16-grad-x": (c3a_matmul_kernel, 90, "bf16", "bf16", gemm(HAS_BIAS=False, REDUCE_IN=False),
-                                 8, 3, "wgmma"),
+        # fp32 plans as launch.py picks them (exact and tf32): must fit an A100's shared memory
+        "lora-sm80-fp32-plan-grad-A": (lora_matmul_kernel, 80, "fp32", "fp32", f32_dA, w_dA, s_dA, None),
+        "lora-sm80-tf32-plan-shrink": (lora_matmul_kernel, 80, "fp32", "fp32", f32_shrink, w_sh, s_sh, "mma.sync"),
+        "c3a-sm90-bf16-forward": (c3a_matmul_kernel, 90, "bf16", "bf16",
+                                  gemm(HAS_BIAS=True, REDUCE_IN=True, EXACT_DELTA=True), 8, 3, "wgmma"),
+        "c3a-sm90-bf16-grad-x": (c3a_matmul_kernel, 90, "bf16", "bf16",
+                                 gemm(HAS_BIAS=False, REDUCE_IN=False, EXACT_DELTA=True), 8, 3, "wgmma"),
         "c3a-sm90-bf16-decode": (c3a_matmul_kernel, 90, "bf16", "fp32",
-                                 gemm(HAS_BIAS=True, REDUCE_IN=True, SPLIT_K=4, **decode), 4, 3, "mma"),
+                                 gemm(HAS_BIAS=True, REDUCE_IN=True, EXACT_DELTA=True, SPLIT_K=4, **decode), 4, 3, "mma"),
         "c3a-sm90-bf16-grad-kernel": (c3a_kernel_grad_kernel, 90, "bf16", "fp32", gemm(BLOCK_M=64, BLOCK_N=64),
                                       4, 3, "mma"),
         "sparse-sm90-bf16-forward": (sparse_matmul_kernel, 90, "bf16", "bf16",
@@ -153,7 +170,7 @@ def compiled():
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-NAMES = ["lora-sm90-bf16-forward", "lora-sm90-bf16-grad-x", "lora-sm90-bf16-decode", "lora-sm90-fp16-shrink",
+NAMES = ["lora-sm80-fp32-plan-grad-A", "lora-sm80-tf32-plan-shrink", "lora-sm90-bf16-forward", "lora-sm90-bf16-grad-x", "lora-sm90-bf16-decode", "lora-sm90-fp16-shrink",
          "lora-sm80-fp16-forward", "lora-sm80-fp32-ieee-grad-A", "c3a-sm90-bf16-forward", "c3a-sm90-bf16-grad-x",
          "c3a-sm90-bf16-decode", "c3a-sm90-bf16-grad-kernel", "sparse-sm90-bf16-forward",
          "sparse-sm90-bf16-decode", "sparse-sm90-bf16-sddmm", "multi-sm90-bf16-forward-sgmv",

@@ -103,3 +103,20 @@ def test_mixed_lora_c3a_sparse_adapters_sum(triton_backend):
         layer.add_sparse("l", idx)
     with pytest.raises(ValueError, match="values"):
         layer.add_sparse("t", idx, torch.randn(3))
+
+
+def test_sparse_layout_follows_indices_loaded_in_place(triton_backend):
+    """load_state_dict copies other indices into the buffer in place: the fused
+    forward must use them, not the layout built for the old ones."""
+    a, b = make_layer(), make_layer()
+    b.load_state_dict(a.state_dict())
+    idx_a = random_indices((32, 48), density=0.05, seed=11)
+    idx_b = random_indices((32, 48), density=0.05, seed=12)
+    a.add_sparse("s", idx_a, torch.randn(idx_a.shape[1]))
+    b.add_sparse("s", idx_b, torch.randn(idx_b.shape[1]))
+    x = torch.randn(5, 48, device=DEVICE)
+    b(x)  # builds b's layout for idx_b
+    b.load_state_dict(a.state_dict())
+    assert rel_err(b(x), a(x)) < 1e-6
+    b.merge()
+    assert rel_err(b(x), a(x)) < 1e-5

@@ -502,3 +502,32 @@ def test_gpu_cuda_graph_capture_validate_false(triton_backend, M):
         graph.replay()
         torch.cuda.synchronize()
         assert rel_err(out, layer(x, adapter_ids=ids)) < TOL[torch.bfloat16]
+
+
+def test_multi_lora_linear_rejects_tables_that_would_index_out_of_bounds(triton_backend):
+    from fusedlora.multi import multi_lora_linear
+    from fusedlora.routing import pack_loras
+
+    K, N = 20, 12
+    x, W = torch.randn(5, K, device=DEVICE), torch.randn(N, K, device=DEVICE)
+    As = [torch.randn(r, K, device=DEVICE) for r in (4, 16)]
+    Bs = [torch.randn(N, r, device=DEVICE) for r in (4, 16)]
+    pool_A, pool_BT, off, rank, scale, rmax = pack_loras(As, Bs, [1.0, 0.5])
+    slot = torch.tensor([0, 1, -1, 1, 0], dtype=torch.int32, device=DEVICE)
+    ok = multi_lora_linear(x, W, None, slot, pool_A, pool_BT, off, rank, scale)
+    assert ok.shape == (5, N)
+    fusedlora.reset_dispatch()
+    bad = [
+        (dict(row_slot=torch.tensor([0, 2, -1, 1, 0], dtype=torch.int32, device=DEVICE)), "row_slot"),
+        (dict(slot_off=torch.tensor([0, 30], dtype=torch.int32, device=DEVICE)), "slot_off"),
+        (dict(slot_rank=torch.tensor([4, -1], dtype=torch.int32, device=DEVICE)), "slot_rank"),
+        (dict(max_rank=4), "max_rank"),
+        (dict(slot_drop=torch.tensor([0.0, 1.0], device=DEVICE)), "slot_drop"),
+    ]
+    for change, name in bad:
+        args = dict(x=x, weight=W, bias=None, row_slot=slot, pool_A=pool_A, pool_BT=pool_BT, slot_off=off,
+                    slot_rank=rank, slot_scale=scale)
+        args.update(change)
+        with pytest.raises(ValueError, match=name):
+            multi_lora_linear(**args)
+    assert dispatched() == {}, "a kernel ran before the error"
