@@ -172,8 +172,16 @@ class FusedLinear(nn.Linear):
         (a device move, or load_state_dict copying new ones in place). A rebuild
         checks range and duplicates: the kernels index W with them."""
         indices = self.sparse_indices[name]
-        key = (indices.device, indices.data_ptr(), indices._version)
         cached = self._sparse_layout.get(name)
+        if torch.compiler.is_compiling():
+            # Dynamo cannot trace pointer checks or the validating sort: a traced
+            # forward uses the layout eager calls built (or one of add_sparse's
+            # already checked indices).
+            if cached is None:
+                cached = (None, sparse_ops.build_layout(indices, tuple(self.weight.shape), validate=False))
+                self._sparse_layout[name] = cached
+            return cached[1]
+        key = (indices.device, indices.data_ptr(), indices._version)
         if cached is None or cached[0] != key:
             cached = (key, sparse_ops.build_layout(indices, tuple(self.weight.shape)))
             self._sparse_layout[name] = cached
