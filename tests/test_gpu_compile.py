@@ -21,18 +21,29 @@ _INT_POINTERS = ("off_ptr", "red_idx_ptr", "out_idx_ptr", "perm_ptr", "rows_ptr"
 _FP32_POINTERS = ("u_ptr", "w_ptr", "val_ptr", "scale_ptr", "l_ptr", "drop_ptr")
 
 
-def compile_variant(kernel, arch, dtype, out, consts, num_warps, num_stages):
+# Unit strides of row-major operands in the forward orientation (b = W^T); Triton's
+# JIT specialises an int argument equal to 1 as a constant, and one divisible by 16
+# as such, at every real launch: the ahead-of-time compile does the same so that
+# vector widths, software pipelining and shared memory match what runs.
+FORWARD_UNIT_STRIDES = ("stride_ak", "stride_bk", "stride_cn", "stride_ur", "stride_vn", "stride_xk", "stride_pk",
+                        "stride_qn", "stride_on", "stride_w_u", "stride_af", "stride_xf")
+
+
+def compile_variant(kernel, arch, dtype, out, consts, num_warps, num_stages, unit=FORWARD_UNIT_STRIDES):
     """Compile ``kernel`` for sm_<arch>: data pointers of ``dtype`` ('bf16', ...),
     c_ptr/out_ptr of ``out``, fp32 adapter weights, int32 layouts."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    sig = {}
-    for name in inspect.signature(kernel.fn).parameters:
+    params = list(inspect.signature(kernel.fn).parameters)
+    consts = {**{n: 1 for n in unit if n in params and n not in consts}, **consts}
+    sig, aligned = {}, []
+    for i, name in enumerate(params):
         if name in consts:
             sig[name] = "constexpr"
-        elif name in ("c_ptr", "out_ptr"):
+            continue
+        if name in ("c_ptr", "out_ptr"):
             sig[name] = f"*{out}"
         elif name in _INT_POINTERS:
             sig[name] = "*i32"
@@ -44,7 +55,9 @@ def compile_variant(kernel, arch, dtype, out, consts, num_warps, num_stages):
             sig[name] = "fp32"
         else:
             sig[name] = "i64" if name == "seed" else "i32"
-    src = ASTSource(kernel, sig, constexprs=consts)
+        if sig[name].startswith("*") or (sig[name] == "i32" and name != "M"):
+            aligned.append((i,))
+    src = ASTSource(kernel, sig, constexprs=consts, attrs={key: [["tt.divisibility", 16]] for key in aligned})
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 
@@ -157,8 +170,10 @@ def main() -> None:
     for name, (kernel, arch, dtype, out, consts, warps, stages, mma) in variants().items():
         kernel = compile_variant(kernel, arch, dtype, out, consts, warps, stages)
         ptx = kernel.asm["ptx"]
+        ttgir = kernel.asm["ttgir"]
         report[name] = {"arch": arch, "cubin_bytes": len(kernel.asm["cubin"]), "shared": kernel.metadata.shared,
-                        "expected_mma": mma, "has_mma": mma is None or mma in ptx}
+                        "expected_mma": mma, "has_mma": mma is None or mma in ptx,
+                        "pipelined": "async_copy_global_to_local" in ttgir or "async_tma" in ttgir}
     print(json.dumps(report))
 
 
@@ -183,6 +198,8 @@ def test_kernel_compiles_for_gpu(compiled, name):
     k = compiled[name]
     assert k["cubin_bytes"] > 0
     assert k["has_mma"], f"{name}: no {k['expected_mma']} instruction in the PTX"
+    if k["expected_mma"] == "wgmma":  # the compute-bound GEMMs must be software-pipelined
+        assert k["pipelined"], f"{name}: the K loop's loads are not asynchronous (no pipelining)"
     assert k["shared"] <= (227 if k["arch"] == 90 else 163) * 1024, k
 
 
