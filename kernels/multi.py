@@ -353,7 +353,7 @@ def multi_grad_kernel(
     if r0 < rank:
         start = tl.load(start_ptr + slot)
         end = tl.load(end_ptr + slot)
-        chunk = tl.cdiv(tl.cdiv(end - start, SPLIT_M), BLOCK_M) * BLOCK_M
+        chunk = tl.cdiv(tl.cdiv(end - start, tl.num_programs(2)), BLOCK_M) * BLOCK_M
         lo = start + tl.program_id(2) * chunk
         hi = tl.minimum(lo + chunk, end)
         if lo < hi:
