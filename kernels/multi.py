@@ -49,18 +49,7 @@ optionally split over SPLIT_M programs that add fp32 partials atomically.
 import triton
 import triton.language as tl
 
-from .tiles import dropout_keep, swizzle_tile
-
-
-@triton.jit
-def _store_rows(c_ptr, rows, pos_ok, offs_n, stride_cm, stride_cn, N, acc, SPLIT_K: tl.constexpr):
-    """Store (or, split over K, atomically add) a tile whose rows live at ``rows`` of C."""
-    mask = pos_ok[:, None] & (offs_n[None, :] < N)
-    ptrs = c_ptr + rows[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
-    if SPLIT_K == 1:
-        tl.store(ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.atomic_add(ptrs, acc, mask=mask)
+from .tiles import dropout_keep, store_rows, swizzle_tile
 
 
 @triton.jit
@@ -328,7 +317,7 @@ def multi_matmul_kernel(
             bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
             acc += bias.to(tl.float32)[None, :]
 
-    _store_rows(c_ptr, rows, pos_ok, offs_n, stride_cm, stride_cn, N, acc, SPLIT_K)
+    store_rows(c_ptr, rows, pos_ok, offs_n, stride_cm, stride_cn, N, acc, SPLIT_K)
 
 
 @triton.jit

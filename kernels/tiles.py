@@ -55,15 +55,22 @@ def add_bias(acc, bias_ptr, offs_n, N):
 
 
 @triton.jit
-def store_tile(c_ptr, offs_m, offs_n, stride_cm, stride_cn, M, N, acc, SPLIT_K: tl.constexpr):
-    """Write a GEMM's fp32 accumulator tile: cast and store, or, when the
-    reduction is split over programs, add it atomically into a zeroed fp32 C."""
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
+def store_rows(c_ptr, rows, row_ok, offs_n, stride_cm, stride_cn, N, acc, SPLIT_K: tl.constexpr):
+    """Write a GEMM's fp32 accumulator tile to rows ``rows`` of C: cast and store,
+    or, when the reduction is split over programs, add it atomically into a
+    zeroed fp32 C."""
+    mask = row_ok[:, None] & (offs_n[None, :] < N)
+    c_ptrs = c_ptr + rows[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
     if SPLIT_K == 1:
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
     else:
         tl.atomic_add(c_ptrs, acc, mask=mask)
+
+
+@triton.jit
+def store_tile(c_ptr, offs_m, offs_n, stride_cm, stride_cn, M, N, acc, SPLIT_K: tl.constexpr):
+    """store_rows for the contiguous row tile offs_m."""
+    store_rows(c_ptr, offs_m, offs_m < M, offs_n, stride_cm, stride_cn, N, acc, SPLIT_K)
 
 
 @triton.jit
