@@ -150,3 +150,23 @@ def test_torch_backend_closed_form_grads(torch_backend, p):
     inp = make_inputs(15, 22, 18, 3, torch.float64)
     check_against_reference(inp, p=p, seed=99)
     assert all(":torch:" in k for k in dispatched()), dispatched()
+
+
+@pytest.mark.parametrize("draw", range(4))
+def test_random_shapes_each_run(triton_backend, draw):
+    """Shapes drawn afresh every run (seeded by the clock, printed on failure): tails in
+    every dimension, ranks 1..20, decode and GEMM plans, fp32 and fp16, 2-D and 3-D."""
+    import random
+    import time
+
+    seed = time.time_ns() % 2**31 + draw
+    rng = random.Random(seed)
+    M, K, N, r = rng.randint(0, 40), rng.randint(1, 70), rng.randint(1, 70), rng.randint(1, 20)
+    dtype = rng.choice(DTYPES)
+    lead = (2, M // 2) if rng.random() < 0.3 and M >= 2 else None
+    p = rng.choice([0.0, 0.0, 0.3])
+    inp = make_inputs(M, K, N, r, dtype, bias=rng.random() < 0.7, lead=lead)
+    try:
+        check_against_reference(inp, scaling=rng.uniform(-2, 2), p=p, seed=seed)
+    except AssertionError as e:
+        raise AssertionError(f"seed={seed} M={M} K={K} N={N} r={r} {dtype} lead={lead} p={p}: {e}") from e
