@@ -11,21 +11,30 @@ namespace fusedlora {
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // y = x W^T + b + u B^T with u = scaling * x A^T, for M <= 16 rows (decode).
-// All matrices are row-major with unit stride along their last dimension and
-// the given leading dimensions (in elements).
+// x, W and A are row-major with unit stride along K and the given leading
+// dimensions (in elements); B is addressed as b[n * stride_bn + j * stride_bj].
+//
+// One adapter (row_slot == nullptr): every row uses A (R x K), B (N x R), scaling.
+// Several (BGMV): row m uses slot s = row_slot[m] (-1: base only), whose rows
+// slot_off[s] .. + slot_rank[s] - 1 of the pooled A and B and slot_scale[s];
+// R is then the largest rank (the width of u). Ranks may differ without padding.
 struct LoraDecodeArgs {
   DType dtype;
   const void* x;     // (M, K), ld_x
   const void* w;     // (N, K), ld_w
   const void* bias;  // (N,) or nullptr
-  const void* a;     // (R, K), ld_a
-  const void* b;     // (N, R), ld_b
+  const void* a;     // (R or pool rows, K), ld_a
+  const void* b;     // see stride_bn, stride_bj
   void* y;           // (M, N), contiguous
   float* u;          // (M, R) float32 workspace, zeroed by the caller
   float* partial;    // (M, N) float32 workspace, zeroed by the caller; used when k_split > 1
   int M, N, K, R;
-  int64_t ld_x, ld_w, ld_a, ld_b;
+  int64_t ld_x, ld_w, ld_a, stride_bn, stride_bj;
   float scaling;
+  const int* row_slot = nullptr;     // (M,) device, or nullptr for one adapter
+  const int* slot_off = nullptr;     // (S,) device
+  const int* slot_rank = nullptr;    // (S,) device
+  const float* slot_scale = nullptr; // (S,) device
   int k_split;       // programs sharing W's K range (see lora_decode_k_split)
   cudaStream_t stream;
 };

@@ -1,4 +1,5 @@
-// Fused LoRA decode (M <= 16 rows): y = x W^T + b + (s x A^T) B^T.
+// Fused LoRA decode (M <= 16 rows): y = x W^T + b + (s x A^T) B^T, with one
+// adapter for all rows or one per row (BGMV: pooled adapters of any ranks).
 //
 // At decode time the layer is a matrix-vector problem bound by HBM
 // bandwidth: the goal is to stream W exactly once with wide loads and hide
@@ -55,21 +56,45 @@ __device__ __forceinline__ void load_vec(const T* p, float (&out)[kVec]) {
   }
 }
 
-// u[m, j] += s * sum_{k in this block's slice} x[m, k] A[j, k]; grid (R, K slices).
+// Row m's adapter: first pooled row, rank and scale; rank 0 for a base-only row.
+struct Slot {
+  int off, rank;
+  float scale;
+};
+
+__device__ __forceinline__ Slot slot_of(int m, int R, float scaling, const int* row_slot, const int* slot_off,
+                                        const int* slot_rank, const float* slot_scale) {
+  if (row_slot == nullptr) return {0, R, scaling};
+  const int s = row_slot[m];
+  if (s < 0) return {0, 0, 0.f};
+  return {slot_off[s], slot_rank[s], slot_scale[s]};
+}
+
+// u[m, j] += scale_m * sum_{k in this block's slice} x[m, k] A[off_m + j, k] for
+// j < rank_m; grid (R, K slices).
 template <typename T, int kRows>
 __global__ void lora_shrink(const T* __restrict__ x, const T* __restrict__ a, float* __restrict__ u,
-                            int M, int K, int R, int64_t ld_x, int64_t ld_a, float scaling) {
+                            int M, int K, int R, int64_t ld_x, int64_t ld_a, float scaling,
+                            const int* __restrict__ row_slot, const int* __restrict__ slot_off,
+                            const int* __restrict__ slot_rank, const float* __restrict__ slot_scale) {
   const int j = blockIdx.x;
   const int k_begin = blockIdx.y * kShrinkChunk;
   const int k_end = min(K, k_begin + kShrinkChunk);
+  const T* a_row[kRows];
+  float scale[kRows];
+#pragma unroll
+  for (int m = 0; m < kRows; ++m) {
+    const Slot sl = m < M ? slot_of(m, R, scaling, row_slot, slot_off, slot_rank, slot_scale) : Slot{0, 0, 0.f};
+    a_row[m] = j < sl.rank ? a + (sl.off + j) * ld_a : nullptr;
+    scale[m] = sl.scale;
+  }
   float acc[kRows];
 #pragma unroll
   for (int m = 0; m < kRows; ++m) acc[m] = 0.f;
   for (int k = k_begin + threadIdx.x; k < k_end; k += blockDim.x) {
-    const float av = to_float(a[j * ld_a + k]);
 #pragma unroll
     for (int m = 0; m < kRows; ++m)
-      if (m < M) acc[m] += av * to_float(x[m * ld_x + k]);
+      if (a_row[m] != nullptr) acc[m] += to_float(a_row[m][k]) * to_float(x[m * ld_x + k]);
   }
   __shared__ float partial[kRows][32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
@@ -80,9 +105,12 @@ __global__ void lora_shrink(const T* __restrict__ x, const T* __restrict__ a, fl
   }
   __syncthreads();
   if (threadIdx.x < kRows && threadIdx.x < M) {
+    const int m = threadIdx.x;
     float s = 0.f;
-    for (int w = 0; w < warps; ++w) s += partial[threadIdx.x][w];
-    atomicAdd(&u[threadIdx.x * R + j], scaling * s);
+    for (int w = 0; w < warps; ++w) s += partial[m][w];
+#pragma unroll
+    for (int i = 0; i < kRows; ++i)  // registers are indexed statically
+      if (i == m && a_row[i] != nullptr) atomicAdd(&u[m * R + j], scale[i] * s);
   }
 }
 
@@ -91,7 +119,9 @@ template <typename T, int kRows, bool kAligned>
 __global__ void __launch_bounds__(kWarps * 32)
 lora_gemv(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
           const T* __restrict__ b, const float* __restrict__ u, T* __restrict__ y, float* __restrict__ partial,
-          int M, int N, int K, int R, int64_t ld_x, int64_t ld_w, int64_t ld_b, int k_per_split) {
+          int M, int N, int K, int R, int64_t ld_x, int64_t ld_w, int64_t stride_bn, int64_t stride_bj,
+          int k_per_split, const int* __restrict__ row_slot, const int* __restrict__ slot_off,
+          const int* __restrict__ slot_rank) {
   constexpr int kVec = 16 / sizeof(T);
   __shared__ __align__(16) float xs[kRows][kChunk];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -159,7 +189,14 @@ lora_gemv(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict_
     if (n >= N || lane >= M) continue;
     if (blockIdx.y == 0) {
       if (bias != nullptr) mine += to_float(bias[n]);
-      for (int j = 0; j < R; ++j) mine += u[lane * R + j] * to_float(b[n * ld_b + j]);
+      int off = 0, rank = R;  // the scale is already in u
+      if (row_slot != nullptr) {
+        const int s = row_slot[lane];
+        off = s < 0 ? 0 : slot_off[s];
+        rank = s < 0 ? 0 : slot_rank[s];
+      }
+      const T* b_row = b + n * stride_bn + off * stride_bj;
+      for (int j = 0; j < rank; ++j) mine += u[lane * R + j] * to_float(b_row[j * stride_bj]);
     }
     if (gridDim.y == 1) {
       y[static_cast<int64_t>(lane) * N + n] = from_float<T>(mine);
@@ -184,8 +221,11 @@ cudaError_t launch_rows(const LoraDecodeArgs& p) {
   const T* bias = static_cast<const T*>(p.bias);
   T* y = static_cast<T*>(p.y);
 
-  dim3 shrink_grid(p.R, (p.K + kShrinkChunk - 1) / kShrinkChunk);
-  lora_shrink<T, kRows><<<shrink_grid, 256, 0, p.stream>>>(x, a, p.u, p.M, p.K, p.R, p.ld_x, p.ld_a, p.scaling);
+  if (p.R > 0) {
+    dim3 shrink_grid(p.R, (p.K + kShrinkChunk - 1) / kShrinkChunk);
+    lora_shrink<T, kRows><<<shrink_grid, 256, 0, p.stream>>>(x, a, p.u, p.M, p.K, p.R, p.ld_x, p.ld_a, p.scaling,
+                                                             p.row_slot, p.slot_off, p.slot_rank, p.slot_scale);
+  }
 
   const int splits = p.k_split < 1 ? 1 : p.k_split;
   // Splits cut K at multiples of the chunk so vector loads stay aligned.
@@ -196,10 +236,12 @@ cudaError_t launch_rows(const LoraDecodeArgs& p) {
   const bool aligned = reinterpret_cast<uintptr_t>(w) % 16 == 0 && (p.ld_w * sizeof(T)) % 16 == 0;
   if (aligned) {
     lora_gemv<T, kRows, true><<<grid, kWarps * 32, 0, p.stream>>>(
-        x, w, bias, b, p.u, y, p.partial, p.M, p.N, p.K, p.R, p.ld_x, p.ld_w, p.ld_b, k_per_split);
+        x, w, bias, b, p.u, y, p.partial, p.M, p.N, p.K, p.R, p.ld_x, p.ld_w, p.stride_bn, p.stride_bj, k_per_split,
+        p.row_slot, p.slot_off, p.slot_rank);
   } else {
     lora_gemv<T, kRows, false><<<grid, kWarps * 32, 0, p.stream>>>(
-        x, w, bias, b, p.u, y, p.partial, p.M, p.N, p.K, p.R, p.ld_x, p.ld_w, p.ld_b, k_per_split);
+        x, w, bias, b, p.u, y, p.partial, p.M, p.N, p.K, p.R, p.ld_x, p.ld_w, p.stride_bn, p.stride_bj, k_per_split,
+        p.row_slot, p.slot_off, p.slot_rank);
   }
   static_assert(kChunk % (16 / sizeof(float)) == 0 && kChunk % kVec == 0, "chunk must hold whole vectors");
   if (grid.y > 1) {
@@ -229,7 +271,9 @@ int lora_decode_k_split(int N, int K, int num_sms) {
 }
 
 cudaError_t lora_decode_forward(const LoraDecodeArgs& p) {
-  if (p.M < 1 || p.M > kMaxDecodeRows || p.N < 1 || p.K < 1 || p.R < 1) return cudaErrorInvalidValue;
+  if (p.M < 1 || p.M > kMaxDecodeRows || p.N < 1 || p.K < 1 || p.R < 0) return cudaErrorInvalidValue;
+  if (p.row_slot != nullptr && (p.slot_off == nullptr || p.slot_rank == nullptr || p.slot_scale == nullptr))
+    return cudaErrorInvalidValue;
   switch (p.dtype) {
     case DType::kFloat32: return launch_dtype<float>(p);
     case DType::kFloat16: return launch_dtype<__half>(p);

@@ -99,3 +99,72 @@ def test_cuda_decode_strided_x_no_bias_and_backward(ext, monkeypatch):
                                 a["lora_B"].double(), a["scaling"])
     assert rel_err(y, ref) < TOL[torch.bfloat16]
     assert a["lora_B"].grad is not None and a["x"].grad is not None
+
+
+def multi_args(M=3, K=8, N=6, dtype=torch.float32, device="cpu"):
+    from fusedlora.routing import pack_loras
+
+    As = [torch.randn(r, K, dtype=dtype, device=device) for r in (2, 5)]
+    Bs = [torch.randn(N, r, dtype=dtype, device=device) for r in (2, 5)]
+    pool_A, pool_BT, off, rank, scale, rmax = pack_loras(As, Bs, [1.0, 0.5], device=device)
+    return dict(x=torch.randn(M, K, dtype=dtype, device=device), weight=torch.randn(N, K, dtype=dtype, device=device),
+                bias=torch.randn(N, dtype=dtype, device=device),
+                row_slot=torch.tensor([1, -1, 0][:M], dtype=torch.int32, device=device),
+                pool_A=pool_A.detach(), pool_BT=pool_BT.detach(), slot_off=off, slot_rank=rank, slot_scale=scale,
+                max_rank=rmax)
+
+
+MULTI_BAD = [
+    (dict(pool_A=torch.randn(7, 8, dtype=torch.float16)), TypeError, "pool_A: dtype"),
+    (dict(row_slot=torch.tensor([1, -1, 0])), TypeError, "row_slot: expected int32"),
+    (dict(slot_scale=torch.ones(2, dtype=torch.float64)), TypeError, "slot_scale: expected float32"),
+    (dict(pool_A=torch.randn(7, 9)), ValueError, "pool_A: expected (R_total, 8)"),
+    (dict(pool_BT=torch.randn(6, 6)), ValueError, "pool_BT: expected (7, 6)"),
+    (dict(row_slot=torch.tensor([0, 1], dtype=torch.int32)), ValueError, "one slot per row"),
+    (dict(max_rank=99), ValueError, "max_rank"),
+]
+
+
+@pytest.mark.parametrize("change,exc,msg", MULTI_BAD, ids=[b[2][:24] for b in MULTI_BAD])
+def test_multi_binding_rejects_bad_arguments(ext, change, exc, msg):
+    a = multi_args()
+    a.update(change)
+    with pytest.raises(exc) as info:
+        ext.multi_lora_decode(**a)
+    assert msg in str(info.value)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the error for CPU tensors")
+def test_multi_binding_refuses_cpu_tensors(ext):
+    with pytest.raises(ValueError, match="expected CUDA tensors"):
+        ext.multi_lora_decode(**multi_args())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 5, 16])
+def test_cuda_bgmv_matches_reference_and_triton(ext, monkeypatch, dtype, M):
+    layer = fusedlora.FusedLinear(1000, 777, device="cuda", dtype=dtype)
+    for name, r in (("bg_a", 1), ("bg_b", 16), ("bg_c", 64)):
+        layer.add_lora(name, r=r, init_lora_weights=False)
+    ids = torch.tensor([[layer.adapter_id("bg_a"), -1, layer.adapter_id("bg_b"), layer.adapter_id("bg_c")][i % 4]
+                        for i in range(M)], device="cuda")
+    x = torch.randn(M, 1000, device="cuda", dtype=dtype)
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "cuda")
+    fusedlora.reset_dispatch()
+    with torch.no_grad():
+        y = layer(x, adapter_ids=ids)
+    assert dispatched("multi.forward") == {"multi.forward:cuda:bgmv": 1}
+    rows = []
+    for i in range(M):
+        name = fusedlora.routing.REGISTRY.names().get(int(ids[i]))
+        W, b = layer.weight.double(), layer.bias.double()
+        if name is None:
+            rows.append(torch.nn.functional.linear(x[i:i + 1].double(), W, b))
+        else:
+            rows.append(reference.lora_linear(x[i:i + 1].double(), W, b, layer.lora_A[name].double(),
+                                              layer.lora_B[name].double(), layer.scaling[name]))
+    assert rel_err(y, torch.cat(rows)) < TOL[dtype]
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "triton")
+    with torch.no_grad():
+        assert rel_err(y, layer(x, adapter_ids=ids)) < TOL[dtype]
