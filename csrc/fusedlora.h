@@ -18,6 +18,21 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 // Several (BGMV): row m uses slot s = row_slot[m] (-1: base only), whose rows
 // slot_off[s] .. + slot_rank[s] - 1 of the pooled A and B and slot_scale[s];
 // R is then the largest rank (the width of u). Ranks may differ without padding.
+// Weight-side adapters the GEMV applies to W on the fly, in fp32 registers (exact:
+// nothing is rounded to 16 bits). Null pointers: not present.
+struct WeightDelta {
+  // C3A: W[n, k] += c3a[n / b, k / b, (k % b - n % b) mod b] * c3a_scale (= 1 / in_features)
+  const float* c3a = nullptr;
+  int64_t c3a_s0 = 0, c3a_s1 = 0, c3a_s2 = 0;
+  int c3a_block = 1;
+  float c3a_scale = 0.f;
+  // Sparse delta (SHiRA), rows in CSR: W[n, col[i]] += sp_scale * val[i] for i in row_ptr[n] .. row_ptr[n+1]-1
+  const int* sp_row_ptr = nullptr;
+  const int* sp_col = nullptr;
+  const float* sp_val = nullptr;
+  float sp_scale = 0.f;
+};
+
 struct LoraDecodeArgs {
   DType dtype;
   const void* x;     // (M, K), ld_x
@@ -35,6 +50,7 @@ struct LoraDecodeArgs {
   const int* slot_off = nullptr;     // (S,) device
   const int* slot_rank = nullptr;    // (S,) device
   const float* slot_scale = nullptr; // (S,) device
+  WeightDelta delta;                  // C3A / sparse adapters (R = 0 then: no LoRA)
   int k_split;       // programs sharing W's K range (see lora_decode_k_split)
   cudaStream_t stream;
 };

@@ -115,13 +115,21 @@ __global__ void lora_shrink(const T* __restrict__ x, const T* __restrict__ a, fl
 }
 
 // One block: kRowsPerBlock rows of W over one K split; grid (ceil(N / rows), k_split).
-template <typename T, int kRows, bool kAligned>
+// The C3A delta of W[n, col] (block-circulant, gathered from the small kernel).
+__device__ __forceinline__ float c3a_delta(const WeightDelta& d, int n, int col) {
+  const int nb = n / d.c3a_block, cb = col / d.c3a_block;
+  int off = (col - cb * d.c3a_block) - (n - nb * d.c3a_block);
+  off += off < 0 ? d.c3a_block : 0;
+  return d.c3a[nb * d.c3a_s0 + cb * d.c3a_s1 + off * d.c3a_s2] * d.c3a_scale;
+}
+
+template <typename T, int kRows, bool kAligned, bool kC3A>
 __global__ void __launch_bounds__(kWarps * 32)
 lora_gemv(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
           const T* __restrict__ b, const float* __restrict__ u, T* __restrict__ y, float* __restrict__ partial,
           int M, int N, int K, int R, int64_t ld_x, int64_t ld_w, int64_t stride_bn, int64_t stride_bj,
           int k_per_split, const int* __restrict__ row_slot, const int* __restrict__ slot_off,
-          const int* __restrict__ slot_rank) {
+          const int* __restrict__ slot_rank, const WeightDelta delta) {
   constexpr int kVec = 16 / sizeof(T);
   __shared__ __align__(16) float xs[kRows][kChunk];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -151,6 +159,10 @@ lora_gemv(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict_
       for (int r = 0; r < kRowsPerWarp; ++r) {
         const int n = min(row0 + r, N - 1);  // clamped rows are computed and discarded
         load_vec<T, kVec, kAligned>(w + n * ld_w + k0 + k, wv[r]);
+        if constexpr (kC3A) {
+#pragma unroll
+          for (int i = 0; i < kVec; ++i) wv[r][i] += c3a_delta(delta, n, k0 + k + i);
+        }
       }
 #pragma unroll
       for (int m = 0; m < kRows; ++m) {
@@ -170,7 +182,9 @@ lora_gemv(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict_
     for (int k = full + lane; k < len; k += 32) {
 #pragma unroll
       for (int r = 0; r < kRowsPerWarp; ++r) {
-        const float wv = to_float(w[min(row0 + r, N - 1) * ld_w + k0 + k]);
+        const int n = min(row0 + r, N - 1);
+        float wv = to_float(w[n * ld_w + k0 + k]);
+        if constexpr (kC3A) wv += c3a_delta(delta, n, k0 + k);
 #pragma unroll
         for (int m = 0; m < kRows; ++m) acc[r][m] += wv * xs[m][k];
       }
@@ -195,8 +209,14 @@ lora_gemv(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict_
         off = s < 0 ? 0 : slot_off[s];
         rank = s < 0 ? 0 : slot_rank[s];
       }
-      const T* b_row = b + n * stride_bn + off * stride_bj;
-      for (int j = 0; j < rank; ++j) mine += u[lane * R + j] * to_float(b_row[j * stride_bj]);
+      if (rank > 0) {
+        const T* b_row = b + n * stride_bn + off * stride_bj;
+        for (int j = 0; j < rank; ++j) mine += u[lane * R + j] * to_float(b_row[j * stride_bj]);
+      }
+      if (delta.sp_row_ptr != nullptr) {  // this row's few nonzeros against x in L2
+        for (int i = delta.sp_row_ptr[n]; i < delta.sp_row_ptr[n + 1]; ++i)
+          mine += delta.sp_scale * delta.sp_val[i] * to_float(x[lane * ld_x + delta.sp_col[i]]);
+      }
     }
     if (gridDim.y == 1) {
       y[static_cast<int64_t>(lane) * N + n] = from_float<T>(mine);
@@ -234,15 +254,16 @@ cudaError_t launch_rows(const LoraDecodeArgs& p) {
   dim3 grid((p.N + kRowsPerBlock - 1) / kRowsPerBlock, (p.K + k_per_split - 1) / k_per_split);
   constexpr int kVec = 16 / sizeof(T);
   const bool aligned = reinterpret_cast<uintptr_t>(w) % 16 == 0 && (p.ld_w * sizeof(T)) % 16 == 0;
-  if (aligned) {
-    lora_gemv<T, kRows, true><<<grid, kWarps * 32, 0, p.stream>>>(
-        x, w, bias, b, p.u, y, p.partial, p.M, p.N, p.K, p.R, p.ld_x, p.ld_w, p.stride_bn, p.stride_bj, k_per_split,
-        p.row_slot, p.slot_off, p.slot_rank);
-  } else {
-    lora_gemv<T, kRows, false><<<grid, kWarps * 32, 0, p.stream>>>(
-        x, w, bias, b, p.u, y, p.partial, p.M, p.N, p.K, p.R, p.ld_x, p.ld_w, p.stride_bn, p.stride_bj, k_per_split,
-        p.row_slot, p.slot_off, p.slot_rank);
-  }
+  const bool c3a = p.delta.c3a != nullptr;
+#define FUSEDLORA_GEMV(ALIGNED, C3A)                                                                             \
+  lora_gemv<T, kRows, ALIGNED, C3A><<<grid, kWarps * 32, 0, p.stream>>>(                                         \
+      x, w, bias, b, p.u, y, p.partial, p.M, p.N, p.K, p.R, p.ld_x, p.ld_w, p.stride_bn, p.stride_bj, k_per_split, \
+      p.row_slot, p.slot_off, p.slot_rank, p.delta)
+  if (aligned && c3a) FUSEDLORA_GEMV(true, true);
+  else if (aligned) FUSEDLORA_GEMV(true, false);
+  else if (c3a) FUSEDLORA_GEMV(false, true);
+  else FUSEDLORA_GEMV(false, false);
+#undef FUSEDLORA_GEMV
   static_assert(kChunk % (16 / sizeof(float)) == 0 && kChunk % kVec == 0, "chunk must hold whole vectors");
   if (grid.y > 1) {
     const int64_t count = static_cast<int64_t>(p.M) * p.N;

@@ -4,7 +4,8 @@
   auto    CUDA tensors run the Triton kernels, CPU tensors the PyTorch reference
   triton  Triton kernels; CPU tensors only with TRITON_INTERPRET=1 (how CI runs them)
   cuda    the CUDA C++ extension of csrc/ (built on first use) where it has a kernel
-          (LoRA forward, 1..16 rows, no dropout); Triton for the rest, recorded as such
+          (forwards of 1..16 rows without dropout: LoRA, multi-adapter, C3A, sparse);
+          Triton for the rest, recorded as such
   torch   the plain-PyTorch path of fusedlora.reference
 Nothing falls back silently: every launch is counted in ``backend_info()["dispatch"]``.
 """

@@ -359,6 +359,27 @@ def _sddmm(grad_y: Tensor, x: Tensor, rows: Tensor, cols: Tensor, perm: Tensor, 
     return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
+_CSR_CACHE: dict = {}
+
+
+def _row_csr(rows: Tensor, cols: Tensor, perm: Tensor, n_rows: int):
+    """The layout's nonzeros grouped by row for the CUDA decode kernel: (row_ptr
+    int32 (n_rows + 1,), col int32, order) with values[order] in that order.
+    Built on the device without a host sync and cached while the layout lives."""
+    key = (rows.device, rows.data_ptr(), rows._version, rows.numel(), n_rows)
+    hit = _CSR_CACHE.get(key)
+    if hit is None:
+        by_row = torch.sort(rows.long(), stable=True).indices
+        rows_sorted = rows[by_row].contiguous()
+        bounds = torch.arange(n_rows + 1, device=rows.device, dtype=rows_sorted.dtype)
+        row_ptr = torch.searchsorted(rows_sorted, bounds).to(torch.int32)
+        hit = (row_ptr, cols[by_row].to(torch.int32).contiguous(), perm[by_row].long())
+        if len(_CSR_CACHE) > 64:
+            _CSR_CACHE.clear()
+        _CSR_CACHE[key] = hit
+    return hit
+
+
 # ---------------------------------------------------------------- custom ops
 @torch.library.custom_op("fusedlora::sparse_linear", mutates_args=())
 def _sparse_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], values: Tensor, offsets: Tensor,
@@ -368,6 +389,12 @@ def _sparse_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], values: T
     if backend == "torch":
         record("sparse.forward", "torch", "reference")
         return reference.sparse_linear(x, weight, bias, _user_indices(rows, cols, perm), values, scaling)
+    if backend == "cuda" and 0 < x.shape[0] <= 16:
+        from .cuda_ext import load
+
+        row_ptr, col, order = _row_csr(rows, cols, perm, weight.shape[0])
+        record("sparse.forward", "cuda", "decode")
+        return load().sparse_decode(x, weight, bias, row_ptr, col, values.float()[order], scaling)
     _triton_dtypes_ok(x, values)
     return _sparse_matmul(x, weight.t(), (offsets, rows, cols, perm), values.contiguous(), scaling, tile,
                           tuple(weight.shape), False, bias, x.dtype, "sparse.forward")
