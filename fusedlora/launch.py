@@ -6,7 +6,6 @@ matrix product onto ``lora_matmul_kernel`` and picks its tiles.
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass
 from typing import Optional
 
@@ -15,18 +14,15 @@ import torch
 from .backend import interpreting, record
 
 import triton  # noqa: E402  (imported after backend so TRITON_INTERPRET is read)
+import triton.language as tl  # noqa: E402
 
 from .kernels.lora import lora_matmul_kernel
 from .kernels.tiles import dropout_materialize_kernel
 
-_TL_DTYPE = {}
+_TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
 def _tl_dtype(dtype: torch.dtype):
-    import triton.language as tl
-
-    if not _TL_DTYPE:
-        _TL_DTYPE.update({torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32})
     return _TL_DTYPE[dtype]
 
 
