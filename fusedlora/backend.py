@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import os
 import threading
+from typing import Optional
 
 import torch
 
@@ -41,16 +42,27 @@ def requested_backend() -> str:
     return name
 
 
-def select_backend(device: torch.device) -> str:
-    """The backend that runs an op on tensors of ``device``; raises if the one asked for cannot."""
+# Auto mode's use of the CUDA extension, from GPU measurements: op -> the largest
+# row count at which its CUDA kernel beat Triton (bench/results). Ops not listed
+# run on Triton. Empty until a GPU run has measured it (docs/cuda.md).
+CUDA_WINS: dict = {}
+
+
+def select_backend(device: torch.device, op: Optional[str] = None, rows: int = 0) -> str:
+    """The backend that runs ``op`` on ``rows`` rows of tensors on ``device``; raises
+    if the one asked for cannot run."""
     name = requested_backend()
     if name == "auto":
-        # CUDA tensors go to Triton at every shape until GPU measurements show
-        # the CUDA extension ahead somewhere (see docs/cuda.md).
         if device.type == "cuda":
             if triton_version() is None:
                 raise RuntimeError("fusedlora: CUDA tensors need Triton, which is not importable; "
                                    "set FUSEDLORA_BACKEND=torch to run the reference path")
+            if op in CUDA_WINS and 0 < rows <= CUDA_WINS[op]:
+                from . import cuda_ext
+
+                if cuda_ext.load() is not None:
+                    return "cuda"
+                record(op, "triton", "no-cuda-extension")  # the measured winner is missing: said, not hidden
             return "triton"
         return "torch"
     if name == "triton":

@@ -309,7 +309,7 @@ def _multi_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], pool_A: Te
     """2-D x -> (y, u): y[m] = x[m] W^T + b + u[m] P_B[slot[m]], u = scale * drop(x) P_A^T
     (float32, saved for backward); dropout (if ``dropout``) with each slot's probability."""
     sl = _Slots(slot_off, slot_rank, slot_scale, slot_drop, dropout, int(seed.item()) if dropout else 0)
-    backend = select_backend(x.device)
+    backend = select_backend(x.device, "multi.forward", x.shape[0])
     if backend == "torch":
         record("multi.forward", "torch", "grouped")
         return _torch_forward(x, weight, bias, pool_A, pool_BT, row_slot, sl, max_rank)

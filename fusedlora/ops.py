@@ -112,7 +112,7 @@ def torch_keep_mask(shape, p: float, seed: int, device) -> Optional[Tensor]:
 def _lora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                   scaling: float, dropout_p: float, seed: Tensor) -> Tuple[Tensor, Tensor]:
     """2-D x -> (y, u) with u = s * drop(x) A^T in float32, saved for backward."""
-    backend = select_backend(x.device)
+    backend = select_backend(x.device, "lora.forward", x.shape[0])
     if backend == "cuda":
         if x.shape[0] and x.shape[0] <= 16 and dropout_p == 0.0:
             from .cuda_ext import load

@@ -385,7 +385,7 @@ def _row_csr(rows: Tensor, cols: Tensor, perm: Tensor, n_rows: int):
 def _sparse_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], values: Tensor, offsets: Tensor,
                     rows: Tensor, cols: Tensor, perm: Tensor, scaling: float, tile: int) -> Tensor:
     """2-D x -> y = x (W + scaling * S)^T + b, S given by values and the layout tensors."""
-    backend = select_backend(x.device)
+    backend = select_backend(x.device, "sparse.forward", x.shape[0])
     if backend == "torch":
         record("sparse.forward", "torch", "reference")
         return reference.sparse_linear(x, weight, bias, _user_indices(rows, cols, perm), values, scaling)

@@ -235,3 +235,22 @@ def test_cuda_c3a_and_sparse_decode_match_reference(ext, monkeypatch, dtype, M):
         # the adapter's own term, not hidden in x W^T (C3A's w/K is below a bf16 step of W)
         assert rel_err(y.double() - torch.nn.functional.linear(x.double(), W, b),
                        ref - torch.nn.functional.linear(x.double(), W, b)) < 2e-2
+
+
+def test_auto_uses_the_cuda_kernels_only_where_measured(ext, monkeypatch):
+    """auto mode follows backend.CUDA_WINS (filled from GPU measurements); a measured
+    winner whose extension is missing falls to Triton and says so in the dispatch table."""
+    from fusedlora import backend
+
+    monkeypatch.delenv("FUSEDLORA_BACKEND", raising=False)
+    cuda = torch.device("cuda")  # a device object needs no GPU
+    assert backend.select_backend(cuda, "lora.forward", 4) == "triton"
+    monkeypatch.setitem(backend.CUDA_WINS, "lora.forward", 16)
+    assert backend.select_backend(cuda, "lora.forward", 4) == "cuda"
+    assert backend.select_backend(cuda, "lora.forward", 17) == "triton"
+    assert backend.select_backend(cuda, "c3a.forward", 4) == "triton"
+    monkeypatch.setenv("FUSEDLORA_BUILD_EXT", "0")
+    monkeypatch.setitem(cuda_ext._state, "module", None)
+    fusedlora.reset_dispatch()
+    assert backend.select_backend(cuda, "lora.forward", 4) == "triton"
+    assert dispatched() == {"lora.forward:triton:no-cuda-extension": 1}
