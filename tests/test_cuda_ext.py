@@ -35,7 +35,7 @@ def args(M=2, K=8, N=6, r=2, dtype=torch.float32, device="cpu"):
                 lora_B=torch.randn(N, r, dtype=dtype, device=device), scaling=1.5)
 
 
-BAD = [
+LORA_BAD = [
     (dict(x=torch.ones(2, 8, dtype=torch.int32)), TypeError, "x: expected float32, float16 or bfloat16"),
     (dict(weight=torch.randn(6, 8, dtype=torch.float16)), TypeError, "weight: dtype"),
     (dict(lora_B=torch.randn(6, 2, dtype=torch.float64)), TypeError, "lora_B: dtype"),
@@ -49,19 +49,8 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("change,exc,msg", BAD, ids=[b[2][:24] for b in BAD])
-def test_binding_rejects_bad_arguments(ext, change, exc, msg):
-    a = args()
-    a.update(change)
-    with pytest.raises(exc) as info:
-        ext.lora_decode(**a)
-    assert msg in str(info.value)
-
-
 @pytest.mark.skipif(HAS_CUDA, reason="checks the error for CPU tensors")
-def test_binding_and_backend_refuse_cpu_tensors(ext, monkeypatch):
-    with pytest.raises(ValueError, match="expected CUDA tensors"):
-        ext.lora_decode(**args())
+def test_cuda_backend_refuses_cpu_tensors(ext, monkeypatch):
     monkeypatch.setenv("FUSEDLORA_BACKEND", "cuda")
     a = args()
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
@@ -125,21 +114,6 @@ MULTI_BAD = [
 ]
 
 
-@pytest.mark.parametrize("change,exc,msg", MULTI_BAD, ids=[b[2][:24] for b in MULTI_BAD])
-def test_multi_binding_rejects_bad_arguments(ext, change, exc, msg):
-    a = multi_args()
-    a.update(change)
-    with pytest.raises(exc) as info:
-        ext.multi_lora_decode(**a)
-    assert msg in str(info.value)
-
-
-@pytest.mark.skipif(HAS_CUDA, reason="checks the error for CPU tensors")
-def test_multi_binding_refuses_cpu_tensors(ext):
-    with pytest.raises(ValueError, match="expected CUDA tensors"):
-        ext.multi_lora_decode(**multi_args())
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("M", [1, 5, 16])
@@ -196,16 +170,32 @@ DELTA_BAD = [
 ]
 
 
-@pytest.mark.parametrize("fn,change,exc,msg", DELTA_BAD, ids=[b[3][:24] for b in DELTA_BAD])
-def test_c3a_and_sparse_bindings_reject_bad_arguments(ext, fn, change, exc, msg):
+def delta_args(fn):
     base = dict(x=torch.randn(2, 8), weight=torch.randn(6, 8), bias=None)
-    extra = {"c3a_decode": dict(c3a_kernel=torch.randn(3, 4, 2)),
-             "sparse_decode": dict(row_ptr=torch.zeros(7, dtype=torch.int32), col=torch.zeros(3, dtype=torch.int32),
-                                   val=torch.zeros(3), scaling=1.0)}[fn]
-    args = {**base, **extra, **change}
+    if fn == "c3a_decode":
+        return {**base, "c3a_kernel": torch.randn(3, 4, 2)}
+    return {**base, "row_ptr": torch.zeros(7, dtype=torch.int32), "col": torch.zeros(3, dtype=torch.int32),
+            "val": torch.zeros(3), "scaling": 1.0}
+
+
+# Every entry point of the binding: valid CPU arguments, and changes that must be refused.
+ENTRY_ARGS = {"lora_decode": lambda: args(), "multi_lora_decode": lambda: multi_args(),
+              "c3a_decode": lambda: delta_args("c3a_decode"), "sparse_decode": lambda: delta_args("sparse_decode")}
+ALL_BAD = ([("lora_decode", *b) for b in LORA_BAD] + [("multi_lora_decode", *b) for b in MULTI_BAD] + DELTA_BAD)
+
+
+@pytest.mark.parametrize("fn,change,exc,msg", ALL_BAD, ids=[f"{b[0]}-{b[3][:24]}" for b in ALL_BAD])
+def test_bindings_reject_bad_arguments(ext, fn, change, exc, msg):
     with pytest.raises(exc) as info:
-        getattr(ext, fn)(**args)
+        getattr(ext, fn)(**{**ENTRY_ARGS[fn](), **change})
     assert msg in str(info.value)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the error for CPU tensors")
+@pytest.mark.parametrize("fn", list(ENTRY_ARGS))
+def test_bindings_refuse_cpu_tensors(ext, fn):
+    with pytest.raises(ValueError, match="expected CUDA tensors"):
+        getattr(ext, fn)(**ENTRY_ARGS[fn]())
 
 
 @pytest.mark.gpu
