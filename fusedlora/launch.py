@@ -114,11 +114,18 @@ def _small_plan(M: int, N: int, K: int, device: torch.device, elem_bytes: int = 
                 "num_warps": 4, "num_stages": 3}
     else:
         return None
-    tiles = triton.cdiv(M, tile["BLOCK_M"]) * triton.cdiv(N, tile["BLOCK_N"])
-    tile["SPLIT_K"] = split_k(tiles, triton.cdiv(K, tile["BLOCK_K"]), device)
+    return finish_plan(tile, M, N, K, device)
+
+
+def finish_plan(plan: dict, M: int, N: int, K: int, device: torch.device) -> Optional[dict]:
+    """Give a memory-bound tile plan its SPLIT_K; under the interpreter, hand
+    shapes with enough tiles to the autotuned entry instead (None) so tests
+    cover that path too."""
+    tiles = triton.cdiv(M, plan["BLOCK_M"]) * triton.cdiv(N, plan["BLOCK_N"])
+    plan["SPLIT_K"] = split_k(tiles, triton.cdiv(K, plan["BLOCK_K"]), device)
     if interpreting() and M > 16 and tiles >= _target_programs(device):
-        return None  # let the interpreter cover the autotuned entry too
-    return tile
+        return None
+    return plan
 
 
 def gemm_output(M: int, N: int, plan: Optional[dict], out_dtype: torch.dtype, device) -> torch.Tensor:

@@ -279,9 +279,7 @@ def _tuned_kernel(tile: int):
 def _plan(M: int, N: int, K: int, tile: int, device: torch.device) -> Optional[dict]:
     """Tiles for the memory-bound shapes (few rows: split K to fill the GPU), or
     None for the autotuned GEMM. Block sizes are multiples of the layout tile."""
-    import triton
-
-    from .launch import _target_programs, split_k
+    from .launch import finish_plan
 
     if interpreting():
         plan = {"BLOCK_M": 16, "BLOCK_N": max(16, tile), "BLOCK_K": max(16, tile), "BLOCK_E": 16, "GROUP_M": 2}
@@ -290,11 +288,7 @@ def _plan(M: int, N: int, K: int, tile: int, device: torch.device) -> Optional[d
                 "num_warps": 4, "num_stages": 4}
     else:
         return None
-    tiles = triton.cdiv(M, plan["BLOCK_M"]) * triton.cdiv(N, plan["BLOCK_N"])
-    plan["SPLIT_K"] = split_k(tiles, triton.cdiv(K, plan["BLOCK_K"]), device)
-    if interpreting() and M > 16 and tiles >= _target_programs(device):
-        return None  # cover the autotuned entry under the interpreter too
-    return plan
+    return finish_plan(plan, M, N, K, device)
 
 
 def _sparse_matmul(a: Tensor, b: Tensor, layout: Tuple[Tensor, Tensor, Tensor, Tensor], values: Tensor,
