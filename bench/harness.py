@@ -67,6 +67,9 @@ class Case:
     # Extra keyword arguments of time_thunks for this case (e.g. a longer
     # rep_ms for slow CPU rows); None: the defaults.
     timing: Optional[Dict[str, float]] = None
+    # Also time CUDA-graph replays (decode-sized rows, where launch gaps would
+    # otherwise be measured instead of the kernels): see time_graph.
+    graph: bool = False
 
     def work_of(self, impl: str) -> Tuple[float, float]:
         return self.work.get(impl, self.work["*"])
@@ -194,6 +197,36 @@ def time_thunks(thunks: Sequence[Callable[[], Any]], device: torch.device,
     return _summary(times)
 
 
+GRAPH_CALLS = 16
+
+
+def time_graph(thunks: Sequence[Callable[[], Any]], device: torch.device, rep_ms: float = 100) -> dict:
+    """Median time of one call from replays of a CUDA graph that holds GRAPH_CALLS
+    calls cycling through ``thunks``: the device time of the work without the
+    host's launch gaps, as a serving engine that captures its decode step sees
+    it (METHOD.md: many small launches). The thunks must have run once already
+    (compiled, autotuned) and must not synchronise with the host.
+
+    L2 stays honest: do_bench flushes it before each replay, and within one the
+    calls rotate over the input sets, each larger than L2 / (sets - 1) for
+    decode shapes."""
+    from triton.testing import do_bench
+
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires
+        for t in thunks:
+            t()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    calls = list(itertools.islice(itertools.cycle(thunks), GRAPH_CALLS))
+    with torch.cuda.graph(graph):
+        outs = [t() for t in calls]  # kept alive: the graph's outputs live in its pool
+    times = do_bench(graph.replay, warmup=25, rep=rep_ms, return_mode="all")
+    del outs, graph
+    return _summary([t / len(calls) for t in times])
+
+
 def measure_ceilings(device: torch.device, dtype: torch.dtype, small: bool = False) -> dict:
     """The two roofline ceilings, measured once per run on this device:
     bandwidth from a large device-to-device copy, FLOP/s from a large matmul.
@@ -256,6 +289,12 @@ def run_case(case: Case, ceilings: dict) -> List[dict]:
         try:
             thunks = [setup(s) for s in sets]
             row.update(time_thunks(thunks, case.device, **(case.timing or {})))
+            if case.graph and case.device.type == "cuda":
+                try:
+                    row["graph_ms"] = time_graph(thunks, case.device)["median_ms"]
+                except Exception as e:  # e.g. a host sync inside (PEFT's loop): events time only
+                    row["graph_error"] = _reason(e)
+                    torch.cuda.synchronize(case.device)
         except Skip as e:
             row.update(status="skipped", reason=str(e))
         except Exception as e:  # recorded, not fatal: one broken baseline must not lose the run
@@ -266,12 +305,18 @@ def run_case(case: Case, ceilings: dict) -> List[dict]:
                 torch.cuda.empty_cache()
         row["dispatch"] = sorted(fusedlora.backend_info()["dispatch"])
         if row["status"] == "ok":
-            ms = row["median_ms"]
+            ms = row.get("graph_ms") or row["median_ms"]  # the device time where a graph measured it
             row["tflops"] = flops / (ms * 1e-3) / 1e12
             row["gbps"] = nbytes / (ms * 1e-3) / 1e9
             row["roofline_pct"], row["bound"] = roofline(flops, nbytes, ms, ceilings)
         rows.append(row)
     return rows
+
+
+def best_ms(row: dict) -> Optional[float]:
+    """The time a row is compared by: its CUDA-graph replay time where one was
+    measured (device time), else its eager median."""
+    return row.get("graph_ms") or row.get("median_ms")
 
 
 # --------------------------------------------------------------- environment
@@ -329,7 +374,10 @@ def markdown(rows: List[dict], env: dict, ceilings: dict, title: str = "fusedlor
              f"Ceilings measured this run: {_rate(ceilings['bytes_per_s'], 'B/s')} (copy), "
              f"{_rate(ceilings['flops_per_s'], 'FLOP/s')} ({ceilings['matmul']['dtype']} matmul "
              f"{ceilings['matmul']['n']}³). Times are medians in µs; X/ref is X's time over ref's "
-             "(> 1: ref is faster); %roof is the roofline time over the measured time.", ""]
+             "(> 1: ref is faster); %roof is the roofline time over the measured time. Where a "
+             "'graph µs' column is shown (decode-sized rows), ratios and %roof use the CUDA-graph "
+             "replay time, the device time without launch gaps; * marks a ratio of a graph time "
+             "to an eager one (that implementation cannot be captured).", ""]
     if env["device"].startswith("cpu"):
         lines += ["CPU wall-clock timings: a check of the harness, not a measurement." if smoke else
                   f"CPU wall-clock timings (median of time.perf_counter per call, "
@@ -343,7 +391,9 @@ def markdown(rows: List[dict], env: dict, ceilings: dict, title: str = "fusedlor
         impls = list(dict.fromkeys(r["impl"] for r in grp))
         others = [i for i in impls if i != ref]
         keys = list(grp[0]["shape"])
-        head = keys + [f"{i} µs" for i in impls] + [f"{i}/{ref}" for i in others] + [f"{i} %roof" for i in roof_impls]
+        graphed = [i for i in impls if any("graph_ms" in r for r in grp if r["impl"] == i)]
+        head = (keys + [f"{i} µs" for i in impls] + [f"{i} graph µs" for i in graphed]
+                + [f"{i}/{ref}" for i in others] + [f"{i} %roof" for i in roof_impls])
         lines += [f"## {path} · {variant} · {grp[0]['dtype']}", "",
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         by_shape: Dict[tuple, Dict[str, dict]] = {}
@@ -354,7 +404,14 @@ def markdown(rows: List[dict], env: dict, ceilings: dict, title: str = "fusedlor
         for shape, by_impl in by_shape.items():
             ms = {i: by_impl[i].get("median_ms") if i in by_impl else None for i in impls}
             cells = [str(v) for v in shape] + [_us(ms[i]) for i in impls]
-            cells += [f"{ms[i] / ms[ref]:.3g}" if ms[i] and ms[ref] else "—" for i in others]
+            cells += [_us(by_impl.get(i, {}).get("graph_ms")) for i in graphed]
+            for i in others:
+                a, b = by_impl.get(i, {}), by_impl.get(ref, {})
+                if a.get("median_ms") and b.get("median_ms"):
+                    mixed = ("graph_ms" in a) != ("graph_ms" in b)
+                    cells.append(f"{best_ms(a) / best_ms(b):.3g}{'*' if mixed else ''}")
+                else:
+                    cells.append("—")
             for i in roof_impls:
                 r = by_impl.get(i, {})
                 cells.append(f"{r['roofline_pct']:.0f}% {r['bound']}" if r.get("roofline_pct") is not None else "—")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -60,6 +61,9 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=None,
                    help="CPU runs: torch.set_num_threads (default: torch's); on a shared machine 1 avoids "
                         "OpenMP threads waiting on each other for cores other jobs hold")
+    p.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                   help="stop starting cases after this many seconds (and on SIGTERM) and write what was "
+                        "measured, the cases left listed as not run: for leased GPU time")
     p.add_argument("--report", action="store_true",
                    help="also draw the plots (PNG, needs matplotlib: pip install -e .[bench]) and link them "
                         "from the markdown report; shows a progress bar (tqdm if installed)")
@@ -107,6 +111,14 @@ class Progress:
             self.bar.close()
 
 
+class _Stopped(BaseException):
+    """SIGTERM during a case: end the run, write the results so far."""
+
+
+def _stop(signum, frame):
+    raise _Stopped()
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     names = discover_paths() if args.paths == "all" else [n.strip() for n in args.paths.split(",") if n.strip()]
@@ -124,20 +136,36 @@ def main(argv=None) -> int:
     env = harness.environment(device)
     ceilings = harness.measure_ceilings(device, opts.dtype, small=args.smoke)
     cases = [case for mod in mods for case in mod.cases(opts)]
-    progress, rows = Progress(len(cases), bar=args.report), []
+    progress, rows, left = Progress(len(cases), bar=args.report), [], []
+    before = signal.signal(signal.SIGTERM, _stop)  # `timeout` kills with SIGTERM: keep what was measured
+    deadline = None if args.budget is None else time.perf_counter() + args.budget
     try:
-        for case in cases:
-            new = harness.run_case(case, ceilings)
+        for n, case in enumerate(cases):
+            if deadline is not None and time.perf_counter() > deadline:
+                left = cases[n:]
+                break
+            try:
+                new = harness.run_case(case, ceilings)
+            except _Stopped:
+                left = cases[n:]
+                break
             rows += new
             done = ", ".join(f"{r['impl']} {r['median_ms'] * 1e3:.1f}us" if r["status"] == "ok"
                              else f"{r['impl']} {r['status']}" for r in new)
             progress.step(f"{case.path} {case.variant} {str(case.dtype).replace('torch.', '')} {case.shape}: {done}")
     finally:
+        signal.signal(signal.SIGTERM, before)
         progress.close()
     md = harness.markdown(rows, env, ceilings, smoke=args.smoke)
+    for mod in mods:
+        if hasattr(mod, "summary"):
+            md += "\n" + "\n".join(mod.summary(rows))
+    if left:
+        md += f"\nNot run (time budget or SIGTERM): {len(left)} cases: " + \
+              "; ".join(f"{c.path} {c.variant} {c.shape}" for c in left) + "\n"
     print(md)
     options = {"paths": names, "quick": args.quick, "smoke": args.smoke, "device": args.device,
-               "threads": args.threads,
+               "threads": args.threads, "budget_s": args.budget, "cases_not_run": len(left),
                "dtype": str(opts.dtype).replace("torch.", ""), "report": args.report,
                "rotate_below_bytes": harness.ROTATE_BELOW_BYTES, "rotating_sets": harness.N_ROTATING_SETS}
     tag = None if args.paths == "all" else "-".join(names)

@@ -7,11 +7,13 @@
           (forwards of 1..16 rows without dropout: LoRA, multi-adapter, C3A, sparse);
           Triton for the rest, recorded as such
   torch   the plain-PyTorch path of fusedlora.reference
-Nothing falls back silently: every launch is counted in ``backend_info()["dispatch"]``.
+``use_backend(name)`` overrides the variable for the calls in its scope (the
+benchmarks time each backend this way). Nothing falls back silently: every launch is counted in ``backend_info()["dispatch"]``.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import threading
 from typing import Optional
@@ -35,11 +37,30 @@ def triton_version():
     return triton.__version__
 
 
+_forced: Optional[str] = None  # set by use_backend; process-wide, like the variable
+
+
 def requested_backend() -> str:
+    if _forced is not None:
+        return _forced
     name = os.environ.get("FUSEDLORA_BACKEND", "auto").strip().lower() or "auto"
     if name not in BACKENDS:
         raise ValueError(f"FUSEDLORA_BACKEND must be one of {BACKENDS}, got {name!r}")
     return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the calls in this scope on backend ``name`` (as FUSEDLORA_BACKEND=name would).
+    Process-wide, not per thread; scopes nest."""
+    global _forced
+    if name not in BACKENDS:
+        raise ValueError(f"use_backend: name must be one of {BACKENDS}, got {name!r}")
+    before, _forced = _forced, name
+    try:
+        yield
+    finally:
+        _forced = before
 
 
 # Auto mode's use of the CUDA extension, from GPU measurements: op -> the largest

@@ -61,3 +61,80 @@ def test_bench_refuses_full_size_on_cpu_except_cheap_paths(tmp_path):
                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "--paths switch" in run.stderr, run.stderr[-2000:]
     assert not list(tmp_path.iterdir())
+
+
+def test_decode_path_times_both_backends_or_says_why(tmp_path):
+    """bench/decode.py (CUDA vs Triton at decode sizes) runs end to end; without a GPU the
+    CUDA rows are skipped with the reason, and Triton runs under the interpreter."""
+    run = subprocess.run([sys.executable, "-m", "fusedlora", "bench", "--smoke", "--threads", "1",
+                          "--paths", "decode", "--out", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(next(tmp_path.glob("*.json")).read_text())["rows"]
+    variants = {r["variant"] for r in rows}
+    assert variants == {"lora r16", "multi r16", "c3a b64", "sparse 1%"}
+    for r in rows:
+        if r["impl"] == "cuda" and r["device"] == "cpu":
+            assert r["status"] == "skipped" and "CUDA device" in r["reason"]
+        else:
+            assert r["status"] == "ok", r
+    triton = [d for r in rows if r["impl"] == "triton" for d in r["dispatch"]]
+    for op in ("lora.forward:triton", "multi.forward:triton", "c3a.forward:triton", "sparse.forward:triton"):
+        assert any(d.startswith(op) for d in triton), (op, triton)
+    assert "CUDA_WINS = {}" in run.stdout
+
+
+def test_budget_writes_what_ran_and_lists_the_rest(tmp_path):
+    run = subprocess.run([sys.executable, "bench/run.py", "--smoke", "--paths", "decode", "--budget", "0",
+                          "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    doc = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert doc["rows"] == [] and doc["options"]["cases_not_run"] == 8
+    assert "Not run (time budget or SIGTERM): 8 cases" in next(tmp_path.glob("*.md")).read_text()
+
+
+def _row(variant, M, impl, ms, graph=None, ran=True):
+    op = __import__("bench.decode", fromlist=["OPS"]).OPS[variant]
+    row = {"path": "decode", "variant": variant, "shape": {"M": M, "K": 4096, "N": 4096}, "impl": impl,
+           "status": "ok", "median_ms": ms, "dispatch": [f"{op}:{impl if ran else 'triton'}:x"]}
+    if graph is not None:
+        row["graph_ms"] = graph
+    return row
+
+
+def test_cuda_wins_is_the_prefix_of_row_counts_where_cuda_ran_and_won():
+    sys.path.insert(0, str(ROOT))
+    from bench.decode import cuda_wins
+
+    rows = []
+    for M, cuda, triton in ((1, 5.0, 6.0), (4, 5.0, 6.0), (16, 7.0, 6.0), (64, 1.0, 6.0)):
+        rows += [_row("lora r16", M, "cuda", 99.0, cuda), _row("lora r16", M, "triton", 1.0, triton)]
+    # graph times decide (the eager medians say the opposite); 16 lost, so 64 does not count
+    assert cuda_wins(rows) == {"lora.forward": 4}
+    # a row where the extension did not run (fell back to Triton) is no win
+    rows = [_row("c3a b64", 1, "cuda", 1.0, ran=False), _row("c3a b64", 1, "triton", 2.0)]
+    assert cuda_wins(rows) == {}
+    # every shape of a row count must win
+    rows = [_row("sparse 1%", 1, "cuda", 1.0), _row("sparse 1%", 1, "triton", 2.0),
+            dict(_row("sparse 1%", 1, "cuda", 3.0), shape={"M": 1, "K": 4096, "N": 11008}),
+            dict(_row("sparse 1%", 1, "triton", 2.0), shape={"M": 1, "K": 4096, "N": 11008})]
+    assert cuda_wins(rows) == {}
+
+
+def test_markdown_compares_graph_times_and_marks_mixed_ratios():
+    sys.path.insert(0, str(ROOT))
+    from bench import harness
+
+    env = {"date": "d", "device": "GPU", "torch": "t", "cuda": "c", "triton": "tr", "git_commit": None,
+           "git_dirty": False}
+    ceil = {"bytes_per_s": 1e12, "flops_per_s": 1e15, "matmul": {"dtype": "bfloat16", "n": 8}}
+    base = {"path": "decode", "variant": "v", "dtype": "bfloat16", "shape": {"M": 1}, "status": "ok",
+            "ref": "cuda", "roof_impls": ["cuda"], "roofline_pct": 50.0, "bound": "bw"}
+    rows = [dict(base, impl="cuda", median_ms=0.030, graph_ms=0.010),
+            dict(base, impl="triton", median_ms=0.020, graph_ms=0.015),
+            dict(base, impl="peft", median_ms=0.100)]
+    md = harness.markdown(rows, env, ceil)
+    line = next(x for x in md.splitlines() if x.startswith("| 1 |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    # M, three eager medians, two graph times, then triton/cuda from graph times, peft/cuda mixed
+    assert cells[4:6] == ["10.0", "15.0"] and cells[6] == "1.5" and cells[7] == "10*", cells

@@ -244,3 +244,26 @@ def test_auto_uses_the_cuda_kernels_only_where_measured(ext, monkeypatch):
     fusedlora.reset_dispatch()
     assert backend.select_backend(cuda, "lora.forward", 4) == "triton"
     assert dispatched() == {"lora.forward:triton:no-cuda-extension": 1}
+
+
+def test_use_backend_overrides_the_variable_in_its_scope(monkeypatch):
+    from fusedlora import backend
+
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "triton")
+    with fusedlora.use_backend("torch"):
+        assert backend.requested_backend() == "torch"
+        with fusedlora.use_backend("auto"):
+            assert backend.requested_backend() == "auto"
+        assert backend.requested_backend() == "torch"
+        x = torch.randn(3, 8, dtype=torch.float64)
+        fusedlora.reset_dispatch()
+        fusedlora.ops.lora_linear(x, torch.randn(5, 8, dtype=torch.float64), None,
+                                  torch.randn(2, 8, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64), 1.0)
+        assert dispatched() == {"lora.forward:torch:reference": 1}
+    assert backend.requested_backend() == "triton"
+    with pytest.raises(ValueError, match="use_backend: name must be one of"):
+        with fusedlora.use_backend("cutlass"):
+            pass
+    with pytest.raises(RuntimeError, match="FUSEDLORA_BACKEND=cuda needs CUDA tensors"):
+        with fusedlora.use_backend("cuda"):
+            backend.select_backend(torch.device("cpu"))
