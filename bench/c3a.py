@@ -19,7 +19,8 @@ from torch import nn
 from fusedlora import reference
 from fusedlora.c3a import c3a_linear, init_c3a_kernel
 
-from .harness import Case, Options, Skip, compiled, elem_size, grad_thunk, matmul_flops, numel_bytes, random_maker
+from .harness import (DECODE_ROWS, Case, Options, Skip, compiled, elem_size,
+                      grad_thunk, matmul_flops, numel_bytes, random_maker)
 
 PATH = "c3a"
 VARIANTS = ("fwd", "fwd+bwd")
@@ -113,4 +114,5 @@ def cases(opts: Options):
                        make_inputs=lambda s=s, v=variant: _inputs(s, v, opts.device, opts.dtype),
                        impls={"fused": _fused, "base": _base, "eager": _eager,
                               "compile": compiled(eager, lambda fn, i: _eager(i, fn)), "peft": _peft},
-                       work={"*": c3a_work, "base": base_work}, ref="fused", roof_impls=("fused", "base"))
+                       work={"*": c3a_work, "base": base_work}, ref="fused", roof_impls=("fused", "base"),
+                       graph=s["M"] <= DECODE_ROWS)

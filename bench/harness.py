@@ -198,6 +198,8 @@ def time_thunks(thunks: Sequence[Callable[[], Any]], device: torch.device,
 
 
 GRAPH_CALLS = 16
+# Rows up to this many are decode-sized: their cases are also timed from graph replays.
+DECODE_ROWS = 64
 
 
 def time_graph(thunks: Sequence[Callable[[], Any]], device: torch.device, rep_ms: float = 100) -> dict:

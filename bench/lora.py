@@ -19,7 +19,7 @@ from torch import nn
 
 from fusedlora import ops
 
-from .harness import (Case, Options, Skip, compiled, elem_size, gemm_adapter_bytes, gemm_adapter_flops, grad_thunk,
+from .harness import (DECODE_ROWS, Case, Options, Skip, compiled, elem_size, gemm_adapter_bytes, gemm_adapter_flops, grad_thunk,
                       matmul_flops, numel_bytes, random_maker)
 
 PATH = "lora"
@@ -115,4 +115,5 @@ def cases(opts: Options):
                        make_inputs=lambda s=s, v=variant: _inputs(s, v, opts.device, opts.dtype),
                        impls={"fused": _fused, "base": _base, "eager": _eager,
                               "compile": compiled(eager, lambda fn, i: _eager(i, fn)), "peft": _peft},
-                       work={"*": lora_work, "base": base_work}, ref="fused", roof_impls=("fused", "base"))
+                       work={"*": lora_work, "base": base_work}, ref="fused", roof_impls=("fused", "base"),
+                       graph=s["M"] <= DECODE_ROWS)

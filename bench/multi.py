@@ -31,7 +31,7 @@ from torch import nn
 
 from fusedlora import FusedLinear, ops
 
-from .harness import Case, Options, Skip, elem_size, grad_thunk, matmul_flops, numel_bytes
+from .harness import DECODE_ROWS, Case, Options, Skip, elem_size, grad_thunk, matmul_flops, numel_bytes
 
 PATH = "multi"
 SCALING = 2.0      # lora_alpha = 2 r
@@ -221,4 +221,5 @@ def cases(opts: Options):
         yield Case(path=PATH, variant=variant, shape=s, dtype=opts.dtype, device=opts.device,
                    make_inputs=lambda s=s, v=variant: _inputs(s, v, opts.device, opts.dtype, next(seeds)),
                    impls={"multi": _multi, "single": _single, "base": _base, "gather": _gather, "peft": _peft},
-                   work={"*": (flops, nbytes), "base": base}, ref="single", roof_impls=("multi", "single"))
+                   work={"*": (flops, nbytes), "base": base}, ref="single", roof_impls=("multi", "single"),
+                   graph=s["T"] <= DECODE_ROWS)

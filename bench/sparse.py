@@ -30,7 +30,8 @@ from torch import nn
 
 from fusedlora.sparse import build_layout, random_indices, shira_num_nonzeros, sparse_linear
 
-from .harness import Case, Options, Skip, compiled, elem_size, grad_thunk, matmul_flops, numel_bytes, random_maker
+from .harness import (DECODE_ROWS, Case, Options, Skip, compiled, elem_size,
+                      grad_thunk, matmul_flops, numel_bytes, random_maker)
 
 # PEFT's SHiRA builds a torch.sparse_coo_tensor per call; torch warns about it every time.
 warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
@@ -162,4 +163,5 @@ def cases(opts: Options):
                                                                                next(seeds)),
                        impls={"fused": _fused, "base": _base, "eager": _eager,
                               "compile": compiled(eager_traceable, lambda fn, i: _eager(i, fn)), "peft": _peft},
-                       work={"*": sparse_work, "base": base_work}, ref="fused", roof_impls=("fused", "base"))
+                       work={"*": sparse_work, "base": base_work}, ref="fused", roof_impls=("fused", "base"),
+                       graph=s["M"] <= DECODE_ROWS)
