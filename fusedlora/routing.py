@@ -394,10 +394,14 @@ def layer_forward(layer, x: Tensor, ids: Tensor, validate: bool = True, strict: 
     else:
         y = F.linear(x2, layer.weight, layer.bias)
         record("multi.base", "torch", "linear")
-    # C3A and sparse rows: each such adapter's delta, added to its rows only. On the GPU
-    # (and under torch.compile) it is computed for all rows and masked, which needs no
-    # host sync; the torch backend gathers the rows first (syncs are fine there).
-    gather = not compiling and select_backend(x.device) == "torch"
+    # C3A and sparse rows: each such adapter's delta, added to its rows only. When the
+    # validation sync brought the rows per slot to the host, the rows of a slot are a
+    # slice of one device sort (no further sync); the torch backend selects them with
+    # nonzero (syncs are fine there). Otherwise (validate=False, CUDA graphs, and
+    # torch.compile) the delta is computed for all rows and masked: no host sync.
+    sorted_rows = counts is not None and not compiling
+    gather = sorted_rows or (not compiling and select_backend(x.device) == "torch")
+    order = None
     for slot, (name, kind) in enumerate(zip(tables.names, tables.kinds)):
         if kind == "lora":
             continue
@@ -406,12 +410,19 @@ def layer_forward(layer, x: Tensor, ids: Tensor, validate: bool = True, strict: 
         if present is not None and REGISTRY.get(name) not in present:
             continue
         if gather:
-            rows = torch.nonzero(row_slot == slot).squeeze(1)
-            if rows.numel() == 0:
-                continue
+            if sorted_rows:
+                if order is None:  # base rows (slot -1) first, then slot 0, 1, ...
+                    order = torch.argsort(row_slot, stable=True)
+                    first = row_slot.shape[0] - sum(counts)
+                start = first + sum(counts[:slot])
+                rows = order[start:start + counts[slot]]
+            else:
+                rows = torch.nonzero(row_slot == slot).squeeze(1)
+                if rows.numel() == 0:
+                    continue
             delta = _kind_delta(layer, name, kind, x2.index_select(0, rows))
             y = y.index_add(0, rows, delta.to(y.dtype))
-            record(f"multi.{kind}_delta", "torch", "gathered")
+            record(f"multi.{kind}_delta", "torch", "sorted" if sorted_rows else "gathered")
         else:
             delta = _kind_delta(layer, name, kind, x2)
             mask = (row_slot == slot)[:, None]
