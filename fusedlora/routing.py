@@ -85,7 +85,8 @@ class _Entry:
 class Tables:
     """Device tables of one layer's adapters (slot = position in the layer's adapter order)."""
 
-    id_to_slot: Tensor   # int32 (max id + 3,): index id + 1 -> slot; -1 for id -1, others' ids, the last entry
+    id_to_slot: Tensor   # int32 (max id + 2,): index id -> slot; -1 for others' ids and the last entry,
+                         # which id -1 (negative indexing) and ids clamped from above land on
     slot_off: Tensor     # int32 (S,)
     slot_rank: Tensor    # int32 (S,); 0 for C3A / sparse slots
     slot_scale: Tensor   # float32 (S,)
@@ -241,9 +242,9 @@ def layer_tables(layer) -> Tables:
 
 
 def _build_tables(names, kinds, ranks, scales, drops, offs, ids, device) -> Tables:
-    table = [-1] * (max(ids, default=-1) + 3)
+    table = [-1] * (max(ids, default=-1) + 2)
     for slot, i in enumerate(ids):
-        table[i + 1] = slot
+        table[i] = slot
     i32 = dict(dtype=torch.int32, device=device)
     return Tables(torch.tensor(table, **i32), torch.tensor(list(offs), **i32), torch.tensor(list(ranks), **i32),
                   torch.tensor(list(scales), dtype=torch.float32, device=device),
@@ -302,10 +303,12 @@ def _fingerprint(layer, params) -> tuple:
     in-place versions (optimizer steps, copy_, load_state_dict), scalings, requires_grad,
     grad mode, the weight's dtype and device."""
     W = layer.weight
-    return (layer._multi_struct, torch.is_grad_enabled(), W.dtype, W.device,
+    grad = torch.is_grad_enabled()
+    return (layer._multi_struct, grad, W.dtype, W.device,
             tuple(map(id, layer.lora_A._parameters.values())), tuple(map(id, layer.lora_B._parameters.values())),
             tuple(layer.scaling.values()), tuple(layer.lora_dropout.values()), tuple([p._version for p in params]),
-            tuple([p.requires_grad for p in params]))
+            # requires_grad only matters with grad mode on (inference skips reading it)
+            tuple([p.requires_grad for p in params]) if grad else None)
 
 
 def _prepare(layer, compiling: bool):
@@ -357,7 +360,7 @@ def layer_forward(layer, x: Tensor, ids: Tensor, validate: bool = True, strict: 
     tables, pool_A, pool_BT, loras = _prepare(layer, compiling)
     differentiable = pool_A is None
     table = tables.id_to_slot
-    row_slot = table[(row_ids + 1).clamp(0, table.shape[0] - 1)]
+    row_slot = table[row_ids.clamp(-1, table.shape[0] - 1)]  # two launches, int32 out: decode pays per launch
 
     counts = None
     if validate:
@@ -388,7 +391,7 @@ def layer_forward(layer, x: Tensor, ids: Tensor, validate: bool = True, strict: 
         from .ops import draw_seed
 
         p_max = tables.max_drop if layer.training else 0.0
-        y, _ = _multi_forward(x2, layer.weight, layer.bias, pool_A, pool_BT, row_slot.to(torch.int32),
+        y, _ = _multi_forward(x2, layer.weight, layer.bias, pool_A, pool_BT, row_slot,
                               tables.slot_off, tables.slot_rank, tables.slot_scale, tables.slot_drop, tables.max_rank,
                               p_max > 0, draw_seed(p_max))
     else:
