@@ -9,7 +9,9 @@
 #                                   first; stops starting cases at 400 s and writes
 #                                   what it measured                          (~8 min)
 # Everything lands in $OUT (at most 8 files come back): log.txt, junit XML for the
-# tests, and for bench the JSON/markdown/PNGs. Copy them to bench/results/ and commit.
+# tests, and for bench the JSON/markdown/PNGs. Copy them to bench/results/, run
+# `python bench/report.py --readme bench/results/<run>.json` (the README's results
+# block) and commit.
 set -u
 what="${1:-tests}"
 OUT="${OUT:-bench/results/tmp}"

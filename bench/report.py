@@ -13,6 +13,10 @@ next to it and links them from its markdown report:
 
 Needs matplotlib (``pip install -e .[bench]``); without it the report says
 so and no plot is drawn. Nothing else in fusedlora or its tests needs it.
+
+``python bench/report.py --readme RESULTS.json`` writes the README's results
+block (between its two ``results`` markers): one summary line per path and
+variant, a link to the full tables, and the plots.
 """
 from __future__ import annotations
 
@@ -253,11 +257,67 @@ def write_report(json_path: Path, md_path: Path) -> List[Path]:
     return pngs
 
 
+README_BEGIN = "<!-- results: python bench/report.py --readme RESULTS.json -->"
+README_END = "<!-- /results -->"
+
+
+def _median(values: List[float]) -> Optional[float]:
+    values = [v for v in values if v is not None and math.isfinite(v) and v > 0]
+    return statistics.median(values) if values else None
+
+
+def readme_section(doc: dict, json_path: Path, readme: Path) -> str:
+    """One line per (path, variant): each peer's time over the reference's and the
+    reference's percent of roofline, medians over the shapes (the full tables are in
+    the run's markdown, linked), then the plots."""
+    env = doc["env"]
+    rel = lambda p: Path(p).resolve().relative_to(readme.resolve().parent).as_posix()  # noqa: E731
+    groups = _groups(doc["rows"])
+    peers = list(dict.fromkeys(r["impl"] for g in groups.values() for r in g if r["impl"] != _ref(g)))
+    lines = [f"{env['device']} · torch {env['torch']} · triton {env['triton']} · {env['date'][:10]} · "
+             f"commit {(env.get('git_commit') or '?')[:10]}. Each peer's time over the reference's "
+             "(> 1: the reference is faster), median over the shapes of the row (graph-replay times for "
+             f"rows of at most 64 tokens); full tables: [{json_path.with_suffix('.md').name}]"
+             f"({rel(json_path.with_suffix('.md'))}).", "",
+             "| path · variant | ref | " + " | ".join(f"{p}/ref" for p in peers) + " | ref %roof |",
+             "|---|---|" + "---|" * len(peers) + "---|"]
+    for (path, variant, dtype), grp in groups.items():
+        ref = _ref(grp)
+        by_shape = _by_shape(grp)
+        cells = []
+        for peer in peers:
+            m = _median([_ratio(ref)(b, peer) for b in by_shape.values()])
+            cells.append(f"{m:.3g}" if m is not None else "—")
+        roof = _median([_roof(b, ref) for b in by_shape.values()])
+        lines.append(f"| {path} · {variant} · {dtype} | {ref} | " + " | ".join(cells) +
+                     f" | {f'{roof:.0f}%' if roof is not None else '—'} |")
+    pngs = [p for p in plot_paths(json_path) if p.exists()]
+    lines += [""] + [f"![{p.stem.rsplit('_', 1)[-1]}]({rel(p)})" for p in pngs]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def update_readme(readme: Path, json_path: Path) -> None:
+    """Replace what stands between README_BEGIN and README_END with readme_section."""
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise SystemExit(f"bench: report: {readme} has no {README_BEGIN} ... {README_END} block")
+    head, rest = text.split(README_BEGIN, 1)
+    tail = rest.split(README_END, 1)[1]
+    section = readme_section(json.loads(Path(json_path).read_text()), Path(json_path), readme)
+    readme.write_text(f"{head}{README_BEGIN}\n{section}{README_END}{tail}")
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
+    if argv[0] == "--readme":
+        if len(argv) != 2:
+            print("usage: python bench/report.py --readme RESULTS.json", file=sys.stderr)
+            return 2
+        update_readme(Path(__file__).resolve().parent.parent / "README.md", Path(argv[1]))
+        return 0
     for name in argv:
         json_path = Path(name)
         for p in write_report(json_path, json_path.with_suffix(".md")):

@@ -138,3 +138,31 @@ def test_markdown_compares_graph_times_and_marks_mixed_ratios():
     cells = [c.strip() for c in line.strip("|").split("|")]
     # M, three eager medians, two graph times, then triton/cuda from graph times, peft/cuda mixed
     assert cells[4:6] == ["10.0", "15.0"] and cells[6] == "1.5" and cells[7] == "10*", cells
+
+
+def test_readme_block_summarises_a_run_and_is_replaced_in_place(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from bench import report
+
+    base = {"path": "lora", "variant": "fwd", "dtype": "bfloat16", "status": "ok", "ref": "fused",
+            "roof_impls": ["fused"]}
+    rows = []
+    for M, fused, peft in ((1, 0.010, 0.050), (4096, 0.200, 0.300)):
+        rows += [dict(base, shape={"M": M}, impl="fused", median_ms=fused, roofline_pct=80.0 if M > 1 else 60.0),
+                 dict(base, shape={"M": M}, impl="peft", median_ms=peft)]
+    rows[0]["graph_ms"] = 0.005   # graph time of the decode row wins over its eager median
+    env = {"device": "NVIDIA H200", "torch": "2.11", "triton": "3.6", "date": "2026-12-01T00:00:00+00:00",
+           "git_commit": "abcdef1234"}
+    results = tmp_path / "bench" / "results"
+    results.mkdir(parents=True)
+    js = results / "run.json"
+    js.write_text(json.dumps({"env": env, "rows": rows}))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{report.README_BEGIN}\nold\n{report.README_END}\n\n## After\n")
+    for _ in range(2):  # idempotent: the block is replaced, not appended
+        report.update_readme(readme, js)
+    text = readme.read_text()
+    assert text.count(report.README_BEGIN) == 1 and "old" not in text and text.endswith("## After\n")
+    # peft/fused: median of 0.050/0.005 = 10 and 0.300/0.200 = 1.5 -> 5.75; %roof median 70
+    assert "| lora · fwd · bfloat16 | fused | 5.75 | 70% |" in text, text
+    assert "(bench/results/run.md)" in text and "NVIDIA H200" in text
