@@ -68,7 +68,8 @@ class Case:
     # rep_ms for slow CPU rows); None: the defaults.
     timing: Optional[Dict[str, float]] = None
     # Also time CUDA-graph replays (decode-sized rows, where launch gaps would
-    # otherwise be measured instead of the kernels): see time_graph.
+    # otherwise be measured instead of the kernels): see time_graph. A thunk with
+    # a ``no_graph`` attribute (the reason) is known not to be capturable.
     graph: bool = False
 
     def work_of(self, impl: str) -> Tuple[float, float]:
@@ -291,7 +292,9 @@ def run_case(case: Case, ceilings: dict) -> List[dict]:
         try:
             thunks = [setup(s) for s in sets]
             row.update(time_thunks(thunks, case.device, **(case.timing or {})))
-            if case.graph and case.device.type == "cuda":
+            if case.graph and case.device.type == "cuda" and getattr(thunks[0], "no_graph", None):
+                row["graph_error"] = thunks[0].no_graph  # known to sync with the host: not captured
+            elif case.graph and case.device.type == "cuda":
                 try:
                     row["graph_ms"] = time_graph(thunks, case.device)["median_ms"]
                 except Exception as e:  # e.g. a host sync inside (PEFT's loop): events time only
