@@ -86,17 +86,19 @@ def _seg_dot_max(epilogue: bool = False) -> int:
 class Routing:
     """Rows grouped by slot (device tensors, no host sync): perm (sorted position
     -> row), segid (position -> segment), segstart (segment -> first position;
-    M beyond the last), start/end (slot -> its positions)."""
+    M beyond the last), start/end (slot -> its positions; only the gradient
+    kernel reads them, so the forward's routing leaves them None)."""
 
     perm: Tensor
     segid: Tensor
     segstart: Tensor
-    start: Tensor
-    end: Tensor
+    start: Optional[Tensor]
+    end: Optional[Tensor]
 
 
-def route(row_slot: Tensor, num_slots: int) -> Routing:
-    """Stable device-side sort of the rows by slot (-1 rows first), and its segments."""
+def route(row_slot: Tensor, num_slots: int, bounds: bool = True) -> Routing:
+    """Stable device-side sort of the rows by slot (-1 rows first), and its segments;
+    ``bounds``: also each slot's range of positions (two searchsorted launches)."""
     M = row_slot.shape[0]
     dev = row_slot.device
     sorted_slot, perm = torch.sort(row_slot, stable=True)
@@ -108,9 +110,11 @@ def route(row_slot: Tensor, num_slots: int) -> Routing:
     segstart = torch.full((M + 2,), M, dtype=torch.int32, device=dev)
     target = torch.where(new, segid.long(), torch.full_like(segid, M + 1, dtype=torch.long))
     segstart.scatter_(0, target, torch.arange(M, dtype=torch.int32, device=dev))
-    slots = torch.arange(max(num_slots, 1), dtype=sorted_slot.dtype, device=dev)
-    start = torch.searchsorted(sorted_slot, slots).to(torch.int32)
-    end = torch.searchsorted(sorted_slot, slots, right=True).to(torch.int32)
+    start = end = None
+    if bounds:
+        slots = torch.arange(max(num_slots, 1), dtype=sorted_slot.dtype, device=dev)
+        start = torch.searchsorted(sorted_slot, slots, out_int32=True)
+        end = torch.searchsorted(sorted_slot, slots, right=True, out_int32=True)
     return Routing(perm.to(torch.int32), segid, segstart, start, end)
 
 
@@ -323,7 +327,7 @@ def _multi_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], pool_A: Te
                                             slot_scale, int(max_rank))
         # the extension has no kernel for this shape: Triton, recorded below
     _check_triton_dtype(x)
-    routing = route(row_slot, slot_rank.shape[0]) if x.shape[0] > sort_min_rows() else None
+    routing = route(row_slot, slot_rank.shape[0], bounds=False) if x.shape[0] > sort_min_rows() else None
     u = _shrink(x, pool_A, row_slot, sl, max_rank, routing, dropout, "multi.shrink")
     y = _matmul(x, weight.t(), bias, u, pool_BT, row_slot, sl, routing, False, x.dtype, "multi.forward")
     return y, u
