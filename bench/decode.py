@@ -28,7 +28,7 @@ import fusedlora
 from fusedlora import FusedLinear, reference
 from fusedlora.sparse import random_indices
 
-from .harness import Case, Options, Skip, best_ms, elem_size, matmul_flops, numel_bytes, random_maker
+from .harness import frozen_linear, Case, Options, Skip, best_ms, elem_size, matmul_flops, numel_bytes, random_maker
 
 PATH = "decode"
 RANK, POOL, BLOCK, DENSITY = 16, 64, 64, 0.01
@@ -68,11 +68,9 @@ def work(variant: str, s: dict, elem: int):
 
 
 def _layer(i, variant: str) -> FusedLinear:
-    W, b = i["W"], i["b"]
+    W = i["W"]
     N, K = W.shape
-    linear = nn.Linear(K, N, device="meta")
-    linear.weight, linear.bias = nn.Parameter(W, requires_grad=False), nn.Parameter(b, requires_grad=False)
-    layer = FusedLinear.from_linear(linear).eval()
+    layer = FusedLinear.from_linear(frozen_linear(W, i["b"])).eval()
     rnd = random_maker(W.device, W.dtype)
     if variant in ("lora r16", "multi r16"):
         for a in range(1 if variant == "lora r16" else POOL):
@@ -108,7 +106,7 @@ def _forward(backend: str):
         device = i["x"].device
         if backend == "cuda" and device.type != "cuda":
             raise Skip("the CUDA extension needs a CUDA device")
-        if backend == "triton" and device.type != "cuda" and not fusedlora.backend_info()["triton_interpret"]:
+        if backend == "triton" and device.type != "cuda" and not fusedlora.backend.interpreting():
             raise Skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
         layer, x = i["layer"], i["x"]
         kw = {"adapter_ids": i["route"]["ids"], "validate": False} if "route" in i else {}
@@ -151,8 +149,7 @@ def cases(opts: Options):
         yield Case(path=PATH, variant=variant, shape=s, dtype=opts.dtype, device=opts.device,
                    make_inputs=lambda v=variant, s=s: _inputs(v, s, opts.device, opts.dtype, next(seeds)),
                    impls={"cuda": _forward("cuda"), "triton": _forward("triton"), "base": _base, "eager": _eager},
-                   work={"*": adapter, "base": base}, ref="cuda", roof_impls=("cuda", "triton", "base"),
-                   graph=True)
+                   work={"*": adapter, "base": base}, ref="cuda", roof_impls=("cuda", "triton", "base"))
 
 
 def cuda_wins(rows) -> dict:

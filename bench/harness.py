@@ -22,8 +22,11 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch import nn
 
 import fusedlora
+
+from .report import best_ms  # torch-free, so report.py also runs on its own
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Input sets smaller than this could sit (partly) in L2 across repeats; they
@@ -67,13 +70,22 @@ class Case:
     # Extra keyword arguments of time_thunks for this case (e.g. a longer
     # rep_ms for slow CPU rows); None: the defaults.
     timing: Optional[Dict[str, float]] = None
-    # Also time CUDA-graph replays (decode-sized rows, where launch gaps would
-    # otherwise be measured instead of the kernels): see time_graph. A thunk with
-    # a ``no_graph`` attribute (the reason) is known not to be capturable.
-    graph: bool = False
+    # Also time CUDA-graph replays (see time_graph); None: when the case is
+    # decode-sized (its M or T at most DECODE_ROWS), where launch gaps would
+    # otherwise be measured instead of the kernels. A thunk with a ``no_graph``
+    # attribute (the reason) is known not to be capturable.
+    graph: Optional[bool] = None
 
     def work_of(self, impl: str) -> Tuple[float, float]:
         return self.work.get(impl, self.work["*"])
+
+    def timed_by_graph(self) -> bool:
+        if self.device.type != "cuda":
+            return False
+        if self.graph is not None:
+            return self.graph
+        rows = self.shape.get("M", self.shape.get("T"))
+        return rows is not None and rows <= DECODE_ROWS
 
 
 # ------------------------------------------------------------------ roofline
@@ -113,6 +125,17 @@ def random_maker(device, dtype):
     def rnd(*shape, std=1.0):
         return (torch.randn(*shape, device=device, dtype=torch.float32) * std).to(dtype)
     return rnd
+
+
+def frozen_linear(W: torch.Tensor, b: Optional[torch.Tensor] = None) -> nn.Linear:
+    """An nn.Linear whose frozen parameters are W and b themselves (no copy, no
+    init): the base layer that PEFT's and fusedlora's modules wrap here."""
+    N, K = W.shape
+    linear = nn.Linear(K, N, bias=b is not None, device="meta")
+    linear.weight = nn.Parameter(W, requires_grad=False)
+    if b is not None:
+        linear.bias = nn.Parameter(b, requires_grad=False)
+    return linear
 
 
 def elem_size(dtype: torch.dtype) -> int:
@@ -292,14 +315,16 @@ def run_case(case: Case, ceilings: dict) -> List[dict]:
         try:
             thunks = [setup(s) for s in sets]
             row.update(time_thunks(thunks, case.device, **(case.timing or {})))
-            if case.graph and case.device.type == "cuda" and getattr(thunks[0], "no_graph", None):
-                row["graph_error"] = thunks[0].no_graph  # known to sync with the host: not captured
-            elif case.graph and case.device.type == "cuda":
-                try:
-                    row["graph_ms"] = time_graph(thunks, case.device)["median_ms"]
-                except Exception as e:  # e.g. a host sync inside (PEFT's loop): events time only
-                    row["graph_error"] = _reason(e)
-                    torch.cuda.synchronize(case.device)
+            if case.timed_by_graph():
+                why_not = getattr(thunks[0], "no_graph", None)  # known to sync with the host
+                if why_not is None:
+                    try:
+                        row["graph_ms"] = time_graph(thunks, case.device)["median_ms"]
+                    except Exception as e:  # a host sync inside: events time only
+                        why_not = _reason(e)
+                        torch.cuda.synchronize(case.device)
+                if why_not is not None:
+                    row["graph_error"] = why_not
         except Skip as e:
             row.update(status="skipped", reason=str(e))
         except Exception as e:  # recorded, not fatal: one broken baseline must not lose the run
@@ -316,12 +341,6 @@ def run_case(case: Case, ceilings: dict) -> List[dict]:
             row["roofline_pct"], row["bound"] = roofline(flops, nbytes, ms, ceilings)
         rows.append(row)
     return rows
-
-
-def best_ms(row: dict) -> Optional[float]:
-    """The time a row is compared by: its CUDA-graph replay time where one was
-    measured (device time), else its eager median."""
-    return row.get("graph_ms") or row.get("median_ms")
 
 
 # --------------------------------------------------------------- environment

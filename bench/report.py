@@ -85,11 +85,16 @@ def _series(grp: List[dict], impls: List[str], value) -> Dict[str, Dict[int, Lis
     return out
 
 
+def best_ms(row: dict) -> Optional[float]:
+    """The time a row is compared by: its CUDA-graph replay time where one was
+    measured (device time), else its eager median."""
+    return row.get("graph_ms") or row.get("median_ms")
+
+
 def _ratio(ref: str):
     def value(by_impl, impl):
         if impl in by_impl and ref in by_impl:
-            a, b = by_impl[impl], by_impl[ref]  # graph replay time where measured (harness.best_ms)
-            return (a.get("graph_ms") or a["median_ms"]) / (b.get("graph_ms") or b["median_ms"])
+            return best_ms(by_impl[impl]) / best_ms(by_impl[ref])
         return None
     return value
 

@@ -36,7 +36,7 @@ from torch import nn
 from fusedlora import FusedLinear
 from fusedlora.sparse import scatter_switch_, shira_num_nonzeros
 
-from .harness import Case, Options, Skip, elem_size, matmul_flops, numel_bytes, random_maker
+from .harness import frozen_linear, Case, Options, Skip, elem_size, matmul_flops, numel_bytes, random_maker
 from .sparse import mask, peft_shira_layer
 
 PATH = "switch"
@@ -129,9 +129,7 @@ def _lora(i):
 def _module(i, kind: str):
     """A FusedLinear sharing W, with adapters a and b of ``kind``, "a" merged."""
     N, K = i["W"].shape
-    linear = nn.Linear(K, N, bias=False, device="meta")
-    linear.weight = nn.Parameter(i["W"], requires_grad=False)
-    layer = FusedLinear.from_linear(linear)
+    layer = FusedLinear.from_linear(frozen_linear(i["W"]))
     for name in ("a", "b"):
         if kind == "lora":
             r = i[f"A_{name}"].shape[0]
@@ -154,8 +152,7 @@ def _peft_lora(i):
     import inspect
 
     N, K = i["W"].shape
-    base = nn.Linear(K, N, bias=False, device="meta")
-    base.weight = nn.Parameter(i["W"], requires_grad=False)
+    base = frozen_linear(i["W"])
     layers = {}
     for name in ("a", "b"):
         r = i[f"A_{name}"].shape[0]

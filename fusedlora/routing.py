@@ -402,7 +402,7 @@ def layer_forward(layer, x: Tensor, ids: Tensor, validate: bool = True, strict: 
     # slice of one device sort (no further sync); the torch backend selects them with
     # nonzero (syncs are fine there). Otherwise (validate=False, CUDA graphs, and
     # torch.compile) the delta is computed for all rows and masked: no host sync.
-    sorted_rows = counts is not None and not compiling
+    sorted_rows = counts is not None  # counted only by an eager validation
     gather = sorted_rows or (not compiling and select_backend(x.device) == "torch")
     order = None
     for slot, (name, kind) in enumerate(zip(tables.names, tables.kinds)):

@@ -166,3 +166,19 @@ def test_readme_block_summarises_a_run_and_is_replaced_in_place(tmp_path):
     # peft/fused: median of 0.050/0.005 = 10 and 0.300/0.200 = 1.5 -> 5.75; %roof median 70
     assert "| lora · fwd · bfloat16 | fused | 5.75 | 70% |" in text, text
     assert "(bench/results/run.md)" in text and "NVIDIA H200" in text
+
+
+def test_decode_sized_cases_are_the_ones_timed_by_graph():
+    sys.path.insert(0, str(ROOT))
+    import torch
+    from bench.harness import DECODE_ROWS, Case
+
+    def case(shape, device="cuda", graph=None):
+        return Case(path="p", variant="v", shape=shape, dtype=torch.float16, device=torch.device(device),
+                    make_inputs=dict, impls={}, work={}, graph=graph)
+
+    assert case({"M": DECODE_ROWS}).timed_by_graph() and case({"T": 1, "A": 8}).timed_by_graph()
+    assert not case({"M": DECODE_ROWS + 1}).timed_by_graph()
+    assert not case({"N": 4096, "K": 4096}).timed_by_graph()          # no rows (switch): never
+    assert not case({"M": 1}, device="cpu").timed_by_graph()           # graphs are CUDA's
+    assert not case({"M": 1}, graph=False).timed_by_graph() and case({"M": 4096}, graph=True).timed_by_graph()
