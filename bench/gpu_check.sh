@@ -51,6 +51,35 @@ if [ "$what" = tests ]; then
     echo "whole suite rc=$?" | tee -a "$LOG"
     grep -E "passed|failed|error" "$LOG" | tail -2
   fi
+elif [ "$what" = all ]; then
+  # One call for a 15-minute lease: the extension builds on its own cores while the
+  # Triton gpu tests run, then the extension's tests, then the benchmark until
+  # ${END:-560} s into the call (decode and the goal rows of C3A/sparse first).
+  step "CUDA extension build (background) + gpu tests without the extension"
+  ( timeout 200 python -c "from fusedlora import cuda_ext; m = cuda_ext.load(); print('extension:', m is not None, cuda_ext.status())" > "$OUT/build.txt" 2>&1 ) &
+  timeout 170 python -m pytest -m gpu -q -p no:cacheprovider -n 6 --timeout 120 --ignore tests/test_cuda_ext.py \
+    --junitxml="$OUT/gpu_tests.xml" >> "$LOG" 2>&1
+  echo "gpu tests rc=$?" | tee -a "$LOG"
+  wait; cat "$OUT/build.txt" >> "$LOG"; tail -3 "$OUT/build.txt"
+  step "extension tests"
+  timeout 90 python -m pytest -q -p no:cacheprovider -n 4 --timeout 60 tests/test_cuda_ext.py \
+    --junitxml="$OUT/ext_tests.xml" >> "$LOG" 2>&1
+  echo "extension tests rc=$?" | tee -a "$LOG"
+  grep -E "^(FAILED|ERROR)|passed|failed" "$LOG" | tail -25
+  left=$(( ${END:-560} - SECONDS ))
+  step "benchmark (${left}s)"
+  timeout "$left" python -m fusedlora bench --quick --report --budget $((left - 50)) --out "$OUT" \
+    --paths "${PATHS:-decode,c3a,sparse,switch,multi,lora}" 2>> "$LOG" | tee -a "$LOG" | tail -40
+elif [ "$what" = rest ]; then
+  # A second call on the still-warm machine: memcheck, then the paths the first left.
+  step "compute-sanitizer memcheck (CUDA extension)"
+  PATH="$CUDA_HOME/bin:$PATH" timeout 70 compute-sanitizer --tool memcheck --error-exitcode 3 \
+    python -m pytest -q -x -p no:cacheprovider tests/test_cuda_ext.py -k "decode or bgmv or c3a_and_sparse" >> "$LOG" 2>&1
+  echo "memcheck rc=$?" | tee -a "$LOG"
+  tail -4 "$LOG"
+  left=$(( ${END:-200} - SECONDS ))
+  [ "$left" -gt 40 ] && timeout "$left" python -m fusedlora bench --quick --report --budget $((left - 30)) --out "$OUT" \
+    --paths "${PATHS:-lora}" 2>> "$LOG" | tee -a "$LOG" | tail -30
 else
   step "quick benchmark report"
   timeout 520 python -m fusedlora bench --quick --report --budget 400 --out "$OUT" \
