@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
+import re
 import signal
 import sys
 import time
@@ -50,6 +51,10 @@ def load_path(name: str):
     return mod
 
 
+def case_label(case) -> str:
+    return f"{case.path} {case.variant} " + " ".join(f"{k}={v}" for k, v in case.shape.items())
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="bench", description="fusedlora microbenchmarks (see docs/benchmarks.md)")
     p.add_argument("--paths", default="all", help="comma list of adapter paths, e.g. lora (default: all found)")
@@ -64,6 +69,9 @@ def parse_args(argv):
     p.add_argument("--budget", type=float, default=None, metavar="SECONDS",
                    help="stop starting cases after this many seconds (and on SIGTERM) and write what was "
                         "measured, the cases left listed as not run: for leased GPU time")
+    p.add_argument("--first", action="append", default=[], metavar="REGEX",
+                   help="run the cases matching REGEX first (repeatable; matched against e.g. "
+                        "'c3a fwd M=4096 K=4096 N=4096 b=128'): the rows a short lease must not miss")
     p.add_argument("--report", action="store_true",
                    help="also draw the plots (PNG, needs matplotlib: pip install -e .[bench]) and link them "
                         "from the markdown report; shows a progress bar (tqdm if installed)")
@@ -136,6 +144,8 @@ def main(argv=None) -> int:
     env = harness.environment(device)
     ceilings = harness.measure_ceilings(device, opts.dtype, small=args.smoke)
     cases = [case for mod in mods for case in mod.cases(opts)]
+    if args.first:
+        cases.sort(key=lambda c: not any(re.search(rx, case_label(c)) for rx in args.first))  # stable
     progress, rows, left = Progress(len(cases), bar=args.report), [], []
     before = signal.signal(signal.SIGTERM, _stop)  # `timeout` kills with SIGTERM: keep what was measured
     deadline = None if args.budget is None else time.perf_counter() + args.budget

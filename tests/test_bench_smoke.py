@@ -93,6 +93,15 @@ def test_budget_writes_what_ran_and_lists_the_rest(tmp_path):
     assert "Not run (time budget or SIGTERM): 8 cases" in next(tmp_path.glob("*.md")).read_text()
 
 
+def test_first_runs_the_matching_cases_first(tmp_path):
+    run = subprocess.run([sys.executable, "bench/run.py", "--smoke", "--paths", "decode", "--budget", "0",
+                          "--first", "sparse .*M=16", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    left = next(tmp_path.glob("*.md")).read_text().split("Not run (time budget or SIGTERM): 8 cases: ")[1]
+    assert left.startswith("decode sparse 1% {'M': 16") and left.count("decode ") == 8
+
+
 def _row(variant, M, impl, ms, graph=None, ran=True):
     op = __import__("bench.decode", fromlist=["OPS"]).OPS[variant]
     row = {"path": "decode", "variant": variant, "shape": {"M": M, "K": 4096, "N": 4096}, "impl": impl,
