@@ -81,6 +81,31 @@ elif [ "$what" = all ]; then
     --first "^(c3a|sparse) fwd.*M=4096" --first "^switch" --first "^multi fwd r16" --first "^c3a fwd\+bwd M=4096" \
     --first "^decode (lora|multi) r16" \
     --paths "${PATHS:-c3a,sparse,switch,multi,decode,lora}" 2>> "$LOG" | tee -a "$LOG" | tail -40
+elif [ "$what" = final ]; then
+  # The lease's last minutes: builds of the extension probed in subprocesses (probe/,
+  # untracked) while the Triton gpu tests run (SIGINT: pytest still reports); then the
+  # extension's tests and the decode rows with the build that works.
+  step "extension variants (background); gpu tests without the extension"
+  ( timeout 200 python probe/probe2.py ) > "$OUT/probe.txt" 2>&1 &
+  timeout -s INT "${TEST_S:-135}" python -m pytest -m gpu -q -p no:cacheprovider -n 8 --timeout 100 --tb=short \
+    --durations=20 --ignore tests/test_cuda_ext.py --junitxml="$OUT/gpu_tests.xml" >> "$LOG" 2>&1
+  echo "gpu tests rc=$?" | tee -a "$LOG"
+  grep -E "^(FAILED|ERROR)|passed|failed" "$LOG" | tail -25
+  wait; cat "$OUT/probe.txt" >> "$LOG"; grep -E "^====" "$OUT/probe.txt"
+  ok=""
+  if [ -f /tmp/pv/works_new ]; then ok=jit
+  elif [ -f /tmp/pv/works_aot ]; then cp /tmp/pv/aot/fusedlora/_C*.so fusedlora/ && ok=aot; fi
+  if [ -n "$ok" ]; then
+    step "extension tests ($ok build)"
+    timeout -s INT 45 python -m pytest -q -p no:cacheprovider -n 8 --timeout 40 --tb=short tests/test_cuda_ext.py \
+      --junitxml="$OUT/ext_tests.xml" >> "$LOG" 2>&1
+    echo "extension tests rc=$?" | tee -a "$LOG"
+    grep -E "^(FAILED|ERROR)|passed|failed" "$LOG" | tail -8
+    left=$(( ${END:-255} - SECONDS ))
+    step "decode benchmark (${left}s)"
+    [ "$left" -gt 30 ] && timeout "$left" python -m fusedlora bench --quick --budget $((left - 20)) --out "$OUT" \
+      --first "lora r16 M=(1|16) " --first "multi r16 M=64" --paths decode 2>> "$LOG" | tee -a "$LOG" | tail -30
+  fi
 elif [ "$what" = rest ]; then
   # A second call on the still-warm machine: memcheck, then the paths the first left.
   step "compute-sanitizer memcheck (CUDA extension)"

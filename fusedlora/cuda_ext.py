@@ -76,7 +76,7 @@ def load(build: bool = True):
         try:
             _state["module"] = cpp_extension.load(
                 name="fusedlora_C", sources=_sources(), build_directory=str(build_dir),
-                extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-std=c++17"], verbose=False)
+                extra_cflags=["-O3"], extra_cuda_cflags=["-O3"], verbose=False)
             _state["error"] = None
         except Exception as e:  # the compiler's message is the useful part
             _state["error"] = f"build failed: {type(e).__name__}: {str(e)[-2000:]}"
