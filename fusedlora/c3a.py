@@ -97,7 +97,11 @@ def _c3a_matmul(a: Tensor, b: Tensor, w: Tensor, *, reduce_in: bool, in_features
     if M == 0 or N == 0:
         c = torch.zeros((M, N), device=a.device, dtype=torch.float32)
         return (c + bias.float() if bias is not None else c).to(out_dtype)
-    plan = _small_plan(M, N, K, a.device, a.dtype.itemsize)
+    exact = a.dtype.itemsize == 2
+    # The exact delta streams a second B-sized operand (the circulant tile) through
+    # shared memory: plan its depth as for 4-byte operands, or a narrow 16-bit plan
+    # (BLOCK_K 128, 3 stages) needs ~300 KB, over a Hopper SM's 227 KB.
+    plan = _small_plan(M, N, K, a.device, 2 * a.dtype.itemsize if exact else a.dtype.itemsize)
     c = gemm_output(M, N, plan, out_dtype, a.device)
     args = (
         a, b, c, bias if bias is not None else c, w,
@@ -105,7 +109,7 @@ def _c3a_matmul(a: Tensor, b: Tensor, w: Tensor, *, reduce_in: bool, in_features
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         w.stride(0), w.stride(1), w.stride(2), 1.0 / in_features,
     )
-    flags = dict(HAS_BIAS=bias is not None, REDUCE_IN=reduce_in, EXACT_DELTA=a.dtype.itemsize == 2,
+    flags = dict(HAS_BIAS=bias is not None, REDUCE_IN=reduce_in, EXACT_DELTA=exact,
                  DOT_DTYPE=_tl_dtype(a.dtype), INPUT_PRECISION=_input_precision(a.dtype))
     launch_gemm(c3a_matmul_kernel, lambda: _tuned("matmul"), plan, M, N, args, flags, tag)
     return c if c.dtype == out_dtype else c.to(out_dtype)

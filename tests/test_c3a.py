@@ -299,12 +299,16 @@ def test_fp16_keeps_the_adapter_term_below_the_weights_rounding_step(triton_back
                          ids=lambda s: "M{}_K{}_N{}_b{}".format(*s))
 def test_gpu_large(triton_backend, shape, dtype):
     check_against_reference(make_inputs(*shape, dtype))
-    M, K, N, b = shape
-    inp = cancelling_inputs(M, K, N, b, dtype)  # the adapter's own term, not hidden in x W^T
-    with torch.no_grad():
-        y = c3a_linear(*(inp[n] for n in NAMES))
-    ref = reference.c3a_linear(*(inp[n].double() if inp[n] is not None else None for n in NAMES))
-    assert rel_err(y, ref) < TOL[dtype]
+    if dtype.itemsize == 2:
+        # The adapter's own term, not hidden in x W^T: the 16-bit rounding step of W is
+        # what this guards. (In fp32 the cancelled x W^T leaves ~eps*|x||W| of rounding,
+        # on the H200 ~5e-4 of the tiny y: a bound on arithmetic, not on the kernel.)
+        M, K, N, b = shape
+        inp = cancelling_inputs(M, K, N, b, dtype)
+        with torch.no_grad():
+            y = c3a_linear(*(inp[n] for n in NAMES))
+        ref = reference.c3a_linear(*(inp[n].double() if inp[n] is not None else None for n in NAMES))
+        assert rel_err(y, ref) < TOL[dtype]
     assert not any(":torch:" in k for k in dispatched("c3a."))
 
 

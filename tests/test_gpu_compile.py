@@ -88,6 +88,18 @@ def planned(M, N, K, elem_bytes, **consts):
     return lora(**{**plan, **consts}), warps, stages
 
 
+def planned_c3a(M, N, K, dtype_bytes, **consts):
+    """The plan fusedlora.c3a picks for a narrow product (dx of a layer with few
+    in_features): with the exact 16-bit delta it streams two B-sized operands."""
+    import torch
+
+    from fusedlora.launch import _small_plan
+
+    plan = dict(_small_plan(M, N, K, torch.device("cpu"), 2 * dtype_bytes if dtype_bytes == 2 else dtype_bytes))
+    warps, stages = plan.pop("num_warps"), plan.pop("num_stages")
+    return gemm(**{**plan, **consts}), warps, stages
+
+
 def variants():
     """name: (kernel, arch, operand dtype, output dtype, constexprs, warps, stages, tensor-core op)."""
     import triton.language as tl
@@ -101,6 +113,8 @@ def variants():
     decode = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1)
     f32_dA, w_dA, s_dA = planned(128, 4096, 4096, 4, **f32, DROP_B=True)
     f32_shrink, w_sh, s_sh = planned(4096, 128, 4096, 4, DOT_DTYPE=tl.float32)
+    c3a_dx, w_dx, s_dx = planned_c3a(1000, 96, 160, 2, DOT_DTYPE=tl.float16, HAS_BIAS=False, REDUCE_IN=False,
+                                     EXACT_DELTA=True)
     return {
         # LoRA forward GEMM with bias and the rank-r epilogue, the largest autotune tile
         "lora-sm90-bf16-forward": (lora_matmul_kernel, 90, "bf16", "bf16",
@@ -127,6 +141,9 @@ def variants():
                                   gemm(HAS_BIAS=True, REDUCE_IN=True, EXACT_DELTA=True), 8, 3, "wgmma"),
         "c3a-sm90-bf16-grad-x": (c3a_matmul_kernel, 90, "bf16", "bf16",
                                  gemm(HAS_BIAS=False, REDUCE_IN=False, EXACT_DELTA=True), 8, 3, "wgmma"),
+        # the narrow plan (dx, in_features <= 128) that overflowed shared memory on an H200
+        "c3a-sm80-fp16-plan-grad-x-narrow": (c3a_matmul_kernel, 80, "fp16", "fp16", c3a_dx, w_dx, s_dx, "mma.sync"),
+        "c3a-sm90-fp16-plan-grad-x-narrow": (c3a_matmul_kernel, 90, "fp16", "fp16", c3a_dx, w_dx, s_dx, "mma"),
         "c3a-sm90-bf16-decode": (c3a_matmul_kernel, 90, "bf16", "fp32",
                                  gemm(HAS_BIAS=True, REDUCE_IN=True, EXACT_DELTA=True, SPLIT_K=4, **decode), 4, 3, "mma"),
         "c3a-sm90-bf16-grad-kernel": (c3a_kernel_grad_kernel, 90, "bf16", "fp32", gemm(BLOCK_M=64, BLOCK_N=64),
@@ -187,7 +204,8 @@ def compiled():
 
 NAMES = ["lora-sm80-fp32-plan-grad-A", "lora-sm80-tf32-plan-shrink", "lora-sm90-bf16-forward", "lora-sm90-bf16-grad-x", "lora-sm90-bf16-decode", "lora-sm90-fp16-shrink",
          "lora-sm80-fp16-forward", "lora-sm80-fp32-ieee-grad-A", "c3a-sm90-bf16-forward", "c3a-sm90-bf16-grad-x",
-         "c3a-sm90-bf16-decode", "c3a-sm90-bf16-grad-kernel", "sparse-sm90-bf16-forward",
+         "c3a-sm90-bf16-decode", "c3a-sm90-bf16-grad-kernel", "c3a-sm80-fp16-plan-grad-x-narrow",
+         "c3a-sm90-fp16-plan-grad-x-narrow", "sparse-sm90-bf16-forward",
          "sparse-sm90-bf16-decode", "sparse-sm90-bf16-sddmm", "multi-sm90-bf16-forward-sgmv",
          "multi-sm90-bf16-decode-bgmv", "multi-sm80-fp16-grad-x-sgmv", "multi-sm90-bf16-shrink-sgmv",
          "multi-sm90-bf16-shrink-bgmv", "multi-sm90-bf16-grad-grouped"]
