@@ -66,7 +66,11 @@ def _by_shape(grp: List[dict]) -> Dict[tuple, Dict[str, dict]]:
 
 
 def _ref(grp: List[dict]) -> str:
-    return grp[0].get("ref") or grp[0].get("_meta", {}).get("ref", "fused")
+    """The group's declared reference, or, where none of its rows ran (the CUDA
+    extension missing on that machine, say), the first implementation that did."""
+    ref = grp[0].get("ref") or grp[0].get("_meta", {}).get("ref", "fused")
+    ran = [r["impl"] for r in grp if r.get("status") == "ok"]
+    return ref if ref in ran or not ran else ran[0]
 
 
 def _roof_impls(grp: List[dict]) -> List[str]:

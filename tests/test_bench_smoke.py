@@ -191,3 +191,13 @@ def test_decode_sized_cases_are_the_ones_timed_by_graph():
     assert not case({"N": 4096, "K": 4096}).timed_by_graph()          # no rows (switch): never
     assert not case({"M": 1}, device="cpu").timed_by_graph()           # graphs are CUDA's
     assert not case({"M": 1}, graph=False).timed_by_graph() and case({"M": 4096}, graph=True).timed_by_graph()
+
+
+def test_report_reference_falls_back_to_an_implementation_that_ran():
+    sys.path.insert(0, str(ROOT))
+    from bench.report import _ref
+
+    rows = [{"impl": "cuda", "ref": "cuda", "status": "error"}, {"impl": "triton", "ref": "cuda", "status": "ok"},
+            {"impl": "base", "ref": "cuda", "status": "ok"}]
+    assert _ref(rows) == "triton"
+    assert _ref([{**r, "status": "ok"} for r in rows]) == "cuda"
