@@ -56,6 +56,7 @@ class FusedLinear(nn.Linear):
         self.sparse_indices = _BufferDict()
         self.sparse_scaling: dict = {}
         self._sparse_layout: dict = {}
+        self._sparse_saved: dict = {}   # name -> sparse.SavedEntries while merged
         self._kind: dict = {}  # name -> "lora" | "c3a" | "sparse", in the order added
         self._active: List[str] = []
         self.merged_adapters: List[str] = []
@@ -229,8 +230,20 @@ class FusedLinear(nn.Linear):
     @torch.no_grad()
     def _add_delta(self, name: str, sign: float) -> None:
         if self._kind[name] == "sparse":  # O(nnz) in place: no dense delta
-            sparse_ops.scatter_merge_(self.weight, self.sparse_indices[name], self.sparse_values[name],
-                                      self.sparse_scaling[name], sign=int(sign), validate=False)
+            values, scaling = self.sparse_values[name], self.sparse_scaling[name]
+            saved = self._sparse_saved.pop(name, None)
+            if sign < 0 and saved is not None:
+                exact = sparse_ops.unmerge_saved_(self.weight, saved, values, scaling)
+                record("sparse.unmerge", "torch", "restore" if exact else "subtract")
+            elif sign > 0 and self.weight.is_contiguous():
+                # The overwritten entries are kept (nnz of them), so that unmerging
+                # restores W bit for bit: no drift over any number of switches.
+                idx = self.sparse_indices[name].to(self.weight.device)
+                flat = idx[0].long() * self.in_features + idx[1].long()
+                self._sparse_saved[name] = sparse_ops.merge_saving_(self.weight, flat, values, scaling)
+            else:
+                sparse_ops.scatter_merge_(self.weight, self.sparse_indices[name], values, scaling,
+                                          sign=int(sign), validate=False)
             return
         A, B = (self.lora_A[name], self.lora_B[name]) if self._kind[name] == "lora" else (None, None)
         if A is not None and A.dtype == B.dtype == self.weight.dtype and A.device == self.weight.device:

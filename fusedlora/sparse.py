@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -495,6 +495,40 @@ def scatter_merge_(weight: Tensor, indices: Tensor, values: Tensor, scaling: flo
     else:
         weight.index_put_((rows, cols), delta, accumulate=True)
     return weight
+
+
+class SavedEntries(NamedTuple):
+    """What ``merge_saving_`` overwrote: W's entries at the adapter's flat indices, and
+    W's version counter right after the merge (any later in-place change bumps it)."""
+    flat: Tensor
+    values: Tensor
+    version: int
+
+
+@torch.no_grad()
+def merge_saving_(weight: Tensor, flat: Tensor, values: Tensor, scaling: float) -> SavedEntries:
+    """W[i] = round(W[i] + scaling * v) at the flat indices ``flat`` (distinct, in range:
+    checked by the caller), keeping the entries it overwrites. Three O(nnz) kernels
+    (gather, add, scatter), one rounding from float32, no atomics."""
+    w = weight.view(-1)
+    saved = w[flat]
+    dt = torch.promote_types(values.dtype, torch.float32)
+    w.index_put_((flat,), (saved.to(dt) + values.to(dt) * scaling).to(weight.dtype))
+    return SavedEntries(flat, saved, weight._version)
+
+
+@torch.no_grad()
+def unmerge_saved_(weight: Tensor, saved: SavedEntries, values: Tensor, scaling: float) -> bool:
+    """Undo ``merge_saving_``: put the saved entries back, bit for bit, when W has not
+    been changed in place since (its version counter says); otherwise subtract the
+    delta, keeping those changes. True when the entries were restored exactly."""
+    w = weight.view(-1)
+    if weight._version == saved.version and saved.values.device == weight.device:
+        w.index_copy_(0, saved.flat, saved.values)
+        return True
+    dt = torch.promote_types(values.dtype, torch.float32)
+    w.index_add_(0, saved.flat.to(weight.device), (values.to(dt) * -scaling).to(weight.dtype).to(weight.device))
+    return False
 
 
 def scatter_switch_(weight: Tensor, old: Optional[Sequence], new: Optional[Sequence],

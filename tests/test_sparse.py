@@ -196,6 +196,42 @@ def test_scatter_merge_roundtrip_and_switch(triton_backend):
     assert p.requires_grad and (p.detach() - w0).abs().max() > 0
 
 
+def test_module_switch_restores_the_weight_bit_for_bit(torch_backend):
+    """switch_merged keeps the entries a merge overwrites: in bf16, where adding and
+    subtracting a delta drifts, W is exactly the original after any number of switches."""
+    torch.manual_seed(12)
+    N, K = 40, 56
+    layer = fusedlora.FusedLinear(K, N, dtype=torch.bfloat16)
+    w0 = layer.weight.detach().clone()
+    ia, ib = random_indices((N, K), density=0.05, seed=3), random_indices((N, K), density=0.04, seed=4)
+    layer.add_sparse("a", ia, torch.randn(ia.shape[1]) * 0.37, scaling=0.9)
+    layer.add_sparse("b", ib, torch.randn(ib.shape[1]) * 1.3, scaling=2.0)
+    for _ in range(25):
+        layer.switch_merged("a")
+        layer.switch_merged("b")
+    flat = ib[0] * K + ib[1]
+    want = w0.view(-1).clone()
+    want[flat] = (w0.view(-1)[flat].float() + layer.sparse_values["b"].detach().float() * 2.0).to(torch.bfloat16)
+    assert torch.equal(layer.weight.detach().view(-1), want)  # one rounding from float32
+    layer.unmerge()
+    assert torch.equal(layer.weight.detach(), w0)
+    assert dispatched("sparse.unmerge") == {"sparse.unmerge:torch:restore": 50}
+
+
+def test_module_unmerge_keeps_changes_made_to_a_merged_weight(torch_backend):
+    torch.manual_seed(13)
+    layer = fusedlora.FusedLinear(24, 16)
+    w0 = layer.weight.detach().clone()
+    idx = random_indices((16, 24), density=0.1, seed=5)
+    layer.add_sparse("a", idx, torch.randn(idx.shape[1]), scaling=0.5)
+    layer.merge(["a"])
+    with torch.no_grad():
+        layer.weight.add_(1.0)  # trained or edited while merged: unmerge must not undo it
+    layer.unmerge()
+    assert (layer.weight.detach() - (w0 + 1.0)).abs().max() < 1e-6
+    assert dispatched("sparse.unmerge") == {"sparse.unmerge:torch:subtract": 1}
+
+
 # ----------------------------------------------------------------- PEFT
 @pytest.mark.filterwarnings("ignore:Sparse invariant checks")
 def test_matches_peft_shira_layer(triton_backend):
