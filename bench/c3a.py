@@ -1,7 +1,10 @@
 """C3A rows: fused ``fusedlora.c3a.c3a_linear`` against the ways people run C3A today.
 
 Implementations, all timed on the same random input sets:
-  fused    fusedlora.c3a.c3a_linear (the circulant delta folded into the base GEMM)
+  fused    fusedlora.c3a.c3a_linear on the Triton kernels (use_backend("triton"): the circulant
+           delta folded into the base GEMM)
+  auto     the same call as users make it: fusedlora's default dispatch (backend.EAGER_WINS
+           sends C3A to the eager composition on CUDA, the reference on the CPU)
   base     F.linear(x, W, b) alone: the floor the adapter's cost is measured from
   eager    PEFT's algorithm: F.linear plus the block-circular FFT path
            (fusedlora.reference.c3a_fft_delta: ifft(x) * fft(w), fft, real part, / K, in float32)
@@ -19,7 +22,7 @@ from torch import nn
 from fusedlora import reference
 from fusedlora.c3a import c3a_linear, init_c3a_kernel
 
-from .harness import (frozen_linear, Case, Options, Skip, compiled, elem_size,
+from .harness import (frozen_linear, Case, Options, Skip, compiled, elem_size, on_backend,
                       grad_thunk, matmul_flops, numel_bytes, random_maker)
 
 PATH = "c3a"
@@ -75,8 +78,12 @@ def eager(x, W, bias, kernel):
     return F.linear(x, W, bias) + reference.c3a_fft_delta(x, kernel).to(x.dtype)
 
 
-def _fused(i):
+def _auto(i):
     return grad_thunk(lambda: c3a_linear(i["x"], i["W"], i["b"], i["kernel"]), i, [i["x"], i["kernel"]])
+
+
+def _fused(i):
+    return on_backend("triton", _auto(i))
 
 
 def _base(i):
@@ -111,6 +118,6 @@ def cases(opts: Options):
             c3a_work, base_work = work(s, variant, elem)
             yield Case(path=PATH, variant=variant, shape=s, dtype=opts.dtype, device=opts.device,
                        make_inputs=lambda s=s, v=variant: _inputs(s, v, opts.device, opts.dtype),
-                       impls={"fused": _fused, "base": _base, "eager": _eager,
+                       impls={"fused": _fused, "auto": _auto, "base": _base, "eager": _eager,
                               "compile": compiled(eager, lambda fn, i: _eager(i, fn)), "peft": _peft},
                        work={"*": c3a_work, "base": base_work}, ref="fused", roof_impls=("fused", "base"))

@@ -155,6 +155,14 @@ def grad_thunk(forward: Callable[[], torch.Tensor], inputs: Dict[str, Any],
     return lambda: torch.autograd.grad(forward(), wrt, gy)
 
 
+def on_backend(name: str, thunk: Callable[[], Any]) -> Callable[[], Any]:
+    """``thunk`` run under fusedlora.use_backend(name), its backward included."""
+    def run():
+        with fusedlora.use_backend(name):
+            return thunk()
+    return run
+
+
 def compiled(fn: Callable, make_thunk: Callable[[Callable, Dict[str, Any]], Callable[[], Any]]):
     """Setup of a ``torch.compile(fn, dynamic=False)`` implementation, compiled
     once per case: ``make_thunk(compiled_fn, inputs)`` builds the thunk.

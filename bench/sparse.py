@@ -1,7 +1,10 @@
 """Sparse-delta (SHiRA) rows: fused ``fusedlora.sparse.sparse_linear`` against the ways people run it today.
 
 Implementations, all timed on the same random input sets:
-  fused    fusedlora.sparse.sparse_linear with the layout that build_layout made
+  fused    fusedlora.sparse.sparse_linear with the layout that build_layout made, on the
+           Triton kernels (use_backend("triton"))
+  auto     the same call under fusedlora's default dispatch (backend.EAGER_WINS sends
+           sparse to the dense composition on CUDA, the reference on the CPU)
            when the adapter was added (as FusedLinear does): no per-call layout work
   base     F.linear(x, W, b) alone: the floor the adapter's cost is measured from
   eager    PEFT's SHiRA algorithm: clone W, add the torch.sparse_coo_tensor of
@@ -30,7 +33,7 @@ from torch import nn
 
 from fusedlora.sparse import build_layout, random_indices, shira_num_nonzeros, sparse_linear
 
-from .harness import (frozen_linear, Case, Options, Skip, compiled, elem_size,
+from .harness import (frozen_linear, Case, Options, Skip, compiled, elem_size, on_backend,
                       grad_thunk, matmul_flops, numel_bytes, random_maker)
 
 # PEFT's SHiRA builds a torch.sparse_coo_tensor per call; torch warns about it every time.
@@ -107,9 +110,13 @@ def eager_traceable(x, W, bias, indices, values, scaling: float):
     return F.linear(x, new_weight, bias)
 
 
-def _fused(i):
+def _auto(i):
     return grad_thunk(lambda: sparse_linear(i["x"], i["W"], i["b"], None, i["values"], SCALING, layout=i["layout"]),
                       i, [i["x"], i["values"]])
+
+
+def _fused(i):
+    return on_backend("triton", _auto(i))
 
 
 def _base(i):
@@ -158,6 +165,6 @@ def cases(opts: Options):
             yield Case(path=PATH, variant=variant, shape=s, dtype=opts.dtype, device=opts.device,
                        make_inputs=lambda s=s, v=variant, seeds=seeds: _inputs(s, v, opts.device, opts.dtype,
                                                                                next(seeds)),
-                       impls={"fused": _fused, "base": _base, "eager": _eager,
+                       impls={"fused": _fused, "auto": _auto, "base": _base, "eager": _eager,
                               "compile": compiled(eager_traceable, lambda fn, i: _eager(i, fn)), "peft": _peft},
                        work={"*": sparse_work, "base": base_work}, ref="fused", roof_impls=("fused", "base"))

@@ -7,6 +7,10 @@
           (forwards of 1..16 rows without dropout: LoRA, multi-adapter, C3A, sparse);
           Triton for the rest, recorded as such
   torch   the plain-PyTorch path of fusedlora.reference
+  eager   the plain-PyTorch compositions that a GPU run measured faster than the
+          Triton kernels (EAGER_WINS: sparse, W + delta materialised then cuBLAS; C3A,
+          cuBLAS plus PEFT's FFT delta), the reference path for the other ops;
+          auto picks it for the ops in EAGER_WINS
 ``use_backend(name)`` overrides the variable for the calls in its scope (the
 benchmarks time each backend this way). Nothing falls back silently: every launch is counted in ``backend_info()["dispatch"]``.
 """
@@ -20,7 +24,7 @@ from typing import Optional
 
 import torch
 
-BACKENDS = ("auto", "triton", "cuda", "torch")
+BACKENDS = ("auto", "triton", "cuda", "torch", "eager")
 _dispatch = collections.Counter()
 _lock = threading.Lock()
 
@@ -68,6 +72,14 @@ def use_backend(name: str):
 # run on Triton. Empty until a GPU run has measured it (docs/cuda.md).
 CUDA_WINS: dict = {}
 
+# Auto mode's use of the eager compositions, from GPU measurements: op -> where it
+# was measured. On an H200 (bench/results/2026-11-27_h200, bf16, 4096x4096, rows 1
+# and 4096, forward and forward+backward) PEFT's algorithms beat the fused Triton
+# kernels at every shape: sparse 2.3-17x, C3A 1.1-3.5x. The kernels stay one
+# FUSEDLORA_BACKEND=triton away; a later run that shows them winning removes the op.
+EAGER_OPS = ("sparse.forward", "sparse.backward", "c3a.forward", "c3a.backward")  # ops with a composition
+EAGER_WINS: dict = {op: "bench/results/2026-11-27_h200" for op in EAGER_OPS}
+
 
 def select_backend(device: torch.device, op: Optional[str] = None, rows: int = 0) -> str:
     """The backend that runs ``op`` on ``rows`` rows of tensors on ``device``; raises
@@ -78,6 +90,8 @@ def select_backend(device: torch.device, op: Optional[str] = None, rows: int = 0
             if triton_version() is None:
                 raise RuntimeError("fusedlora: CUDA tensors need Triton, which is not importable; "
                                    "set FUSEDLORA_BACKEND=torch to run the reference path")
+            if op in EAGER_WINS:
+                return "eager"
             if op in CUDA_WINS and 0 < rows <= CUDA_WINS[op]:
                 from . import cuda_ext
 
@@ -102,7 +116,9 @@ def select_backend(device: torch.device, op: Optional[str] = None, rows: int = 0
             raise RuntimeError(f"FUSEDLORA_BACKEND=cuda: the CUDA extension is unavailable: "
                                f"{cuda_ext.status()['reason']}")
         return "cuda"
-    return "torch"
+    if name == "eager" and op not in EAGER_OPS:
+        return "torch"
+    return name  # torch or eager
 
 
 def record(op: str, backend: str, variant: str) -> None:

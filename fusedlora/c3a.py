@@ -21,6 +21,7 @@ import math
 from typing import List, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
@@ -158,6 +159,32 @@ def c3a_kernel_grad(grad_y: Tensor, x: Tensor, c3a_kernel: Tensor, tag: str = "c
     return dw.to(c3a_kernel.dtype).contiguous()
 
 
+def _fft_grads(grad_y: Tensor, x: Tensor, weight: Tensor, c3a_kernel: Tensor, needs: List[bool]) -> List[Tensor]:
+    """Gradients of F.linear + PEFT's FFT delta: cuBLAS for the base terms, and for the
+    delta the block-circulant identities in the frequency domain (a custom op's body
+    records no autograd graph, so they are written out):
+      dx_n = Re IFFT(sum_m FFT(dy_m) FFT(w_mn)) / K          (circular convolution)
+      dw_mn = Re IFFT(sum_rows conj(FFT(dy_m)) FFT(x_n)) / K (circular correlation)"""
+    need_x, need_w, need_b, need_k = needs
+    nb_out, nb_in, b = c3a_kernel.shape
+    K = x.shape[-1]
+    dt = torch.promote_types(torch.promote_types(x.dtype, c3a_kernel.dtype), torch.float32)
+    dx, dW, db, dk = (grad_y.new_empty(0) for _ in range(4))
+    if need_x or need_k:
+        gy = torch.fft.fft(grad_y.to(dt).reshape(-1, nb_out, b))
+    if need_x:
+        conv = torch.einsum("rmf,mnf->rnf", gy, torch.fft.fft(c3a_kernel.to(dt)))
+        dx = ((grad_y @ weight).to(dt) + torch.fft.ifft(conv).real.reshape(-1, K) / K).to(x.dtype)
+    if need_k:
+        corr = torch.einsum("rmf,rnf->mnf", gy.conj(), torch.fft.fft(x.to(dt).reshape(-1, nb_in, b)))
+        dk = (torch.fft.ifft(corr).real / K).to(c3a_kernel.dtype)
+    if need_w:
+        dW = (grad_y.t() @ x).to(weight.dtype)
+    if need_b:
+        db = grad_y.sum(0, dtype=torch.float32).to(x.dtype)
+    return [dx, dW, db, dk]
+
+
 # ----------------------------------------------------------------- custom ops
 @torch.library.custom_op("fusedlora::c3a_linear", mutates_args=())
 def _c3a_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], c3a_kernel: Tensor) -> Tensor:
@@ -166,6 +193,9 @@ def _c3a_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], c3a_kernel: 
     if backend == "torch":
         record("c3a.forward", "torch", "reference")
         return reference.c3a_linear(x, weight, bias, c3a_kernel)
+    if backend == "eager":
+        record("c3a.forward", "eager", "fft")
+        return F.linear(x, weight, bias) + reference.c3a_fft_delta(x, c3a_kernel).to(x.dtype)
     if backend == "cuda" and 0 < x.shape[0] <= 16:
         from .cuda_ext import load
 
@@ -186,12 +216,15 @@ def _c3a_backward(grad_y: Tensor, x: Tensor, weight: Tensor, c3a_kernel: Tensor,
                   needs: List[bool]) -> List[Tensor]:
     """(dx, dW, db, dw); an empty tensor stands for a gradient not asked for."""
     need_x, need_w, need_b, need_k = needs
-    backend = select_backend(x.device)
+    backend = select_backend(x.device, "c3a.backward")
     if backend == "torch":
         grads = reference.c3a_linear_grads(grad_y, x, weight, c3a_kernel)
         record("c3a.backward", "torch", "reference")
         return [g.to(t.dtype) if n else grad_y.new_empty(0)
                 for g, t, n in zip(grads, (x, weight, grad_y, c3a_kernel), needs)]
+    if backend == "eager":
+        record("c3a.backward", "eager", "fft")
+        return _fft_grads(grad_y, x, weight, c3a_kernel, needs)
     _triton_dtype_ok(x)
     from .launch import matmul
 

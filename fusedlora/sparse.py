@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
@@ -374,6 +375,37 @@ def _row_csr(rows: Tensor, cols: Tensor, perm: Tensor, n_rows: int):
     return hit
 
 
+def _dense_weight(weight: Tensor, rows: Tensor, cols: Tensor, perm: Tensor, values: Tensor,
+                  scaling: float) -> Tensor:
+    """W + scaling * S in W's dtype, as PEFT's SHiRA layer forms it: a copy of W and one
+    scatter of the (distinct, checked) nonzeros; the layout's order needs no undoing."""
+    w = weight.detach().clone(memory_format=torch.contiguous_format)
+    delta = (values.detach()[perm.long()] * scaling).to(w.dtype)
+    w.view(-1).index_add_(0, rows.long() * weight.shape[1] + cols.long(), delta)
+    return w
+
+
+def _dense_grads(grad_y: Tensor, x: Tensor, weight: Tensor, values: Tensor, rows: Tensor, cols: Tensor,
+                 perm: Tensor, scaling: float, needs: List[bool]) -> List[Tensor]:
+    """cuBLAS for dx (through W + S, formed again) and for dY^T X, whose entries at the
+    nonzeros are the value gradient: an N x K temporary, traded for a GEMM's speed."""
+    need_x, need_w, need_b, need_v = needs
+    dx, dW, db, dv = (grad_y.new_empty(0) for _ in range(4))
+    if need_x:
+        dx = grad_y @ _dense_weight(weight, rows, cols, perm, values, scaling)
+    if need_w or need_v:
+        g = grad_y.t() @ x
+        if need_w:
+            dW = g.to(weight.dtype)
+        if need_v:
+            flat = rows.long() * weight.shape[1] + cols.long()
+            dv = torch.empty_like(values)
+            dv[perm.long()] = (g.view(-1)[flat].float() * scaling).to(values.dtype)
+    if need_b:
+        db = grad_y.sum(0, dtype=torch.float32).to(x.dtype)
+    return [dx, dW, db, dv]
+
+
 # ---------------------------------------------------------------- custom ops
 @torch.library.custom_op("fusedlora::sparse_linear", mutates_args=())
 def _sparse_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], values: Tensor, offsets: Tensor,
@@ -383,6 +415,9 @@ def _sparse_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], values: T
     if backend == "torch":
         record("sparse.forward", "torch", "reference")
         return reference.sparse_linear(x, weight, bias, _user_indices(rows, cols, perm), values, scaling)
+    if backend == "eager":
+        record("sparse.forward", "eager", "dense")
+        return F.linear(x, _dense_weight(weight, rows, cols, perm, values, scaling), bias)
     if backend == "cuda" and 0 < x.shape[0] <= 16:
         from .cuda_ext import load
 
@@ -404,11 +439,14 @@ def _sparse_backward(grad_y: Tensor, x: Tensor, weight: Tensor, values: Tensor, 
                      cols: Tensor, perm: Tensor, scaling: float, tile: int, needs: List[bool]) -> List[Tensor]:
     """(dx, dW, db, d_values); an empty tensor stands for a gradient not asked for."""
     need_x, need_w, need_b, need_v = needs
-    backend = select_backend(x.device)
+    backend = select_backend(x.device, "sparse.backward")
     if backend == "torch":
         grads = reference.sparse_linear_grads(grad_y, x, weight, _user_indices(rows, cols, perm), values, scaling)
         record("sparse.backward", "torch", "reference")
         return [g if n else grad_y.new_empty(0) for g, n in zip(grads, needs)]
+    if backend == "eager":
+        record("sparse.backward", "eager", "dense")
+        return _dense_grads(grad_y, x, weight, values, rows, cols, perm, scaling, needs)
     _triton_dtypes_ok(x, values)
     from .launch import matmul
 

@@ -155,6 +155,19 @@ def test_torch_backend_float64(monkeypatch):
     assert set(dispatched("c3a.")) == {"c3a.forward:torch:reference", "c3a.backward:torch:reference"}
 
 
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=lambda s: "M{}_K{}_N{}_b{}".format(*s))
+def test_eager_backend_matches_reference(monkeypatch, shape):
+    """The FFT composition auto runs on CUDA (backend.EAGER_WINS): every gradient, 3-D x."""
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "eager")
+    fusedlora.reset_dispatch()
+    check_against_reference(make_inputs(*shape, torch.float32))
+    M, K, N, b = shape
+    check_against_reference(make_inputs(0, K, N, b, torch.float32, lead=(2, 3)))
+    inp = make_inputs(M, K, N, b, torch.float64, kernel_dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda *t: c3a_linear(*t), tuple(inp[n] for n in NAMES))
+    assert set(dispatched("c3a.")) == {"c3a.forward:eager:fft", "c3a.backward:eager:fft"}
+
+
 def test_custom_op_registration(monkeypatch):
     """Schema, fake impl and autograd registration (torch backend: fast)."""
     monkeypatch.setenv("FUSEDLORA_BACKEND", "torch")

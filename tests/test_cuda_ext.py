@@ -238,12 +238,32 @@ def test_auto_uses_the_cuda_kernels_only_where_measured(ext, monkeypatch):
     monkeypatch.setitem(backend.CUDA_WINS, "lora.forward", 16)
     assert backend.select_backend(cuda, "lora.forward", 4) == "cuda"
     assert backend.select_backend(cuda, "lora.forward", 17) == "triton"
-    assert backend.select_backend(cuda, "c3a.forward", 4) == "triton"
+    assert backend.select_backend(cuda, "multi.forward", 4) == "triton"
     monkeypatch.setenv("FUSEDLORA_BUILD_EXT", "0")
     monkeypatch.setitem(cuda_ext._state, "module", None)
     fusedlora.reset_dispatch()
     assert backend.select_backend(cuda, "lora.forward", 4) == "triton"
     assert dispatched() == {"lora.forward:triton:no-cuda-extension": 1}
+
+
+def test_auto_runs_the_eager_compositions_where_they_measured_faster(monkeypatch):
+    """backend.EAGER_WINS (from the H200 run): sparse and C3A go to their PyTorch
+    compositions on CUDA; an op taken out of the table goes back to Triton; asking for
+    eager gives the reference path to ops that have no composition."""
+    from fusedlora import backend
+
+    monkeypatch.delenv("FUSEDLORA_BACKEND", raising=False)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    for op in ("sparse.forward", "sparse.backward", "c3a.forward", "c3a.backward"):
+        assert backend.select_backend(cuda, op, 4096) == "eager", op
+        assert backend.select_backend(cpu, op, 4096) == "torch", op
+    assert backend.select_backend(cuda, "lora.forward", 4096) == "triton"
+    monkeypatch.delitem(backend.EAGER_WINS, "sparse.forward")
+    assert backend.select_backend(cuda, "sparse.forward", 4096) == "triton"
+    with fusedlora.use_backend("eager"):
+        assert backend.select_backend(cpu, "sparse.forward", 8) == "eager"
+        assert backend.select_backend(cpu, "lora.forward", 8) == "torch"
+        assert backend.select_backend(cpu) == "torch"
 
 
 def test_use_backend_overrides_the_variable_in_its_scope(monkeypatch):

@@ -278,6 +278,25 @@ def test_torch_backend_float64(monkeypatch):
     assert set(dispatched()) == {"sparse.forward:torch:reference", "sparse.backward:torch:reference"}
 
 
+@pytest.mark.parametrize("M,N,K,density", [(6, 9, 13, 0.2), (37, 40, 24, 0.05)])
+def test_eager_backend_matches_reference(monkeypatch, M, N, K, density):
+    """The dense composition auto runs on CUDA (backend.EAGER_WINS): every gradient,
+    3-D and non-contiguous x, a transposed weight."""
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "eager")
+    fusedlora.reset_dispatch()
+    torch.manual_seed(21)
+    idx = random_indices((N, K), density=density, seed=7)
+    check_against_reference(make_inputs(M, N, K, torch.float32, idx), idx, 0.75)
+    check_against_reference(make_inputs(M, N, K, torch.float32, idx, x_shape=(2, M, K)), idx, 1.5)
+    inp = make_inputs(M, N, K, torch.float32, idx)
+    inp["weight"] = inp["weight"].t().contiguous().t()  # column-major W
+    check_against_reference(inp, idx, 0.5, x_view=lambda t: t.t().contiguous().t())
+    inp = {n: t.double().requires_grad_() for n, t in make_inputs(M, N, K, torch.float32, idx).items()}
+    assert torch.autograd.gradcheck(lambda x, w, b, v: sparse_linear(x, w, b, idx, v, 1.25),
+                                    tuple(inp[n] for n in NAMES))
+    assert set(dispatched()) == {"sparse.forward:eager:dense", "sparse.backward:eager:dense"}
+
+
 def test_custom_op_registration(monkeypatch):
     monkeypatch.setenv("FUSEDLORA_BACKEND", "torch")
     from fusedlora.sparse import _sparse_forward
