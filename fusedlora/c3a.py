@@ -78,12 +78,12 @@ def _tuned(which: str):
     import triton
 
     from .kernels.c3a import c3a_kernel_grad_kernel, c3a_matmul_kernel
-    from .launch import _GEMM_CONFIGS, _INTERPRET_TILE
+    from .launch import _GEMM_CONFIGS, _INTERPRET_TILE, autotuned
 
     configs = [triton.Config(dict(_INTERPRET_TILE))] if interpreting() else _GEMM_CONFIGS
     if which == "matmul":
-        return triton.autotune(configs=configs, key=["M_BUCKET", "N", "K", "BS", "REDUCE_IN"])(c3a_matmul_kernel)
-    return triton.autotune(configs=configs, key=["M_BUCKET", "N", "Q_BUCKET", "BS"])(c3a_kernel_grad_kernel)
+        return autotuned(c3a_matmul_kernel, configs, ["M_BUCKET", "N", "K", "BS", "REDUCE_IN"])
+    return autotuned(c3a_kernel_grad_kernel, configs, ["M_BUCKET", "N", "Q_BUCKET", "BS"])
 
 
 def _c3a_matmul(a: Tensor, b: Tensor, w: Tensor, *, reduce_in: bool, in_features: int,

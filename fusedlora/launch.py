@@ -6,6 +6,7 @@ matrix product onto ``lora_matmul_kernel`` and picks its tiles.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -57,10 +58,19 @@ _GEMM_CONFIGS = [
 _INTERPRET_TILE = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}
 
 
+def autotuned(kernel, configs: list, key: list):
+    """``kernel`` behind Triton's autotuner over ``configs``. FUSEDLORA_AUTOTUNE=0 keeps
+    the first config only: one compile per kernel variant instead of one per config,
+    for a GPU test pass in a short lease (the AOT compile test covers the others)."""
+    if os.environ.get("FUSEDLORA_AUTOTUNE", "1").strip() == "0":
+        configs = configs[:1]
+    return triton.autotune(configs=configs, key=key)(kernel)
+
+
 @functools.lru_cache(maxsize=None)
 def _tuned_kernel():
     configs = [triton.Config(dict(_INTERPRET_TILE))] if interpreting() else _GEMM_CONFIGS
-    return triton.autotune(configs=configs, key=["M_BUCKET", "N", "K", "R"])(lora_matmul_kernel)
+    return autotuned(lora_matmul_kernel, configs, ["M_BUCKET", "N", "K", "R"])
 
 
 @functools.lru_cache(maxsize=None)

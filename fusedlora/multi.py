@@ -124,14 +124,14 @@ def _tuned_matmul():
     import triton
 
     from .kernels.multi import multi_matmul_kernel
-    from .launch import _GEMM_CONFIGS, _INTERPRET_TILE
+    from .launch import _GEMM_CONFIGS, _INTERPRET_TILE, autotuned
 
     if interpreting():
         configs = [triton.Config(dict(_INTERPRET_TILE, BLOCK_R=16))]
     else:
         configs = [triton.Config({**c.kwargs, "BLOCK_R": 16}, num_warps=c.num_warps, num_stages=c.num_stages)
                    for c in _GEMM_CONFIGS]
-    return triton.autotune(configs=configs, key=["M_BUCKET", "N", "K", "R_MAX"])(multi_matmul_kernel)
+    return autotuned(multi_matmul_kernel, configs, ["M_BUCKET", "N", "K", "R_MAX"])
 
 
 @dataclass

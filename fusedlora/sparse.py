@@ -263,6 +263,7 @@ def _tuned_kernel(tile: int):
     import triton
 
     from .kernels.sparse import sparse_matmul_kernel
+    from .launch import autotuned
 
     if interpreting():
         configs = [triton.Config({"BLOCK_M": 16, "BLOCK_N": max(16, tile), "BLOCK_K": max(16, tile),
@@ -274,7 +275,7 @@ def _tuned_kernel(tile: int):
             for bm, bn, w, s in ((128, 128, 8, 3), (128, 128, 4, 3), (128, 64, 4, 4),
                                  (64, 128, 4, 4), (64, 64, 4, 4))
         ]
-    return triton.autotune(configs=configs, key=["M_BUCKET", "N", "K"])(sparse_matmul_kernel)
+    return autotuned(sparse_matmul_kernel, configs, ["M_BUCKET", "N", "K"])
 
 
 def _plan(M: int, N: int, K: int, tile: int, device: torch.device) -> Optional[dict]:

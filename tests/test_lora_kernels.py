@@ -170,3 +170,13 @@ def test_random_shapes_each_run(triton_backend, draw):
         check_against_reference(inp, scaling=rng.uniform(-2, 2), p=p, seed=seed)
     except AssertionError as e:
         raise AssertionError(f"seed={seed} M={M} K={K} N={N} r={r} {dtype} lead={lead} p={p}: {e}") from e
+
+
+def test_autotune_can_be_narrowed_to_one_config(monkeypatch):
+    """FUSEDLORA_AUTOTUNE=0: one config per kernel (a quick GPU test pass)."""
+    from fusedlora.kernels.lora import lora_matmul_kernel
+    from fusedlora.launch import _GEMM_CONFIGS, autotuned
+
+    assert len(autotuned(lora_matmul_kernel, _GEMM_CONFIGS, ["N"]).configs) == len(_GEMM_CONFIGS) > 1
+    monkeypatch.setenv("FUSEDLORA_AUTOTUNE", "0")
+    assert autotuned(lora_matmul_kernel, _GEMM_CONFIGS, ["N"]).configs == _GEMM_CONFIGS[:1]
