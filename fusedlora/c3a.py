@@ -170,6 +170,10 @@ def _fft_grads(grad_y: Tensor, x: Tensor, weight: Tensor, c3a_kernel: Tensor, ne
     K = x.shape[-1]
     dt = torch.promote_types(torch.promote_types(x.dtype, c3a_kernel.dtype), torch.float32)
     dx, dW, db, dk = (grad_y.new_empty(0) for _ in range(4))
+    if x.shape[0] == 0:  # no rows: the delta's gradients are empty or zero (and no FFT of 0 rows)
+        dx = x.new_empty(x.shape) if need_x else dx
+        dk = torch.zeros_like(c3a_kernel) if need_k else dk
+        need_x = need_k = False
     if need_x or need_k:
         gy = torch.fft.fft(grad_y.to(dt).reshape(-1, nb_out, b))
     if need_x:
@@ -195,7 +199,8 @@ def _c3a_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], c3a_kernel: 
         return reference.c3a_linear(x, weight, bias, c3a_kernel)
     if backend == "eager":
         record("c3a.forward", "eager", "fft")
-        return F.linear(x, weight, bias) + reference.c3a_fft_delta(x, c3a_kernel).to(x.dtype)
+        y = F.linear(x, weight, bias)
+        return y + reference.c3a_fft_delta(x, c3a_kernel).to(x.dtype) if x.shape[0] else y  # no FFT of 0 rows
     if backend == "cuda" and 0 < x.shape[0] <= 16:
         from .cuda_ext import load
 

@@ -163,6 +163,7 @@ def test_eager_backend_matches_reference(monkeypatch, shape):
     check_against_reference(make_inputs(*shape, torch.float32))
     M, K, N, b = shape
     check_against_reference(make_inputs(0, K, N, b, torch.float32, lead=(2, 3)))
+    check_against_reference(make_inputs(0, K, N, b, torch.float32))  # M = 0
     inp = make_inputs(M, K, N, b, torch.float64, kernel_dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda *t: c3a_linear(*t), tuple(inp[n] for n in NAMES))
     assert set(dispatched("c3a.")) == {"c3a.forward:eager:fft", "c3a.backward:eager:fft"}

@@ -288,6 +288,7 @@ def test_eager_backend_matches_reference(monkeypatch, M, N, K, density):
     idx = random_indices((N, K), density=density, seed=7)
     check_against_reference(make_inputs(M, N, K, torch.float32, idx), idx, 0.75)
     check_against_reference(make_inputs(M, N, K, torch.float32, idx, x_shape=(2, M, K)), idx, 1.5)
+    check_against_reference(make_inputs(0, N, K, torch.float32, idx), idx, 1.5)  # M = 0
     inp = make_inputs(M, N, K, torch.float32, idx)
     inp["weight"] = inp["weight"].t().contiguous().t()  # column-major W
     check_against_reference(inp, idx, 0.5, x_view=lambda t: t.t().contiguous().t())
