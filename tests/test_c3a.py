@@ -166,7 +166,9 @@ def test_eager_backend_matches_reference(monkeypatch, shape):
     check_against_reference(make_inputs(0, K, N, b, torch.float32))  # M = 0
     inp = make_inputs(M, K, N, b, torch.float64, kernel_dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda *t: c3a_linear(*t), tuple(inp[n] for n in NAMES))
-    assert set(dispatched("c3a.")) == {"c3a.forward:eager:fft", "c3a.backward:eager:fft"}
+    form = "dense" if M > fusedlora.c3a.FFT_ROWS else "fft"  # more rows: the circulant and cuBLAS
+    # the 3-D (6 rows) and M = 0 checks take the FFT form
+    assert set(dispatched("c3a.")) == {f"c3a.{d}:eager:{f}" for d in ("forward", "backward") for f in {form, "fft"}}
 
 
 def test_custom_op_registration(monkeypatch):
@@ -305,6 +307,18 @@ def test_fp16_keeps_the_adapter_term_below_the_weights_rounding_step(triton_back
     assert rel_err(y, ref) < TOL[torch.float16]
 
 
+@pytest.mark.parametrize("rows", [4, 40])
+def test_eager_fp16_keeps_the_adapter_term(monkeypatch, rows):
+    """Both eager forms (FFT at few rows, the unscaled circulant through cuBLAS above)
+    keep the adapter term that a merge into a 16-bit W would round away."""
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "eager")
+    inp = cancelling_inputs(rows, 2048, 64, 16, torch.float16)
+    with torch.no_grad():
+        y = c3a_linear(*(inp[n] for n in NAMES))
+    ref = reference.c3a_linear(*(inp[n].double() if inp[n] is not None else None for n in NAMES))
+    assert rel_err(y, ref) < TOL[torch.float16]
+
+
 # -------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -324,6 +338,20 @@ def test_gpu_large(triton_backend, shape, dtype):
         ref = reference.c3a_linear(*(inp[n].double() if inp[n] is not None else None for n in NAMES))
         assert rel_err(y, ref) < TOL[dtype]
     assert not any(":torch:" in k for k in dispatched("c3a."))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(8, 1024, 512, 64), (300, 768, 512, 64), (64, 1024, 4096, 1024)],
+                         ids=lambda s: "M{}_K{}_N{}_b{}".format(*s))
+def test_gpu_auto_runs_the_eager_composition(monkeypatch, shape, dtype):
+    """What auto picks on CUDA (backend.EAGER_WINS): FFT up to FFT_ROWS rows, the
+    circulant through cuBLAS above; every gradient against the float64 reference."""
+    monkeypatch.delenv("FUSEDLORA_BACKEND", raising=False)
+    fusedlora.reset_dispatch()
+    check_against_reference(make_inputs(*shape, dtype))
+    form = "dense" if shape[0] > fusedlora.c3a.FFT_ROWS else "fft"
+    assert set(dispatched("c3a.")) == {f"c3a.forward:eager:{form}", f"c3a.backward:eager:{form}"}
 
 
 @pytest.mark.gpu

@@ -391,3 +391,18 @@ def test_gpu_matches_reference(triton_backend, dtype, M, N, K, density):
     inp["values"] = inp["values"] * 0.1
     check_against_reference(inp, idx, 1.0, layout=build_layout(idx, (N, K), device=DEVICE))
     assert_triton_ran()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("M", [1, 300])
+def test_gpu_auto_runs_the_dense_composition(monkeypatch, dtype, M):
+    """What auto picks on CUDA (backend.EAGER_WINS), against the float64 reference."""
+    monkeypatch.delenv("FUSEDLORA_BACKEND", raising=False)
+    fusedlora.reset_dispatch()
+    torch.manual_seed(0)
+    idx = random_indices((1024, 768), density=0.02, seed=1)
+    inp = make_inputs(M, 1024, 768, dtype, idx)
+    inp["values"] = inp["values"] * 0.1
+    check_against_reference(inp, idx, 1.0)
+    assert set(dispatched()) == {"sparse.forward:eager:dense", "sparse.backward:eager:dense"}
