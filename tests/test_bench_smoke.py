@@ -201,3 +201,11 @@ def test_report_reference_falls_back_to_an_implementation_that_ran():
             {"impl": "base", "ref": "cuda", "status": "ok"}]
     assert _ref(rows) == "triton"
     assert _ref([{**r, "status": "ok"} for r in rows]) == "cuda"
+
+
+def test_host_overhead_script_runs(tmp_path):
+    run = subprocess.run([sys.executable, "bench/host_overhead.py", "2"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for line in ("F.linear", "ops.lora_linear", "FusedLinear lora", "FusedLinear multi", "tottime"):
+        assert line in run.stdout, line
