@@ -86,12 +86,21 @@ def _tuned(which: str):
     return autotuned(c3a_kernel_grad_kernel, configs, ["M_BUCKET", "N", "Q_BUCKET", "BS"])
 
 
+def matmul_plan(M: int, N: int, K: int, device: torch.device, elem_bytes: int):
+    """launch._small_plan for the C3A GEMM. In 16 bits the exact delta streams a second
+    B-sized operand (the circulant tile) through shared memory: planned as for 4-byte
+    operands, or a narrow plan (BLOCK_K 128, 3 stages) needs 311 KB, over an SM's 227 KB."""
+    from .launch import _small_plan
+
+    return _small_plan(M, N, K, device, 2 * elem_bytes if elem_bytes == 2 else elem_bytes)
+
+
 def _c3a_matmul(a: Tensor, b: Tensor, w: Tensor, *, reduce_in: bool, in_features: int,
                 out_dtype: torch.dtype, bias: Optional[Tensor] = None, tag: str) -> Tensor:
     """C = a @ (b + circ) + bias, circ the C3A delta laid out like b:
     b = W^T (reduce_in, forward) or b = W (dx)."""
     from .kernels.c3a import c3a_matmul_kernel
-    from .launch import _input_precision, _pow2_at_least, _small_plan, _tl_dtype, gemm_output, launch_gemm
+    from .launch import _input_precision, _pow2_at_least, _tl_dtype, gemm_output, launch_gemm
 
     M, K = a.shape
     N = b.shape[1]
@@ -99,10 +108,7 @@ def _c3a_matmul(a: Tensor, b: Tensor, w: Tensor, *, reduce_in: bool, in_features
         c = torch.zeros((M, N), device=a.device, dtype=torch.float32)
         return (c + bias.float() if bias is not None else c).to(out_dtype)
     exact = a.dtype.itemsize == 2
-    # The exact delta streams a second B-sized operand (the circulant tile) through
-    # shared memory: plan its depth as for 4-byte operands, or a narrow 16-bit plan
-    # (BLOCK_K 128, 3 stages) needs ~300 KB, over a Hopper SM's 227 KB.
-    plan = _small_plan(M, N, K, a.device, 2 * a.dtype.itemsize if exact else a.dtype.itemsize)
+    plan = matmul_plan(M, N, K, a.device, a.dtype.itemsize)
     c = gemm_output(M, N, plan, out_dtype, a.device)
     args = (
         a, b, c, bias if bias is not None else c, w,
