@@ -12,7 +12,8 @@
 #       (bench/host_overhead.py); then the quick benchmark (goal rows first) until END
 #       seconds into the call
 #   END=200 bash bench/gpu_check.sh ext     a second call on the warm machine: the decode
-#       rows (CUDA vs Triton) and compute-sanitizer over the extension's tests
+#       rows (CUDA vs Triton) and compute-sanitizer over the extension's tests; if the
+#       extension still crashes, the sweep of the Triton decode plan (bench/decode_plans.py)
 # At most 8 files come back from $OUT: log.txt, junit XML, the bench JSON/markdown/PNGs,
 # and the bisection as one ext_bisect.tgz. Copy them to bench/results/<date>_<device>/,
 # run `python bench/report.py --readme bench/results/.../<run>.json` and commit.
@@ -85,7 +86,10 @@ elif [ "$what" = ext ]; then
       $PYTEST -x tests/test_cuda_ext.py -k "decode or bgmv or c3a_and_sparse" >> "$LOG" 2>&1
     echo "memcheck rc=$?" | tee -a "$LOG"; tail -4 "$LOG"
   else
-    echo "the extension's probe failed: nothing to do" | tee -a "$LOG"
+    echo "the extension's probe failed: sweep the Triton decode plan instead" | tee -a "$LOG"
+    step "decode plan sweep"
+    timeout $(( ${END:-200} - SECONDS - 5 )) python bench/decode_plans.py --out "$OUT/decode_plans.json" \
+      2>> "$LOG" | tee -a "$LOG" | tail -8
   fi
 else
   echo "usage: bash bench/gpu_check.sh lease|ext" >&2

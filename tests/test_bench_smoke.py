@@ -4,11 +4,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 PATHS = {  # path -> implementations every row of it must have
     "lora": ("fused", "base", "eager", "compile", "peft"),
-    "c3a": ("fused", "base", "eager", "compile", "peft"),
-    "sparse": ("fused", "base", "eager", "compile", "peft"),
+    "c3a": ("fused", "auto", "base", "eager", "compile", "peft"),
+    "sparse": ("fused", "auto", "base", "eager", "compile", "peft"),
     "switch": ("sparse", "sparse-module", "index_add", "lora", "lora-module", "peft-lora", "peft-shira"),
 }
 
@@ -209,3 +212,11 @@ def test_host_overhead_script_runs(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     for line in ("F.linear", "ops.lora_linear", "FusedLinear lora", "FusedLinear multi", "tottime"):
         assert line in run.stdout, line
+
+
+def test_decode_plan_sweep_refuses_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the sweep runs for real (bench/gpu_check.sh ext)")
+    run = subprocess.run([sys.executable, "bench/decode_plans.py"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2 and "needs a CUDA device" in run.stderr
