@@ -7,9 +7,9 @@
           (forwards of 1..16 rows without dropout: LoRA, multi-adapter, C3A, sparse);
           Triton for the rest, recorded as such
   torch   the plain-PyTorch path of fusedlora.reference
-  eager   the plain-PyTorch compositions that a GPU run measured faster than the
-          Triton kernels (EAGER_WINS: sparse, W + delta materialised then cuBLAS; C3A,
-          cuBLAS plus PEFT's FFT delta), the reference path for the other ops;
+  eager   plain-PyTorch compositions built on cuBLAS/cuFFT (sparse: W + delta formed,
+          then cuBLAS; C3A: cuBLAS plus PEFT's FFT delta up to 16 rows, the unscaled
+          circulant through one addmm above), the reference path for the other ops;
           auto picks it for the ops in EAGER_WINS
 ``use_backend(name)`` overrides the variable for the calls in its scope (the
 benchmarks time each backend this way). Nothing falls back silently: every launch is counted in ``backend_info()["dispatch"]``.
@@ -75,8 +75,9 @@ CUDA_WINS: dict = {}
 # Auto mode's use of the eager compositions, from GPU measurements: op -> where it
 # was measured. On an H200 (bench/results/2026-11-27_h200, bf16, 4096x4096, rows 1
 # and 4096, forward and forward+backward) PEFT's algorithms beat the fused Triton
-# kernels at every shape: sparse 2.3-17x, C3A 1.1-3.5x. The kernels stay one
-# FUSEDLORA_BACKEND=triton away; a later run that shows them winning removes the op.
+# kernels at every shape: sparse 2.3-17x, C3A 1.1-3.5x (C3A above 16 rows now takes the
+# circulant + addmm form, two base-sized GEMMs, not yet timed on a GPU). The kernels stay
+# one FUSEDLORA_BACKEND=triton away; a later run that shows them winning removes the op.
 EAGER_OPS = ("sparse.forward", "sparse.backward", "c3a.forward", "c3a.backward")  # ops with a composition
 EAGER_WINS: dict = {op: "bench/results/2026-11-27_h200" for op in EAGER_OPS}
 
