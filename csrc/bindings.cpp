@@ -105,7 +105,9 @@ std::tuple<at::Tensor, at::Tensor> run(fusedlora::LoraDecodeArgs& args, const at
   const at::Tensor xs = unit_last(x);
   const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
   int sms = 0;
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.device().index());
+  const cudaError_t attr = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.device().index());
+  if (attr != cudaSuccess)
+    throw std::runtime_error(std::string("fusedlora ") + what + ": SM count: " + cudaGetErrorString(attr));
   args.k_split = fusedlora::lora_decode_k_split(args.N, args.K, sms);
   auto y = at::empty({args.M, args.N}, x.options());
   auto u = at::zeros({args.M, args.R}, x.options().dtype(at::kFloat));
