@@ -80,8 +80,12 @@ def test_3d_input_no_bias_kernel_in_x_dtype(triton_backend):
     assert y.shape == (2, 5, 16) and y.dtype == torch.float16
 
 
-def test_non_contiguous_operands(triton_backend):
-    M, K, N, b = 9, 20, 30, 10
+@pytest.mark.parametrize("backend,M", [("triton", 9), ("eager", 9), ("eager", 20)])
+def test_non_contiguous_operands(monkeypatch, backend, M):
+    """Strided, transposed and permuted operands, a stride-0 gradient; the eager forms too
+    (FFT at 9 rows, the circulant and cuBLAS at 20)."""
+    monkeypatch.setenv("FUSEDLORA_BACKEND", backend)
+    K, N, b = 20, 30, 10
     inp = make_inputs(M, K, N, b, torch.float32)
     x = torch.randn(M, 2 * K, device=DEVICE)[:, ::2]                        # 2-D strided view
     w = torch.randn(K, N, device=DEVICE).t() / K**0.5                       # transposed weight
