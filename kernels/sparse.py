@@ -2,6 +2,7 @@
 nonzeros merged in registers, and the sampled product of the value gradient.
 
     forward   y  = x (W + s S)^T + b           sparse_matmul_kernel, B = W^T, delta S^T
+              (1..16 rows: the base GEMM, then sparse_rows_add_kernel over S's CSR rows)
     backward  dx = dy (W + s S)                sparse_matmul_kernel, B = W,   delta S
               dv = s * (dy^T x)[rows, cols]    sddmm_kernel (only at the nonzeros)
               dW = dy^T x                      plain GEMM (fusedlora.launch.matmul)
@@ -139,3 +140,35 @@ def sddmm_kernel(
         tl.store(out_ptr + dst, acc.to(out_ptr.dtype.element_ty), mask=e_ok)
     else:
         tl.atomic_add(out_ptr + dst, acc, mask=e_ok)
+
+
+@triton.jit
+def sparse_rows_add_kernel(
+    y_ptr, x_ptr, row_ptr, col_ptr, val_ptr,
+    M, N, stride_ym, stride_yn, stride_xm, stride_xk, scaling,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    """y[m, n] += scaling * sum_i val[i] x[m, col[i]] over row n's nonzeros (CSR), for a
+    few rows of x (decode): y is the base GEMM's float32 output, so the sum is rounded
+    once with it. One program per BLOCK_N output features and every row of x; it reads
+    only those features' nonzeros, and x (a few KB) from cache, so the adapter costs
+    its nnz * (value + column) bytes beside the weight the base GEMM streams."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    start = tl.load(row_ptr + offs_n, mask=n_ok, other=0)
+    end = tl.load(row_ptr + offs_n + 1, mask=n_ok, other=0)
+    offs_m = tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    longest = tl.max(end - start, axis=0)
+    for e in range(0, longest, BLOCK_E):
+        idx = start[:, None] + e + tl.arange(0, BLOCK_E)[None, :]            # (BLOCK_N, BLOCK_E)
+        ok = idx < end[:, None]
+        col = tl.load(col_ptr + idx, mask=ok, other=0)
+        val = tl.load(val_ptr + idx, mask=ok, other=0.0)
+        xg = tl.load(x_ptr + offs_m[:, None, None] * stride_xm + col[None, :, :] * stride_xk,
+                     mask=m_ok[:, None, None] & ok[None, :, :], other=0.0)
+        acc += tl.sum(xg.to(tl.float32) * val[None, :, :], axis=2)
+    ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    mask = m_ok[:, None] & n_ok[None, :]
+    tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + scaling * acc, mask=mask)

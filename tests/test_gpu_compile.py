@@ -16,9 +16,9 @@ import sys
 import pytest
 
 _FLOAT_SCALARS = ("alpha", "p", "keep_scale", "w_scale", "scaling")
-_INT_POINTERS = ("off_ptr", "red_idx_ptr", "out_idx_ptr", "perm_ptr", "rows_ptr", "cols_ptr",
+_INT_POINTERS = ("off_ptr", "red_idx_ptr", "out_idx_ptr", "perm_ptr", "rows_ptr", "cols_ptr", "row_ptr", "col_ptr",
                  "slot_ptr", "segid_ptr", "segstart_ptr", "rank_ptr", "start_ptr", "end_ptr")
-_FP32_POINTERS = ("u_ptr", "w_ptr", "val_ptr", "scale_ptr", "l_ptr", "drop_ptr")
+_FP32_POINTERS = ("u_ptr", "w_ptr", "val_ptr", "scale_ptr", "l_ptr", "drop_ptr", "y_ptr")
 
 
 # Unit strides of row-major operands in the forward orientation (b = W^T); Triton's
@@ -137,7 +137,7 @@ def variants():
     from fusedlora.kernels.c3a import c3a_kernel_grad_kernel, c3a_matmul_kernel
     from fusedlora.kernels.lora import lora_matmul_kernel
     from fusedlora.kernels.multi import multi_grad_kernel, multi_matmul_kernel, multi_shrink_kernel
-    from fusedlora.kernels.sparse import sddmm_kernel, sparse_matmul_kernel
+    from fusedlora.kernels.sparse import sddmm_kernel, sparse_matmul_kernel, sparse_rows_add_kernel
 
     f16, f32 = dict(DOT_DTYPE=tl.float16), dict(DOT_DTYPE=tl.float32, INPUT_PRECISION="ieee")
     decode = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1)
@@ -178,6 +178,11 @@ def variants():
         "sparse-sm90-bf16-decode": (sparse_matmul_kernel, 90, "bf16", "fp32",
                                     gemm(HAS_BIAS=True, HAS_DELTA=True, TILE=64, BLOCK_E=32, SPLIT_K=4,
                                          **{**decode, "BLOCK_K": 64}), 4, 4, "mma"),
+        # decode: the nonzeros of 32 output features by CSR row, 16 rows of x, into fp32 y
+        "sparse-sm90-bf16-rows-add": (sparse_rows_add_kernel, 90, "bf16", "fp32",
+                                      dict(BLOCK_M=16, BLOCK_N=32, BLOCK_E=16), 4, 1, None),
+        "sparse-sm80-fp16-rows-add-1row": (sparse_rows_add_kernel, 80, "fp16", "fp32",
+                                           dict(BLOCK_M=1, BLOCK_N=32, BLOCK_E=16), 4, 1, None),
         "sparse-sm90-bf16-sddmm": (sddmm_kernel, 90, "bf16", "fp32", dict(SPLIT_M=4, BLOCK_M=64, BLOCK_E=32),
                                    4, 2, None),
         # multi-adapter: SGMV base GEMM with per-segment rank-r dots in the epilogue (prefill)
@@ -230,7 +235,8 @@ def compiled():
 NAMES = ["lora-sm80-fp32-plan-grad-A", "lora-sm80-tf32-plan-shrink", "lora-sm90-bf16-forward", "lora-sm90-bf16-grad-x", "lora-sm90-bf16-decode", "lora-sm90-fp16-shrink",
          "lora-sm80-fp16-forward", "lora-sm80-fp32-ieee-grad-A", "c3a-sm90-bf16-forward", "c3a-sm90-bf16-grad-x",
          "c3a-sm90-bf16-decode", "c3a-sm90-bf16-grad-kernel", "sparse-sm90-bf16-forward",
-         "sparse-sm90-bf16-decode", "sparse-sm90-bf16-sddmm", "multi-sm90-bf16-forward-sgmv",
+         "sparse-sm90-bf16-decode", "sparse-sm90-bf16-sddmm", "sparse-sm90-bf16-rows-add",
+         "sparse-sm80-fp16-rows-add-1row", "multi-sm90-bf16-forward-sgmv",
          "multi-sm90-bf16-decode-bgmv", "multi-sm80-fp16-grad-x-sgmv", "multi-sm90-bf16-shrink-sgmv",
          "multi-sm90-bf16-shrink-bgmv", "multi-sm90-bf16-grad-grouped"]
 

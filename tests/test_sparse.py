@@ -95,6 +95,21 @@ def test_delta_alone_and_clustered_in_one_tile(triton_backend):
     assert_triton_ran()
 
 
+@pytest.mark.parametrize("M", [1, 16, 17])
+def test_decode_rows_path(triton_backend, M):
+    """1..16 rows: base GEMM then the CSR rows (a full row of 70 nonzeros takes five
+    chunks; empty rows none); 17 rows go to the tile-merging GEMM. Strided x."""
+    torch.manual_seed(M)
+    N, K = 40, 70
+    full_row = torch.stack((torch.full((K,), 3), torch.arange(K)))
+    rest = random_indices((N, K), density=0.03, seed=5)
+    idx = torch.cat((full_row, rest[:, rest[0] != 3]), dim=1)
+    inp = make_inputs(M, N, K, torch.float32, idx)
+    fusedlora.reset_dispatch()
+    check_against_reference(inp, idx, 0.6, x_view=lambda t: torch.cat((t, t), 1)[:, ::2])
+    assert ("sparse.forward:triton:rows" in dispatched()) == (M <= 16)
+
+
 def test_float32_values_with_half_weight(triton_backend):
     """PEFT keeps adapter weights in float32 on a half model: values may differ in dtype from x and W."""
     torch.manual_seed(10)
@@ -254,7 +269,8 @@ def test_matches_peft_shira_layer(triton_backend):
         y_peft = layer(x)
     y = sparse_linear(x, base.weight.detach(), base.bias.detach(), peft_idx, values, 0.7)
     assert rel_err(y, y_peft) < 1e-5
-    assert set(dispatched()) == {"sparse.forward:triton:splitk"}
+    # 15 rows: the base GEMM's decode plan, then the nonzeros by CSR row
+    assert set(dispatched()) == {"sparse.base:triton:splitk", "sparse.forward:triton:rows"}
     w = base.weight.detach().clone()
     scatter_merge_(w, peft_idx, values, 0.7)
     layer.merge()
