@@ -57,6 +57,7 @@ class FusedLinear(nn.Linear):
         self.sparse_scaling: dict = {}
         self._sparse_layout: dict = {}
         self._sparse_saved: dict = {}   # name -> sparse.SavedEntries while merged
+        self._sparse_flat: dict = {}    # name -> (indices' identity, flat indices into W)
         self._kind: dict = {}  # name -> "lora" | "c3a" | "sparse", in the order added
         self._active: List[str] = []
         self.merged_adapters: List[str] = []
@@ -213,7 +214,7 @@ class FusedLinear(nn.Linear):
             raise ValueError(f"adapter name: {name!r} is merged into the weight; unmerge() first")
         for table in (self.lora_A, self.lora_B, self.scaling, self.r, self.lora_alpha, self.lora_dropout,
                       self.use_rslora, self.c3a_kernel, self.sparse_values, self.sparse_indices,
-                      self.sparse_scaling, self._sparse_layout):
+                      self.sparse_scaling, self._sparse_layout, self._sparse_flat):
             if name in table:
                 del table[name]
         del self._kind[name]
@@ -238,9 +239,8 @@ class FusedLinear(nn.Linear):
             elif sign > 0 and self.weight.is_contiguous():
                 # The overwritten entries are kept (nnz of them), so that unmerging
                 # restores W bit for bit: no drift over any number of switches.
-                idx = self.sparse_indices[name].to(self.weight.device)
-                flat = idx[0].long() * self.in_features + idx[1].long()
-                self._sparse_saved[name] = sparse_ops.merge_saving_(self.weight, flat, values, scaling)
+                self._sparse_saved[name] = sparse_ops.merge_saving_(self.weight, self._flat_index(name), values,
+                                                                    scaling)
             else:
                 sparse_ops.scatter_merge_(self.weight, self.sparse_indices[name], values, scaling,
                                           sign=int(sign), validate=False)
@@ -252,6 +252,18 @@ class FusedLinear(nn.Linear):
             return
         delta = sign * self._delta_weight(name)
         self.weight.copy_((self.weight.to(delta.dtype) + delta.to(self.weight.device)).to(self.weight.dtype))
+
+    def _flat_index(self, name: str) -> torch.Tensor:
+        """row * in_features + col of a sparse adapter's nonzeros on W's device, kept while
+        its indices are unchanged: a switch then launches no index arithmetic."""
+        idx = self.sparse_indices[name]
+        key = (idx.data_ptr(), idx._version, self.weight.device)
+        hit = self._sparse_flat.get(name)
+        if hit is None or hit[0] != key:
+            idx = idx.to(self.weight.device)
+            hit = (key, idx[0].long() * self.in_features + idx[1].long())
+            self._sparse_flat[name] = hit
+        return hit[1]
 
     def merge(self, adapter_names: Optional[Iterable[str]] = None) -> None:
         """Add s * B A of each adapter (default: the active ones) into the weight."""
