@@ -287,3 +287,22 @@ def test_use_backend_overrides_the_variable_in_its_scope(monkeypatch):
     with pytest.raises(RuntimeError, match="FUSEDLORA_BACKEND=cuda needs CUDA tensors"):
         with fusedlora.use_backend("cuda"):
             backend.select_backend(torch.device("cpu"))
+
+
+@pytest.mark.skipif(not CAN_BUILD, reason="no CUDA build of torch or no nvcc here")
+def test_bisection_kit_runs(tmp_path):
+    """bench/ext_diag/device_bisect.py, the next GPU lease's diagnosis of the extension's
+    segfault there: one variant builds and every probe answers (here nothing crashes)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.run([sys.executable, "bench/ext_diag/device_bisect.py", "csrc", str(tmp_path)], cwd=root,
+                         env={**os.environ, "VARIANTS": "min_cpu"}, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = (tmp_path / "summary.txt").read_text().splitlines()
+    assert "build min_cpu: ok" in " ".join(lines)
+    probes = [line for line in lines if line.startswith("min_cpu ")]
+    assert len(probes) == 5 and all("rc=   0" in line for line in probes), probes

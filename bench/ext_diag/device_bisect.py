@@ -181,10 +181,19 @@ def call(job):
     return name, probe, r.returncode, r.stdout + r.stderr
 
 
+def note(line: str) -> None:
+    """Summary lines go to OUT/summary.txt as they come: a run stopped by its timeout
+    still leaves what it found."""
+    summary.append(line)
+    with open(f"{OUT}/summary.txt", "a") as f:
+        f.write(line + "\n")
+
+
+summary: list = []
 t0 = time.time()
 with ThreadPoolExecutor(len(V)) as ex:
     built = list(ex.map(build, V))
-summary = [f"python {sys.version.split()[0]}; built in {time.time() - t0:.0f}s"]
+note(f"python {sys.version.split()[0]}; built in {time.time() - t0:.0f}s")
 subprocess.run("(g++ --version | head -1; nvcc --version | tail -1; %s -c 'import sys, torch; print(torch.__version__, sys.version, "
                "sys.getdlopenflags())'; env | grep -E 'PATH|FLAGS|CUDA|TORCH|PYTHON|LD_|CPATH|INCLUDE' | sort; "
                "echo | g++ -dM -E -x c++ - | grep -E 'FORTIFY|GLIBCXX|_GNU_SOURCE|CET|PIE'; g++ -v -x c++ -E /dev/null 2>&1 | "
@@ -192,19 +201,19 @@ subprocess.run("(g++ --version | head -1; nvcc --version | tail -1; %s -c 'impor
 jobs = []
 for name, so, dt, out in built:
     open(f"{OUT}/{name}.build.log", "w").write(out[-20000:])
-    summary.append(f"build {name}: {'ok' if so else 'FAILED'} {dt:.0f}s")
+    note(f"build {name}: {'ok' if so else 'FAILED'} {dt:.0f}s")
     if so:
         jobs += [(name, so, p) for p in CALLS if name in FULL or p in QUICK]
-with ThreadPoolExecutor(8) as ex:
-    results = list(ex.map(call, jobs))
 crashed = set()
-for name, probe, rc, out in results:
-    last = [l for l in out.splitlines() if l.startswith(("RESULT", "RAISED"))]
-    summary.append(f"{name:16s} {probe:14s} rc={rc:4d} {last[0] if last else ''}")
-    with open(f"{OUT}/{name}.log", "a") as f:
-        f.write(f"==== {probe} rc={rc}\n{out[-6000:]}\n")
-    if rc != 0:
-        crashed.add(name)
+with ThreadPoolExecutor(8) as ex:
+    results = ex.map(call, jobs)
+    for name, probe, rc, out in results:
+        last = [l for l in out.splitlines() if l.startswith(("RESULT", "RAISED"))]
+        note(f"{name:16s} {probe:14s} rc={rc:4d} {last[0] if last else ''}")
+        with open(f"{OUT}/{name}.log", "a") as f:
+            f.write(f"==== {probe} rc={rc}\n{out[-6000:]}\n")
+        if rc != 0:
+            crashed.add(name)
 for name, so, _, _ in built:
     if so and (name in crashed or name == "orig_O2_g"):
         shutil.copy(so, f"{OUT}/{name}.so")
@@ -215,5 +224,4 @@ if orig:
             "s.loader.exec_module(m)\nprint(''.join(sorted({l.split()[-1] + chr(10) for l in open('/proc/self/maps') if '.so' in l})))" % orig)
     r = subprocess.run([PY, "-c", maps], capture_output=True, text=True)
     open(f"{OUT}/orig.maps.txt", "w").write(r.stdout + r.stderr)
-open(f"{OUT}/summary.txt", "w").write("\n".join(summary) + "\n")
 print("\n".join(summary))
