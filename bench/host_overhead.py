@@ -51,7 +51,8 @@ def main(rows: int = 1) -> None:
         else:
             layer.add_sparse("s", random_indices((N, K), density=0.01, seed=0))
         layers[kind] = layer
-    ids = torch.arange(rows, device=device) % 8
+    multi = layers["multi"]
+    ids = torch.tensor([multi.adapter_id(f"multi{i % 8}") for i in range(rows)], device=device)
     A, B = layers["lora"].lora_A["lora0"], layers["lora"].lora_B["lora0"]
     W, b = layers["lora"].weight, layers["lora"].bias
     with torch.no_grad():
