@@ -35,6 +35,7 @@ unmerge and switching between sparse adapters without a dense delta.
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
@@ -362,17 +363,20 @@ def _row_csr(rows: Tensor, cols: Tensor, perm: Tensor, n_rows: int):
     """The layout's nonzeros grouped by row for the CUDA decode kernel: (row_ptr
     int32 (n_rows + 1,), col int32, order) with values[order] in that order.
     Built on the device without a host sync and cached while the layout lives."""
-    key = (rows.device, rows.data_ptr(), rows._version, rows.numel(), n_rows)
-    hit = _CSR_CACHE.get(key)
-    if hit is None:
-        by_row = torch.sort(rows.long(), stable=True).indices
-        rows_sorted = rows[by_row].contiguous()
-        bounds = torch.arange(n_rows + 1, device=rows.device, dtype=rows_sorted.dtype)
-        row_ptr = torch.searchsorted(rows_sorted, bounds).to(torch.int32)
-        hit = (row_ptr, cols[by_row].to(torch.int32).contiguous(), perm[by_row].long())
-        if len(_CSR_CACHE) > 64:
-            _CSR_CACHE.clear()
-        _CSR_CACHE[key] = hit
+    # A freed layout's memory can come back at the same address with version 0: the
+    # entry also holds weak references to the very tensors it was built from.
+    key = (rows.device, rows.data_ptr(), rows._version, cols._version, perm._version, rows.numel(), n_rows)
+    entry = _CSR_CACHE.get(key)
+    if entry is not None and all(ref() is t for ref, t in zip(entry[0], (rows, cols, perm))):
+        return entry[1]
+    by_row = torch.sort(rows.long(), stable=True).indices
+    rows_sorted = rows[by_row].contiguous()
+    bounds = torch.arange(n_rows + 1, device=rows.device, dtype=rows_sorted.dtype)
+    row_ptr = torch.searchsorted(rows_sorted, bounds).to(torch.int32)
+    hit = (row_ptr, cols[by_row].to(torch.int32).contiguous(), perm[by_row].long())
+    if len(_CSR_CACHE) > 64:
+        _CSR_CACHE.clear()
+    _CSR_CACHE[key] = (tuple(weakref.ref(t) for t in (rows, cols, perm)), hit)
     return hit
 
 

@@ -110,6 +110,19 @@ def test_decode_rows_path(triton_backend, M):
     assert ("sparse.forward:triton:rows" in dispatched()) == (M <= 16)
 
 
+def test_row_csr_cache_never_serves_other_tensors():
+    """The CSR cache keys on the rows tensor's address and version; a new layout can get
+    a freed one's address (and version 0). A view stands in for that here: same
+    address and version, other tensors: it must be rebuilt, not served stale."""
+    from fusedlora.sparse import _row_csr
+
+    rows = torch.tensor([2, 0, 1, 0], dtype=torch.int32)
+    perm = torch.arange(4, dtype=torch.int32)
+    _, col_a, _ = _row_csr(rows, torch.tensor([5, 6, 7, 8], dtype=torch.int32), perm, 3)
+    _, col_b, _ = _row_csr(rows.view(-1), torch.tensor([1, 2, 3, 4], dtype=torch.int32), perm, 3)
+    assert col_a.tolist() == [6, 8, 7, 5] and col_b.tolist() == [2, 4, 3, 1]
+
+
 def test_float32_values_with_half_weight(triton_backend):
     """PEFT keeps adapter weights in float32 on a half model: values may differ in dtype from x and W."""
     torch.manual_seed(10)
