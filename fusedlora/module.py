@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Iterable, List, Optional, Union
 
 import torch
@@ -184,8 +185,8 @@ class FusedLinear(nn.Linear):
                 self._sparse_layout[name] = cached
             return cached[1]
         key = (indices.device, indices.data_ptr(), indices._version)
-        if cached is None or cached[0] != key:
-            cached = (key, sparse_ops.build_layout(indices, tuple(self.weight.shape)))
+        if cached is None or cached[0] != key or cached[2]() is not indices:  # see sparse._row_csr
+            cached = (key, sparse_ops.build_layout(indices, tuple(self.weight.shape)), weakref.ref(indices))
             self._sparse_layout[name] = cached
         return cached[1]
 
@@ -259,9 +260,9 @@ class FusedLinear(nn.Linear):
         idx = self.sparse_indices[name]
         key = (idx.data_ptr(), idx._version, self.weight.device)
         hit = self._sparse_flat.get(name)
-        if hit is None or hit[0] != key:
-            idx = idx.to(self.weight.device)
-            hit = (key, idx[0].long() * self.in_features + idx[1].long())
+        if hit is None or hit[0] != key or hit[2]() is not idx:
+            hit = (key, idx[0].long().to(self.weight.device) * self.in_features + idx[1].long().to(self.weight.device),
+                   weakref.ref(idx))
             self._sparse_flat[name] = hit
         return hit[1]
 
