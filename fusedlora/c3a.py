@@ -26,7 +26,7 @@ from torch import Tensor
 
 from . import reference
 from .backend import interpreting, record, select_backend
-from .ops import check_linear_args
+from .ops import check_linear_args, direct_ok, fused_op
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INIT_CHOICES = (True, False, "gaussian", "xavier_uniform", "kaiming_uniform")
@@ -236,7 +236,7 @@ def _fft_grads(grad_y: Tensor, x: Tensor, weight: Tensor, c3a_kernel: Tensor, ne
 
 
 # ----------------------------------------------------------------- custom ops
-@torch.library.custom_op("fusedlora::c3a_linear", mutates_args=())
+@fused_op("fusedlora::c3a_linear")
 def _c3a_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], c3a_kernel: Tensor) -> Tensor:
     """2-D x -> y = x (W + dW)^T + b."""
     backend = select_backend(x.device, "c3a.forward", x.shape[0])
@@ -328,7 +328,8 @@ def c3a_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], c3a_kernel: Te
     """
     check_c3a_args(x, weight, bias, c3a_kernel)
     lead = x.shape[:-1]
-    y = _c3a_forward(x.reshape(-1, x.shape[-1]), weight, bias, c3a_kernel)
+    op = _c3a_forward.direct if direct_ok(x, weight, bias, c3a_kernel) else _c3a_forward
+    y = op(x.reshape(-1, x.shape[-1]), weight, bias, c3a_kernel)
     return y.reshape(*lead, weight.shape[0])
 
 

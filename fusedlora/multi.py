@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backend import interpreting, record, select_backend
+from .ops import direct_ok, fused_op
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
@@ -307,7 +308,7 @@ def _check_triton_dtype(x: Tensor) -> None:
                         "use FUSEDLORA_BACKEND=torch for float64")
 
 
-@torch.library.custom_op("fusedlora::multi_lora_linear", mutates_args=())
+@fused_op("fusedlora::multi_lora_linear")
 def _multi_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], pool_A: Tensor, pool_BT: Tensor,
                    row_slot: Tensor, slot_off: Tensor, slot_rank: Tensor, slot_scale: Tensor, slot_drop: Tensor,
                    max_rank: int, dropout: bool, seed: Tensor) -> Tuple[Tensor, Tensor]:
@@ -482,6 +483,7 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], row_slo
     if slot_drop is None:
         slot_drop = torch.zeros_like(slot_scale)
     p_max = float(slot_drop.max()) if slot_drop.numel() else 0.0
-    y, _ = _multi_forward(x, weight, bias, pool_A, pool_BT, row_slot, slot_off, slot_rank, slot_scale, slot_drop,
-                          int(max_rank), p_max > 0, draw_seed(p_max))
+    op = _multi_forward.direct if direct_ok(x, weight, bias, pool_A, pool_BT) else _multi_forward
+    y, _ = op(x, weight, bias, pool_A, pool_BT, row_slot, slot_off, slot_rank, slot_scale, slot_drop,
+              int(max_rank), p_max > 0, draw_seed(p_max))
     return y

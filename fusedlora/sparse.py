@@ -45,7 +45,7 @@ from torch import Tensor
 
 from . import reference
 from .backend import interpreting, record, select_backend
-from .ops import check_linear_args, check_scalar
+from .ops import check_linear_args, check_scalar, direct_ok, fused_op
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -438,7 +438,7 @@ def _dense_grads(grad_y: Tensor, x: Tensor, weight: Tensor, values: Tensor, rows
 
 
 # ---------------------------------------------------------------- custom ops
-@torch.library.custom_op("fusedlora::sparse_linear", mutates_args=())
+@fused_op("fusedlora::sparse_linear")
 def _sparse_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], values: Tensor, offsets: Tensor,
                     rows: Tensor, cols: Tensor, perm: Tensor, scaling: float, tile: int) -> Tensor:
     """2-D x -> y = x (W + scaling * S)^T + b, S given by values and the layout tensors."""
@@ -536,7 +536,8 @@ def sparse_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], indices: Op
     if layout is None:
         layout = build_layout(indices, tuple(weight.shape), device=x.device)
     lead = x.shape[:-1]
-    y = _sparse_forward(x.reshape(-1, x.shape[-1]), weight, bias, values, *layout.tensors(),
+    op = _sparse_forward.direct if direct_ok(x, weight, bias, values) else _sparse_forward
+    y = op(x.reshape(-1, x.shape[-1]), weight, bias, values, *layout.tensors(),
                         scaling, layout.tile)
     return y.reshape(*lead, weight.shape[0])
 

@@ -228,3 +228,31 @@ def test_custom_ops_pass_opcheck(torch_backend):
     u = torch.randn(5, 2)
     torch.library.opcheck(_lora_backward, (torch.randn(5, 6), x, w, A.detach(), B.detach(), u, 0.5, 0.0,
                                            draw_seed(0.0), [True, False, True, True, False]))
+
+
+def test_inference_calls_skip_the_custom_op_dispatch(monkeypatch):
+    """No autograd graph, no tracing, no dispatch mode: the op body runs directly
+    (a decode step without CUDA graphs saves the dispatcher's time per layer); otherwise
+    the registered custom op runs, as autograd, torch.compile and FakeTensor need."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fusedlora import ops
+
+    calls = []
+    direct = ops._lora_forward.direct
+    monkeypatch.setattr(ops._lora_forward, "direct", lambda *a: calls.append(1) or direct(*a))
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "torch")
+    x, W, A, B = torch.randn(3, 8), torch.randn(5, 8), torch.randn(2, 8), torch.randn(5, 2)
+    with torch.no_grad():
+        y = ops.lora_linear(x, W, None, A, B, 2.0)
+    assert calls == [1]
+    assert torch.allclose(y, x @ W.t() + 2.0 * (x @ A.t()) @ B.t(), atol=1e-5)
+    ops.lora_linear(x, W, None, A, B.requires_grad_(), 2.0).sum().backward()  # a graph to record
+    assert calls == [1] and B.grad is not None
+    ops.lora_linear(x, W, None, A, B.detach(), 2.0)  # grad mode on, nothing requires grad: direct
+    assert calls == [1, 1]
+    B = B.detach()
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():  # the seed is a real tensor
+        fake = [mode.from_tensor(t) for t in (x, W, A, B)]
+        assert ops.lora_linear(fake[0], fake[1], None, fake[2], fake[3], 2.0).shape == (3, 5)
+    assert calls == [1, 1]
