@@ -167,39 +167,26 @@ def c3a_kernel_grad(grad_y: Tensor, x: Tensor, c3a_kernel: Tensor, tag: str = "c
 
 # The eager composition's two forms. Up to FFT_ROWS rows, PEFT's FFT path (measured on
 # the H200 at 1 row: 50 us vs 54 us for the fused kernel; the circulant is never formed).
-# Above, the unscaled circulant C = K * dW is formed in x's dtype (one gather, N x K) and
+# Above, the unscaled circulant C = K * dW is formed in x's dtype (one gather, N x K; its
+# entries are O(w), so 16 bits keep the adapter, where w / K would not survive W's step) and
 # cuBLAS does y = x W^T + b + (x C^T) / K in one addmm: two GEMMs of the base's shape,
 # ~2x F.linear by the H200's GEMM time, against 6x for the FFT path there (M = 4096).
 FFT_ROWS = 16
-
-
-def _circulant(c3a_kernel: Tensor, dtype: torch.dtype) -> Tensor:
-    """C[m*b+s, n*b+t] = w[m, n, (t - s) mod b] in ``dtype``, unscaled: its entries are
-    O(w), so rounding them to 16 bits keeps the adapter (w / K would not survive W's step)."""
-    nb_out, nb_in, b = c3a_kernel.shape
-    ar = torch.arange(b, device=c3a_kernel.device)
-    blocks = c3a_kernel.to(dtype)[:, :, (ar[None, :] - ar[:, None]) % b]     # (m, n, s, t)
-    return blocks.permute(0, 2, 1, 3).reshape(nb_out * b, nb_in * b)
 
 
 def _dense_grads(grad_y: Tensor, x: Tensor, weight: Tensor, c3a_kernel: Tensor, needs: List[bool]) -> List[Tensor]:
     """cuBLAS for everything: dx = dY W + dY C / K; dY^T X (in x's dtype) gives dW and,
     summed along its circulant diagonals, the kernel gradient."""
     need_x, need_w, need_b, need_k = needs
-    nb_out, nb_in, b = c3a_kernel.shape
-    K = x.shape[1]
     dx, dW, db, dk = (grad_y.new_empty(0) for _ in range(4))
     if need_x:
-        dx = torch.addmm(grad_y @ weight, grad_y, _circulant(c3a_kernel, x.dtype), alpha=1.0 / K)
+        dx = torch.addmm(grad_y @ weight, grad_y, reference.c3a_circulant(c3a_kernel, x.dtype), alpha=1.0 / x.shape[1])
     if need_w or need_k:
         g = grad_y.t() @ x
         if need_w:
             dW = g.to(weight.dtype)
         if need_k:
-            ar = torch.arange(b, device=x.device)
-            g = g.float().reshape(nb_out, b, nb_in, b).permute(0, 2, 1, 3)     # (m, n, s, t)
-            diag = torch.gather(g, 3, ((ar[:, None] + ar[None, :]) % b).expand(nb_out, nb_in, b, b))
-            dk = (diag.sum(2) / K).to(c3a_kernel.dtype)                          # t = (s + u) mod b
+            dk = reference.c3a_diagonal_sums(g, c3a_kernel)
     if need_b:
         db = grad_y.sum(0, dtype=torch.float32).to(x.dtype)
     return [dx, dW, db, dk]
@@ -247,7 +234,7 @@ def _c3a_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], c3a_kernel: 
         y = F.linear(x, weight, bias)
         if x.shape[0] > FFT_ROWS:
             record("c3a.forward", "eager", "dense")
-            return torch.addmm(y, x, _circulant(c3a_kernel, x.dtype).t(), alpha=1.0 / x.shape[1])
+            return torch.addmm(y, x, reference.c3a_circulant(c3a_kernel, x.dtype).t(), alpha=1.0 / x.shape[1])
         record("c3a.forward", "eager", "fft")
         return y + reference.c3a_fft_delta(x, c3a_kernel).to(x.dtype) if x.shape[0] else y  # no FFT of 0 rows
     if backend == "cuda" and 0 < x.shape[0] <= 16:

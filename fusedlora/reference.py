@@ -61,15 +61,19 @@ def _c3a_blocks(c3a_kernel, in_features: int, out_features: int):
     return nb_out, nb_in, b
 
 
+def c3a_circulant(c3a_kernel, dtype) -> torch.Tensor:
+    """C[m*b+s, n*b+t] = w[m, n, (t - s) mod b] in ``dtype``, unscaled (K * dW)."""
+    nb_out, nb_in, b = c3a_kernel.shape
+    ar = torch.arange(b, device=c3a_kernel.device)
+    blocks = c3a_kernel.to(dtype)[:, :, (ar[None, :] - ar[:, None]) % b]    # (m, n, s, t)
+    return blocks.permute(0, 2, 1, 3).reshape(nb_out * b, nb_in * b)
+
+
 def c3a_delta_weight(c3a_kernel, in_features: int, out_features: int) -> torch.Tensor:
     """The dense update that merging adds to W (float32 or wider), as PEFT's
     ``get_delta_weight``: dW[m*b+s, n*b+t] = w[m, n, (t - s) mod b] / in_features."""
-    nb_out, nb_in, b = _c3a_blocks(c3a_kernel, in_features, out_features)
-    w = c3a_kernel.to(torch.promote_types(c3a_kernel.dtype, torch.float32))
-    ar = torch.arange(b, device=w.device)
-    idx = (ar[None, :] - ar[:, None]) % b                # idx[s, t] = (t - s) mod b
-    blocks = w[:, :, idx]                                # (m, n, s, t)
-    return blocks.permute(0, 2, 1, 3).reshape(out_features, in_features) / in_features
+    _c3a_blocks(c3a_kernel, in_features, out_features)
+    return c3a_circulant(c3a_kernel, torch.promote_types(c3a_kernel.dtype, torch.float32)) / in_features
 
 
 def c3a_linear(x, weight, bias, c3a_kernel) -> torch.Tensor:
@@ -82,13 +86,18 @@ def c3a_linear(x, weight, bias, c3a_kernel) -> torch.Tensor:
 
 def c3a_kernel_grad(grad_y, x, c3a_kernel) -> torch.Tensor:
     """dL/dw[m, n, u] = sum_rows sum_s dy[., m*b+s] x[., n*b+(s+u) mod b] / K, for 2-D x."""
-    nb_out, nb_in, b = c3a_kernel.shape
-    K = x.shape[-1]
     dt = torch.promote_types(x.dtype, torch.float32)
-    g = (grad_y.to(dt).t() @ x.to(dt)).reshape(nb_out, b, nb_in, b)   # (m, s, n, t)
-    ar = torch.arange(b, device=x.device)
-    idx = (ar[:, None] + ar[None, :]) % b                # idx[s, u] = (s + u) mod b
-    g = g.permute(0, 2, 1, 3)                            # (m, n, s, t)
+    return c3a_diagonal_sums(grad_y.to(dt).t() @ x.to(dt), c3a_kernel)
+
+
+def c3a_diagonal_sums(g, c3a_kernel) -> torch.Tensor:
+    """The kernel gradient from G = dY^T X (N x K): dw[m, n, u] = sum_s G[m*b+s, n*b+(s+u) mod b] / K,
+    in float32 or wider, cast to the kernel's dtype."""
+    nb_out, nb_in, b = c3a_kernel.shape
+    K = g.shape[1]
+    g = g.to(torch.promote_types(g.dtype, torch.float32)).reshape(nb_out, b, nb_in, b).permute(0, 2, 1, 3)
+    ar = torch.arange(b, device=g.device)
+    idx = (ar[:, None] + ar[None, :]) % b                # idx[s, u] = (s + u) mod b; g is (m, n, s, t)
     diag = torch.gather(g, 3, idx.expand(nb_out, nb_in, b, b))   # (m, n, s, u)
     return (diag.sum(2) / K).to(c3a_kernel.dtype)
 
