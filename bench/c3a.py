@@ -22,7 +22,7 @@ from torch import nn
 from fusedlora import reference
 from fusedlora.c3a import c3a_linear, init_c3a_kernel
 
-from .harness import (frozen_linear, Case, Options, Skip, compiled, elem_size, on_backend,
+from .harness import (frozen_linear, Options, Skip, adapter_case, base_thunk, compiled, elem_size, on_backend,
                       grad_thunk, matmul_flops, numel_bytes, random_maker)
 
 PATH = "c3a"
@@ -86,10 +86,6 @@ def _fused(i):
     return on_backend("triton", _auto(i))
 
 
-def _base(i):
-    return grad_thunk(lambda: F.linear(i["x"], i["W"], i["b"]), i, [i["x"]])
-
-
 def _eager(i, fn=None):
     fn = eager if fn is None else fn
     return grad_thunk(lambda: fn(i["x"], i["W"], i["b"], i["kernel"]), i, [i["x"], i["kernel"]])
@@ -115,9 +111,7 @@ def cases(opts: Options):
     elem = elem_size(opts.dtype)
     for variant in VARIANTS:
         for s in shapes(opts):
-            c3a_work, base_work = work(s, variant, elem)
-            yield Case(path=PATH, variant=variant, shape=s, dtype=opts.dtype, device=opts.device,
-                       make_inputs=lambda s=s, v=variant: _inputs(s, v, opts.device, opts.dtype),
-                       impls={"fused": _fused, "auto": _auto, "base": _base, "eager": _eager,
-                              "compile": compiled(eager, lambda fn, i: _eager(i, fn)), "peft": _peft},
-                       work={"*": c3a_work, "base": base_work}, ref="fused", roof_impls=("fused", "base"))
+            yield adapter_case(PATH, variant, s, opts, lambda s=s, v=variant: _inputs(s, v, opts.device, opts.dtype),
+                               {"fused": _fused, "auto": _auto, "base": base_thunk, "eager": _eager,
+                                "compile": compiled(eager, lambda fn, i: _eager(i, fn)), "peft": _peft},
+                               work(s, variant, elem))

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fusedlora
@@ -153,6 +154,21 @@ def grad_thunk(forward: Callable[[], torch.Tensor], inputs: Dict[str, Any],
     wrt = [t for t in wrt if t.requires_grad]
     gy = inputs["gy"]
     return lambda: torch.autograd.grad(forward(), wrt, gy)
+
+
+def base_thunk(inputs: Dict[str, Any]) -> Callable[[], Any]:
+    """The base layer alone, F.linear(x, W, b) (and its x gradient under fwd+bwd): the
+    floor every adapter path is measured from."""
+    return grad_thunk(lambda: F.linear(inputs["x"], inputs["W"], inputs["b"]), inputs, [inputs["x"]])
+
+
+def adapter_case(path: str, variant: str, shape: Dict[str, int], opts: "Options", make_inputs, impls: dict,
+                 work: Tuple[Tuple[float, float], Tuple[float, float]]) -> "Case":
+    """A row of a single-adapter path (LoRA, C3A, sparse): ``work`` = (the fused op's,
+    the base layer's) (flops, bytes); ratios against ``fused``, roofline of fused and base."""
+    return Case(path=path, variant=variant, shape=shape, dtype=opts.dtype, device=opts.device,
+                make_inputs=make_inputs, impls=impls, work={"*": work[0], "base": work[1]}, ref="fused",
+                roof_impls=("fused", "base"))
 
 
 def on_backend(name: str, thunk: Callable[[], Any]) -> Callable[[], Any]:

@@ -19,8 +19,8 @@ from torch import nn
 
 from fusedlora import ops
 
-from .harness import (frozen_linear, Case, Options, Skip, compiled, elem_size, gemm_adapter_bytes, gemm_adapter_flops, grad_thunk,
-                      matmul_flops, numel_bytes, random_maker)
+from .harness import (frozen_linear, Options, Skip, adapter_case, base_thunk, compiled, elem_size, gemm_adapter_bytes,
+                      gemm_adapter_flops, grad_thunk, matmul_flops, numel_bytes, random_maker)
 
 PATH = "lora"
 SCALING = 2.0  # lora_alpha = 2 r, a common choice; any nonzero value times the same
@@ -74,10 +74,6 @@ def _fused(i):
                       [i["x"], i["A"], i["B"]])
 
 
-def _base(i):
-    return grad_thunk(lambda: F.linear(i["x"], i["W"], i["b"]), i, [i["x"]])
-
-
 def _eager(i, fn=None):
     fn = eager if fn is None else fn
     return grad_thunk(lambda: fn(i["x"], i["W"], i["b"], i["A"], i["B"], SCALING), i, [i["x"], i["A"], i["B"]])
@@ -109,9 +105,7 @@ def cases(opts: Options):
     elem = elem_size(opts.dtype)
     for variant in VARIANTS:
         for s in shapes(opts):
-            lora_work, base_work = work(s, variant, elem)
-            yield Case(path=PATH, variant=variant, shape=s, dtype=opts.dtype, device=opts.device,
-                       make_inputs=lambda s=s, v=variant: _inputs(s, v, opts.device, opts.dtype),
-                       impls={"fused": _fused, "base": _base, "eager": _eager,
-                              "compile": compiled(eager, lambda fn, i: _eager(i, fn)), "peft": _peft},
-                       work={"*": lora_work, "base": base_work}, ref="fused", roof_impls=("fused", "base"))
+            yield adapter_case(PATH, variant, s, opts, lambda s=s, v=variant: _inputs(s, v, opts.device, opts.dtype),
+                               {"fused": _fused, "base": base_thunk, "eager": _eager,
+                                "compile": compiled(eager, lambda fn, i: _eager(i, fn)), "peft": _peft},
+                               work(s, variant, elem))

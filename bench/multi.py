@@ -31,7 +31,7 @@ from torch import nn
 
 from fusedlora import FusedLinear, ops
 
-from .harness import frozen_linear, Case, Options, Skip, elem_size, grad_thunk, matmul_flops, numel_bytes
+from .harness import frozen_linear, Case, Options, Skip, base_thunk, elem_size, grad_thunk, matmul_flops, numel_bytes
 
 PATH = "multi"
 SCALING = 2.0      # lora_alpha = 2 r
@@ -146,10 +146,6 @@ def _single(i):
     return grad_thunk(lambda: ops.lora_linear(i["x"], i["W"], i["b"], A, B, SCALING), i, [i["x"], A, B])
 
 
-def _base(i):
-    return grad_thunk(lambda: F.linear(i["x"], i["W"], i["b"]), i, [i["x"]])
-
-
 def _gather(i):
     ad = i["adapters"]
     T, K = i["x"].shape
@@ -219,5 +215,5 @@ def cases(opts: Options):
                 numel_bytes(elem, (s["T"], s["K"]), (s["N"], s["K"]), (s["N"],), (s["T"], s["N"])))
         yield Case(path=PATH, variant=variant, shape=s, dtype=opts.dtype, device=opts.device,
                    make_inputs=lambda s=s, v=variant: _inputs(s, v, opts.device, opts.dtype, next(seeds)),
-                   impls={"multi": _multi, "single": _single, "base": _base, "gather": _gather, "peft": _peft},
+                   impls={"multi": _multi, "single": _single, "base": base_thunk, "gather": _gather, "peft": _peft},
                    work={"*": (flops, nbytes), "base": base}, ref="single", roof_impls=("multi", "single"))

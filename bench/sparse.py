@@ -33,7 +33,7 @@ from torch import nn
 
 from fusedlora.sparse import build_layout, random_indices, shira_num_nonzeros, sparse_linear
 
-from .harness import (frozen_linear, Case, Options, Skip, compiled, elem_size, on_backend,
+from .harness import (frozen_linear, Options, Skip, adapter_case, base_thunk, compiled, elem_size, on_backend,
                       grad_thunk, matmul_flops, numel_bytes, random_maker)
 
 # PEFT's SHiRA builds a torch.sparse_coo_tensor per call; torch warns about it every time.
@@ -119,10 +119,6 @@ def _fused(i):
     return on_backend("triton", _auto(i))
 
 
-def _base(i):
-    return grad_thunk(lambda: F.linear(i["x"], i["W"], i["b"]), i, [i["x"]])
-
-
 def _eager(i, fn=None):
     fn = eager if fn is None else fn
     return grad_thunk(lambda: fn(i["x"], i["W"], i["b"], i["indices"], i["values"], SCALING), i,
@@ -160,11 +156,9 @@ def cases(opts: Options):
     elem = elem_size(opts.dtype)
     for variant in VARIANTS:
         for s in shapes(opts):
-            sparse_work, base_work = work(s, variant, elem)
             seeds = itertools.count()  # one mask per rotating input set
-            yield Case(path=PATH, variant=variant, shape=s, dtype=opts.dtype, device=opts.device,
-                       make_inputs=lambda s=s, v=variant, seeds=seeds: _inputs(s, v, opts.device, opts.dtype,
-                                                                               next(seeds)),
-                       impls={"fused": _fused, "auto": _auto, "base": _base, "eager": _eager,
-                              "compile": compiled(eager_traceable, lambda fn, i: _eager(i, fn)), "peft": _peft},
-                       work={"*": sparse_work, "base": base_work}, ref="fused", roof_impls=("fused", "base"))
+            yield adapter_case(PATH, variant, s, opts,
+                               lambda s=s, v=variant, seeds=seeds: _inputs(s, v, opts.device, opts.dtype, next(seeds)),
+                               {"fused": _fused, "auto": _auto, "base": base_thunk, "eager": _eager,
+                                "compile": compiled(eager_traceable, lambda fn, i: _eager(i, fn)), "peft": _peft},
+                               work(s, variant, elem))
