@@ -406,13 +406,11 @@ def _rows_decode(x: Tensor, weight: Tensor, bias: Optional[Tensor], values: Tens
     return y.to(x.dtype)
 
 
-def _dense_weight(weight: Tensor, rows: Tensor, cols: Tensor, perm: Tensor, values: Tensor,
-                  scaling: float) -> Tensor:
+def _dense_weight(weight: Tensor, flat: Tensor, perm: Tensor, values: Tensor, scaling: float) -> Tensor:
     """W + scaling * S in W's dtype, as PEFT's SHiRA layer forms it: a copy of W and one
-    scatter of the (distinct, checked) nonzeros; the layout's order needs no undoing."""
+    scatter of the (distinct, checked) nonzeros at ``flat`` = row * K + col, layout order."""
     w = weight.detach().clone(memory_format=torch.contiguous_format)
-    delta = (values.detach()[perm.long()] * scaling).to(w.dtype)
-    w.view(-1).index_add_(0, rows.long() * weight.shape[1] + cols.long(), delta)
+    w.view(-1).index_add_(0, flat, (values.detach()[perm.long()] * scaling).to(w.dtype))
     return w
 
 
@@ -421,15 +419,15 @@ def _dense_grads(grad_y: Tensor, x: Tensor, weight: Tensor, values: Tensor, rows
     """cuBLAS for dx (through W + S, formed again) and for dY^T X, whose entries at the
     nonzeros are the value gradient: an N x K temporary, traded for a GEMM's speed."""
     need_x, need_w, need_b, need_v = needs
+    flat = rows.long() * weight.shape[1] + cols.long() if need_x or need_v else None
     dx, dW, db, dv = (grad_y.new_empty(0) for _ in range(4))
     if need_x:
-        dx = grad_y @ _dense_weight(weight, rows, cols, perm, values, scaling)
+        dx = grad_y @ _dense_weight(weight, flat, perm, values, scaling)
     if need_w or need_v:
         g = grad_y.t() @ x
         if need_w:
             dW = g.to(weight.dtype)
         if need_v:
-            flat = rows.long() * weight.shape[1] + cols.long()
             dv = torch.empty_like(values)
             dv[perm.long()] = (g.view(-1)[flat].float() * scaling).to(values.dtype)
     if need_b:
@@ -448,7 +446,8 @@ def _sparse_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], values: T
         return reference.sparse_linear(x, weight, bias, _user_indices(rows, cols, perm), values, scaling)
     if backend == "eager":
         record("sparse.forward", "eager", "dense")
-        return F.linear(x, _dense_weight(weight, rows, cols, perm, values, scaling), bias)
+        flat = rows.long() * weight.shape[1] + cols.long()
+        return F.linear(x, _dense_weight(weight, flat, perm, values, scaling), bias)
     if backend == "cuda" and 0 < x.shape[0] <= 16:
         from .cuda_ext import load
 
