@@ -76,15 +76,21 @@ def lora(**kw):
                           BLOCK_R=16), **kw})
 
 
-def planned(M, N, K, elem_bytes, **consts):
-    """The tile plan fusedlora.launch picks on a GPU for this product (split-K
-    and memory-bound shapes bypass the autotuner, so nothing else checks them)."""
+def tile_plan(M, N, K, elem_bytes, plan_of=None):
+    """(tile constexprs, warps, stages) of the plan fusedlora picks on a GPU for this
+    product (``plan_of``: launch._small_plan unless a path sizes its own)."""
     import torch
 
     from fusedlora.launch import _small_plan
 
-    plan = dict(_small_plan(M, N, K, torch.device("cpu"), elem_bytes))
-    warps, stages = plan.pop("num_warps"), plan.pop("num_stages")
+    plan = dict((plan_of or _small_plan)(M, N, K, torch.device("cpu"), elem_bytes))
+    return plan, plan.pop("num_warps"), plan.pop("num_stages")
+
+
+def planned(M, N, K, elem_bytes, **consts):
+    """The LoRA kernel under that plan (split-K and memory-bound shapes bypass the
+    autotuner, so nothing else checks them)."""
+    plan, warps, stages = tile_plan(M, N, K, elem_bytes)
     return lora(**{**plan, **consts}), warps, stages
 
 
@@ -98,23 +104,20 @@ PLAN_NAMES = [f"plan-{k}-sm80-{dt}-{r}" for k in PLAN_KERNELS for dt in ("fp16",
 
 
 def plan_variants():
-    import torch
     import triton.language as tl
 
     from fusedlora.c3a import matmul_plan as c3a_matmul_plan
     from fusedlora.kernels.c3a import c3a_kernel_grad_kernel, c3a_matmul_kernel
     from fusedlora.kernels.lora import lora_matmul_kernel
     from fusedlora.kernels.multi import multi_matmul_kernel
-    from fusedlora.launch import _small_plan
 
     out = {}
     for dt, eb in (("fp16", 2), ("fp32", 4)):
         dot = dict(DOT_DTYPE=tl.float16) if eb == 2 else dict(DOT_DTYPE=tl.float32, INPUT_PRECISION="ieee")
         for regime, (M, N, K) in PLAN_REGIMES.items():
             for k in PLAN_KERNELS:
-                plan_of = c3a_matmul_plan if k in ("c3a-forward", "c3a-grad-x") else _small_plan  # as launched
-                plan = dict(plan_of(M, N, K, torch.device("cpu"), eb))
-                warps, stages = plan.pop("num_warps"), plan.pop("num_stages")
+                plan, warps, stages = tile_plan(M, N, K, eb, c3a_matmul_plan if k in ("c3a-forward", "c3a-grad-x")
+                                                else None)  # as launched
                 if k == "lora":
                     kernel, consts = lora_matmul_kernel, lora(**plan, **dot, HAS_BIAS=True, HAS_LOWRANK=True)
                 elif k.startswith("multi"):
