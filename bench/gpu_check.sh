@@ -9,7 +9,7 @@
 #   END=555 bash bench/gpu_check.sh lease   (timeout_s 590)  one call: the extension's
 #       bisection (bench/ext_diag) in the background while the gpu tests run; then the
 #       extension's tests if its probe passed; the host time of eager decode calls
-#       (bench/host_overhead.py); then the quick benchmark (goal rows first) until END
+#       (bench/host_overhead.py; HOST=0 skips it); then the quick benchmark (goal rows first) until END
 #       seconds into the call
 #   END=200 bash bench/gpu_check.sh ext     a second call on the warm machine: the decode
 #       rows (CUDA vs Triton) and compute-sanitizer over the extension's tests; if the
@@ -69,8 +69,10 @@ if [ "$what" = lease ]; then
     echo "the extension's probe failed: benchmark without it" | tee -a "$LOG"
     export FUSEDLORA_BUILD_EXT=0 FUSEDLORA_EXT_DIR=/tmp/no-ext
   fi
-  step "host time of eager decode calls"
-  timeout 90 python bench/host_overhead.py 1 >> "$LOG" 2>&1
+  if [ "${HOST:-1}" = 1 ]; then
+    step "host time of eager decode calls"
+    timeout 90 python bench/host_overhead.py 1 >> "$LOG" 2>&1
+  fi
   wait $bisect; tail -3 /tmp/ext_bisect.txt 2>/dev/null
   left=$(( ${END:-555} - SECONDS ))
   step "quick benchmark (${left}s)"
