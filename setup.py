@@ -33,7 +33,9 @@ def _cuda_extension():
             raise RuntimeError("FUSEDLORA_BUILD_EXT=1 needs the CUDA build of torch and nvcc")
         return [], {}
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    ext = CUDAExtension("fusedlora._C", sources, extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})
+    # libstdc++ shared, as torch uses it (why: fusedlora/cuda_ext.py, LINK_FLAGS)
+    ext = CUDAExtension("fusedlora._C", sources, extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
+                        extra_link_args=["-l:libstdc++.so.6"])
     return [ext], {"build_ext": BuildExtension}
 
 

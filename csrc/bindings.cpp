@@ -4,12 +4,17 @@
 // device check so they can be tested on a machine without a GPU). Values of
 // index tables are the caller's contract (the Python layer checks them), so
 // that no call here synchronises with the host.
+//
+// No iostreams here: a toolchain that links libstdc++ statically (the H200 image's
+// g++ wrapper did) puts a second copy of std::ostream in this module, and its locale
+// facets clash with the process's libstdc++ at the first `<<`: a segfault inside the
+// argument checks (bench/results/2026-11-27_h200_2). Shapes are formatted by hand, and
+// the build links libstdc++ as a shared library (fusedlora/cuda_ext.py, setup.py).
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
 #include <initializer_list>
-#include <sstream>
 #include <string>
 #include <tuple>
 
@@ -20,9 +25,9 @@ namespace py = pybind11;
 namespace {
 
 std::string shape_of(const at::Tensor& t) {
-  std::ostringstream s;
-  s << t.sizes();
-  return s.str();
+  std::string s = "[";
+  for (int64_t d = 0; d < t.dim(); ++d) s += (d ? ", " : "") + std::to_string(t.size(d));
+  return s + "]";
 }
 
 void value_check(bool ok, const std::string& msg) {

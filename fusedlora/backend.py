@@ -72,14 +72,15 @@ def use_backend(name: str):
 # run on Triton. Empty until a GPU run has measured it (docs/cuda.md).
 CUDA_WINS: dict = {}
 
-# Auto mode's use of the eager compositions, from GPU measurements: op -> where it
-# was measured. On an H200 (bench/results/2026-11-27_h200, bf16, 4096x4096, rows 1
-# and 4096, forward and forward+backward) PEFT's algorithms beat the fused Triton
-# kernels at every shape: sparse 2.3-17x, C3A 1.1-3.5x (C3A above 16 rows now takes the
-# circulant + addmm form, two base-sized GEMMs, not yet timed on a GPU). The kernels stay
-# one FUSEDLORA_BACKEND=triton away; a later run that shows them winning removes the op.
+# Auto mode's use of the eager compositions, from GPU measurements: op -> the row count
+# above which the composition ran faster than the Triton kernels (0: at every row count).
+# H200, bf16, 4096 x 4096 (bench/results/2026-11-27_h200, _h200_2): PEFT-style
+# compositions beat the fused Triton GEMMs at every shape for C3A (1.1-3.5x at 4096 rows)
+# and for sparse above 16 rows (11x at 4096); at 1..16 rows the sparse Triton rows path
+# (the base GEMM then each output feature's nonzeros) took 29-39 us against 51-59 us for
+# the dense composition (CUDA-graph replays), so sparse.forward keeps Triton there.
 EAGER_OPS = ("sparse.forward", "sparse.backward", "c3a.forward", "c3a.backward")  # ops with a composition
-EAGER_WINS: dict = {op: "bench/results/2026-11-27_h200" for op in EAGER_OPS}
+EAGER_WINS: dict = {"sparse.forward": 16, "sparse.backward": 0, "c3a.forward": 0, "c3a.backward": 0}
 
 
 def select_backend(device: torch.device, op: Optional[str] = None, rows: int = 0) -> str:
@@ -91,7 +92,7 @@ def select_backend(device: torch.device, op: Optional[str] = None, rows: int = 0
             if triton_version() is None:
                 raise RuntimeError("fusedlora: CUDA tensors need Triton, which is not importable; "
                                    "set FUSEDLORA_BACKEND=torch to run the reference path")
-            if op in EAGER_WINS:
+            if op in EAGER_WINS and (EAGER_WINS[op] == 0 or rows > EAGER_WINS[op]):
                 return "eager"
             if op in CUDA_WINS and 0 < rows <= CUDA_WINS[op]:
                 from . import cuda_ext

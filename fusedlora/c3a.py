@@ -174,13 +174,35 @@ def c3a_kernel_grad(grad_y: Tensor, x: Tensor, c3a_kernel: Tensor, tag: str = "c
 FFT_ROWS = 16
 
 
+def _circulant(c3a_kernel: Tensor, dtype: torch.dtype) -> Tensor:
+    """The unscaled circulant C = K * dW (N x K) in ``dtype``: one Triton pass on CUDA (and
+    under the interpreter), which writes C once; reference.c3a_circulant's gather,
+    permute and copy elsewhere."""
+    nb_out, nb_in, b = c3a_kernel.shape
+    if not ((c3a_kernel.is_cuda or interpreting()) and dtype in _TRITON_DTYPES):
+        record("c3a.circulant", "torch", "gather")
+        return reference.c3a_circulant(c3a_kernel, dtype)
+    import triton
+
+    from .kernels.c3a import c3a_circulant_kernel
+
+    N, K = nb_out * b, nb_in * b
+    out = torch.empty(N, K, dtype=dtype, device=c3a_kernel.device)
+    tile = (16, 16) if interpreting() else (32, 128)
+    c3a_circulant_kernel[(triton.cdiv(N, tile[0]), triton.cdiv(K, tile[1]))](
+        out, c3a_kernel, N, K, b, out.stride(0), out.stride(1), *c3a_kernel.stride(),
+        BLOCK_N=tile[0], BLOCK_K=tile[1])
+    record("c3a.circulant", "triton", "gather")
+    return out
+
+
 def _dense_grads(grad_y: Tensor, x: Tensor, weight: Tensor, c3a_kernel: Tensor, needs: List[bool]) -> List[Tensor]:
     """cuBLAS for everything: dx = dY W + dY C / K; dY^T X (in x's dtype) gives dW and,
     summed along its circulant diagonals, the kernel gradient."""
     need_x, need_w, need_b, need_k = needs
     dx, dW, db, dk = (grad_y.new_empty(0) for _ in range(4))
     if need_x:
-        dx = torch.addmm(grad_y @ weight, grad_y, reference.c3a_circulant(c3a_kernel, x.dtype), alpha=1.0 / x.shape[1])
+        dx = torch.addmm(grad_y @ weight, grad_y, _circulant(c3a_kernel, x.dtype), alpha=1.0 / x.shape[1])
     if need_w or need_k:
         g = grad_y.t() @ x
         if need_w:
@@ -234,7 +256,7 @@ def _c3a_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], c3a_kernel: 
         y = F.linear(x, weight, bias)
         if x.shape[0] > FFT_ROWS:
             record("c3a.forward", "eager", "dense")
-            return torch.addmm(y, x, reference.c3a_circulant(c3a_kernel, x.dtype).t(), alpha=1.0 / x.shape[1])
+            return torch.addmm(y, x, _circulant(c3a_kernel, x.dtype).t(), alpha=1.0 / x.shape[1])
         record("c3a.forward", "eager", "fft")
         return y + reference.c3a_fft_delta(x, c3a_kernel).to(x.dtype) if x.shape[0] else y  # no FFT of 0 rows
     if backend == "cuda" and 0 < x.shape[0] <= 16:
@@ -257,7 +279,7 @@ def _c3a_backward(grad_y: Tensor, x: Tensor, weight: Tensor, c3a_kernel: Tensor,
                   needs: List[bool]) -> List[Tensor]:
     """(dx, dW, db, dw); an empty tensor stands for a gradient not asked for."""
     need_x, need_w, need_b, need_k = needs
-    backend = select_backend(x.device, "c3a.backward")
+    backend = select_backend(x.device, "c3a.backward", x.shape[0])
     if backend == "torch":
         grads = reference.c3a_linear_grads(grad_y, x, weight, c3a_kernel)
         record("c3a.backward", "torch", "reference")

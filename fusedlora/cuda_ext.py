@@ -21,6 +21,12 @@ from typing import Optional
 import torch
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
+# libstdc++ as the shared library that torch itself uses, named before the compiler's own
+# link line: a g++ that links it statically (the H200 image's did) would otherwise put a
+# second libstdc++ inside the module, whose iostreams broke against the process's one
+# (a segfault at the first `<<`; csrc/bindings.cpp no longer streams either). setup.py
+# passes the same flag.
+LINK_FLAGS = ["-l:libstdc++.so.6"]
 _lock = threading.Lock()
 _state = {"module": None, "error": None}
 
@@ -33,7 +39,7 @@ def _build_dir() -> Path:
     digest = hashlib.sha256()
     for src in _sources() + sorted(glob.glob(str(_CSRC / "*.h"))):
         digest.update(Path(src).read_bytes())
-    digest.update(f"{torch.__version__}|{os.environ.get('TORCH_CUDA_ARCH_LIST', '8.0;9.0')}".encode())
+    digest.update(f"{torch.__version__}|{os.environ.get('TORCH_CUDA_ARCH_LIST', '8.0;9.0')}|{LINK_FLAGS}".encode())
     root = Path(os.environ.get("FUSEDLORA_EXT_DIR", Path.home() / ".cache" / "fusedlora" / "ext"))
     return root / digest.hexdigest()[:16]
 
@@ -76,7 +82,8 @@ def load(build: bool = True):
         try:
             _state["module"] = cpp_extension.load(
                 name="fusedlora_C", sources=_sources(), build_directory=str(build_dir),
-                extra_cflags=["-O3"], extra_cuda_cflags=["-O3"], verbose=False)
+                extra_cflags=["-O3"], extra_cuda_cflags=["-O3"], extra_ldflags=LINK_FLAGS,
+                verbose=False)
             _state["error"] = None
         except Exception as e:  # the compiler's message is the useful part
             _state["error"] = f"build failed: {type(e).__name__}: {str(e)[-2000:]}"

@@ -406,11 +406,29 @@ def _rows_decode(x: Tensor, weight: Tensor, bias: Optional[Tensor], values: Tens
     return y.to(x.dtype)
 
 
-def _dense_weight(weight: Tensor, flat: Tensor, perm: Tensor, values: Tensor, scaling: float) -> Tensor:
-    """W + scaling * S in W's dtype, as PEFT's SHiRA layer forms it: a copy of W and one
-    scatter of the (distinct, checked) nonzeros at ``flat`` = row * K + col, layout order."""
+def _dense_weight(weight: Tensor, rows: Tensor, cols: Tensor, perm: Tensor, values: Tensor,
+                  scaling: float) -> Tensor:
+    """W + scaling * S in W's dtype, as PEFT's SHiRA layer forms it: a copy of W and the
+    (distinct, checked) nonzeros written into it, each W + s * v summed in float32 and
+    rounded once. On CUDA (and under the interpreter) one Triton kernel writes them,
+    3-4x faster than index_add_'s atomics; the copy is the one full pass over W."""
     w = weight.detach().clone(memory_format=torch.contiguous_format)
-    w.view(-1).index_add_(0, flat, (values.detach()[perm.long()] * scaling).to(w.dtype))
+    if rows.numel() and (w.is_cuda or interpreting()) and {w.dtype, values.dtype} <= set(_TRITON_DTYPES):
+        import triton
+
+        from .kernels.sparse import sparse_scatter_kernel
+
+        block = 1024
+        sparse_scatter_kernel[(triton.cdiv(rows.numel(), block),)](
+            w, weight, rows, cols, perm, values.detach(), rows.numel(), w.stride(0), w.stride(1),
+            weight.stride(0), weight.stride(1), float(scaling), BLOCK_E=block)
+        record("sparse.densify", "triton", "scatter")
+        return w
+    flat = rows.long() * weight.shape[1] + cols.long()
+    dt = torch.promote_types(values.dtype, torch.float32)
+    merged = w.view(-1)[flat].to(dt) + values.detach()[perm.long()].to(dt) * scaling
+    w.view(-1).index_put_((flat,), merged.to(w.dtype))
+    record("sparse.densify", "torch", "index_put")
     return w
 
 
@@ -419,16 +437,16 @@ def _dense_grads(grad_y: Tensor, x: Tensor, weight: Tensor, values: Tensor, rows
     """cuBLAS for dx (through W + S, formed again) and for dY^T X, whose entries at the
     nonzeros are the value gradient: an N x K temporary, traded for a GEMM's speed."""
     need_x, need_w, need_b, need_v = needs
-    flat = rows.long() * weight.shape[1] + cols.long() if need_x or need_v else None
     dx, dW, db, dv = (grad_y.new_empty(0) for _ in range(4))
     if need_x:
-        dx = grad_y @ _dense_weight(weight, flat, perm, values, scaling)
+        dx = grad_y @ _dense_weight(weight, rows, cols, perm, values, scaling)
     if need_w or need_v:
         g = grad_y.t() @ x
         if need_w:
             dW = g.to(weight.dtype)
         if need_v:
             dv = torch.empty_like(values)
+            flat = rows.long() * weight.shape[1] + cols.long()
             dv[perm.long()] = (g.view(-1)[flat].float() * scaling).to(values.dtype)
     if need_b:
         db = grad_y.sum(0, dtype=torch.float32).to(x.dtype)
@@ -446,8 +464,7 @@ def _sparse_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], values: T
         return reference.sparse_linear(x, weight, bias, _user_indices(rows, cols, perm), values, scaling)
     if backend == "eager":
         record("sparse.forward", "eager", "dense")
-        flat = rows.long() * weight.shape[1] + cols.long()
-        return F.linear(x, _dense_weight(weight, flat, perm, values, scaling), bias)
+        return F.linear(x, _dense_weight(weight, rows, cols, perm, values, scaling), bias)
     if backend == "cuda" and 0 < x.shape[0] <= 16:
         from .cuda_ext import load
 
@@ -471,7 +488,7 @@ def _sparse_backward(grad_y: Tensor, x: Tensor, weight: Tensor, values: Tensor, 
                      cols: Tensor, perm: Tensor, scaling: float, tile: int, needs: List[bool]) -> List[Tensor]:
     """(dx, dW, db, d_values); an empty tensor stands for a gradient not asked for."""
     need_x, need_w, need_b, need_v = needs
-    backend = select_backend(x.device, "sparse.backward")
+    backend = select_backend(x.device, "sparse.backward", x.shape[0])
     if backend == "torch":
         grads = reference.sparse_linear_grads(grad_y, x, weight, _user_indices(rows, cols, perm), values, scaling)
         record("sparse.backward", "torch", "reference")

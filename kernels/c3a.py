@@ -13,6 +13,10 @@ Products (fusedlora.c3a launches them):
                                                 c3a_kernel_grad_kernel
               dW = dy^T @ x                     plain GEMM (fusedlora.launch.matmul)
 
+Above 16 rows the default path (fusedlora.c3a, the eager composition) hands the GEMMs
+to cuBLAS: c3a_circulant_kernel writes the unscaled circulant C = K * dW, N x K, in
+x's dtype, one pass, for y = x W^T + (x C^T) / K and dx = dy W + (dy C) / K.
+
 c3a_matmul_kernel gathers the dW tile of the current (reduction, column) tile
 from w in fp32, adds it to the loaded W tile and feeds the sum to tl.dot:
 dW is never materialised. Tiles need not align with b; any b >= 1 that
@@ -156,3 +160,25 @@ def c3a_kernel_grad_kernel(
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=g_ok & c_ok)
     else:
         tl.atomic_add(c_ptrs, acc, mask=g_ok & c_ok)
+
+
+@triton.jit
+def c3a_circulant_kernel(
+    out_ptr, w_ptr, N, K, BS,
+    stride_on, stride_ok, stride_w_out, stride_w_in, stride_w_u,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[m*b + s, n*b + t] = w[m, n, (t - s) mod b], the unscaled circulant, in out's
+    dtype. w (NK/b values) stays in cache; out is written once."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ok = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    blk_n = offs_n // BS
+    blk_k = offs_k // BS
+    u = (offs_k[None, :] - blk_k[None, :] * BS) - (offs_n[:, None] - blk_n[:, None] * BS)
+    u = tl.where(u < 0, u + BS, u)
+    src = (w_ptr + blk_n[:, None].to(tl.int64) * stride_w_out + blk_k[None, :].to(tl.int64) * stride_w_in
+           + u.to(tl.int64) * stride_w_u)
+    vals = tl.load(src, mask=ok, other=0.0)
+    dst = out_ptr + offs_n[:, None].to(tl.int64) * stride_on + offs_k[None, :].to(tl.int64) * stride_ok
+    tl.store(dst, vals.to(out_ptr.dtype.element_ty), mask=ok)

@@ -2,7 +2,9 @@
 nonzeros merged in registers, and the sampled product of the value gradient.
 
     forward   y  = x (W + s S)^T + b           sparse_matmul_kernel, B = W^T, delta S^T
-              (1..16 rows: the base GEMM, then sparse_rows_add_kernel over S's CSR rows)
+              (1..16 rows: the base GEMM, then sparse_rows_add_kernel over S's CSR rows;
+              the default above 16 rows: W + s S formed by sparse_scatter_kernel into a
+              copy of W, then cuBLAS)
     backward  dx = dy (W + s S)                sparse_matmul_kernel, B = W,   delta S
               dv = s * (dy^T x)[rows, cols]    sddmm_kernel (only at the nonzeros)
               dW = dy^T x                      plain GEMM (fusedlora.launch.matmul)
@@ -172,3 +174,21 @@ def sparse_rows_add_kernel(
     ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
     mask = m_ok[:, None] & n_ok[None, :]
     tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + scaling * acc, mask=mask)
+
+
+@triton.jit
+def sparse_scatter_kernel(
+    out_ptr, w_ptr, rows_ptr, cols_ptr, perm_ptr, val_ptr,
+    NNZ, stride_on, stride_ok, stride_wn, stride_wk, scaling,
+    BLOCK_E: tl.constexpr,
+):
+    """out[rows[p], cols[p]] = w[rows[p], cols[p]] + scaling * val[perm[p]], summed in
+    float32 and rounded once to out's dtype. out is a copy of w: the positions are
+    distinct, so no atomics, and w is read, never written."""
+    offs = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    ok = offs < NNZ
+    r = tl.load(rows_ptr + offs, mask=ok, other=0).to(tl.int64)
+    c = tl.load(cols_ptr + offs, mask=ok, other=0).to(tl.int64)
+    v = tl.load(val_ptr + tl.load(perm_ptr + offs, mask=ok, other=0), mask=ok, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + r * stride_wn + c * stride_wk, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + r * stride_on + c * stride_ok, (w + scaling * v).to(out_ptr.dtype.element_ty), mask=ok)
