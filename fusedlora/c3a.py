@@ -26,7 +26,7 @@ from torch import Tensor
 
 from . import reference
 from .backend import interpreting, record, select_backend
-from .ops import check_linear_args, direct_ok, fused_op
+from .ops import check_linear_args, fused_op, pick, register_autograd
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INIT_CHOICES = (True, False, "gaussian", "xavier_uniform", "kaiming_uniform")
@@ -274,7 +274,7 @@ def _(x, weight, bias, c3a_kernel):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
-@torch.library.custom_op("fusedlora::c3a_linear_backward", mutates_args=())
+@fused_op("fusedlora::c3a_linear_backward")
 def _c3a_backward(grad_y: Tensor, x: Tensor, weight: Tensor, c3a_kernel: Tensor,
                   needs: List[bool]) -> List[Tensor]:
     """(dx, dW, db, dw); an empty tensor stands for a gradient not asked for."""
@@ -322,11 +322,12 @@ def _c3a_autograd(ctx, grad_y):
     x, weight, c3a_kernel = ctx.saved_tensors
     n = ctx.needs_input_grad
     needs = [n[0], n[1], n[2], n[3]]
-    grads = _c3a_backward(grad_y, x, weight, c3a_kernel, needs)
+    backward = pick(_c3a_backward, grad_y, x, weight, c3a_kernel)
+    grads = backward(grad_y, x, weight, c3a_kernel, needs)
     return tuple(g if need else None for g, need in zip(grads, needs))
 
 
-_c3a_forward.register_autograd(_c3a_autograd, setup_context=_c3a_setup_context)
+register_autograd(_c3a_forward, _c3a_autograd, _c3a_setup_context)
 
 
 def c3a_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], c3a_kernel: Tensor) -> Tensor:
@@ -337,7 +338,7 @@ def c3a_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], c3a_kernel: Te
     """
     check_c3a_args(x, weight, bias, c3a_kernel)
     lead = x.shape[:-1]
-    op = _c3a_forward.direct if direct_ok(x, weight, bias, c3a_kernel) else _c3a_forward
+    op = pick(_c3a_forward, x, weight, bias, c3a_kernel)
     y = op(x.reshape(-1, x.shape[-1]), weight, bias, c3a_kernel)
     return y.reshape(*lead, weight.shape[0])
 

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backend import interpreting, record, select_backend
-from .ops import direct_ok, fused_op
+from .ops import fused_op, pick, register_autograd
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
@@ -341,7 +341,7 @@ def _(x, weight, bias, pool_A, pool_BT, row_slot, slot_off, slot_rank, slot_scal
             x.new_empty((x.shape[0], max_rank), dtype=torch.float32))
 
 
-@torch.library.custom_op("fusedlora::multi_lora_linear_backward", mutates_args=())
+@fused_op("fusedlora::multi_lora_linear_backward")
 def _multi_backward(grad_y: Tensor, x: Tensor, weight: Tensor, pool_A: Tensor, pool_BT: Tensor, u: Tensor,
                     row_slot: Tensor, slot_off: Tensor, slot_rank: Tensor, slot_scale: Tensor, slot_drop: Tensor,
                     max_rank: int, dropout: bool, seed: Tensor, needs: List[bool]) -> List[Tensor]:
@@ -401,13 +401,14 @@ def _multi_autograd(ctx, grad_y, grad_u):
     x, weight, pool_A, pool_BT, u, row_slot, slot_off, slot_rank, slot_scale, slot_drop, seed = ctx.saved_tensors
     n = ctx.needs_input_grad
     needs = [n[0], n[1], n[2], n[3], n[4]]
-    grads = _multi_backward(grad_y, x, weight, pool_A, pool_BT, u, row_slot, slot_off, slot_rank, slot_scale,
-                            slot_drop, ctx.max_rank, ctx.dropout, seed, needs)
+    backward = pick(_multi_backward, grad_y, x, weight, pool_A, pool_BT, u)
+    grads = backward(grad_y, x, weight, pool_A, pool_BT, u, row_slot, slot_off, slot_rank, slot_scale,
+                     slot_drop, ctx.max_rank, ctx.dropout, seed, needs)
     dx, dW, db, dA, dBT = (g if need else None for g, need in zip(grads, needs))
     return dx, dW, db, dA, dBT, None, None, None, None, None, None, None, None
 
 
-_multi_forward.register_autograd(_multi_autograd, setup_context=_multi_setup_context)
+register_autograd(_multi_forward, _multi_autograd, _multi_setup_context)
 
 
 def check_multi_args(x, weight, bias, row_slot, pool_A, pool_BT, slot_off, slot_rank, slot_scale,
@@ -483,7 +484,7 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], row_slo
     if slot_drop is None:
         slot_drop = torch.zeros_like(slot_scale)
     p_max = float(slot_drop.max()) if slot_drop.numel() else 0.0
-    op = _multi_forward.direct if direct_ok(x, weight, bias, pool_A, pool_BT) else _multi_forward
+    op = pick(_multi_forward, x, weight, bias, pool_A, pool_BT)
     y, _ = op(x, weight, bias, pool_A, pool_BT, row_slot, slot_off, slot_rank, slot_scale, slot_drop,
               int(max_rank), p_max > 0, draw_seed(p_max))
     return y

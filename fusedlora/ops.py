@@ -24,10 +24,7 @@ _NO_SEED = torch.zeros((), dtype=torch.int64)
 
 # ------------------------------------------------------------- op plumbing
 def fused_op(name: str):
-    """``torch.library.custom_op(name)`` that keeps the plain function as ``.direct``.
-    Callers take ``.direct`` where dispatch has nothing to add (``direct_ok``): the
-    custom op's Python dispatch costs ~12 us a call on a small CPU, paid per layer by a
-    decode step that is not captured in a CUDA graph."""
+    """``torch.library.custom_op(name)`` that keeps the plain function as ``.direct``."""
     def wrap(fn):
         op = torch.library.custom_op(name, mutates_args=())(fn)
         op.direct = fn
@@ -35,14 +32,37 @@ def fused_op(name: str):
     return wrap
 
 
-def direct_ok(*tensors) -> bool:
-    """No autograd graph to record, no tracing (torch.compile), no dispatch mode
-    (FakeTensorMode, ...) and plain tensors or parameters: the op's body may run as is."""
+def register_autograd(op, backward, setup_context) -> None:
+    """``op.register_autograd(backward, setup_context=...)``, and ``op.autograd``: the same
+    two formulas as a torch.autograd.Function, for eager calls that record a graph."""
+    op.register_autograd(backward, setup_context=setup_context)
+
+    def forward(ctx, *inputs):
+        output = op.direct(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
+
+    # named after the op: its grad_fn reads <name>Backward
+    function = type(op._name.split("::")[-1], (torch.autograd.Function,),
+                    {"forward": staticmethod(forward), "backward": staticmethod(lambda ctx, *grads: backward(ctx, *grads))})
+    op.autograd = function.apply
+
+
+def pick(op, *tensors):
+    """How to call a fused op whose differentiable inputs are ``tensors``:
+      op.direct    nothing to record (no grad needed), no tracing, plain tensors
+      op.autograd  eager, with a graph to record: the autograd.Function of register_autograd
+      op           torch.compile, dispatch modes (FakeTensorMode, ...), tensor subclasses
+    The custom op's Python dispatch costs ~12 us a call on a small CPU, and ~100 us with
+    its autograd wrapper (bench: sparse fwd+bwd at 8 rows, 400 us against 160 us for
+    PEFT's): paid per layer by an eager decode step or training step, not by a graph."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
-        return False
-    grad = torch.is_grad_enabled()
-    return all(t is None or (type(t) in (Tensor, torch.nn.Parameter) and not (grad and t.requires_grad))
-               for t in tensors)
+        return op
+    if not all(t is None or type(t) in (Tensor, torch.nn.Parameter) for t in tensors):
+        return op
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return getattr(op, "autograd", op)  # backward ops have no formula: the op says so
+    return op.direct
 
 
 # ----------------------------------------------------------------- validation
@@ -164,7 +184,7 @@ def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
             x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32))
 
 
-@torch.library.custom_op("fusedlora::lora_linear_backward", mutates_args=())
+@fused_op("fusedlora::lora_linear_backward")
 def _lora_backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, u: Tensor,
                    scaling: float, dropout_p: float, seed: Tensor, needs: List[bool]) -> List[Tensor]:
     """(dx, dW, db, dA, dB); an empty tensor stands for a gradient not asked for."""
@@ -216,12 +236,13 @@ def _lora_autograd(ctx, grad_y, grad_u):
     x, weight, lora_A, lora_B, u, seed = ctx.saved_tensors
     n = ctx.needs_input_grad
     needs = [n[0], n[1], n[2], n[3], n[4]]
-    grads = _lora_backward(grad_y, x, weight, lora_A, lora_B, u, ctx.scaling, ctx.dropout_p, seed, needs)
+    backward = pick(_lora_backward, grad_y, x, weight, lora_A, lora_B, u)
+    grads = backward(grad_y, x, weight, lora_A, lora_B, u, ctx.scaling, ctx.dropout_p, seed, needs)
     dx, dW, db, dA, dB = (g if need else None for g, need in zip(grads, needs))
     return dx, dW, db, dA, dB, None, None, None
 
 
-_lora_forward.register_autograd(_lora_autograd, setup_context=_lora_setup_context)
+register_autograd(_lora_forward, _lora_autograd, _lora_setup_context)
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
@@ -234,7 +255,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
     """
     scaling, dropout_p = check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     lead = x.shape[:-1]
-    op = _lora_forward.direct if direct_ok(x, weight, bias, lora_A, lora_B) else _lora_forward
+    op = pick(_lora_forward, x, weight, bias, lora_A, lora_B)
     y, _ = op(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B,
                          scaling, dropout_p, draw_seed(dropout_p))
     return y.reshape(*lead, weight.shape[0])

@@ -388,10 +388,10 @@ def layer_forward(layer, x: Tensor, ids: Tensor, validate: bool = True, strict: 
                 _check_adapter_dtype(layer, n, layer.lora_A[n], layer.lora_B[n])
             pool_A = torch.cat([layer.lora_A[n] for n in loras])
             pool_BT = torch.cat([layer.lora_B[n].t() for n in loras])
-        from .ops import direct_ok, draw_seed
+        from .ops import draw_seed, pick
 
         p_max = tables.max_drop if layer.training else 0.0
-        op = _multi_forward.direct if direct_ok(x2, layer.weight, layer.bias, pool_A, pool_BT) else _multi_forward
+        op = pick(_multi_forward, x2, layer.weight, layer.bias, pool_A, pool_BT)
         y, _ = op(x2, layer.weight, layer.bias, pool_A, pool_BT, row_slot,
                   tables.slot_off, tables.slot_rank, tables.slot_scale, tables.slot_drop, tables.max_rank,
                   p_max > 0, draw_seed(p_max))

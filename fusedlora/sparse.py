@@ -45,7 +45,7 @@ from torch import Tensor
 
 from . import reference
 from .backend import interpreting, record, select_backend
-from .ops import check_linear_args, check_scalar, direct_ok, fused_op
+from .ops import check_linear_args, check_scalar, fused_op, pick, register_autograd
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -483,7 +483,7 @@ def _(x, weight, bias, values, offsets, rows, cols, perm, scaling, tile):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
-@torch.library.custom_op("fusedlora::sparse_linear_backward", mutates_args=())
+@fused_op("fusedlora::sparse_linear_backward")
 def _sparse_backward(grad_y: Tensor, x: Tensor, weight: Tensor, values: Tensor, offsets: Tensor, rows: Tensor,
                      cols: Tensor, perm: Tensor, scaling: float, tile: int, needs: List[bool]) -> List[Tensor]:
     """(dx, dW, db, d_values); an empty tensor stands for a gradient not asked for."""
@@ -530,12 +530,13 @@ def _sparse_autograd(ctx, grad_y):
     x, weight, values, offsets, rows, cols, perm = ctx.saved_tensors
     n = ctx.needs_input_grad
     needs = [n[0], n[1], n[2], n[3]]
-    grads = _sparse_backward(grad_y, x, weight, values, offsets, rows, cols, perm, ctx.scaling, ctx.tile, needs)
+    backward = pick(_sparse_backward, grad_y, x, weight, values)
+    grads = backward(grad_y, x, weight, values, offsets, rows, cols, perm, ctx.scaling, ctx.tile, needs)
     dx, dW, db, dv = (g if need else None for g, need in zip(grads, needs))
     return dx, dW, db, dv, None, None, None, None, None, None
 
 
-_sparse_forward.register_autograd(_sparse_autograd, setup_context=_sparse_setup_context)
+register_autograd(_sparse_forward, _sparse_autograd, _sparse_setup_context)
 
 
 def sparse_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], indices: Optional[Tensor], values: Tensor,
@@ -552,7 +553,7 @@ def sparse_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], indices: Op
     if layout is None:
         layout = build_layout(indices, tuple(weight.shape), device=x.device)
     lead = x.shape[:-1]
-    op = _sparse_forward.direct if direct_ok(x, weight, bias, values) else _sparse_forward
+    op = pick(_sparse_forward, x, weight, bias, values)
     y = op(x.reshape(-1, x.shape[-1]), weight, bias, values, *layout.tensors(),
                         scaling, layout.tile)
     return y.reshape(*lead, weight.shape[0])
