@@ -14,7 +14,7 @@ next to it and links them from its markdown report:
 Needs matplotlib (``pip install -e .[bench]``); without it the report says
 so and no plot is drawn. Nothing else in fusedlora or its tests needs it.
 
-``python bench/report.py --readme RESULTS.json`` writes the README's results
+``python bench/report.py --readme RESULTS.json [MORE.json ...]`` writes the README's results
 block (between its two ``results`` markers): one summary line per path and
 variant, a link to the full tables, and the plots.
 """
@@ -305,15 +305,17 @@ def readme_section(doc: dict, json_path: Path, readme: Path) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def update_readme(readme: Path, json_path: Path) -> None:
-    """Replace what stands between README_BEGIN and README_END with readme_section."""
+def update_readme(readme: Path, json_paths: List[Path]) -> None:
+    """Replace what stands between README_BEGIN and README_END with one readme_section
+    per run, in the order given (a later run that timed some paths first, then the
+    run that has the others)."""
     text = readme.read_text()
     if README_BEGIN not in text or README_END not in text:
         raise SystemExit(f"bench: report: {readme} has no {README_BEGIN} ... {README_END} block")
     head, rest = text.split(README_BEGIN, 1)
     tail = rest.split(README_END, 1)[1]
-    section = readme_section(json.loads(Path(json_path).read_text()), Path(json_path), readme)
-    readme.write_text(f"{head}{README_BEGIN}\n{section}{README_END}{tail}")
+    sections = [readme_section(json.loads(Path(p).read_text()), Path(p), readme) for p in json_paths]
+    readme.write_text(f"{head}{README_BEGIN}\n" + "\n".join(sections) + f"{README_END}{tail}")
 
 
 def main(argv=None) -> int:
@@ -322,10 +324,10 @@ def main(argv=None) -> int:
         print(__doc__)
         return 0 if argv else 2
     if argv[0] == "--readme":
-        if len(argv) != 2:
-            print("usage: python bench/report.py --readme RESULTS.json", file=sys.stderr)
+        if len(argv) < 2:
+            print("usage: python bench/report.py --readme RESULTS.json [MORE.json ...]", file=sys.stderr)
             return 2
-        update_readme(Path(__file__).resolve().parent.parent / "README.md", Path(argv[1]))
+        update_readme(Path(__file__).resolve().parent.parent / "README.md", [Path(a) for a in argv[1:]])
         return 0
     for name in argv:
         json_path = Path(name)

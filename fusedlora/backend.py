@@ -69,8 +69,11 @@ def use_backend(name: str):
 
 # Auto mode's use of the CUDA extension, from GPU measurements: op -> the largest
 # row count at which its CUDA kernel beat Triton (bench/results). Ops not listed
-# run on Triton. Empty until a GPU run has measured it (docs/cuda.md).
-CUDA_WINS: dict = {}
+# run on Triton. H200, bf16, CUDA-graph replays (bench/results/2026-11-27_h200_2): the
+# BGMV kernel at 1 row, 29.9 / 42.6 us against Triton's 32.2 / 44.6 us (4096 x 4096 /
+# 4096 x 11008); C3A's kernel also won at 1 row, but EAGER_WINS sends C3A to its FFT
+# composition first (48 / 74 us against 42 / 99 us); every other kernel lost (docs/cuda.md).
+CUDA_WINS: dict = {"multi.forward": 1}
 
 # Auto mode's use of the eager compositions, from GPU measurements: op -> the row count
 # above which the composition ran faster than the Triton kernels (0: at every row count).

@@ -172,7 +172,7 @@ def test_readme_block_summarises_a_run_and_is_replaced_in_place(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n{report.README_BEGIN}\nold\n{report.README_END}\n\n## After\n")
     for _ in range(2):  # idempotent: the block is replaced, not appended
-        report.update_readme(readme, js)
+        report.update_readme(readme, [js])
     text = readme.read_text()
     assert text.count(report.README_BEGIN) == 1 and "old" not in text and text.endswith("## After\n")
     # peft/fused: median of 0.050/0.005 = 10 and 0.300/0.200 = 1.5 -> 5.75; %roof median 70

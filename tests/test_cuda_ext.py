@@ -222,9 +222,13 @@ def test_cuda_c3a_and_sparse_decode_match_reference(ext, monkeypatch, dtype, M):
         else:
             ref = reference.sparse_linear(x.double(), W, b, idx, layer.sparse_values[name].double(), 2.0)
         assert rel_err(y, ref) < TOL[dtype]
-        # the adapter's own term, not hidden in x W^T (C3A's w/K is below a bf16 step of W)
-        assert rel_err(y.double() - torch.nn.functional.linear(x.double(), W, b),
-                       ref - torch.nn.functional.linear(x.double(), W, b)) < 2e-2
+        # the adapter's own term, not hidden in x W^T (C3A's w/K is below a bf16 step of W);
+        # y's own rounding to its dtype bounds how well the term can show: the exact result
+        # rounded to bf16 is 3.1e-2 off on C3A's term here, the H200's kernel measured
+        # 3.1e-2; the floor below is ~7e-2, and a lost term would be 1
+        base = torch.nn.functional.linear(x.double(), W, b)
+        floor = torch.finfo(dtype).eps / 2 * y.double().norm().item() / (ref - base).norm().item()
+        assert rel_err(y.double() - base, ref - base) < 2e-2 + floor
 
 
 def test_auto_uses_the_cuda_kernels_only_where_measured(ext, monkeypatch):
@@ -235,10 +239,12 @@ def test_auto_uses_the_cuda_kernels_only_where_measured(ext, monkeypatch):
     monkeypatch.delenv("FUSEDLORA_BACKEND", raising=False)
     cuda = torch.device("cuda")  # a device object needs no GPU
     assert backend.select_backend(cuda, "lora.forward", 4) == "triton"
+    assert backend.CUDA_WINS == {"multi.forward": 1}  # bench/results/2026-11-27_h200_2
     monkeypatch.setitem(backend.CUDA_WINS, "lora.forward", 16)
     assert backend.select_backend(cuda, "lora.forward", 4) == "cuda"
     assert backend.select_backend(cuda, "lora.forward", 17) == "triton"
     assert backend.select_backend(cuda, "multi.forward", 4) == "triton"
+    assert backend.select_backend(cuda, "multi.forward", 1) == "cuda"
     monkeypatch.setenv("FUSEDLORA_BUILD_EXT", "0")
     monkeypatch.setitem(cuda_ext._state, "module", None)
     fusedlora.reset_dispatch()
