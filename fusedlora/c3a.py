@@ -196,6 +196,28 @@ def _circulant(c3a_kernel: Tensor, dtype: torch.dtype) -> Tensor:
     return out
 
 
+def _diagonal_sums(g: Tensor, c3a_kernel: Tensor) -> Tensor:
+    """reference.c3a_diagonal_sums (the kernel gradient from G = dY^T X) in one Triton pass
+    over G on CUDA (and under the interpreter) for blocks of 16 and more; the torch
+    gathers, which copy G twice, below that (a program per block pair would be too small)."""
+    nb_out, nb_in, b = c3a_kernel.shape
+    if not ((g.is_cuda or interpreting()) and g.dtype in _TRITON_DTYPES and b >= 16
+            and c3a_kernel.dtype in _TRITON_DTYPES):
+        record("c3a.diagonal_sums", "torch", "gather")
+        return reference.c3a_diagonal_sums(g, c3a_kernel)
+    import triton
+
+    from .kernels.c3a import c3a_diagonal_sums_kernel
+
+    out = torch.empty(c3a_kernel.shape, dtype=c3a_kernel.dtype, device=g.device)
+    block_u = 16 if interpreting() else min(128, triton.next_power_of_2(b))
+    c3a_diagonal_sums_kernel[(nb_out * nb_in, triton.cdiv(b, block_u))](
+        g, out, b, nb_in, g.stride(0), g.stride(1), *out.stride(), 1.0 / g.shape[1],
+        BLOCK_S=16 if interpreting() else 32, BLOCK_U=block_u)
+    record("c3a.diagonal_sums", "triton", "rows")
+    return out
+
+
 def _dense_grads(grad_y: Tensor, x: Tensor, weight: Tensor, c3a_kernel: Tensor, needs: List[bool]) -> List[Tensor]:
     """cuBLAS for everything: dx = dY W + dY C / K; dY^T X (in x's dtype) gives dW and,
     summed along its circulant diagonals, the kernel gradient."""
@@ -208,7 +230,7 @@ def _dense_grads(grad_y: Tensor, x: Tensor, weight: Tensor, c3a_kernel: Tensor, 
         if need_w:
             dW = g.to(weight.dtype)
         if need_k:
-            dk = reference.c3a_diagonal_sums(g, c3a_kernel)
+            dk = _diagonal_sums(g, c3a_kernel)
     if need_b:
         db = grad_y.sum(0, dtype=torch.float32).to(x.dtype)
     return [dx, dW, db, dk]

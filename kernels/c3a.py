@@ -15,7 +15,9 @@ Products (fusedlora.c3a launches them):
 
 Above 16 rows the default path (fusedlora.c3a, the eager composition) hands the GEMMs
 to cuBLAS: c3a_circulant_kernel writes the unscaled circulant C = K * dW, N x K, in
-x's dtype, one pass, for y = x W^T + (x C^T) / K and dx = dy W + (dy C) / K.
+x's dtype, one pass, for y = x W^T + (x C^T) / K and dx = dy W + (dy C) / K; the
+kernel gradient is read off G = dy^T x (cuBLAS) by c3a_diagonal_sums_kernel, one pass
+over G: dw[m, n, u] = sum_s G[m*b + s, n*b + (s + u) mod b] / K.
 
 c3a_matmul_kernel gathers the dW tile of the current (reduction, column) tile
 from w in fp32, adds it to the loaded W tile and feeds the sum to tl.dot:
@@ -165,7 +167,7 @@ def c3a_kernel_grad_kernel(
 @triton.jit
 def c3a_circulant_kernel(
     out_ptr, w_ptr, N, K, BS,
-    stride_on, stride_ok, stride_w_out, stride_w_in, stride_w_u,
+    stride_out_n, stride_out_k, stride_w_out, stride_w_in, stride_w_u,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[m*b + s, n*b + t] = w[m, n, (t - s) mod b], the unscaled circulant, in out's
@@ -180,5 +182,32 @@ def c3a_circulant_kernel(
     src = (w_ptr + blk_n[:, None].to(tl.int64) * stride_w_out + blk_k[None, :].to(tl.int64) * stride_w_in
            + u.to(tl.int64) * stride_w_u)
     vals = tl.load(src, mask=ok, other=0.0)
-    dst = out_ptr + offs_n[:, None].to(tl.int64) * stride_on + offs_k[None, :].to(tl.int64) * stride_ok
+    dst = out_ptr + offs_n[:, None].to(tl.int64) * stride_out_n + offs_k[None, :].to(tl.int64) * stride_out_k
     tl.store(dst, vals.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def c3a_diagonal_sums_kernel(
+    g_ptr, out_ptr, BS, NB_IN, stride_g0, stride_g1, stride_o0, stride_o1, stride_o2, scale,
+    BLOCK_S: tl.constexpr, BLOCK_U: tl.constexpr,
+):
+    """out[m, n, u] = scale * sum_s g[m*b + s, n*b + (s + u) mod b], summed in float32.
+    One program per (block pair, BLOCK_U offsets); for each s its offsets are one
+    rotated run of a row of g, so every element of g is read once, in runs."""
+    pair = tl.program_id(0)
+    m = pair // NB_IN
+    n = pair - m * NB_IN
+    offs_u = tl.program_id(1) * BLOCK_U + tl.arange(0, BLOCK_U)
+    u_ok = offs_u < BS
+    row0 = g_ptr + (m * BS).to(tl.int64) * stride_g0 + (n * BS).to(tl.int64) * stride_g1
+    acc = tl.zeros((BLOCK_U,), dtype=tl.float32)
+    for s0 in range(0, BS, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        col = offs_s[:, None] + offs_u[None, :]
+        col = tl.where(col >= BS, col - BS, col)
+        ok = (offs_s[:, None] < BS) & u_ok[None, :]
+        tile = tl.load(row0 + offs_s[:, None].to(tl.int64) * stride_g0 + col.to(tl.int64) * stride_g1,
+                       mask=ok, other=0.0)
+        acc += tl.sum(tile.to(tl.float32), axis=0)
+    dst = out_ptr + m.to(tl.int64) * stride_o0 + n.to(tl.int64) * stride_o1 + offs_u.to(tl.int64) * stride_o2
+    tl.store(dst, (acc * scale).to(out_ptr.dtype.element_ty), mask=u_ok)

@@ -178,17 +178,17 @@ def sparse_rows_add_kernel(
 
 @triton.jit
 def sparse_scatter_kernel(
-    out_ptr, w_ptr, rows_ptr, cols_ptr, perm_ptr, val_ptr,
-    NNZ, stride_on, stride_ok, stride_wn, stride_wk, scaling,
+    out_ptr, weight_ptr, rows_ptr, cols_ptr, perm_ptr, val_ptr,
+    NNZ, stride_out_n, stride_out_k, stride_w_n, stride_w_k, scaling,
     BLOCK_E: tl.constexpr,
 ):
-    """out[rows[p], cols[p]] = w[rows[p], cols[p]] + scaling * val[perm[p]], summed in
-    float32 and rounded once to out's dtype. out is a copy of w: the positions are
-    distinct, so no atomics, and w is read, never written."""
+    """out[rows[p], cols[p]] = weight[rows[p], cols[p]] + scaling * val[perm[p]], summed in
+    float32 and rounded once to out's dtype. out is a copy of weight: the positions are
+    distinct, so no atomics, and weight is read, never written."""
     offs = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     ok = offs < NNZ
     r = tl.load(rows_ptr + offs, mask=ok, other=0).to(tl.int64)
     c = tl.load(cols_ptr + offs, mask=ok, other=0).to(tl.int64)
     v = tl.load(val_ptr + tl.load(perm_ptr + offs, mask=ok, other=0), mask=ok, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + r * stride_wn + c * stride_wk, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + r * stride_on + c * stride_ok, (w + scaling * v).to(out_ptr.dtype.element_ty), mask=ok)
+    w = tl.load(weight_ptr + r * stride_w_n + c * stride_w_k, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + r * stride_out_n + c * stride_out_k, (w + scaling * v).to(out_ptr.dtype.element_ty), mask=ok)

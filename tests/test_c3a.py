@@ -174,8 +174,9 @@ def test_eager_backend_matches_reference(monkeypatch, shape):
     # the 3-D (6 rows) and M = 0 checks take the FFT form
     ran = set(dispatched("c3a."))
     expected = {f"c3a.{d}:eager:{f}" for d in ("forward", "backward") for f in {form, "fft"}}
-    if form == "dense":  # the circulant: Triton (the interpreter here) in fp32, torch in float64
+    if form == "dense":  # circulant and kernel gradient: Triton (the interpreter here) in fp32, torch in float64
         expected |= {"c3a.circulant:triton:gather", "c3a.circulant:torch:gather"}
+        expected |= {"c3a.diagonal_sums:torch:gather"} | ({"c3a.diagonal_sums:triton:rows"} if b >= 16 else set())
     assert ran == expected
 
 
@@ -359,7 +360,8 @@ def test_gpu_auto_runs_the_eager_composition(monkeypatch, shape, dtype):
     fusedlora.reset_dispatch()
     check_against_reference(make_inputs(*shape, dtype))
     form = "dense" if shape[0] > fusedlora.c3a.FFT_ROWS else "fft"
-    circulant = {"c3a.circulant:triton:gather"} if form == "dense" else set()
+    diagonal = "c3a.diagonal_sums:" + ("triton:rows" if shape[3] >= 16 else "torch:gather")
+    circulant = {"c3a.circulant:triton:gather", diagonal} if form == "dense" else set()
     assert set(dispatched("c3a.")) == {f"c3a.forward:eager:{form}", f"c3a.backward:eager:{form}"} | circulant
 
 
@@ -367,3 +369,22 @@ def test_gpu_auto_runs_the_eager_composition(monkeypatch, shape, dtype):
 def test_gpu_bf16_3d_kernel_bf16(triton_backend):
     inp = make_inputs(0, 256, 384, 128, torch.bfloat16, lead=(4, 33), kernel_dtype=torch.bfloat16)
     check_against_reference(inp)
+
+
+@pytest.mark.parametrize("b", [16, 48])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dense_form_kernels_match_the_reference_gathers(b, dtype):
+    """The Triton kernels of the dense composition against reference.py's gathers:
+    the circulant (tiles that straddle blocks, odd block counts) and the kernel
+    gradient's diagonal sums (a non-power-of-two b in several offset chunks, a G with
+    transposed strides)."""
+    torch.manual_seed(b)
+    nb_out, nb_in = 3, 2
+    kernel = torch.randn(nb_out, nb_in, b, device=DEVICE)
+    circ = fusedlora.c3a._circulant(kernel, dtype)
+    assert circ.dtype == dtype and torch.equal(circ, reference.c3a_circulant(kernel, dtype))
+    g = torch.randn(nb_in * b, nb_out * b, device=DEVICE, dtype=dtype).t()  # (N, K), column-major
+    fusedlora.reset_dispatch()
+    dk = fusedlora.c3a._diagonal_sums(g, kernel)
+    assert dispatched("c3a.diagonal_sums") == {"c3a.diagonal_sums:triton:rows": 1}
+    assert rel_err(dk, reference.c3a_diagonal_sums(g.double(), kernel.double())) < 1e-6
