@@ -216,7 +216,7 @@ def test_host_overhead_script_runs(tmp_path):
 
 def test_decode_plan_sweep_refuses_without_a_gpu():
     if torch.cuda.is_available():
-        pytest.skip("on a GPU the sweep runs for real (bench/gpu_check.sh ext)")
+        pytest.skip("on a GPU the sweep runs for real: python bench/decode_plans.py")
     run = subprocess.run([sys.executable, "bench/decode_plans.py"], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 2 and "needs a CUDA device" in run.stderr
