@@ -6,7 +6,8 @@ nonzeros merged in registers, and the sampled product of the value gradient.
               the default above 16 rows: W + s S formed by sparse_scatter_kernel into a
               copy of W, then cuBLAS)
     backward  dx = dy (W + s S)                sparse_matmul_kernel, B = W,   delta S
-              dv = s * (dy^T x)[rows, cols]    sddmm_kernel (only at the nonzeros)
+              dv = s * (dy^T x)[rows, cols]    sddmm_kernel (only at the nonzeros); the default
+              path above 16 rows reads it off cuBLAS's dy^T x with sparse_gather_kernel
               dW = dy^T x                      plain GEMM (fusedlora.launch.matmul)
 
 The nonzeros come in the tile-bucketed layout of fusedlora.sparse: square
@@ -192,3 +193,20 @@ def sparse_scatter_kernel(
     v = tl.load(val_ptr + tl.load(perm_ptr + offs, mask=ok, other=0), mask=ok, other=0.0).to(tl.float32)
     w = tl.load(weight_ptr + r * stride_w_n + c * stride_w_k, mask=ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + r * stride_out_n + c * stride_out_k, (w + scaling * v).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def sparse_gather_kernel(
+    out_ptr, g_ptr, rows_ptr, cols_ptr, perm_ptr,
+    NNZ, stride_g_n, stride_g_k, scaling,
+    BLOCK_E: tl.constexpr,
+):
+    """out[perm[p]] = scaling * g[rows[p], cols[p]] in out's dtype: the value gradient
+    sampled from a dense dY^T X, written in the user's order of the values."""
+    offs = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    ok = offs < NNZ
+    r = tl.load(rows_ptr + offs, mask=ok, other=0).to(tl.int64)
+    c = tl.load(cols_ptr + offs, mask=ok, other=0).to(tl.int64)
+    g = tl.load(g_ptr + r * stride_g_n + c * stride_g_k, mask=ok, other=0.0).to(tl.float32)
+    dst = tl.load(perm_ptr + offs, mask=ok, other=0)
+    tl.store(out_ptr + dst, (g * scaling).to(out_ptr.dtype.element_ty), mask=ok)

@@ -141,7 +141,8 @@ def variants():
                                        c3a_matmul_kernel)
     from fusedlora.kernels.lora import lora_matmul_kernel
     from fusedlora.kernels.multi import multi_grad_kernel, multi_matmul_kernel, multi_shrink_kernel
-    from fusedlora.kernels.sparse import sddmm_kernel, sparse_matmul_kernel, sparse_rows_add_kernel, sparse_scatter_kernel
+    from fusedlora.kernels.sparse import (sddmm_kernel, sparse_gather_kernel, sparse_matmul_kernel,
+                                          sparse_rows_add_kernel, sparse_scatter_kernel)
 
     f16, f32 = dict(DOT_DTYPE=tl.float16), dict(DOT_DTYPE=tl.float32, INPUT_PRECISION="ieee")
     decode = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1)
@@ -190,6 +191,7 @@ def variants():
         # the cuBLAS compositions' helpers: W + s S into a copy of W, C3A's circulant and
         # the kernel gradient's diagonal sums of dY^T X
         "sparse-sm90-bf16-scatter": (sparse_scatter_kernel, 90, "bf16", "bf16", dict(BLOCK_E=1024), 4, 1, None),
+        "sparse-sm90-bf16-gather": (sparse_gather_kernel, 90, "bf16", "fp32", dict(BLOCK_E=1024), 4, 1, None),
         "c3a-sm90-bf16-circulant": (c3a_circulant_kernel, 90, "bf16", "bf16", dict(BLOCK_N=32, BLOCK_K=128),
                                     4, 1, None),
         "c3a-sm90-bf16-diagonal-sums": (c3a_diagonal_sums_kernel, 90, "bf16", "fp32",
@@ -247,7 +249,7 @@ NAMES = ["lora-sm80-fp32-plan-grad-A", "lora-sm80-tf32-plan-shrink", "lora-sm90-
          "lora-sm80-fp16-forward", "lora-sm80-fp32-ieee-grad-A", "c3a-sm90-bf16-forward", "c3a-sm90-bf16-grad-x",
          "c3a-sm90-bf16-decode", "c3a-sm90-bf16-grad-kernel", "sparse-sm90-bf16-forward",
          "sparse-sm90-bf16-decode", "sparse-sm90-bf16-sddmm", "sparse-sm90-bf16-rows-add",
-         "sparse-sm80-fp16-rows-add-1row", "sparse-sm90-bf16-scatter", "c3a-sm90-bf16-circulant",
+         "sparse-sm80-fp16-rows-add-1row", "sparse-sm90-bf16-scatter", "sparse-sm90-bf16-gather", "c3a-sm90-bf16-circulant",
          "c3a-sm90-bf16-diagonal-sums", "multi-sm90-bf16-forward-sgmv",
          "multi-sm90-bf16-decode-bgmv", "multi-sm80-fp16-grad-x-sgmv", "multi-sm90-bf16-shrink-sgmv",
          "multi-sm90-bf16-shrink-bgmv", "multi-sm90-bf16-grad-grouped"]

@@ -326,7 +326,8 @@ def test_eager_backend_matches_reference(monkeypatch, M, N, K, density):
                                     tuple(inp[n] for n in NAMES))
     # W + s S formed by the Triton scatter (the interpreter here) in fp32, by torch in float64
     assert set(dispatched()) == {"sparse.forward:eager:dense", "sparse.backward:eager:dense",
-                                 "sparse.densify:triton:scatter", "sparse.densify:torch:index_put"}
+                                 "sparse.densify:triton:scatter", "sparse.densify:torch:index_put",
+                                 "sparse.sample:triton:gather", "sparse.sample:torch:index"}
 
 
 def test_custom_op_registration(monkeypatch):
@@ -438,14 +439,15 @@ def test_gpu_auto_runs_the_dense_composition(monkeypatch, dtype, M):
     inp["values"] = inp["values"] * 0.1
     check_against_reference(inp, idx, 1.0)
     forward = {"sparse.forward:triton:rows", "sparse.base:triton:splitk"} if M <= 16 else {"sparse.forward:eager:dense"}
-    assert set(dispatched()) == forward | {"sparse.backward:eager:dense", "sparse.densify:triton:scatter"}
+    assert set(dispatched()) == forward | {"sparse.backward:eager:dense", "sparse.densify:triton:scatter",
+                                           "sparse.sample:triton:gather"}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_dense_weight_scatter_kernel_matches_torch(dtype):
+def test_dense_composition_kernels_match_torch(dtype):
     """W + s S written by the Triton scatter (the interpreter here) equals the torch form
     bit for bit: one float32 sum per nonzero, rounded once; W itself is untouched, and a
-    transposed W (strided rows) works."""
+    transposed W (strided rows) works. The value gradient's gather likewise."""
     torch.manual_seed(3)
     N, K = 37, 53
     idx = random_indices((N, K), density=0.1, seed=4)
@@ -460,3 +462,9 @@ def test_dense_weight_scatter_kernel_matches_torch(dtype):
         ref = W.clone()
         ref[idx[0], idx[1]] = (W[idx[0], idx[1]].float() + 0.75 * values.float()).to(dtype)
         assert torch.equal(fast, ref) and torch.equal(W, before)
+    # the value gradient read off a dense G (transposed strides), in the values' order
+    g = torch.randn(K, N).t()
+    fusedlora.reset_dispatch()
+    dv = fusedlora.sparse._sampled(g, rows, cols, perm, 0.75, values)
+    assert dispatched("sparse.sample") == {"sparse.sample:triton:gather": 1}
+    assert dv.dtype == dtype and torch.equal(dv, (0.75 * g[idx[0], idx[1]]).to(dtype))
