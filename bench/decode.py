@@ -9,6 +9,10 @@ One FusedLinear per case (inference), timed on the same random input sets:
   eager   the adapter in plain PyTorch after F.linear (LoRA: two thin matmuls;
           multi: the gather + bmm baseline; C3A: PEFT's FFT algorithm; sparse:
           PEFT's SHiRA, W cloned plus the scattered values, then F.linear)
+  cublas-rows  sparse only, a candidate for the rows path (not a fusedlora path yet):
+          F.linear (cuBLAS, 56% of the HBM roof where Triton's decode GEMM reached 41%)
+          rounded to x's dtype, then sparse_rows_add_kernel adds each output feature's
+          nonzeros in float32 and rounds again
 Variants: "lora r16"; "multi r16" (M rows, each its own adapter out of a pool of
 64; M = 64 is the issue's multi-adapter goal); "c3a b64"; "sparse 1%".
 
@@ -141,6 +145,32 @@ def _eager(i):
     return lambda: F.linear(x, W.clone().index_put_((idx[0], idx[1]), val, accumulate=True), b)
 
 
+def _cublas_rows(i):
+    layer, x, W, b = i["layer"], i["x"], i["W"], i["b"]
+    if not layer.sparse_values:
+        raise Skip("sparse rows only")
+    if x.device.type != "cuda" and not fusedlora.backend.interpreting():
+        raise Skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
+    import triton
+
+    from fusedlora.kernels.sparse import sparse_rows_add_kernel
+    from fusedlora.sparse import _row_csr
+
+    (M, K), N = x.shape, W.shape[0]
+    _, rows, cols, perm = layer._layout("decode_sparse").tensors()
+    row_ptr, col, order = _row_csr(rows, cols, perm, N)
+    vals = layer.sparse_values["decode_sparse"].float()[order]
+    scaling = float(layer.sparse_scaling["decode_sparse"])
+
+    def run():
+        y = F.linear(x, W, b).float()
+        sparse_rows_add_kernel[(triton.cdiv(N, 32),)](
+            y, x, row_ptr, col, vals, M, N, y.stride(0), y.stride(1), x.stride(0), x.stride(1), scaling,
+            BLOCK_M=max(1, triton.next_power_of_2(M)), BLOCK_N=32, BLOCK_E=16)
+        return y.to(x.dtype)
+    return run
+
+
 def cases(opts: Options):
     elem = elem_size(opts.dtype)
     seeds = iter(range(10**9))
@@ -148,7 +178,8 @@ def cases(opts: Options):
         adapter, base = work(variant, s, elem)
         yield Case(path=PATH, variant=variant, shape=s, dtype=opts.dtype, device=opts.device,
                    make_inputs=lambda v=variant, s=s: _inputs(v, s, opts.device, opts.dtype, next(seeds)),
-                   impls={"cuda": _forward("cuda"), "triton": _forward("triton"), "base": _base, "eager": _eager},
+                   impls={"cuda": _forward("cuda"), "triton": _forward("triton"), "base": _base, "eager": _eager,
+                          "cublas-rows": _cublas_rows},
                    work={"*": adapter, "base": base}, ref="cuda", roof_impls=("cuda", "triton", "base"))
 
 

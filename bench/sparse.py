@@ -15,6 +15,10 @@ Implementations, all timed on the same random input sets:
            itself is a graph break, which would leave the compiled graphs no different from eager
   peft     peft.tuners.shira.layer.Linear wrapping an nn.Linear, given the same
            indices and values (its own r only sizes its init; see _peft)
+  inplace  forward only, a bound and not a fusedlora path: the nonzeros merged into W in
+           place around F.linear and put back bit for bit (sparse.merge_saving_ /
+           unmerge_saved_), no copy of W; unsafe where another stream or thread reads W
+           meanwhile, which is why the default path copies W
 Variants: fwd; fwd+bwd with W frozen (grads of x and the values; the base: of x only).
 Densities are fractions of W's N*K entries; the mask is uniformly random
 (fusedlora.sparse.random_indices, PEFT's random_mask for the same seed).
@@ -125,6 +129,25 @@ def _eager(i, fn=None):
                       [i["x"], i["values"]])
 
 
+def _inplace(i):
+    if "gy" in i:
+        raise Skip("forward only: a bound for the forward's copy of W")
+    from fusedlora.sparse import merge_saving_, unmerge_saved_
+
+    x, W, b, idx, values = i["x"], i["W"], i["b"], i["indices"], i["values"].detach()
+    if not W.is_contiguous():
+        raise Skip("W is not contiguous: no flat view")
+    flat = idx[0] * W.shape[1] + idx[1]  # once per adapter, as a layout
+
+    def run():
+        saved = merge_saving_(W, flat, values, SCALING)
+        try:
+            return F.linear(x, W, b)
+        finally:
+            unmerge_saved_(W, saved, values, SCALING)
+    return run
+
+
 def peft_shira_layer(W: torch.Tensor, bias, indices: torch.Tensor, values: torch.Tensor, scaling: float):
     """PEFT's SHiRA Linear over W (shared, not copied) with the given nonzeros.
 
@@ -160,5 +183,6 @@ def cases(opts: Options):
             yield adapter_case(PATH, variant, s, opts,
                                lambda s=s, v=variant, seeds=seeds: _inputs(s, v, opts.device, opts.dtype, next(seeds)),
                                {"fused": _fused, "auto": _auto, "base": base_thunk, "eager": _eager,
-                                "compile": compiled(eager_traceable, lambda fn, i: _eager(i, fn)), "peft": _peft},
+                                "compile": compiled(eager_traceable, lambda fn, i: _eager(i, fn)), "peft": _peft,
+                                "inplace": _inplace},
                                work(s, variant, elem))
