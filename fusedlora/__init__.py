@@ -40,7 +40,8 @@ from . import multi, ops, reference  # noqa: E402
 from .backend import backend_info, reset_dispatch, use_backend  # noqa: E402
 from .module import FusedLinear  # noqa: E402
 from .patch import patch_model, set_adapter  # noqa: E402
-from .peft_io import from_peft, load_peft_adapter, save_peft_adapter  # noqa: E402
+from .peft_convert import from_peft  # noqa: E402
+from .peft_io import load_peft_adapter, save_peft_adapter  # noqa: E402
 from .routing import adapter_id, adapter_ids, use_adapters  # noqa: E402
 
 __all__ = [
