@@ -100,7 +100,9 @@ def select_backend(device: torch.device, op: Optional[str] = None, rows: int = 0
             if op in CUDA_WINS and 0 < rows <= CUDA_WINS[op]:
                 from . import cuda_ext
 
-                if cuda_ext.load() is not None:
+                # never a build from here: a decode step would stall on nvcc for a minute; the
+                # extension serves once built (setup.py, or fusedlora.cuda_ext.load())
+                if cuda_ext.load(build=False) is not None:
                     return "cuda"
                 record(op, "triton", "no-cuda-extension")  # the measured winner is missing: said, not hidden
             return "triton"

@@ -68,6 +68,8 @@ def load(build: bool = True):
             return _C
         except ImportError:
             pass
+        if (_state["error"] or "").startswith("build failed"):
+            return None  # once per process: auto asks at every decode call of a measured op
         reason = _cannot_build()
         if reason or not build:
             _state["error"] = _state["error"] or reason or "not built yet (fusedlora.cuda_ext.load() builds it)"

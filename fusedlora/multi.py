@@ -320,13 +320,15 @@ def _multi_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], pool_A: Te
         record("multi.forward", "torch", "grouped")
         return _torch_forward(x, weight, bias, pool_A, pool_BT, row_slot, sl, max_rank)
     if backend == "cuda":
-        if 0 < x.shape[0] <= 16 and not dropout:
+        # the binding's contract: unit stride along the reduction of W and along the pools' rows
+        unit = weight.stride(1) == 1 and pool_A.stride(1) == 1 and pool_BT.stride(1) == 1
+        if 0 < x.shape[0] <= 16 and not dropout and unit:
             from .cuda_ext import load
 
             record("multi.forward", "cuda", "bgmv")
             return load().multi_lora_decode(x, weight, bias, row_slot, pool_A, pool_BT, slot_off, slot_rank,
                                             slot_scale, int(max_rank))
-        # the extension has no kernel for this shape: Triton, recorded below
+        # the extension has no kernel for these rows, dropout or strides: Triton, recorded below
     _check_triton_dtype(x)
     routing = route(row_slot, slot_rank.shape[0], bounds=False) if x.shape[0] > sort_min_rows() else None
     u = _shrink(x, pool_A, row_slot, sl, max_rank, routing, dropout, "multi.shrink")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
-from .backend import interpreting, record, select_backend
+from .backend import interpreting, record, requested_backend, select_backend
 from .ops import check_linear_args, check_scalar, fused_op, pick, register_autograd
 from .sparse_layout import SparseLayout, _user_indices, build_layout, check_indices
 # the public mask builders, where users of fusedlora.sparse look for them
@@ -237,7 +237,7 @@ def _dense_weight(weight: Tensor, rows: Tensor, cols: Tensor, perm: Tensor, valu
 
         block = 1024
         sparse_scatter_kernel[(triton.cdiv(rows.numel(), block),)](
-            w, weight, rows, cols, perm, values.detach(), rows.numel(), w.stride(0), w.stride(1),
+            w, weight, rows, cols, perm, values.detach().contiguous(), rows.numel(), w.stride(0), w.stride(1),
             weight.stride(0), weight.stride(1), float(scaling), BLOCK_E=block)
         record("sparse.densify", "triton", "scatter")
         return w
@@ -296,6 +296,8 @@ def _sparse_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], values: T
                     rows: Tensor, cols: Tensor, perm: Tensor, scaling: float, tile: int) -> Tensor:
     """2-D x -> y = x (W + scaling * S)^T + b, S given by values and the layout tensors."""
     backend = select_backend(x.device, "sparse.forward", x.shape[0])
+    if backend == "triton" and requested_backend() == "auto" and not {x.dtype, values.dtype} <= set(_TRITON_DTYPES):
+        backend = "eager"  # auto's Triton rows path has no float64 kernel: the composition serves (recorded)
     if backend == "torch":
         record("sparse.forward", "torch", "reference")
         return reference.sparse_linear(x, weight, bias, _user_indices(rows, cols, perm), values, scaling)

@@ -2,6 +2,7 @@
 CUDA and nvcc exists (CI has both, no GPU); its argument checks run on the CPU;
 its kernels run against the float64 reference on a GPU."""
 import shutil
+import sys
 
 import pytest
 import torch
@@ -250,6 +251,55 @@ def test_auto_uses_the_cuda_kernels_only_where_measured(ext, monkeypatch):
     fusedlora.reset_dispatch()
     assert backend.select_backend(cuda, "lora.forward", 4) == "triton"
     assert dispatched() == {"lora.forward:triton:no-cuda-extension": 1}
+
+
+@pytest.mark.gpu
+def test_auto_bgmv_leaves_strided_operands_to_triton(ext, monkeypatch):
+    """auto's one-row BGMV (CUDA_WINS) on operands the binding does not take, a weight
+    and a pool with strided rows: Triton serves them, recorded, with the same result."""
+    from fusedlora.multi import multi_lora_linear
+    from fusedlora.routing import pack_loras
+
+    monkeypatch.delenv("FUSEDLORA_BACKEND", raising=False)
+    torch.manual_seed(0)
+    K, N = 256, 192
+    As = [torch.randn(r, K, device="cuda") / K ** 0.5 for r in (4, 16)]
+    Bs = [torch.randn(N, r, device="cuda") for r in (4, 16)]
+    pool_A, pool_BT, off, rank, scale, rmax = pack_loras(As, Bs, [0.5, 2.0], device="cuda")
+    x, slot = torch.randn(1, K, device="cuda"), torch.tensor([1], dtype=torch.int32, device="cuda")
+    W = torch.randn(K, N, device="cuda").t()  # (N, K) with strided rows
+    ref = multi_lora_linear(x, W.contiguous(), None, slot, pool_A, pool_BT, off, rank, scale, max_rank=rmax)
+    for weight, bt in ((W, pool_BT), (W.contiguous(), pool_BT.t().contiguous().t())):
+        fusedlora.reset_dispatch()
+        y = multi_lora_linear(x, weight, None, slot, pool_A, bt, off, rank, scale, max_rank=rmax)
+        assert all(":triton:" in k for k in dispatched("multi.forward")), dispatched()
+        assert rel_err(y, ref) < TOL[torch.float32]
+
+
+def test_auto_never_builds_and_a_failed_build_is_not_retried(monkeypatch):
+    """auto only uses an extension that is already loaded (no nvcc stall inside a decode
+    step), and load() does not build again after a failure in the same process."""
+    from torch.utils import cpp_extension
+
+    from fusedlora import backend
+
+    builds = []
+
+    def failing_build(**kw):
+        builds.append(kw["name"])
+        raise RuntimeError("nvcc: simulated failure")
+
+    monkeypatch.delenv("FUSEDLORA_BACKEND", raising=False)
+    monkeypatch.setattr(cpp_extension, "load", failing_build)
+    monkeypatch.setattr(cuda_ext, "_cannot_build", lambda: None)
+    monkeypatch.setitem(cuda_ext._state, "module", None)
+    monkeypatch.setitem(cuda_ext._state, "error", None)
+    monkeypatch.setitem(sys.modules, "fusedlora._C", None)  # no ahead-of-time build either
+    fusedlora.reset_dispatch()
+    assert backend.select_backend(torch.device("cuda"), "multi.forward", 1) == "triton"
+    assert builds == [] and dispatched() == {"multi.forward:triton:no-cuda-extension": 1}
+    assert cuda_ext.load() is None and cuda_ext.load() is None
+    assert builds == ["fusedlora_C"] and "simulated failure" in cuda_ext.status()["reason"]
 
 
 def test_auto_runs_the_eager_compositions_where_they_measured_faster(monkeypatch):

@@ -468,3 +468,39 @@ def test_dense_composition_kernels_match_torch(dtype):
     dv = fusedlora.sparse._sampled(g, rows, cols, perm, 0.75, values)
     assert dispatched("sparse.sample") == {"sparse.sample:triton:gather": 1}
     assert dv.dtype == dtype and torch.equal(dv, (0.75 * g[idx[0], idx[1]]).to(dtype))
+
+
+def test_dense_composition_reads_strided_values(monkeypatch):
+    """values that are a strided view (a column of a matrix) give the same W + s S,
+    forward and dx, as contiguous ones."""
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "eager")
+    torch.manual_seed(5)
+    N, K, M = 24, 40, 20
+    idx = random_indices((N, K), density=0.1, seed=6)
+    values = torch.randn(idx.shape[1], 2)[:, 0]
+    x = torch.randn(M, K, requires_grad=True)
+    W, b = torch.randn(N, K), torch.randn(N)
+    y = sparse_linear(x, W, b, idx, values, 0.5)
+    ref = reference.sparse_linear(x.double(), W.double(), b.double(), idx, values.double(), 0.5)
+    assert rel_err(y, ref) < TOL[torch.float32]
+    gy = torch.randn(M, N)
+    (dx,) = torch.autograd.grad(y, [x], gy)
+    assert rel_err(dx, gy.double() @ (W.double() + reference.sparse_delta_weight(idx, values.double(), 0.5, (N, K)))) \
+        < TOL[torch.float32]
+
+
+def test_auto_float64_sparse_rows_take_the_composition(monkeypatch):
+    """auto sends 1..16 sparse rows on CUDA to Triton's rows path, which has no float64
+    kernel: such calls take the eager composition, as they do above 16 rows, and say so."""
+    import fusedlora.sparse as sp
+
+    monkeypatch.delenv("FUSEDLORA_BACKEND", raising=False)
+    monkeypatch.setattr(sp, "select_backend", lambda device, op, rows=0: "triton")  # what auto picks on CUDA
+    idx = random_indices((12, 10), density=0.2, seed=2)
+    x, W, values = torch.randn(3, 10, dtype=torch.float64), torch.randn(12, 10, dtype=torch.float64), \
+        torch.randn(idx.shape[1], dtype=torch.float64)
+    fusedlora.reset_dispatch()
+    with torch.no_grad():
+        y = sparse_linear(x, W, None, idx, values, 1.0)
+    assert dispatched("sparse.forward") == {"sparse.forward:eager:dense": 1}
+    assert rel_err(y, reference.sparse_linear(x, W, None, idx, values, 1.0)) < 1e-12
