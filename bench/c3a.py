@@ -10,6 +10,10 @@ Implementations, all timed on the same random input sets:
            (fusedlora.reference.c3a_fft_delta: ifft(x) * fft(w), fft, real part, / K, in float32)
   compile  torch.compile of eager (static shapes)
   peft     peft.tuners.c3a.C3ALinear wrapping an nn.Linear (its own autograd Function)
+  merged   forward only, a bound and not a fusedlora path: W + dW formed per call (the
+           circulant kernel, one add in float32) and rounded to W's dtype, then one
+           F.linear; what folding the delta into W would cost, had the 16-bit rounding
+           not dropped an adapter below W's step (README, "C3A and sparse-delta kernels")
 Variants: fwd; fwd+bwd with W frozen (grads of x and the kernel; the base: of x only).
 The kernel is float32, as PEFT stores it; x, W and b are in the run's dtype.
 """
@@ -91,6 +95,16 @@ def _eager(i, fn=None):
     return grad_thunk(lambda: fn(i["x"], i["W"], i["b"], i["kernel"]), i, [i["x"], i["kernel"]])
 
 
+def _merged(i):
+    if "gy" in i:
+        raise Skip("forward only: a bound for the forward's second GEMM")
+    from fusedlora.c3a import _circulant
+
+    x, W, b, kernel = i["x"], i["W"], i["b"], i["kernel"].detach()
+    K = W.shape[1]
+    return lambda: F.linear(x, (_circulant(kernel, torch.float32).div_(K).add_(W)).to(W.dtype), b)
+
+
 def _peft(i):
     try:
         from peft.tuners.c3a import C3AConfig, C3ALinear
@@ -113,5 +127,6 @@ def cases(opts: Options):
         for s in shapes(opts):
             yield adapter_case(PATH, variant, s, opts, lambda s=s, v=variant: _inputs(s, v, opts.device, opts.dtype),
                                {"fused": _fused, "auto": _auto, "base": base_thunk, "eager": _eager,
-                                "compile": compiled(eager, lambda fn, i: _eager(i, fn)), "peft": _peft},
+                                "compile": compiled(eager, lambda fn, i: _eager(i, fn)), "peft": _peft,
+                                "merged": _merged},
                                work(s, variant, elem))
