@@ -61,7 +61,7 @@ else
 fi
 if [ "${PROFILE:-1}" = 1 ]; then
   step "host and device time of a training step"
-  timeout 60 python bench/profile_step.py 4096 >> "$LOG" 2>&1; tail -24 "$LOG"
+  timeout 60 python -m bench.profile_step 4096 >> "$LOG" 2>&1; tail -24 "$LOG"
 fi
 left=$(( ${END:-430} - SECONDS ))
 step "quick benchmark (${left}s)"

@@ -1,5 +1,6 @@
 """Host time against device time of one training step per adapter path:
-``python bench/profile_step.py [rows]``.
+``python -m bench.profile_step [rows]`` (as a module, so that a checkout
+without an editable install imports fusedlora from the working tree).
 
 The H200 run of 2026-11-27 timed C3A and sparse forward+backward at 4096 rows at ~2 ms
 for fusedlora's default path, against ~0.4 ms for F.linear forward+backward, while the
