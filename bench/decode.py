@@ -5,6 +5,9 @@ One FusedLinear per case (inference), timed on the same random input sets:
           rows; above that the extension has no kernel and Triton runs (the
           dispatch list of the report says which ran)
   triton  the same forward under use_backend("triton")
+  auto    the same forward under fusedlora's default dispatch: for LoRA, the composition
+          outside graph capture (backend.HOST_WINS) and Triton inside, so its eager time
+          and its graph time come from different paths, as a user's would
   base    F.linear(x, W, b) alone: reading W is the floor of every row here
   eager   the adapter in plain PyTorch after F.linear (LoRA: two thin matmuls;
           multi: the gather + bmm baseline; C3A: PEFT's FFT algorithm; sparse:
@@ -178,7 +181,8 @@ def cases(opts: Options):
         adapter, base = work(variant, s, elem)
         yield Case(path=PATH, variant=variant, shape=s, dtype=opts.dtype, device=opts.device,
                    make_inputs=lambda v=variant, s=s: _inputs(v, s, opts.device, opts.dtype, next(seeds)),
-                   impls={"cuda": _forward("cuda"), "triton": _forward("triton"), "base": _base, "eager": _eager,
+                   impls={"cuda": _forward("cuda"), "triton": _forward("triton"), "auto": _forward("auto"),
+                          "base": _base, "eager": _eager,
                           "cublas-rows": _cublas_rows},
                    work={"*": adapter, "base": base}, ref="cuda", roof_impls=("cuda", "triton", "base"))
 

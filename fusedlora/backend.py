@@ -10,7 +10,10 @@
   eager   plain-PyTorch compositions built on cuBLAS/cuFFT (sparse: W + delta formed,
           then cuBLAS; C3A: cuBLAS plus PEFT's FFT delta up to 16 rows, the unscaled
           circulant through one addmm above), the reference path for the other ops;
-          auto picks it for the ops in EAGER_WINS
+          auto picks it for the ops in EAGER_WINS, and for the LoRA forward's
+          composition (F.linear plus two thin matmuls) in HOST_WINS: decode calls
+          outside CUDA-graph capture, where Triton's launcher costs more than its
+          kernels save
 ``use_backend(name)`` overrides the variable for the calls in its scope (the
 benchmarks time each backend this way). Nothing falls back silently: every launch is counted in ``backend_info()["dispatch"]``.
 """
@@ -86,6 +89,19 @@ EAGER_OPS = ("sparse.forward", "sparse.backward", "c3a.forward", "c3a.backward")
 EAGER_WINS: dict = {"sparse.forward": 16, "sparse.backward": 0, "c3a.forward": 0, "c3a.backward": 0}
 
 
+# Auto mode outside CUDA-graph capture, from GPU measurements: op -> the row count up to
+# which its plain-PyTorch composition took less wall time per eager call than the Triton
+# path. At decode sizes a call is bound by the host: on the H200's host a LoRA r16 forward
+# of 1..16 rows took 255-434 us through Triton's launcher (shrink and GEMM) against 44-90 us
+# for F.linear plus two thin matmuls, while in a CUDA graph Triton's kernels are the faster
+# (19.6 against 26.5 us at 1 row) and keep the call: bench/results/2026-11-27_h200{,_2}.
+HOST_WINS: dict = {"lora.forward": 16}
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def select_backend(device: torch.device, op: Optional[str] = None, rows: int = 0) -> str:
     """The backend that runs ``op`` on ``rows`` rows of tensors on ``device``; raises
     if the one asked for cannot run."""
@@ -105,6 +121,8 @@ def select_backend(device: torch.device, op: Optional[str] = None, rows: int = 0
                 if cuda_ext.load(build=False) is not None:
                     return "cuda"
                 record(op, "triton", "no-cuda-extension")  # the measured winner is missing: said, not hidden
+            if op in HOST_WINS and 0 < rows <= HOST_WINS[op] and not _capturing():
+                return "eager"
             return "triton"
         return "torch"
     if name == "triton":

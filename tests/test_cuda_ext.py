@@ -234,10 +234,13 @@ def test_cuda_c3a_and_sparse_decode_match_reference(ext, monkeypatch, dtype, M):
 
 def test_auto_uses_the_cuda_kernels_only_where_measured(ext, monkeypatch):
     """auto mode follows backend.CUDA_WINS (filled from GPU measurements); a measured
-    winner whose extension is missing falls to Triton and says so in the dispatch table."""
+    winner whose extension is missing falls to Triton and says so in the dispatch table.
+    (Inside a CUDA-graph capture, as a serving engine's decode step: outside one, LoRA
+    decode calls take the host-light composition of HOST_WINS, tested below.)"""
     from fusedlora import backend
 
     monkeypatch.delenv("FUSEDLORA_BACKEND", raising=False)
+    monkeypatch.setattr(backend, "_capturing", lambda: True)
     cuda = torch.device("cuda")  # a device object needs no GPU
     assert backend.select_backend(cuda, "lora.forward", 4) == "triton"
     assert backend.CUDA_WINS == {"multi.forward": 1}  # bench/results/2026-11-27_h200_2
@@ -251,6 +254,36 @@ def test_auto_uses_the_cuda_kernels_only_where_measured(ext, monkeypatch):
     fusedlora.reset_dispatch()
     assert backend.select_backend(cuda, "lora.forward", 4) == "triton"
     assert dispatched() == {"lora.forward:triton:no-cuda-extension": 1}
+
+
+def test_auto_lora_decode_outside_graph_capture_takes_the_composition(monkeypatch):
+    """backend.HOST_WINS: 1..16 LoRA rows outside CUDA-graph capture run F.linear plus two
+    thin matmuls (5x less host time per call than Triton's launches on the H200's host);
+    inside a capture, and above 16 rows, Triton. The composition matches the reference."""
+    from fusedlora import backend, ops
+
+    monkeypatch.delenv("FUSEDLORA_BACKEND", raising=False)
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(backend, "_capturing", lambda: False)
+    assert [backend.select_backend(cuda, "lora.forward", m) for m in (0, 1, 16, 17)] == \
+        ["triton", "eager", "eager", "triton"]
+    assert backend.select_backend(cuda, "multi.forward", 4) == "triton"  # not in the table
+    monkeypatch.setattr(backend, "_capturing", lambda: True)
+    assert backend.select_backend(cuda, "lora.forward", 1) == "triton"
+    # the op's eager branch, on CPU tensors (what auto picks on CUDA ones)
+    monkeypatch.setattr(ops, "select_backend", lambda device, op=None, rows=0: "eager")
+    a = args(M=5, K=24, N=20, r=3)
+    fusedlora.reset_dispatch()
+    with torch.no_grad():
+        y = ops.lora_linear(a["x"], a["weight"], a["bias"], a["lora_A"], a["lora_B"], 1.5)
+    assert dispatched("lora.forward") == {"lora.forward:eager:composition": 1}
+    ref = reference.lora_linear(*(a[n].double() for n in ("x", "weight", "bias", "lora_A", "lora_B")), 1.5)
+    assert rel_err(y, ref) < TOL[torch.float32]
+    # with dropout the forward stays on Triton, whose mask the backward draws again
+    fusedlora.reset_dispatch()
+    ops.lora_linear(a["x"], a["weight"], a["bias"], a["lora_A"], a["lora_B"].requires_grad_(), 1.5,
+                    dropout_p=0.25).sum().backward()
+    assert all(":triton:" in k for k in dispatched("lora.forward")) and a["lora_B"].grad is not None
 
 
 @pytest.mark.gpu
