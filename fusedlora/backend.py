@@ -12,8 +12,7 @@
           circulant through one addmm above), the reference path for the other ops;
           auto picks it for the ops in EAGER_WINS, and for the LoRA forward's
           composition (F.linear plus two thin matmuls) in HOST_WINS: decode calls
-          outside CUDA-graph capture, where Triton's launcher costs more than its
-          kernels save
+          outside CUDA-graph capture, where the path with fewer launches wins
 ``use_backend(name)`` overrides the variable for the calls in its scope (the
 benchmarks time each backend this way). Nothing falls back silently: every launch is counted in ``backend_info()["dispatch"]``.
 """
@@ -89,13 +88,15 @@ EAGER_OPS = ("sparse.forward", "sparse.backward", "c3a.forward", "c3a.backward")
 EAGER_WINS: dict = {"sparse.forward": 16, "sparse.backward": 0, "c3a.forward": 0, "c3a.backward": 0}
 
 
-# Auto mode outside CUDA-graph capture, from GPU measurements: op -> the row count up to
-# which its plain-PyTorch composition took less wall time per eager call than the Triton
-# path. At decode sizes a call is bound by the host: on the H200's host a LoRA r16 forward
-# of 1..16 rows took 255-434 us through Triton's launcher (shrink and GEMM) against 44-90 us
-# for F.linear plus two thin matmuls, while in a CUDA graph Triton's kernels are the faster
-# (19.6 against 26.5 us at 1 row) and keep the call: bench/results/2026-11-27_h200{,_2}.
-HOST_WINS: dict = {"lora.forward": 16}
+# Auto mode outside CUDA-graph capture, from GPU measurements: op -> (the row count up to
+# which, the backend that) took the least wall time per eager call. At decode sizes a call
+# is bound by the host, so the path with fewer launches wins there, whatever its kernels
+# do in a graph (bench/results/2026-11-27_h200{,_2}, H200 host, 1..16 rows, bf16):
+#   lora.forward  F.linear plus two thin matmuls 44-90 us, Triton's launches 255-434 us
+#                 (in a graph Triton is the faster, 19.6 against 26.5 us at 1 row, and serves)
+#   c3a.forward   Triton's one GEMM 105-387 us, the FFT composition 244-865 us (in a graph
+#                 they split by shape, and EAGER_WINS keeps the FFT form)
+HOST_WINS: dict = {"lora.forward": (16, "eager"), "c3a.forward": (16, "triton")}
 
 
 def _capturing() -> bool:
@@ -111,6 +112,8 @@ def select_backend(device: torch.device, op: Optional[str] = None, rows: int = 0
             if triton_version() is None:
                 raise RuntimeError("fusedlora: CUDA tensors need Triton, which is not importable; "
                                    "set FUSEDLORA_BACKEND=torch to run the reference path")
+            if op in HOST_WINS and 0 < rows <= HOST_WINS[op][0] and not _capturing():
+                return HOST_WINS[op][1]
             if op in EAGER_WINS and (EAGER_WINS[op] == 0 or rows > EAGER_WINS[op]):
                 return "eager"
             if op in CUDA_WINS and 0 < rows <= CUDA_WINS[op]:
@@ -121,8 +124,6 @@ def select_backend(device: torch.device, op: Optional[str] = None, rows: int = 0
                 if cuda_ext.load(build=False) is not None:
                     return "cuda"
                 record(op, "triton", "no-cuda-extension")  # the measured winner is missing: said, not hidden
-            if op in HOST_WINS and 0 < rows <= HOST_WINS[op] and not _capturing():
-                return "eager"
             return "triton"
         return "torch"
     if name == "triton":

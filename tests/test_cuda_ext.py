@@ -256,10 +256,11 @@ def test_auto_uses_the_cuda_kernels_only_where_measured(ext, monkeypatch):
     assert dispatched() == {"lora.forward:triton:no-cuda-extension": 1}
 
 
-def test_auto_lora_decode_outside_graph_capture_takes_the_composition(monkeypatch):
+def test_auto_decode_outside_graph_capture_takes_the_path_with_fewer_launches(monkeypatch):
     """backend.HOST_WINS: 1..16 LoRA rows outside CUDA-graph capture run F.linear plus two
-    thin matmuls (5x less host time per call than Triton's launches on the H200's host);
-    inside a capture, and above 16 rows, Triton. The composition matches the reference."""
+    thin matmuls (5x less host time per call than Triton's launches on the H200's host),
+    C3A rows its Triton GEMM (2x less than the FFT form); inside a capture, and above 16
+    rows, the graph-time winners. The LoRA composition matches the reference."""
     from fusedlora import backend, ops
 
     monkeypatch.delenv("FUSEDLORA_BACKEND", raising=False)
@@ -267,9 +268,12 @@ def test_auto_lora_decode_outside_graph_capture_takes_the_composition(monkeypatc
     monkeypatch.setattr(backend, "_capturing", lambda: False)
     assert [backend.select_backend(cuda, "lora.forward", m) for m in (0, 1, 16, 17)] == \
         ["triton", "eager", "eager", "triton"]
+    # C3A the other way round: Triton's one GEMM outside a capture, the FFT form inside
+    assert [backend.select_backend(cuda, "c3a.forward", m) for m in (1, 16, 17)] == ["triton", "triton", "eager"]
     assert backend.select_backend(cuda, "multi.forward", 4) == "triton"  # not in the table
     monkeypatch.setattr(backend, "_capturing", lambda: True)
     assert backend.select_backend(cuda, "lora.forward", 1) == "triton"
+    assert backend.select_backend(cuda, "c3a.forward", 1) == "eager"
     # the op's eager branch, on CPU tensors (what auto picks on CUDA ones)
     monkeypatch.setattr(ops, "select_backend", lambda device, op=None, rows=0: "eager")
     a = args(M=5, K=24, N=20, r=3)
