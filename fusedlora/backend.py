@@ -96,7 +96,23 @@ EAGER_WINS: dict = {"sparse.forward": 16, "sparse.backward": 0, "c3a.forward": 0
 #                 (in a graph Triton is the faster, 19.6 against 26.5 us at 1 row, and serves)
 #   c3a.forward   Triton's one GEMM 105-387 us, the FFT composition 244-865 us (in a graph
 #                 they split by shape, and EAGER_WINS keeps the FFT form)
-HOST_WINS: dict = {"lora.forward": (16, "eager"), "c3a.forward": (16, "triton")}
+#   multi.forward the CUDA extension's BGMV 176-293 us, Triton's 465-632 us (in a graph only
+#                 at 1 row, CUDA_WINS); Triton where the extension is not built
+HOST_WINS: dict = {"lora.forward": (16, "eager"), "c3a.forward": (16, "triton"), "multi.forward": (16, "cuda")}
+
+
+def _loaded(name: str, op: str) -> str:
+    """``name``, unless it is the CUDA extension and that is not loaded: then Triton, said
+    in the dispatch table. Never a build from here (a decode step would wait a minute for
+    nvcc): the extension serves once built, by setup.py or fusedlora.cuda_ext.load()."""
+    if name != "cuda":
+        return name
+    from . import cuda_ext
+
+    if cuda_ext.load(build=False) is not None:
+        return "cuda"
+    record(op, "triton", "no-cuda-extension")  # the measured winner is missing: said, not hidden
+    return "triton"
 
 
 def _capturing() -> bool:
@@ -113,17 +129,11 @@ def select_backend(device: torch.device, op: Optional[str] = None, rows: int = 0
                 raise RuntimeError("fusedlora: CUDA tensors need Triton, which is not importable; "
                                    "set FUSEDLORA_BACKEND=torch to run the reference path")
             if op in HOST_WINS and 0 < rows <= HOST_WINS[op][0] and not _capturing():
-                return HOST_WINS[op][1]
+                return _loaded(HOST_WINS[op][1], op)
             if op in EAGER_WINS and (EAGER_WINS[op] == 0 or rows > EAGER_WINS[op]):
                 return "eager"
             if op in CUDA_WINS and 0 < rows <= CUDA_WINS[op]:
-                from . import cuda_ext
-
-                # never a build from here: a decode step would stall on nvcc for a minute; the
-                # extension serves once built (setup.py, or fusedlora.cuda_ext.load())
-                if cuda_ext.load(build=False) is not None:
-                    return "cuda"
-                record(op, "triton", "no-cuda-extension")  # the measured winner is missing: said, not hidden
+                return _loaded("cuda", op)
             return "triton"
         return "torch"
     if name == "triton":
