@@ -5,9 +5,7 @@ One FusedLinear per case (inference), timed on the same random input sets:
           rows; above that the extension has no kernel and Triton runs (the
           dispatch list of the report says which ran)
   triton  the same forward under use_backend("triton")
-  auto    the same forward under fusedlora's default dispatch: for LoRA, the composition
-          outside graph capture (backend.HOST_WINS) and Triton inside, so its eager time
-          and its graph time come from different paths, as a user's would
+  auto    the same forward under fusedlora's default dispatch
   base    F.linear(x, W, b) alone: reading W is the floor of every row here
   eager   the adapter in plain PyTorch after F.linear (LoRA: two thin matmuls;
           multi: the gather + bmm baseline; C3A: PEFT's FFT algorithm; sparse:

@@ -10,9 +10,7 @@
   eager   plain-PyTorch compositions built on cuBLAS/cuFFT (sparse: W + delta formed,
           then cuBLAS; C3A: cuBLAS plus PEFT's FFT delta up to 16 rows, the unscaled
           circulant through one addmm above), the reference path for the other ops;
-          auto picks it for the ops in EAGER_WINS, and for the LoRA forward's
-          composition (F.linear plus two thin matmuls) in HOST_WINS: decode calls
-          outside CUDA-graph capture, where the path with fewer launches wins
+          auto picks it for the ops in EAGER_WINS
 ``use_backend(name)`` overrides the variable for the calls in its scope (the
 benchmarks time each backend this way). Nothing falls back silently: every launch is counted in ``backend_info()["dispatch"]``.
 """
@@ -88,37 +86,6 @@ EAGER_OPS = ("sparse.forward", "sparse.backward", "c3a.forward", "c3a.backward")
 EAGER_WINS: dict = {"sparse.forward": 16, "sparse.backward": 0, "c3a.forward": 0, "c3a.backward": 0}
 
 
-# Auto mode outside CUDA-graph capture, from GPU measurements: op -> (the row count up to
-# which, the backend that) took the least wall time per eager call. At decode sizes a call
-# is bound by the host, so the path with fewer launches wins there, whatever its kernels
-# do in a graph (bench/results/2026-11-27_h200{,_2}, H200 host, 1..16 rows, bf16):
-#   lora.forward  F.linear plus two thin matmuls 44-90 us, Triton's launches 255-434 us
-#                 (in a graph Triton is the faster, 19.6 against 26.5 us at 1 row, and serves)
-#   c3a.forward   Triton's one GEMM 105-387 us, the FFT composition 244-865 us (in a graph
-#                 they split by shape, and EAGER_WINS keeps the FFT form)
-#   multi.forward the CUDA extension's BGMV 176-293 us, Triton's 465-632 us (in a graph only
-#                 at 1 row, CUDA_WINS); Triton where the extension is not built
-HOST_WINS: dict = {"lora.forward": (16, "eager"), "c3a.forward": (16, "triton"), "multi.forward": (16, "cuda")}
-
-
-def _loaded(name: str, op: str) -> str:
-    """``name``, unless it is the CUDA extension and that is not loaded: then Triton, said
-    in the dispatch table. Never a build from here (a decode step would wait a minute for
-    nvcc): the extension serves once built, by setup.py or fusedlora.cuda_ext.load()."""
-    if name != "cuda":
-        return name
-    from . import cuda_ext
-
-    if cuda_ext.load(build=False) is not None:
-        return "cuda"
-    record(op, "triton", "no-cuda-extension")  # the measured winner is missing: said, not hidden
-    return "triton"
-
-
-def _capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
 def select_backend(device: torch.device, op: Optional[str] = None, rows: int = 0) -> str:
     """The backend that runs ``op`` on ``rows`` rows of tensors on ``device``; raises
     if the one asked for cannot run."""
@@ -128,12 +95,16 @@ def select_backend(device: torch.device, op: Optional[str] = None, rows: int = 0
             if triton_version() is None:
                 raise RuntimeError("fusedlora: CUDA tensors need Triton, which is not importable; "
                                    "set FUSEDLORA_BACKEND=torch to run the reference path")
-            if op in HOST_WINS and 0 < rows <= HOST_WINS[op][0] and not _capturing():
-                return _loaded(HOST_WINS[op][1], op)
             if op in EAGER_WINS and (EAGER_WINS[op] == 0 or rows > EAGER_WINS[op]):
                 return "eager"
             if op in CUDA_WINS and 0 < rows <= CUDA_WINS[op]:
-                return _loaded("cuda", op)
+                from . import cuda_ext
+
+                # never a build from here: a decode step would stall on nvcc for a minute; the
+                # extension serves once built (setup.py, or fusedlora.cuda_ext.load())
+                if cuda_ext.load(build=False) is not None:
+                    return "cuda"
+                record(op, "triton", "no-cuda-extension")  # the measured winner is missing: said, not hidden
             return "triton"
         return "torch"
     if name == "triton":

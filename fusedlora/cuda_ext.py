@@ -68,8 +68,10 @@ def load(build: bool = True):
             return _C
         except ImportError:
             pass
-        if (_state["error"] or "").startswith("build failed"):
-            return None  # once per process: auto asks at every decode call of a measured op
+        if _state["error"] is not None and (not build or _state["error"].startswith("build failed")):
+            # auto asks at every decode call of a measured op: the import, the source glob
+            # and the nvcc lookup run once; a failed build is not retried in this process
+            return None
         reason = _cannot_build()
         if reason or not build:
             _state["error"] = _state["error"] or reason or "not built yet (fusedlora.cuda_ext.load() builds it)"

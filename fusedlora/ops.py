@@ -156,8 +156,6 @@ def _lora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Ten
                   scaling: float, dropout_p: float, seed: Tensor) -> Tuple[Tensor, Tensor]:
     """2-D x -> (y, u) with u = s * drop(x) A^T in float32, saved for backward."""
     backend = select_backend(x.device, "lora.forward", x.shape[0])
-    if backend == "eager" and dropout_p > 0:
-        backend = "triton"  # the backward regenerates Triton's dropout mask from the seed: keep the pair
     if backend == "cuda":
         if x.shape[0] and x.shape[0] <= 16 and dropout_p == 0.0:
             from .cuda_ext import load
@@ -165,10 +163,10 @@ def _lora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Ten
             record("lora.forward", "cuda", "decode")
             return load().lora_decode(x, weight, bias, lora_A, lora_B, scaling)
         backend = "triton"  # the extension has no kernel for this shape: recorded below
-    if backend in ("torch", "eager"):  # eager: auto's choice for host-bound decode calls (HOST_WINS)
+    if backend == "torch":
         mask = torch_keep_mask(x.shape, dropout_p, seed.item(), x.device)
         u = scaling * (reference.apply_dropout(x, mask, dropout_p) @ lora_A.t())
-        record("lora.forward", backend, "reference" if backend == "torch" else "composition")
+        record("lora.forward", "torch", "reference")
         return torch.nn.functional.linear(x, weight, bias) + u @ lora_B.t(), u.float()
     _triton_dtype_ok(x)
     from .launch import Dropout, matmul
