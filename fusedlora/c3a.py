@@ -26,9 +26,8 @@ from torch import Tensor
 
 from . import reference
 from .backend import interpreting, record, select_backend
-from .ops import check_linear_args, fused_op, pick, register_autograd
+from .ops import _TRITON_DTYPES, check_linear_args, fused_op, pick, register_autograd, triton_serves
 
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INIT_CHOICES = (True, False, "gaussian", "xavier_uniform", "kaiming_uniform")
 # Reduction length rows * b of the kernel-gradient GEMM stays in int32.
 _MAX_Q = 2**31 - 2**20
@@ -179,7 +178,7 @@ def _circulant(c3a_kernel: Tensor, dtype: torch.dtype) -> Tensor:
     under the interpreter), which writes C once; reference.c3a_circulant's gather,
     permute and copy elsewhere."""
     nb_out, nb_in, b = c3a_kernel.shape
-    if not ((c3a_kernel.is_cuda or interpreting()) and dtype in _TRITON_DTYPES):
+    if not triton_serves(c3a_kernel.device, dtype):
         record("c3a.circulant", "torch", "gather")
         return reference.c3a_circulant(c3a_kernel, dtype)
     import triton
@@ -201,8 +200,7 @@ def _diagonal_sums(g: Tensor, c3a_kernel: Tensor) -> Tensor:
     over G on CUDA (and under the interpreter) for blocks of 16 and more; the torch
     gathers, which copy G twice, below that (a program per block pair would be too small)."""
     nb_out, nb_in, b = c3a_kernel.shape
-    if not ((g.is_cuda or interpreting()) and g.dtype in _TRITON_DTYPES and b >= 16
-            and c3a_kernel.dtype in _TRITON_DTYPES):
+    if not (b >= 16 and triton_serves(g.device, g.dtype, c3a_kernel.dtype)):
         record("c3a.diagonal_sums", "torch", "gather")
         return reference.c3a_diagonal_sums(g, c3a_kernel)
     import triton

@@ -61,6 +61,11 @@ def load(build: bool = True):
     with _lock:
         if _state["module"] is not None:
             return _state["module"]
+        # An error is only recorded after the import below failed. auto asks at every decode
+        # call of a measured op: the import, the source glob and the nvcc lookup run once,
+        # and a failed build is not retried in this process.
+        if _state["error"] is not None and (not build or _state["error"].startswith("build failed")):
+            return None
         try:
             from . import _C  # ahead-of-time build from setup.py
 
@@ -68,10 +73,6 @@ def load(build: bool = True):
             return _C
         except ImportError:
             pass
-        if _state["error"] is not None and (not build or _state["error"].startswith("build failed")):
-            # auto asks at every decode call of a measured op: the import, the source glob
-            # and the nvcc lookup run once; a failed build is not retried in this process
-            return None
         reason = _cannot_build()
         if reason or not build:
             _state["error"] = _state["error"] or reason or "not built yet (fusedlora.cuda_ext.load() builds it)"

@@ -52,9 +52,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backend import interpreting, record, select_backend
-from .ops import fused_op, pick, register_autograd
+from .ops import _TRITON_DTYPES, fused_op, pick, register_autograd
 
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
 # Batches of more than this many rows take the segmented (SGMV) path: a sort

@@ -15,10 +15,16 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .backend import record, select_backend
+from .backend import interpreting, record, select_backend
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def triton_serves(device: torch.device, *dtypes: torch.dtype) -> bool:
+    """Whether Triton kernels run for tensors of ``dtypes`` on ``device``: CUDA, or the CPU
+    under the interpreter; 16/32-bit floats only (no float64 kernels)."""
+    return (device.type == "cuda" or interpreting()) and all(d in _TRITON_DTYPES for d in dtypes)
 _NO_SEED = torch.zeros((), dtype=torch.int64)
 
 
@@ -44,7 +50,7 @@ def register_autograd(op, backward, setup_context) -> None:
 
     # named after the op: its grad_fn reads <name>Backward
     function = type(op._name.split("::")[-1], (torch.autograd.Function,),
-                    {"forward": staticmethod(forward), "backward": staticmethod(lambda ctx, *grads: backward(ctx, *grads))})
+                    {"forward": staticmethod(forward), "backward": staticmethod(backward)})
     op.autograd = function.apply
 
 
@@ -256,8 +262,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
     scaling, dropout_p = check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     lead = x.shape[:-1]
     op = pick(_lora_forward, x, weight, bias, lora_A, lora_B)
-    y, _ = op(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B,
-                         scaling, dropout_p, draw_seed(dropout_p))
+    y, _ = op(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scaling, dropout_p, draw_seed(dropout_p))
     return y.reshape(*lead, weight.shape[0])
 
 

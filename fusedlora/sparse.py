@@ -20,13 +20,12 @@ from torch import Tensor
 
 from . import reference
 from .backend import interpreting, record, requested_backend, select_backend
-from .ops import check_linear_args, check_scalar, fused_op, pick, register_autograd
+from .ops import _TRITON_DTYPES, check_linear_args, check_scalar, fused_op, pick, register_autograd, triton_serves
 from .sparse_layout import SparseLayout, _user_indices, build_layout, check_indices
 # the public mask builders, where users of fusedlora.sparse look for them
 from .sparse_layout import magnitude_indices, mask_to_indices, random_indices, shira_num_nonzeros  # noqa: F401
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # -------------------------------------------------------------- validation
@@ -230,7 +229,7 @@ def _dense_weight(weight: Tensor, rows: Tensor, cols: Tensor, perm: Tensor, valu
     rounded once. On CUDA (and under the interpreter) one Triton kernel writes them,
     3-4x faster than index_add_'s atomics; the copy is the one full pass over W."""
     w = weight.detach().clone(memory_format=torch.contiguous_format)
-    if rows.numel() and (w.is_cuda or interpreting()) and {w.dtype, values.dtype} <= set(_TRITON_DTYPES):
+    if rows.numel() and triton_serves(w.device, w.dtype, values.dtype):
         import triton
 
         from .kernels.sparse import sparse_scatter_kernel
@@ -241,10 +240,7 @@ def _dense_weight(weight: Tensor, rows: Tensor, cols: Tensor, perm: Tensor, valu
             weight.stride(0), weight.stride(1), float(scaling), BLOCK_E=block)
         record("sparse.densify", "triton", "scatter")
         return w
-    flat = rows.long() * weight.shape[1] + cols.long()
-    dt = torch.promote_types(values.dtype, torch.float32)
-    merged = w.view(-1)[flat].to(dt) + values.detach()[perm.long()].to(dt) * scaling
-    w.view(-1).index_put_((flat,), merged.to(w.dtype))
+    merge_saving_(w, rows.long() * weight.shape[1] + cols.long(), values.detach()[perm.long()], scaling)
     record("sparse.densify", "torch", "index_put")
     return w
 
@@ -255,7 +251,7 @@ def _sampled(g: Tensor, rows: Tensor, cols: Tensor, perm: Tensor, scaling: float
     trip in an eager training step (the H200's sparse step was host-bound: 610 us of
     kernels in 1444 us)."""
     dv = torch.empty_like(values)
-    if rows.numel() and (g.is_cuda or interpreting()) and {g.dtype, values.dtype} <= set(_TRITON_DTYPES):
+    if rows.numel() and triton_serves(g.device, g.dtype, values.dtype):
         import triton
 
         from .kernels.sparse import sparse_gather_kernel
@@ -296,7 +292,7 @@ def _sparse_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], values: T
                     rows: Tensor, cols: Tensor, perm: Tensor, scaling: float, tile: int) -> Tensor:
     """2-D x -> y = x (W + scaling * S)^T + b, S given by values and the layout tensors."""
     backend = select_backend(x.device, "sparse.forward", x.shape[0])
-    if backend == "triton" and requested_backend() == "auto" and not {x.dtype, values.dtype} <= set(_TRITON_DTYPES):
+    if backend == "triton" and requested_backend() == "auto" and not triton_serves(x.device, x.dtype, values.dtype):
         backend = "eager"  # auto's Triton rows path has no float64 kernel: the composition serves (recorded)
     if backend == "torch":
         record("sparse.forward", "torch", "reference")
@@ -393,8 +389,7 @@ def sparse_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], indices: Op
         layout = build_layout(indices, tuple(weight.shape), device=x.device)
     lead = x.shape[:-1]
     op = pick(_sparse_forward, x, weight, bias, values)
-    y = op(x.reshape(-1, x.shape[-1]), weight, bias, values, *layout.tensors(),
-                        scaling, layout.tile)
+    y = op(x.reshape(-1, x.shape[-1]), weight, bias, values, *layout.tensors(), scaling, layout.tile)
     return y.reshape(*lead, weight.shape[0])
 
 
