@@ -1,6 +1,7 @@
 """The CUDA C++ extension of csrc/: it must compile and link wherever torch has
 CUDA and nvcc exists (CI has both, no GPU); its argument checks run on the CPU;
 its kernels run against the float64 reference on a GPU."""
+import os
 import shutil
 import sys
 
@@ -11,7 +12,7 @@ import fusedlora
 from conftest import HAS_CUDA, TOL, dispatched, rel_err
 from fusedlora import cuda_ext, reference
 
-CAN_BUILD = torch.version.cuda is not None and (shutil.which("nvcc") or __import__("os").path.exists(
+CAN_BUILD = torch.version.cuda is not None and (shutil.which("nvcc") or os.path.exists(
     "/usr/local/cuda/bin/nvcc"))
 
 
@@ -354,7 +355,7 @@ def test_use_backend_overrides_the_variable_in_its_scope(monkeypatch):
 
 
 @pytest.mark.skipif(not CAN_BUILD, reason="no CUDA build of torch or no nvcc here")
-def test_extension_works_when_the_compiler_links_libstdcxx_statically(tmp_path):
+def test_extension_works_when_the_compiler_links_libstdcxx_statically(tmp_path, monkeypatch):
     """The H200 image's g++ linked libstdc++ into the module statically, and that second
     libstdc++'s iostreams broke at the first `<<` (a segfault in every argument check there;
     here the same build printed "got shape [" and stopped). Built that way, the binding
@@ -363,11 +364,14 @@ def test_extension_works_when_the_compiler_links_libstdcxx_statically(tmp_path):
 
     from torch.utils import cpp_extension
 
+    # no GPU to read an architecture from: one target, as cuda_ext.load would default to
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    monkeypatch.setenv("CUDA_HOME", os.environ.get("CUDA_HOME", "/usr/local/cuda"))
     module = cpp_extension.load(name="fusedlora_static_cxx", sources=cuda_ext._sources(), build_directory=str(tmp_path),
                                 extra_cflags=["-O3"], extra_ldflags=["-static-libstdc++"] + cuda_ext.LINK_FLAGS)
     with pytest.raises(ValueError) as info:
         module.lora_decode(**{**args(), "x": torch.randn(8)})
     assert str(info.value).endswith("got shape [8]")
-    if shutil.which("readelf"):
-        dynamic = subprocess.run(["readelf", "-d", module.__file__], capture_output=True, text=True).stdout
-        assert "[libstdc++.so.6]" in dynamic
+    # readelf ships with the linker (binutils) that just built the module: no silent pass
+    dynamic = subprocess.run(["readelf", "-d", module.__file__], capture_output=True, text=True, check=True).stdout
+    assert "[libstdc++.so.6]" in dynamic
