@@ -1,7 +1,9 @@
 """Which implementation runs: backend choice, and a record of what ran.
 
 ``FUSEDLORA_BACKEND`` (read at every call, so tests and users can switch it):
-  auto    CUDA tensors run the Triton kernels, CPU tensors the PyTorch reference
+  auto    CUDA tensors run the measured winner per op and row count (Triton, except the
+          tables below: EAGER_WINS, CUDA_WINS, and HOST_WINS for eager decode calls
+          outside CUDA-graph capture), CPU tensors the PyTorch reference
   triton  Triton kernels; CPU tensors only with TRITON_INTERPRET=1 (how CI runs them)
   cuda    the CUDA C++ extension of csrc/ (built on first use) where it has a kernel
           (forwards of 1..16 rows without dropout: LoRA, multi-adapter, C3A, sparse);
@@ -10,7 +12,8 @@
   eager   plain-PyTorch compositions built on cuBLAS/cuFFT (sparse: W + delta formed,
           then cuBLAS; C3A: cuBLAS plus PEFT's FFT delta up to 16 rows, the unscaled
           circulant through one addmm above), the reference path for the other ops;
-          auto picks it for the ops in EAGER_WINS
+          auto picks it for the ops in EAGER_WINS; LoRA's forward is F.linear plus two
+          thin matmuls, auto's choice for eager decode calls (HOST_WINS, dispatch())
 ``use_backend(name)`` overrides the variable for the calls in its scope (the
 benchmarks time each backend this way). Nothing falls back silently: every launch is counted in ``backend_info()["dispatch"]``.
 """
@@ -82,8 +85,73 @@ CUDA_WINS: dict = {"multi.forward": 1}
 # and for sparse above 16 rows (11x at 4096); at 1..16 rows the sparse Triton rows path
 # (the base GEMM then each output feature's nonzeros) took 29-39 us against 51-59 us for
 # the dense composition (CUDA-graph replays), so sparse.forward keeps Triton there.
-EAGER_OPS = ("sparse.forward", "sparse.backward", "c3a.forward", "c3a.backward")  # ops with a composition
+# ops with a composition
+EAGER_OPS = ("sparse.forward", "sparse.backward", "c3a.forward", "c3a.backward", "lora.forward")
 EAGER_WINS: dict = {"sparse.forward": 16, "sparse.backward": 0, "c3a.forward": 0, "c3a.backward": 0}
+
+
+# Auto mode for eager calls outside CUDA-graph capture, from GPU measurements: op ->
+# (the row count up to which, the backend that) took the least wall time per call. At decode
+# sizes such a call is bound by the host, so the path with fewer launches wins whatever its
+# kernels do in a graph (bench/results/2026-11-27_h200_2, the H200's host, 1..16 rows, bf16):
+#   lora.forward  F.linear plus two thin matmuls 84-90 us a call, Triton's two launches
+#                 218-469 us (in a graph Triton is the faster: 19.6 against 26.5 us at 1 row)
+#   c3a.forward   Triton's one GEMM 105-272 us, the FFT composition 244-530 us (in a graph
+#                 EAGER_WINS keeps the FFT form)
+#   multi.forward the CUDA extension's BGMV 177-293 us, Triton's 466-633 us; Triton where the
+#                 extension is not built
+# A capture (or torch.compile's CUDA graphs) runs the backend select_backend names; dispatch()
+# runs that one too on the first eager call of each signature, so its kernels are compiled,
+# loaded and planned before any capture of the same shapes (the driver forbids loading a
+# module, and cuFFT making a plan, inside one).
+HOST_WINS: dict = {"lora.forward": (16, "eager"), "c3a.forward": (16, "triton"), "multi.forward": (16, "cuda")}
+_warmed: set = set()  # signatures whose capture-time backend has run once in this process
+
+
+def _cuda_if_built(op: str) -> Optional[str]:
+    """"cuda" when the extension is loaded, else None, said in the dispatch table. Never a
+    build from here: a decode step would stall on nvcc for a minute; the extension serves once
+    built (setup.py, or fusedlora.cuda_ext.load())."""
+    from . import cuda_ext
+
+    if cuda_ext.load(build=False) is not None:
+        return "cuda"
+    record(op, "triton", "no-cuda-extension")  # the measured winner is missing: said, not hidden
+    return None
+
+
+def _eager_gpu_call(device: torch.device) -> bool:
+    """A call on the GPU that is not being captured into a CUDA graph."""
+    return device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
+
+
+def _signature(op: str, args: tuple) -> tuple:
+    """What decides the kernels a call compiles and plans: shapes, strides, dtypes and the
+    16-byte alignment of every tensor (Triton specializes on it), the other arguments as given."""
+    return (op,) + tuple(
+        (a.dtype, a.device, tuple(a.shape), a.stride(), a.data_ptr() % 16) if isinstance(a, torch.Tensor) else a
+        for a in args)
+
+
+def dispatch(op: str, run, x: torch.Tensor, *args, host_ok: bool = True):
+    """``run(backend, x, *args)`` on the backend for ``op`` on x's rows: select_backend's, or
+    in auto mode an eager GPU call's winner in HOST_WINS (``host_ok``: the call's options allow
+    it). Before the first such call of a signature, select_backend's backend runs once (its
+    result unused): a later capture of the same shapes then finds its kernels ready."""
+    rows = x.shape[0]
+    backend = select_backend(x.device, op, rows)
+    if not (host_ok and op in HOST_WINS and 0 < rows <= HOST_WINS[op][0] and requested_backend() == "auto"
+            and _eager_gpu_call(x.device)):
+        return run(backend, x, *args)
+    host = HOST_WINS[op][1]
+    host = _cuda_if_built(op) if host == "cuda" else host
+    if host is None or host == backend:
+        return run(backend, x, *args)
+    key = _signature(op, (x,) + args)
+    if key not in _warmed:
+        run(backend, x, *args)
+        _warmed.add(key)
+    return run(host, x, *args)
 
 
 def select_backend(device: torch.device, op: Optional[str] = None, rows: int = 0) -> str:
@@ -98,13 +166,7 @@ def select_backend(device: torch.device, op: Optional[str] = None, rows: int = 0
             if op in EAGER_WINS and (EAGER_WINS[op] == 0 or rows > EAGER_WINS[op]):
                 return "eager"
             if op in CUDA_WINS and 0 < rows <= CUDA_WINS[op]:
-                from . import cuda_ext
-
-                # never a build from here: a decode step would stall on nvcc for a minute; the
-                # extension serves once built (setup.py, or fusedlora.cuda_ext.load())
-                if cuda_ext.load(build=False) is not None:
-                    return "cuda"
-                record(op, "triton", "no-cuda-extension")  # the measured winner is missing: said, not hidden
+                return _cuda_if_built(op) or "triton"
             return "triton"
         return "torch"
     if name == "triton":

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
-from .backend import interpreting, record, select_backend
+from .backend import dispatch, interpreting, record, select_backend
 from .ops import _TRITON_DTYPES, check_linear_args, fused_op, pick, register_autograd, triton_serves
 
 _INIT_CHOICES = (True, False, "gaussian", "xavier_uniform", "kaiming_uniform")
@@ -268,7 +268,10 @@ def _fft_grads(grad_y: Tensor, x: Tensor, weight: Tensor, c3a_kernel: Tensor, ne
 @fused_op("fusedlora::c3a_linear")
 def _c3a_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], c3a_kernel: Tensor) -> Tensor:
     """2-D x -> y = x (W + dW)^T + b."""
-    backend = select_backend(x.device, "c3a.forward", x.shape[0])
+    return dispatch("c3a.forward", _c3a_forward_on, x, weight, bias, c3a_kernel)
+
+
+def _c3a_forward_on(backend: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], c3a_kernel: Tensor) -> Tensor:
     if backend == "torch":
         record("c3a.forward", "torch", "reference")
         return reference.c3a_linear(x, weight, bias, c3a_kernel)

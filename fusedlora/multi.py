@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import interpreting, record, select_backend
+from .backend import dispatch, interpreting, record, select_backend
 from .ops import _TRITON_DTYPES, fused_op, pick, register_autograd
 
 _INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
@@ -313,8 +313,15 @@ def _multi_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], pool_A: Te
                    max_rank: int, dropout: bool, seed: Tensor) -> Tuple[Tensor, Tensor]:
     """2-D x -> (y, u): y[m] = x[m] W^T + b + u[m] P_B[slot[m]], u = scale * drop(x) P_A^T
     (float32, saved for backward); dropout (if ``dropout``) with each slot's probability."""
+    return dispatch("multi.forward", _multi_forward_on, x, weight, bias, pool_A, pool_BT, row_slot, slot_off,
+                    slot_rank, slot_scale, slot_drop, max_rank, dropout, seed,
+                    host_ok=not dropout)  # the extension has no dropout
+
+
+def _multi_forward_on(backend: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], pool_A: Tensor,
+                      pool_BT: Tensor, row_slot: Tensor, slot_off: Tensor, slot_rank: Tensor, slot_scale: Tensor,
+                      slot_drop: Tensor, max_rank: int, dropout: bool, seed: Tensor) -> Tuple[Tensor, Tensor]:
     sl = _Slots(slot_off, slot_rank, slot_scale, slot_drop, dropout, int(seed.item()) if dropout else 0)
-    backend = select_backend(x.device, "multi.forward", x.shape[0])
     if backend == "torch":
         record("multi.forward", "torch", "grouped")
         return _torch_forward(x, weight, bias, pool_A, pool_BT, row_slot, sl, max_rank)

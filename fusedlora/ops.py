@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .backend import interpreting, record, select_backend
+from .backend import dispatch, interpreting, record, select_backend
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -161,7 +161,13 @@ def torch_keep_mask(shape, p: float, seed: int, device) -> Optional[Tensor]:
 def _lora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                   scaling: float, dropout_p: float, seed: Tensor) -> Tuple[Tensor, Tensor]:
     """2-D x -> (y, u) with u = s * drop(x) A^T in float32, saved for backward."""
-    backend = select_backend(x.device, "lora.forward", x.shape[0])
+    # with dropout, the backward regenerates the forward's mask: auto keeps the Triton pair
+    return dispatch("lora.forward", _lora_forward_on, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
+                    host_ok=dropout_p == 0.0)
+
+
+def _lora_forward_on(backend: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
+                     lora_B: Tensor, scaling: float, dropout_p: float, seed: Tensor) -> Tuple[Tensor, Tensor]:
     if backend == "cuda":
         if x.shape[0] and x.shape[0] <= 16 and dropout_p == 0.0:
             from .cuda_ext import load
@@ -169,11 +175,18 @@ def _lora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Ten
             record("lora.forward", "cuda", "decode")
             return load().lora_decode(x, weight, bias, lora_A, lora_B, scaling)
         backend = "triton"  # the extension has no kernel for this shape: recorded below
-    if backend == "torch":
+    if backend in ("torch", "eager"):
         mask = torch_keep_mask(x.shape, dropout_p, seed.item(), x.device)
-        u = scaling * (reference.apply_dropout(x, mask, dropout_p) @ lora_A.t())
-        record("lora.forward", "torch", "reference")
-        return torch.nn.functional.linear(x, weight, bias) + u @ lora_B.t(), u.float()
+        xd = reference.apply_dropout(x, mask, dropout_p)
+        if backend == "torch":
+            u = scaling * (xd @ lora_A.t())
+            record("lora.forward", "torch", "reference")
+            return torch.nn.functional.linear(x, weight, bias) + u @ lora_B.t(), u.float()
+        # three cuBLAS launches and two small ops: the fewest a host-bound call can pay for
+        xa = torch.nn.functional.linear(xd, lora_A)
+        y = torch.nn.functional.linear(x, weight, bias).addmm_(xa, lora_B.t(), alpha=scaling)
+        record("lora.forward", "eager", "composition")
+        return y, xa.float().mul_(scaling)
     _triton_dtype_ok(x)
     from .launch import Dropout, matmul
 

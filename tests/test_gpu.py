@@ -51,3 +51,45 @@ def test_cuda_graph_capture_of_forward(triton_backend, M):
         torch.cuda.synchronize()
         assert rel_err(out, layer(x)) < TOL[torch.bfloat16]
         assert not torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("kind", ["lora", "c3a", "multi"])
+def test_auto_warm_up_then_capture(kind, monkeypatch):
+    """The usual recipe under auto: eager warm-up calls (HOST_WINS' host path, which also runs
+    the capture-time path once per signature), then a capture. The capture must find that
+    path's kernels (Triton modules, cuFFT plans) ready, and the replay must be right."""
+    monkeypatch.delenv("FUSEDLORA_BACKEND", raising=False)
+    torch.manual_seed(0)
+    layer = fusedlora.FusedLinear(1024, 768, device="cuda", dtype=torch.bfloat16).eval()
+    kw = {}
+    if kind == "c3a":
+        layer.add_c3a("a", block_size=64, init_weights="gaussian")
+    else:
+        for name, r in (("a", 16), ("b", 8))[:2 if kind == "multi" else 1]:
+            layer.add_lora(name, r=r)
+            torch.nn.init.normal_(layer.lora_B[name], std=0.02)
+    if kind == "multi":
+        kw = {"adapter_ids": torch.tensor([0, -1, 1, 0], device="cuda"), "validate": False}
+    x = torch.randn(4, 1024, device="cuda", dtype=torch.bfloat16)
+    fusedlora.reset_dispatch()
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                layer(x, **kw)
+        torch.cuda.current_stream().wait_stream(side)
+        eager = dispatched(f"{kind}.forward")
+        fusedlora.reset_dispatch()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = layer(x, **kw)
+        captured = dispatched(f"{kind}.forward")
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        fusedlora.reset_dispatch()
+        assert rel_err(out, layer(x, **kw)) < TOL[torch.bfloat16]
+    host = fusedlora.backend.HOST_WINS[f"{kind}.forward"][1]
+    assert any(f":{host}:" in k for k in eager) or host == "cuda", eager
+    assert not any(f":{host}:" in k for k in captured) or host == "cuda", captured

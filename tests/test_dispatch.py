@@ -1,0 +1,175 @@
+"""auto's dispatch of eager decode calls (backend.HOST_WINS, backend.dispatch).
+
+Outside CUDA-graph capture a decode call is bound by the host, so auto runs the path with
+the fewest launches there; a capture runs select_backend's path, which therefore runs once
+on the first eager call of each signature (compiled and loaded before any capture). The
+rule is for GPU calls: here `_eager_gpu_call` is forced, and select_backend is made to
+name the capture path, so the Triton kernels run under the interpreter on CPU tensors.
+"""
+import pytest
+import torch
+
+import fusedlora
+from fusedlora import backend, cuda_ext, reference
+from fusedlora.c3a import c3a_linear
+from fusedlora.multi import multi_lora_linear
+from fusedlora.ops import lora_linear
+from fusedlora.routing import pack_loras
+
+from conftest import TOL, dispatched, rel_err
+
+
+@pytest.fixture
+def gpu_call(monkeypatch):
+    """An eager GPU call under auto whose capture-time backend is ``capture_backend[0]``."""
+    capture_backend = ["triton"]
+    capturing = [False]
+    monkeypatch.delenv("FUSEDLORA_BACKEND", raising=False)
+    monkeypatch.setattr(backend, "select_backend", lambda device, op=None, rows=0: capture_backend[0])
+    monkeypatch.setattr(backend, "_eager_gpu_call", lambda device: not capturing[0])
+    monkeypatch.setattr(backend, "_warmed", set())
+    fusedlora.reset_dispatch()
+    yield capture_backend, capturing
+    fusedlora.reset_dispatch()
+
+
+def _lora(M, K=40, N=24, r=4):
+    x = torch.randn(M, K)
+    W, b = torch.randn(N, K) / K ** 0.5, torch.randn(N)
+    A, B = torch.randn(r, K) / K ** 0.5, torch.randn(N, r) / r ** 0.5
+    return x, W, b, A, B
+
+
+def _counts(prefix):
+    d = dispatched(prefix)
+    return sum(v for k, v in d.items() if ":eager:" in k), sum(v for k, v in d.items() if ":triton:" in k)
+
+
+def test_lora_decode_call_warms_the_capture_path_once_then_runs_the_composition(gpu_call):
+    torch.manual_seed(0)
+    x, W, b, A, B = _lora(3)
+    ref = reference.lora_linear(x.double(), W.double(), b.double(), A.double(), B.double(), 1.5)
+    y = lora_linear(x, W, b, A, B, 1.5)
+    assert rel_err(y, ref) < TOL[torch.float32]
+    assert _counts("lora.forward") == (1, 1), dispatched()  # the composition, and Triton once
+    assert rel_err(lora_linear(x, W, b, A, B, 1.5), ref) < TOL[torch.float32]
+    assert _counts("lora.forward") == (2, 1), dispatched()  # same signature: no second warm-up
+    lora_linear(torch.randn(5, 40), W, b, A, B, 1.5)
+    assert _counts("lora.forward") == (3, 2), dispatched()  # a new shape warms again
+    lora_linear(x[:, :40:1].t().contiguous().t(), W, b, A, B, 1.5)  # other strides: another signature
+    assert _counts("lora.forward") == (4, 3), dispatched()
+
+
+def test_lora_capture_rows_and_dropout_take_the_capture_path(gpu_call):
+    _, capturing = gpu_call
+    torch.manual_seed(1)
+    x, W, b, A, B = _lora(3)
+    capturing[0] = True
+    lora_linear(x, W, b, A, B, 1.5)
+    assert _counts("lora.forward") == (0, 1), dispatched()
+    capturing[0] = False
+    lora_linear(torch.randn(17, 40), W, b, A, B, 1.5)  # above HOST_WINS' 16 rows
+    assert _counts("lora.forward") == (0, 2), dispatched()
+    lora_linear(x, W, b, A, B, 1.5, dropout_p=0.25)  # the backward must redraw Triton's mask
+    assert _counts("lora.forward") == (0, 3), dispatched()
+    with fusedlora.use_backend("triton"):  # an explicit backend is obeyed
+        lora_linear(x, W, b, A, B, 1.5)
+    assert _counts("lora.forward") == (0, 4), dispatched()
+
+
+def test_lora_composition_gradients_match_reference(gpu_call):
+    torch.manual_seed(2)
+    x, W, b, A, B = (t.requires_grad_() for t in _lora(4))
+    lora_linear(x, W, b, A, B, 0.5).square().sum().backward()
+    assert dispatched("lora.forward:eager:composition")
+    grads = [t.grad for t in (x, W, b, A, B)]
+    leaves = [t.detach().double().requires_grad_() for t in (x, W, b, A, B)]
+    reference.lora_linear(*leaves, 0.5).square().sum().backward()
+    for g, leaf in zip(grads, leaves):
+        assert rel_err(g, leaf.grad) < TOL[torch.float32]
+
+
+def test_eager_backend_composition_with_dropout_pairs_with_its_backward(monkeypatch):
+    """FUSEDLORA_BACKEND=eager: LoRA's forward is the composition; with dropout its backward
+    (the reference path) redraws the same mask from the seed."""
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "eager")
+    fusedlora.reset_dispatch()
+    torch.manual_seed(3)
+    x, W, b, A, B = (t.requires_grad_() for t in _lora(6))
+    torch.manual_seed(7)
+    y = lora_linear(x, W, b, A, B, 2.0, dropout_p=0.3)
+    y.sum().backward()
+    assert dispatched("lora.forward") == {"lora.forward:eager:composition": 1}
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "torch")
+    leaves = [t.detach().clone().requires_grad_() for t in (x, W, b, A, B)]
+    torch.manual_seed(7)
+    y_ref = lora_linear(*leaves, 2.0, dropout_p=0.3)
+    y_ref.sum().backward()
+    assert rel_err(y, y_ref) < TOL[torch.float32]
+    for t, leaf in zip((x, W, b, A, B), leaves):
+        assert rel_err(t.grad, leaf.grad) < TOL[torch.float32]
+
+
+def test_c3a_decode_call_runs_triton_after_warming_the_fft_composition(gpu_call):
+    capture_backend, _ = gpu_call
+    capture_backend[0] = "eager"  # auto's in-graph choice for C3A (EAGER_WINS)
+    torch.manual_seed(4)
+    K, N, blk = 32, 48, 8
+    x, W, b = torch.randn(2, K), torch.randn(N, K) / K ** 0.5, torch.randn(N)
+    kernel = torch.randn(N // blk, K // blk, blk)
+    ref = reference.c3a_linear(x.double(), W.double(), b.double(), kernel.double())
+    for calls in (1, 2):
+        assert rel_err(c3a_linear(x, W, b, kernel), ref) < TOL[torch.float32]
+        eager, triton = _counts("c3a.forward")
+        assert (eager, triton) == (1, calls), dispatched()  # the FFT form ran once, Triton each call
+
+
+def _multi_case():
+    torch.manual_seed(5)
+    K, N = 32, 24
+    As = [torch.randn(r, K) / K ** 0.5 for r in (2, 8)]
+    Bs = [torch.randn(N, r) for r in (2, 8)]
+    pool_A, pool_BT, off, rank, scale, rmax = pack_loras(As, Bs, [0.5, 2.0], device="cpu")
+    x, W = torch.randn(3, K), torch.randn(N, K) / K ** 0.5
+    slot = torch.tensor([1, -1, 0], dtype=torch.int32)
+    ref = reference.multi_lora_linear(x.double(), W.double(), None, slot.long(), [a.double() for a in As],
+                                      [b.double() for b in Bs], [0.5, 2.0])
+    return (x, W, None, slot, pool_A, pool_BT, off, rank, scale), rmax, ref
+
+
+def test_multi_decode_call_uses_a_built_extension_after_warming_triton(gpu_call, monkeypatch):
+    args, rmax, ref = _multi_case()
+    calls = []
+
+    class FakeExtension:  # the binding's contract, computed by the reference path
+        def multi_lora_decode(self, x, weight, bias, row_slot, pool_A, pool_BT, off, rank, scale, max_rank):
+            calls.append(x.shape[0])
+            return fusedlora.multi._multi_forward_on(
+                "torch", x, weight, bias, pool_A, pool_BT, row_slot, off, rank, scale, torch.zeros_like(scale),
+                max_rank, False, torch.zeros((), dtype=torch.int64))
+
+    monkeypatch.setattr(cuda_ext, "load", lambda build=True: FakeExtension())
+    for n in (1, 2):
+        y = multi_lora_linear(*args, max_rank=rmax)
+        assert rel_err(y, ref) < TOL[torch.float32]
+        assert calls == [3] * n
+        assert dispatched("multi.forward:cuda") == {"multi.forward:cuda:bgmv": n}
+    assert sum(v for k, v in dispatched("multi.forward:triton").items()) == 1  # warmed once
+
+
+def test_multi_decode_call_without_the_extension_stays_on_triton_and_says_why(gpu_call, monkeypatch):
+    args, rmax, ref = _multi_case()
+    monkeypatch.setattr(cuda_ext, "load", lambda build=True: None)
+    assert rel_err(multi_lora_linear(*args, max_rank=rmax), ref) < TOL[torch.float32]
+    d = dispatched("multi.forward")
+    assert d.get("multi.forward:triton:no-cuda-extension") == 1, d
+    assert not any(":cuda:" in k for k in d), d
+
+
+def test_signature_sees_alignment_strides_and_scalars():
+    a = torch.zeros(64)
+    sig = backend._signature("op", (a[:8], 2.0, None))
+    assert sig == backend._signature("op", (torch.zeros(64)[:8], 2.0, None))
+    assert sig != backend._signature("op", (a[1:9], 2.0, None))  # 4 bytes off: Triton's divisibility
+    assert sig != backend._signature("op", (a[:16:2], 2.0, None))
+    assert sig != backend._signature("op", (a[:8], 3.0, None))
