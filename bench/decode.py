@@ -3,7 +3,8 @@
 One FusedLinear per case (inference), timed on the same random input sets:
   cuda    the layer's forward under fusedlora.use_backend("cuda"): csrc/ serves 1..16
           rows; above that the extension has no kernel and Triton runs (the
-          dispatch list of the report says which ran)
+          dispatch list of the report says which ran); its GEMV on CUDA cores
+  cuda-mma  the same with the tensor-core GEMV (cuda_ext.use_gemv("mma"); fp16/bf16)
   triton  the same forward under use_backend("triton")
   auto    the same forward under fusedlora's default dispatch
   base    F.linear(x, W, b) alone: reading W is the floor of every row here
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fusedlora
-from fusedlora import FusedLinear, reference
+from fusedlora import FusedLinear, cuda_ext, reference
 from fusedlora.sparse import random_indices
 
 from .harness import frozen_linear, Case, Options, Skip, best_ms, elem_size, matmul_flops, numel_bytes, random_maker
@@ -106,7 +107,7 @@ def _inputs(variant: str, s: dict, device, dtype, seed: int):
     return i
 
 
-def _forward(backend: str):
+def _forward(backend: str, gemv: str = "fma"):
     def setup(i):
         device = i["x"].device
         if backend == "cuda" and device.type != "cuda":
@@ -117,7 +118,7 @@ def _forward(backend: str):
         kw = {"adapter_ids": i["route"]["ids"], "validate": False} if "route" in i else {}
 
         def run():
-            with torch.no_grad(), fusedlora.use_backend(backend):
+            with torch.no_grad(), fusedlora.use_backend(backend), cuda_ext.use_gemv(gemv):
                 return layer(x, **kw)
         return run
     return setup
@@ -179,15 +180,17 @@ def cases(opts: Options):
         adapter, base = work(variant, s, elem)
         yield Case(path=PATH, variant=variant, shape=s, dtype=opts.dtype, device=opts.device,
                    make_inputs=lambda v=variant, s=s: _inputs(v, s, opts.device, opts.dtype, next(seeds)),
-                   impls={"cuda": _forward("cuda"), "triton": _forward("triton"), "auto": _forward("auto"),
+                   impls={"cuda": _forward("cuda"), "cuda-mma": _forward("cuda", "mma"),
+                          "triton": _forward("triton"), "auto": _forward("auto"),
                           "base": _base, "eager": _eager,
                           "cublas-rows": _cublas_rows},
-                   work={"*": adapter, "base": base}, ref="cuda", roof_impls=("cuda", "triton", "base"))
+                   work={"*": adapter, "base": base}, ref="cuda", roof_impls=("cuda", "cuda-mma", "triton", "base"))
 
 
-def cuda_wins(rows) -> dict:
+def cuda_wins(rows, impl: str = "cuda") -> dict:
     """op -> the largest M such that at every M' <= M, and every shape measured, the CUDA
-    kernel ran (its row's dispatch says so) and was no slower than Triton (graph times)."""
+    kernel of column ``impl`` ran (its row's dispatch says so) and was no slower than
+    Triton (graph times)."""
     table = {}
     for variant, op in OPS.items():
         verdict = {}  # M -> CUDA won at every shape of that M
@@ -197,7 +200,7 @@ def cuda_wins(rows) -> dict:
                 by_key.setdefault(tuple(sorted(r["shape"].items())), {})[r["impl"]] = r
         for key, impls in by_key.items():
             M = dict(key)["M"]
-            cuda, triton = impls.get("cuda"), impls.get("triton")
+            cuda, triton = impls.get(impl), impls.get("triton")
             ran = cuda is not None and any(f"{op}:cuda:" in d for d in cuda.get("dispatch", []))
             won = ran and triton is not None and best_ms(cuda) <= best_ms(triton)
             verdict[M] = verdict.get(M, True) and won
@@ -216,6 +219,8 @@ def summary(rows) -> list:
     if not any(r["path"] == PATH for r in rows):
         return []
     return ["## decode · the dispatch table these numbers support", "",
-            "`fusedlora.backend.CUDA_WINS = " + repr(cuda_wins(rows)) + "`", "",
+            "`fusedlora.backend.CUDA_WINS = " + repr(cuda_wins(rows)) + "`  (FUSEDLORA_CUDA_GEMV=fma, the default)",
+            "",
+            "`fusedlora.backend.CUDA_WINS = " + repr(cuda_wins(rows, "cuda-mma")) + "`  (FUSEDLORA_CUDA_GEMV=mma)", "",
             "(op -> the largest row count up to which the CUDA kernel was no slower than Triton at every "
             "shape and every smaller row count, CUDA-graph times; ops missing stay on Triton.)", ""]

@@ -49,7 +49,7 @@ echo "gpu tests rc=$?" | tee -a "$LOG"; summary 25
 wait $probe; echo "probe rc=$?" >> "$LOG"; tail -c 3000 /tmp/ext_probe.txt | tee -a "$LOG" | tail -3
 if grep -q "extension call ok" /tmp/ext_probe.txt; then
   step "extension tests"
-  timeout -s INT 90 $PYTEST $PAR tests/test_cuda_ext.py --junitxml="$OUT/ext_tests.xml" >> "$LOG" 2>&1
+  timeout -s INT 120 $PYTEST $PAR tests/test_cuda_ext.py --junitxml="$OUT/ext_tests.xml" >> "$LOG" 2>&1
   echo "extension tests rc=$?" | tee -a "$LOG"; summary 8
   step "compute-sanitizer memcheck (extension kernels)"
   PATH="$CUDA_HOME/bin:$PATH" timeout -s INT "${MEMCHECK_S:-50}" compute-sanitizer --tool memcheck --error-exitcode 3 \

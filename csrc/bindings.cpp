@@ -71,8 +71,10 @@ at::Tensor unit_last(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.con
 
 // The base layer's checks, shared by every entry point; fills the base fields of args.
 fusedlora::LoraDecodeArgs check_base(const at::Tensor& x, const at::Tensor& weight,
-                                     const c10::optional<at::Tensor>& bias) {
+                                     const c10::optional<at::Tensor>& bias, const std::string& gemv = "fma") {
   fusedlora::LoraDecodeArgs args;
+  value_check(gemv == "fma" || gemv == "mma", "gemv: expected 'fma' or 'mma', got '" + gemv + "'");
+  args.gemv = gemv == "mma" ? fusedlora::Gemv::kMma : fusedlora::Gemv::kFma;
   args.dtype = dtype_of(x, "x");
   same_dtype(weight, x, "weight");
   value_check(x.dim() == 2, "x: expected a 2-D (rows, in_features) tensor, got shape " + shape_of(x));
@@ -110,17 +112,24 @@ std::tuple<at::Tensor, at::Tensor> run(fusedlora::LoraDecodeArgs& args, const at
   const at::Tensor xs = unit_last(x);
   const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
   int sms = 0;
-  const cudaError_t attr = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.device().index());
+  cudaError_t attr = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.device().index());
+  if (attr == cudaSuccess)
+    attr = cudaDeviceGetAttribute(&args.sm_major, cudaDevAttrComputeCapabilityMajor, x.device().index());
   if (attr != cudaSuccess)
-    throw std::runtime_error(std::string("fusedlora ") + what + ": SM count: " + cudaGetErrorString(attr));
-  args.k_split = fusedlora::lora_decode_k_split(args.N, args.K, sms);
-  auto y = at::empty({args.M, args.N}, x.options());
-  auto u = at::zeros({args.M, args.R}, x.options().dtype(at::kFloat));
-  auto partial = args.k_split > 1 ? at::zeros({args.M, args.N}, x.options().dtype(at::kFloat)) : at::Tensor();
+    throw std::runtime_error(std::string("fusedlora ") + what + ": device attributes: " + cudaGetErrorString(attr));
   args.x = xs.data_ptr();
   args.ld_x = xs.stride(0);
   args.w = weight.data_ptr();
   args.ld_w = weight.stride(0);
+  value_check(args.gemv != fusedlora::Gemv::kMma || fusedlora::mma_serves(args),
+              std::string("gemv: 'mma' needs float16/bfloat16 operands, rows of x and weight 16-byte aligned "
+                          "(leading strides multiples of 8) and an sm_80+ GPU (") + what + " got dtype " +
+                  c10::toString(x.scalar_type()) + ", strides " + std::to_string(args.ld_x) + " and " +
+                  std::to_string(args.ld_w) + ", sm_" + std::to_string(args.sm_major) + "x)");
+  args.k_split = fusedlora::lora_decode_k_split(args, sms);
+  auto y = at::empty({args.M, args.N}, x.options());
+  auto u = at::zeros({args.M, args.R}, x.options().dtype(at::kFloat));
+  auto partial = args.k_split > 1 ? at::zeros({args.M, args.N}, x.options().dtype(at::kFloat)) : at::Tensor();
   args.bias = bias.has_value() ? bias_c.data_ptr() : nullptr;
   args.y = y.data_ptr();
   args.u = u.data_ptr<float>();
@@ -134,8 +143,8 @@ std::tuple<at::Tensor, at::Tensor> run(fusedlora::LoraDecodeArgs& args, const at
 // One adapter for every row. Returns (y, u): u = scaling * x A^T (float32, saved for backward).
 std::tuple<at::Tensor, at::Tensor> lora_decode(const at::Tensor& x, const at::Tensor& weight,
                                                const c10::optional<at::Tensor>& bias, const at::Tensor& lora_A,
-                                               const at::Tensor& lora_B, double scaling) {
-  auto args = check_base(x, weight, bias);
+                                               const at::Tensor& lora_B, double scaling, const std::string& gemv) {
+  auto args = check_base(x, weight, bias, gemv);
   same_dtype(lora_A, x, "lora_A");
   same_dtype(lora_B, x, "lora_B");
   value_check(lora_A.dim() == 2 && lora_A.size(1) == args.K && lora_A.size(0) >= 1,
@@ -161,8 +170,9 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_decode(const at::Tensor& x, const 
                                                      const c10::optional<at::Tensor>& bias, const at::Tensor& row_slot,
                                                      const at::Tensor& pool_A, const at::Tensor& pool_BT,
                                                      const at::Tensor& slot_off, const at::Tensor& slot_rank,
-                                                     const at::Tensor& slot_scale, int64_t max_rank) {
-  auto args = check_base(x, weight, bias);
+                                                     const at::Tensor& slot_scale, int64_t max_rank,
+                                                     const std::string& gemv) {
+  auto args = check_base(x, weight, bias, gemv);
   same_dtype(pool_A, x, "pool_A");
   same_dtype(pool_BT, x, "pool_BT");
   value_check(pool_A.dim() == 2 && pool_A.size(1) == args.K && pool_A.stride(1) == 1,
@@ -219,8 +229,9 @@ at::Tensor c3a_decode(const at::Tensor& x, const at::Tensor& weight, const c10::
 
 // Sparse delta: W + scaling * S, S's rows in CSR (row_ptr int32 (N+1,), col int32, val float32).
 at::Tensor sparse_decode(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                         const at::Tensor& row_ptr, const at::Tensor& col, const at::Tensor& val, double scaling) {
-  auto args = check_base(x, weight, bias);
+                         const at::Tensor& row_ptr, const at::Tensor& col, const at::Tensor& val, double scaling,
+                         const std::string& gemv) {
+  auto args = check_base(x, weight, bias, gemv);
   typed_vector(row_ptr, at::kInt, "row_ptr");
   typed_vector(col, at::kInt, "col");
   typed_vector(val, at::kFloat, "val");
@@ -241,13 +252,15 @@ at::Tensor sparse_decode(const at::Tensor& x, const at::Tensor& weight, const c1
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fusedlora CUDA kernels (decode regime: 1..16 rows)";
   m.def("lora_decode", &lora_decode, "Fused base GEMV + LoRA: returns (y, u)", py::arg("x"), py::arg("weight"),
-        py::arg("bias"), py::arg("lora_A"), py::arg("lora_B"), py::arg("scaling"));
+        py::arg("bias"), py::arg("lora_A"), py::arg("lora_B"), py::arg("scaling"), py::arg("gemv") = "fma");
   m.def("multi_lora_decode", &multi_lora_decode, "BGMV: fused base GEMV + per-row pooled LoRA: returns (y, u)",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("row_slot"), py::arg("pool_A"), py::arg("pool_BT"),
-        py::arg("slot_off"), py::arg("slot_rank"), py::arg("slot_scale"), py::arg("max_rank"));
+        py::arg("slot_off"), py::arg("slot_rank"), py::arg("slot_scale"), py::arg("max_rank"),
+        py::arg("gemv") = "fma");
   m.def("c3a_decode", &c3a_decode, "Fused base GEMV + C3A (circulant generated on the fly): returns y", py::arg("x"),
         py::arg("weight"), py::arg("bias"), py::arg("c3a_kernel"));
   m.def("sparse_decode", &sparse_decode, "Fused base GEMV + sparse delta (CSR rows): returns y", py::arg("x"),
-        py::arg("weight"), py::arg("bias"), py::arg("row_ptr"), py::arg("col"), py::arg("val"), py::arg("scaling"));
+        py::arg("weight"), py::arg("bias"), py::arg("row_ptr"), py::arg("col"), py::arg("val"), py::arg("scaling"),
+        py::arg("gemv") = "fma");
   m.attr("max_decode_rows") = fusedlora::kMaxDecodeRows;
 }

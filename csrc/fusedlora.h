@@ -10,6 +10,11 @@ namespace fusedlora {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
+// The GEMV that streams W: CUDA-core FMAs (every dtype, C3A), or tensor-core
+// mma.m16n8k16 (fp16/bf16 without C3A, rows of W and x 16-byte aligned, sm_80+:
+// see mma_serves).
+enum class Gemv : int { kFma = 0, kMma = 1 };
+
 // y = x W^T + b + u B^T with u = scaling * x A^T, for M <= 16 rows (decode).
 // x, W and A are row-major with unit stride along K and the given leading
 // dimensions (in elements); B is addressed as b[n * stride_bn + j * stride_bj].
@@ -51,12 +56,17 @@ struct LoraDecodeArgs {
   const int* slot_rank = nullptr;    // (S,) device
   const float* slot_scale = nullptr; // (S,) device
   WeightDelta delta;                  // C3A / sparse adapters (R = 0 then: no LoRA)
+  Gemv gemv = Gemv::kFma;
+  int sm_major = 0;  // compute capability of x's device
   int k_split;       // programs sharing W's K range (see lora_decode_k_split)
   cudaStream_t stream;
 };
 
-// How many blocks share the reduction so that the GEMV fills num_sms SMs.
-int lora_decode_k_split(int N, int K, int num_sms);
+// Whether the tensor-core GEMV can run these arguments (gemv aside).
+bool mma_serves(const LoraDecodeArgs& args);
+
+// How many blocks share the reduction so that args.gemv's GEMV fills num_sms SMs.
+int lora_decode_k_split(const LoraDecodeArgs& args, int num_sms);
 
 // Largest M the decode kernels take.
 constexpr int kMaxDecodeRows = 16;

@@ -13,6 +13,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <type_traits>
+
 #include "fusedlora.h"
 
 namespace fusedlora {
@@ -114,7 +116,42 @@ __global__ void lora_shrink(const T* __restrict__ x, const T* __restrict__ a, fl
   }
 }
 
-// One block: kRowsPerBlock rows of W over one K split; grid (ceil(N / rows), k_split).
+// Output (m, n) of a GEMV whose K split holds the partial dot product acc: the first
+// split adds the bias, the rank-r expand u B^T (the scale is already in u) and the
+// sparse row's few nonzeros against x (in L2); one split writes y, several add into
+// the fp32 buffer that lora_cast rounds.
+template <typename T>
+__device__ __forceinline__ void finish_output(int m, int n, float acc, const T* __restrict__ x,
+                                              const T* __restrict__ bias, const T* __restrict__ b,
+                                              const float* __restrict__ u, T* __restrict__ y,
+                                              float* __restrict__ partial, int N, int R, int64_t ld_x,
+                                              int64_t stride_bn, int64_t stride_bj, const int* __restrict__ row_slot,
+                                              const int* __restrict__ slot_off, const int* __restrict__ slot_rank,
+                                              const WeightDelta& delta) {
+  if (blockIdx.y == 0) {
+    if (bias != nullptr) acc += to_float(bias[n]);
+    int off = 0, rank = R;
+    if (row_slot != nullptr) {
+      const int s = row_slot[m];
+      off = s < 0 ? 0 : slot_off[s];
+      rank = s < 0 ? 0 : slot_rank[s];
+    }
+    if (rank > 0) {
+      const T* b_row = b + n * stride_bn + off * stride_bj;
+      for (int j = 0; j < rank; ++j) acc += u[m * R + j] * to_float(b_row[j * stride_bj]);
+    }
+    if (delta.sp_row_ptr != nullptr) {
+      for (int i = delta.sp_row_ptr[n]; i < delta.sp_row_ptr[n + 1]; ++i)
+        acc += delta.sp_scale * delta.sp_val[i] * to_float(x[m * ld_x + delta.sp_col[i]]);
+    }
+  }
+  if (gridDim.y == 1) {
+    y[static_cast<int64_t>(m) * N + n] = from_float<T>(acc);
+  } else {
+    atomicAdd(&partial[static_cast<int64_t>(m) * N + n], acc);
+  }
+}
+
 // The C3A delta of W[n, col] (block-circulant, gathered from the small kernel).
 __device__ __forceinline__ float c3a_delta(const WeightDelta& d, int n, int col) {
   const int nb = n / d.c3a_block, cb = col / d.c3a_block;
@@ -123,6 +160,8 @@ __device__ __forceinline__ float c3a_delta(const WeightDelta& d, int n, int col)
   return d.c3a[nb * d.c3a_s0 + cb * d.c3a_s1 + off * d.c3a_s2] * d.c3a_scale;
 }
 
+// CUDA-core GEMV, every dtype and C3A. One block: kRowsPerBlock rows of W over one K
+// split; grid (ceil(N / rows), k_split).
 template <typename T, int kRows, bool kAligned, bool kC3A>
 __global__ void __launch_bounds__(kWarps * 32)
 lora_gemv(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
@@ -201,28 +240,126 @@ lora_gemv(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict_
       if (lane == m) mine = s;
     }
     if (n >= N || lane >= M) continue;
-    if (blockIdx.y == 0) {
-      if (bias != nullptr) mine += to_float(bias[n]);
-      int off = 0, rank = R;  // the scale is already in u
-      if (row_slot != nullptr) {
-        const int s = row_slot[lane];
-        off = s < 0 ? 0 : slot_off[s];
-        rank = s < 0 ? 0 : slot_rank[s];
-      }
-      if (rank > 0) {
-        const T* b_row = b + n * stride_bn + off * stride_bj;
-        for (int j = 0; j < rank; ++j) mine += u[lane * R + j] * to_float(b_row[j * stride_bj]);
-      }
-      if (delta.sp_row_ptr != nullptr) {  // this row's few nonzeros against x in L2
-        for (int i = delta.sp_row_ptr[n]; i < delta.sp_row_ptr[n + 1]; ++i)
-          mine += delta.sp_scale * delta.sp_val[i] * to_float(x[lane * ld_x + delta.sp_col[i]]);
+    finish_output(lane, n, mine, x, bias, b, u, y, partial, N, R, ld_x, stride_bn, stride_bj, row_slot, slot_off,
+                  slot_rank, delta);
+  }
+}
+
+// ------------------------------------------------------------------ tensor-core GEMV
+// fp16/bf16 without C3A, rows of W and x 16-byte aligned (the binding checks). Each
+// warp runs mma.m16n8k16 with W's 16 rows of the block as the A operand and up to 16
+// rows of x as B (two n8 tiles from 9 rows up): per K chunk of 32 a lane loads one
+// 16-byte vector of each of its two W rows and of its x rows, so every load is a
+// full vector and a warp keeps kMmaUnroll chunks (2 x 16 B of W per lane each) in
+// flight. At 16 rows the FMA GEMV spends 128 FMAs per vector of W (docs/cuda.md);
+// here one mma covers 16 x 8 x 16.
+//
+// The reduction order inside a chunk is free as long as both operands agree, so a
+// lane's vector of 8 consecutive k (at tig * 8) feeds the fragment slots the PTX
+// layout gives it: lane (g = lane / 4, tig = lane % 4) holds A (row g, g + 8; k pairs
+// 2 tig and 8 + 2 tig) and B (column g; the same k pairs). The first mma takes the
+// vector's elements 0..3 as those two pairs, the second elements 4..7: together the
+// four lanes of a group cover the chunk's 32 k exactly once.
+constexpr int kMmaWarps = 8;   // warps of a block, splitting its K range chunk by chunk
+constexpr int kMmaRows = 16;   // rows of W per block: the mma's M
+constexpr int kMmaUnroll = 4;  // K chunks of 32 in flight per warp
+
+template <typename T>
+__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                             uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+#else
+  __trap();  // the launcher only picks this kernel on sm_80 and newer
+#endif
+}
+
+// Elements k .. k+7 of a row (16-byte aligned at k), zeros at and past k_end; a null
+// row (past x's rows) is zeros.
+template <typename T>
+__device__ __forceinline__ uint4 load8(const T* row, int k, int k_end) {
+  if (row == nullptr || k >= k_end) return make_uint4(0u, 0u, 0u, 0u);
+  if (k + 8 <= k_end) return __ldg(reinterpret_cast<const uint4*>(row + k));
+  union { uint4 raw; T elems[8]; } v;
+  v.raw = make_uint4(0u, 0u, 0u, 0u);
+  for (int i = 0; k + i < k_end; ++i) v.elems[i] = row[k + i];
+  return v.raw;
+}
+
+// grid (ceil(N / kMmaRows), k_split); kTiles n8 tiles of x rows (1: M <= 8, 2: M <= 16).
+template <typename T, int kTiles>
+__global__ void __launch_bounds__(kMmaWarps * 32)
+lora_gemv_mma(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias, const T* __restrict__ b,
+              const float* __restrict__ u, T* __restrict__ y, float* __restrict__ partial, int M, int N, int K, int R,
+              int64_t ld_x, int64_t ld_w, int64_t stride_bn, int64_t stride_bj, int k_per_split,
+              const int* __restrict__ row_slot, const int* __restrict__ slot_off, const int* __restrict__ slot_rank,
+              const WeightDelta delta) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int g = lane / 4, tig = lane % 4;
+  const int n0 = blockIdx.x * kMmaRows;
+  const int k_lo = blockIdx.y * k_per_split;
+  const int k_hi = min(K, k_lo + k_per_split);
+  // rows past N are clamped: computed and discarded
+  const T* w_lo = w + static_cast<int64_t>(min(n0 + g, N - 1)) * ld_w;
+  const T* w_hi = w + static_cast<int64_t>(min(n0 + g + 8, N - 1)) * ld_w;
+  const T* x_row[kTiles];
+#pragma unroll
+  for (int t = 0; t < kTiles; ++t) x_row[t] = t * 8 + g < M ? x + (t * 8 + g) * ld_x : nullptr;
+
+  float acc[kTiles][4];
+#pragma unroll
+  for (int t = 0; t < kTiles; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
+
+  const int chunks = (k_hi - k_lo + 31) / 32;
+  for (int c0 = warp; c0 < chunks; c0 += kMmaWarps * kMmaUnroll) {
+    uint4 wl[kMmaUnroll], wh[kMmaUnroll], xv[kMmaUnroll][kTiles];
+#pragma unroll
+    for (int i = 0; i < kMmaUnroll; ++i) {  // all loads first: they are what the kernel waits on
+      const int k = k_lo + (c0 + i * kMmaWarps) * 32 + tig * 8;
+      wl[i] = load8(w_lo, k, k_hi);
+      wh[i] = load8(w_hi, k, k_hi);
+#pragma unroll
+      for (int t = 0; t < kTiles; ++t) xv[i][t] = load8(x_row[t], k, k_hi);
+    }
+#pragma unroll
+    for (int i = 0; i < kMmaUnroll; ++i) {
+#pragma unroll
+      for (int t = 0; t < kTiles; ++t) {
+        mma_m16n8k16<T>(acc[t], wl[i].x, wh[i].x, wl[i].y, wh[i].y, xv[i][t].x, xv[i][t].y);
+        mma_m16n8k16<T>(acc[t], wl[i].z, wh[i].z, wl[i].w, wh[i].w, xv[i][t].z, xv[i][t].w);
       }
     }
-    if (gridDim.y == 1) {
-      y[static_cast<int64_t>(lane) * N + n] = from_float<T>(mine);
-    } else {
-      atomicAdd(&partial[static_cast<int64_t>(lane) * N + n], mine);
-    }
+  }
+
+  // D fragment: acc[t][0..3] = (W row g, x row 2 tig), (g, 2 tig + 1), (g + 8, 2 tig), (g + 8, 2 tig + 1)
+  // of tile t; the block's warps each hold a part of the K range: summed through shared memory.
+  __shared__ float red[kMmaWarps][kTiles * 8][kMmaRows + 1];
+#pragma unroll
+  for (int t = 0; t < kTiles; ++t) {
+    red[warp][t * 8 + 2 * tig][g] = acc[t][0];
+    red[warp][t * 8 + 2 * tig + 1][g] = acc[t][1];
+    red[warp][t * 8 + 2 * tig][g + 8] = acc[t][2];
+    red[warp][t * 8 + 2 * tig + 1][g + 8] = acc[t][3];
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < kTiles * 8 * kMmaRows; i += blockDim.x) {
+    const int m = i / kMmaRows, f = i % kMmaRows, n = n0 + f;  // consecutive threads: consecutive n
+    if (m >= M || n >= N) continue;
+    float sum = 0.f;
+#pragma unroll
+    for (int v = 0; v < kMmaWarps; ++v) sum += red[v][m][f];
+    finish_output(m, n, sum, x, bias, b, u, y, partial, N, R, ld_x, stride_bn, stride_bj, row_slot, slot_off,
+                  slot_rank, delta);
   }
 }
 
@@ -251,7 +388,27 @@ cudaError_t launch_rows(const LoraDecodeArgs& p) {
   // Splits cut K at multiples of the chunk so vector loads stay aligned.
   const int chunks = (p.K + kChunk - 1) / kChunk;
   const int k_per_split = ((chunks + splits - 1) / splits) * kChunk;
-  dim3 grid((p.N + kRowsPerBlock - 1) / kRowsPerBlock, (p.K + k_per_split - 1) / k_per_split);
+  const int k_blocks = (p.K + k_per_split - 1) / k_per_split;
+  if constexpr (!std::is_same<T, float>::value) {
+    if (p.gemv == Gemv::kMma) {
+      if (!mma_serves(p)) return cudaErrorInvalidValue;  // the binding checks first: never reached
+      dim3 grid((p.N + kMmaRows - 1) / kMmaRows, k_blocks);
+#define FUSEDLORA_GEMV_MMA(TILES)                                                                                  \
+  lora_gemv_mma<T, TILES><<<grid, kMmaWarps * 32, 0, p.stream>>>(                                                  \
+      x, w, bias, b, p.u, y, p.partial, p.M, p.N, p.K, p.R, p.ld_x, p.ld_w, p.stride_bn, p.stride_bj, k_per_split, \
+      p.row_slot, p.slot_off, p.slot_rank, p.delta)
+      if (kRows <= 8) FUSEDLORA_GEMV_MMA(1);
+      else FUSEDLORA_GEMV_MMA(2);
+#undef FUSEDLORA_GEMV_MMA
+      if (k_blocks > 1) {
+        const int64_t count = static_cast<int64_t>(p.M) * p.N;
+        lora_cast<T><<<static_cast<unsigned>((count + 255) / 256), 256, 0, p.stream>>>(p.partial, y, count);
+      }
+      return cudaGetLastError();
+    }
+  }
+  if (p.gemv != Gemv::kFma) return cudaErrorInvalidValue;
+  dim3 grid((p.N + kRowsPerBlock - 1) / kRowsPerBlock, k_blocks);
   constexpr int kVec = 16 / sizeof(T);
   const bool aligned = reinterpret_cast<uintptr_t>(w) % 16 == 0 && (p.ld_w * sizeof(T)) % 16 == 0;
   const bool c3a = p.delta.c3a != nullptr;
@@ -284,10 +441,26 @@ cudaError_t launch_dtype(const LoraDecodeArgs& p) {
 
 }  // namespace
 
-int lora_decode_k_split(int N, int K, int num_sms) {
-  const int blocks = (N + kRowsPerBlock - 1) / kRowsPerBlock;
-  const int chunks = (K + kChunk - 1) / kChunk;
-  const int want = (2 * num_sms + blocks - 1) / blocks;
+bool mma_serves(const LoraDecodeArgs& p) {
+  const auto aligned = [](const void* ptr, int64_t ld) {
+    return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && ld % 8 == 0;  // 16-bit elements: rows of 16 B
+  };
+  return p.dtype != DType::kFloat32 && p.delta.c3a == nullptr && p.sm_major >= 8 && aligned(p.w, p.ld_w) &&
+         aligned(p.x, p.ld_x);
+}
+
+int lora_decode_k_split(const LoraDecodeArgs& p, int num_sms) {
+  const int chunks = (p.K + kChunk - 1) / kChunk;
+  int want;
+  if (p.gemv == Gemv::kMma) {
+    // a block is 8 warps with 4 chunks of 2 x 16 B in flight each: one block per SM
+    // already covers HBM's latency, so split only when W's rows give fewer blocks
+    const int blocks = (p.N + kMmaRows - 1) / kMmaRows;
+    want = (num_sms + blocks - 1) / blocks;
+  } else {
+    const int blocks = (p.N + kRowsPerBlock - 1) / kRowsPerBlock;
+    want = (2 * num_sms + blocks - 1) / blocks;
+  }
   return want < 1 ? 1 : (want > chunks ? chunks : want);
 }
 

@@ -10,6 +10,8 @@ for the ``cuda`` backend without it raises.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import glob
 import hashlib
 import os
@@ -104,3 +106,58 @@ def status() -> dict:
     if module is not None:
         return {"available": True, "path": getattr(module, "__file__", None)}
     return {"available": False, "reason": _state["error"] or _cannot_build()}
+
+
+# The GEMV of the decode kernels (csrc/fusedlora.h, Gemv): "fma" on CUDA cores, the one
+# measured on the H200 (bench/results/2026-11-27_h200_2: correct, 32% of the HBM roof at 1
+# row, 9% at 16), or "mma" on tensor cores (fp16/bf16, aligned rows, sm_80+; written for
+# 16 rows, where the FMA GEMV is bound by its FMAs; not yet run on a GPU). The default
+# stays "fma" until a GPU run of `python -m fusedlora bench --paths decode` (column
+# cuda-mma) and tests/test_cuda_ext.py say otherwise.
+GEMVS = ("fma", "mma")
+_forced_gemv: Optional[str] = None
+
+
+def requested_gemv() -> str:
+    if _forced_gemv is not None:
+        return _forced_gemv
+    name = os.environ.get("FUSEDLORA_CUDA_GEMV", "fma").strip().lower() or "fma"
+    if name not in GEMVS:
+        raise ValueError(f"FUSEDLORA_CUDA_GEMV must be one of {GEMVS}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_gemv(name: str):
+    """Run the decode kernels' GEMV ``name`` in this scope (as FUSEDLORA_CUDA_GEMV=name)."""
+    global _forced_gemv
+    if name not in GEMVS:
+        raise ValueError(f"use_gemv: name must be one of {GEMVS}, got {name!r}")
+    before, _forced_gemv = _forced_gemv, name
+    try:
+        yield
+    finally:
+        _forced_gemv = before
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_major(device: torch.device) -> int:
+    return torch.cuda.get_device_capability(device)[0]
+
+
+def mma_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The tensor-core GEMV's contract (the binding raises outside it): 16-bit operands,
+    rows of x and W unit-stride and 16-byte aligned, an sm_80+ device."""
+    return (x.dtype in (torch.float16, torch.bfloat16) and x.stride(-1) == 1
+            and all(t.data_ptr() % 16 == 0 and t.stride(0) % 8 == 0 for t in (x, weight))
+            and _sm_major(x.device) >= 8)
+
+
+def gemv_for(op: str, variant: str, x: torch.Tensor, weight: torch.Tensor) -> str:
+    """The GEMV a decode call runs: the requested one where it can run, else "fma"; recorded
+    as ``op:cuda:variant`` (suffix ``-mma`` for the tensor cores)."""
+    from .backend import record
+
+    name = "mma" if requested_gemv() == "mma" and mma_serves(x, weight) else "fma"
+    record(op, "cuda", variant if name == "fma" else f"{variant}-mma")
+    return name

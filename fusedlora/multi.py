@@ -329,11 +329,11 @@ def _multi_forward_on(backend: str, x: Tensor, weight: Tensor, bias: Optional[Te
         # the binding's contract: unit stride along the reduction of W and along the pools' rows
         unit = weight.stride(1) == 1 and pool_A.stride(1) == 1 and pool_BT.stride(1) == 1
         if 0 < x.shape[0] <= 16 and not dropout and unit:
-            from .cuda_ext import load
+            from .cuda_ext import gemv_for, load
 
-            record("multi.forward", "cuda", "bgmv")
+            gemv = gemv_for("multi.forward", "bgmv", x, weight)
             return load().multi_lora_decode(x, weight, bias, row_slot, pool_A, pool_BT, slot_off, slot_rank,
-                                            slot_scale, int(max_rank))
+                                            slot_scale, int(max_rank), gemv=gemv)
         # the extension has no kernel for these rows, dropout or strides: Triton, recorded below
     _check_triton_dtype(x)
     routing = route(row_slot, slot_rank.shape[0], bounds=False) if x.shape[0] > sort_min_rows() else None

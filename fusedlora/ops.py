@@ -170,10 +170,10 @@ def _lora_forward_on(backend: str, x: Tensor, weight: Tensor, bias: Optional[Ten
                      lora_B: Tensor, scaling: float, dropout_p: float, seed: Tensor) -> Tuple[Tensor, Tensor]:
     if backend == "cuda":
         if x.shape[0] and x.shape[0] <= 16 and dropout_p == 0.0:
-            from .cuda_ext import load
+            from .cuda_ext import gemv_for, load
 
-            record("lora.forward", "cuda", "decode")
-            return load().lora_decode(x, weight, bias, lora_A, lora_B, scaling)
+            return load().lora_decode(x, weight, bias, lora_A, lora_B, scaling,
+                                      gemv=gemv_for("lora.forward", "decode", x, weight))
         backend = "triton"  # the extension has no kernel for this shape: recorded below
     if backend in ("torch", "eager"):
         mask = torch_keep_mask(x.shape, dropout_p, seed.item(), x.device)

@@ -301,11 +301,11 @@ def _sparse_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], values: T
         record("sparse.forward", "eager", "dense")
         return F.linear(x, _dense_weight(weight, rows, cols, perm, values, scaling), bias)
     if backend == "cuda" and 0 < x.shape[0] <= 16:
-        from .cuda_ext import load
+        from .cuda_ext import gemv_for, load
 
         row_ptr, col, order = _row_csr(rows, cols, perm, weight.shape[0])
-        record("sparse.forward", "cuda", "decode")
-        return load().sparse_decode(x, weight, bias, row_ptr, col, values.float()[order], scaling)
+        return load().sparse_decode(x, weight, bias, row_ptr, col, values.float()[order], scaling,
+                                    gemv=gemv_for("sparse.forward", "decode", x, weight))
     _triton_dtypes_ok(x, values)
     if 0 < x.shape[0] <= DECODE_ROWS:
         return _rows_decode(x, weight, bias, values, rows, cols, perm, scaling)

@@ -77,7 +77,7 @@ def test_decode_path_times_both_backends_or_says_why(tmp_path):
     variants = {r["variant"] for r in rows}
     assert variants == {"lora r16", "multi r16", "c3a b64", "sparse 1%"}
     for r in rows:
-        if r["impl"] == "cuda" and r["device"] == "cpu":
+        if r["impl"] in ("cuda", "cuda-mma") and r["device"] == "cpu":
             assert r["status"] == "skipped" and "CUDA device" in r["reason"]
         elif r["impl"] == "cublas-rows" and r["variant"] != "sparse 1%":  # a candidate for sparse rows only
             assert r["status"] == "skipped" and "sparse rows only" in r["reason"]

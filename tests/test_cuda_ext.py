@@ -48,6 +48,7 @@ LORA_BAD = [
     (dict(lora_A=torch.randn(2, 7)), ValueError, "lora_A: expected shape (r, 8)"),
     (dict(lora_B=torch.randn(6, 3)), ValueError, "lora_B: expected shape (6, 2)"),
     (dict(bias=torch.randn(5)), ValueError, "bias: expected shape (6,)"),
+    (dict(gemv="wmma"), ValueError, "gemv: expected 'fma' or 'mma', got 'wmma'"),
 ]
 
 
@@ -59,22 +60,53 @@ def test_cuda_backend_refuses_cpu_tensors(ext, monkeypatch):
         fusedlora.ops.lora_linear(a["x"], a["weight"], a["bias"], a["lora_A"], a["lora_B"], 1.0)
 
 
+def decode_variant(variant, gemv, x, weight):
+    """The dispatch record of a decode call asking for ``gemv``: "-mma" where the
+    tensor-core GEMV's contract holds (fp16/bf16, 16-byte aligned rows)."""
+    return f"{variant}-mma" if gemv == "mma" and cuda_ext.mma_serves(x, weight) else variant
+
+
+# Every GPU test of the decode kernels runs both GEMVs (csrc/fusedlora.h, Gemv).
+GEMV = pytest.mark.parametrize("gemv", cuda_ext.GEMVS)
+
+
 @pytest.mark.gpu
+@GEMV
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("M,K,N,r", [(1, 4096, 4096, 16), (3, 1000, 777, 5), (16, 4096, 11008, 64),
-                                     (8, 4095, 513, 1), (5, 300, 64, 128)])
-def test_cuda_decode_matches_reference_and_triton(ext, monkeypatch, dtype, M, K, N, r):
+                                     (8, 4095, 513, 1), (5, 300, 64, 128), (12, 1032, 24, 8)])
+def test_cuda_decode_matches_reference_and_triton(ext, monkeypatch, dtype, M, K, N, r, gemv):
     a = args(M, K, N, r, dtype, "cuda")
     a["weight"] /= K**0.5
     a["lora_A"] /= K**0.5
     monkeypatch.setenv("FUSEDLORA_BACKEND", "cuda")
+    monkeypatch.setenv("FUSEDLORA_CUDA_GEMV", gemv)
     fusedlora.reset_dispatch()
     y = fusedlora.ops.lora_linear(**a)
-    assert dispatched("lora.forward") == {"lora.forward:cuda:decode": 1}
+    variant = decode_variant("decode", gemv, a["x"], a["weight"])
+    assert dispatched("lora.forward") == {f"lora.forward:cuda:{variant}": 1}
+    if gemv == "mma" and dtype != torch.float32 and K % 8 == 0:
+        assert variant == "decode-mma"  # the tensor cores do run where they should
     ref = reference.lora_linear(*(a[k].double() for k in ("x", "weight", "bias", "lora_A", "lora_B")), a["scaling"])
     assert rel_err(y, ref) < TOL[dtype]
     monkeypatch.setenv("FUSEDLORA_BACKEND", "triton")
     assert rel_err(y, fusedlora.ops.lora_linear(**a)) < TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 9])
+def test_cuda_mma_ragged_k_inside_aligned_rows(ext, M):
+    """The tensor-core GEMV's element-wise tail: K = 1036 is no multiple of 8, but the rows
+    of x and W are views into wider tensors, so their strides (1040) keep them aligned."""
+    a = args(M, 1040, 40, 4, torch.bfloat16, "cuda")
+    x, W = a["x"][:, :1036], a["weight"][:, :1036] / 32
+    A = a["lora_A"][:, :1036].contiguous() / 32
+    assert cuda_ext.mma_serves(x, W)
+    y, _ = ext.lora_decode(x, W, a["bias"], A, a["lora_B"], 1.5, gemv="mma")
+    ref = reference.lora_linear(x.double(), W.double(), a["bias"].double(), A.double(), a["lora_B"].double(), 1.5)
+    assert rel_err(y, ref) < TOL[torch.bfloat16]
+    with pytest.raises(ValueError, match="gemv: 'mma' needs float16/bfloat16"):
+        ext.lora_decode(x.float(), W.float(), None, A.float(), a["lora_B"].float(), 1.5, gemv="mma")
 
 
 @pytest.mark.gpu
@@ -117,9 +149,10 @@ MULTI_BAD = [
 
 
 @pytest.mark.gpu
+@GEMV
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("M", [1, 5, 16])
-def test_cuda_bgmv_matches_reference_and_triton(ext, monkeypatch, dtype, M):
+def test_cuda_bgmv_matches_reference_and_triton(ext, monkeypatch, dtype, M, gemv):
     layer = fusedlora.FusedLinear(1000, 777, device="cuda", dtype=dtype)
     for name, r in (("bg_a", 1), ("bg_b", 16), ("bg_c", 64)):
         layer.add_lora(name, r=r, init_lora_weights=False)
@@ -127,10 +160,12 @@ def test_cuda_bgmv_matches_reference_and_triton(ext, monkeypatch, dtype, M):
                         for i in range(M)], device="cuda")
     x = torch.randn(M, 1000, device="cuda", dtype=dtype)
     monkeypatch.setenv("FUSEDLORA_BACKEND", "cuda")
+    monkeypatch.setenv("FUSEDLORA_CUDA_GEMV", gemv)
     fusedlora.reset_dispatch()
     with torch.no_grad():
         y = layer(x, adapter_ids=ids)
-    assert dispatched("multi.forward") == {"multi.forward:cuda:bgmv": 1}
+    variant = decode_variant("bgmv", gemv, x, layer.weight)
+    assert dispatched("multi.forward") == {f"multi.forward:cuda:{variant}": 1}
     rows = []
     for i in range(M):
         name = fusedlora.routing.REGISTRY.names().get(int(ids[i]))
@@ -169,6 +204,7 @@ DELTA_BAD = [
     ("sparse_decode", dict(row_ptr=torch.zeros(6, dtype=torch.int32)), ValueError, "row_ptr: expected out_features + 1"),
     ("sparse_decode", dict(col=torch.zeros(3, dtype=torch.int64)), TypeError, "col: expected int32"),
     ("sparse_decode", dict(val=torch.zeros(2)), ValueError, "col, val"),
+    ("sparse_decode", dict(gemv="MMA"), ValueError, "gemv: expected 'fma' or 'mma', got 'MMA'"),
 ]
 
 
@@ -201,9 +237,10 @@ def test_bindings_refuse_cpu_tensors(ext, fn):
 
 
 @pytest.mark.gpu
+@GEMV
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("M", [1, 7, 16])
-def test_cuda_c3a_and_sparse_decode_match_reference(ext, monkeypatch, dtype, M):
+def test_cuda_c3a_and_sparse_decode_match_reference(ext, monkeypatch, dtype, M, gemv):
     from fusedlora.sparse import random_indices
 
     layer = fusedlora.FusedLinear(1024, 768, device="cuda", dtype=dtype)
@@ -213,12 +250,15 @@ def test_cuda_c3a_and_sparse_decode_match_reference(ext, monkeypatch, dtype, M):
     x = torch.randn(M, 1024, device="cuda", dtype=dtype)
     W, b = layer.weight.double(), layer.bias.double()
     monkeypatch.setenv("FUSEDLORA_BACKEND", "cuda")
+    monkeypatch.setenv("FUSEDLORA_CUDA_GEMV", gemv)
     for name, op in (("dc3a", "c3a.forward"), ("dsp", "sparse.forward")):
         layer.set_adapter(name)
         fusedlora.reset_dispatch()
         with torch.no_grad():
             y = layer(x)
-        assert dispatched(op) == {f"{op}:cuda:decode": 1}
+        # C3A's delta is added to W in fp32 registers: the FMA GEMV only
+        variant = "decode" if name == "dc3a" else decode_variant("decode", gemv, x, layer.weight)
+        assert dispatched(op) == {f"{op}:cuda:{variant}": 1}
         if name == "dc3a":
             ref = reference.c3a_linear(x.double(), W, b, layer.c3a_kernel[name].double())
         else:

@@ -142,7 +142,9 @@ def test_multi_decode_call_uses_a_built_extension_after_warming_triton(gpu_call,
     calls = []
 
     class FakeExtension:  # the binding's contract, computed by the reference path
-        def multi_lora_decode(self, x, weight, bias, row_slot, pool_A, pool_BT, off, rank, scale, max_rank):
+        def multi_lora_decode(self, x, weight, bias, row_slot, pool_A, pool_BT, off, rank, scale, max_rank,
+                              gemv="fma"):
+            assert gemv == "fma"  # the default until a GPU run measures "mma"
             calls.append(x.shape[0])
             return fusedlora.multi._multi_forward_on(
                 "torch", x, weight, bias, pool_A, pool_BT, row_slot, off, rank, scale, torch.zeros_like(scale),
@@ -173,3 +175,27 @@ def test_signature_sees_alignment_strides_and_scalars():
     assert sig != backend._signature("op", (a[1:9], 2.0, None))  # 4 bytes off: Triton's divisibility
     assert sig != backend._signature("op", (a[:16:2], 2.0, None))
     assert sig != backend._signature("op", (a[:8], 3.0, None))
+
+
+def test_gemv_choice_is_validated_scoped_and_recorded(monkeypatch):
+    """FUSEDLORA_CUDA_GEMV / cuda_ext.use_gemv pick the decode kernels' GEMV; "fma" (the one
+    measured on a GPU) is the default, and the record names the one that runs."""
+    monkeypatch.delenv("FUSEDLORA_CUDA_GEMV", raising=False)
+    assert cuda_ext.requested_gemv() == "fma"
+    with cuda_ext.use_gemv("mma"):
+        assert cuda_ext.requested_gemv() == "mma"
+    assert cuda_ext.requested_gemv() == "fma"
+    monkeypatch.setenv("FUSEDLORA_CUDA_GEMV", "wmma")
+    with pytest.raises(ValueError, match="FUSEDLORA_CUDA_GEMV must be one of"):
+        cuda_ext.requested_gemv()
+    with pytest.raises(ValueError, match="use_gemv: name must be one of"):
+        with cuda_ext.use_gemv("tensor"):
+            pass
+    monkeypatch.setenv("FUSEDLORA_CUDA_GEMV", "mma")
+    monkeypatch.setattr(cuda_ext, "_sm_major", lambda device: 9)  # a device object needs no GPU
+    fusedlora.reset_dispatch()
+    x, w = torch.zeros(2, 64, dtype=torch.bfloat16), torch.zeros(8, 64, dtype=torch.bfloat16)
+    assert cuda_ext.gemv_for("lora.forward", "decode", x, w) == "mma"
+    assert cuda_ext.gemv_for("lora.forward", "decode", x.float(), w.float()) == "fma"  # no fp32 mma
+    assert cuda_ext.gemv_for("lora.forward", "decode", x[:, 1:], w[:, 1:]) == "fma"   # rows off 16 bytes
+    assert dispatched("lora.forward") == {"lora.forward:cuda:decode-mma": 1, "lora.forward:cuda:decode": 2}
