@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import weakref
 from typing import Iterable, List, Optional, Union
 
 import torch
@@ -56,9 +55,9 @@ class FusedLinear(nn.Linear):
         self.sparse_values = nn.ParameterDict()
         self.sparse_indices = _BufferDict()
         self.sparse_scaling: dict = {}
-        self._sparse_layout: dict = {}
+        self._sparse_layout = sparse_ops.DerivedCache()  # name -> layout of its indices as they are
         self._sparse_saved: dict = {}   # name -> sparse.SavedEntries while merged
-        self._sparse_flat: dict = {}    # name -> (indices' identity, flat indices into W)
+        self._sparse_flat = sparse_ops.DerivedCache()    # name -> flat indices into W
         self._kind: dict = {}  # name -> "lora" | "c3a" | "sparse", in the order added
         self._active: List[str] = []
         self.merged_adapters: List[str] = []
@@ -175,20 +174,17 @@ class FusedLinear(nn.Linear):
         (a device move, or load_state_dict copying new ones in place). A rebuild
         checks range and duplicates: the kernels index W with them."""
         indices = self.sparse_indices[name]
-        cached = self._sparse_layout.get(name)
         if torch.compiler.is_compiling():
             # Dynamo cannot trace pointer checks or the validating sort: a traced
             # forward uses the layout eager calls built (or one of add_sparse's
             # already checked indices).
-            if cached is None:
-                cached = (None, sparse_ops.build_layout(indices, tuple(self.weight.shape), validate=False))
-                self._sparse_layout[name] = cached
-            return cached[1]
-        key = (indices.device, indices.data_ptr(), indices._version)
-        if cached is None or cached[0] != key or cached[2]() is not indices:  # see sparse._row_csr
-            cached = (key, sparse_ops.build_layout(indices, tuple(self.weight.shape)), weakref.ref(indices))
-            self._sparse_layout[name] = cached
-        return cached[1]
+            layout = self._sparse_layout.latest(name)
+            if layout is None:
+                layout = sparse_ops.build_layout(indices, tuple(self.weight.shape), validate=False)
+                self._sparse_layout.put_unchecked(name, layout)
+            return layout
+        return self._sparse_layout.get_or_build(
+            name, (indices,), lambda: sparse_ops.build_layout(indices, tuple(self.weight.shape)))
 
     def adapter_id(self, name: str) -> int:
         """The integer id of adapter ``name`` for ``adapter_ids`` / ``fusedlora.use_adapters``:
@@ -258,13 +254,9 @@ class FusedLinear(nn.Linear):
         """row * in_features + col of a sparse adapter's nonzeros on W's device, kept while
         its indices are unchanged: a switch then launches no index arithmetic."""
         idx = self.sparse_indices[name]
-        key = (idx.data_ptr(), idx._version, self.weight.device)
-        hit = self._sparse_flat.get(name)
-        if hit is None or hit[0] != key or hit[2]() is not idx:
-            hit = (key, idx[0].long().to(self.weight.device) * self.in_features + idx[1].long().to(self.weight.device),
-                   weakref.ref(idx))
-            self._sparse_flat[name] = hit
-        return hit[1]
+        device = self.weight.device
+        return self._sparse_flat.get_or_build(
+            name, (idx,), lambda: idx[0].long().to(device) * self.in_features + idx[1].long().to(device), extra=device)
 
     def merge(self, adapter_names: Optional[Iterable[str]] = None) -> None:
         """Add s * B A of each adapter (default: the active ones) into the weight."""

@@ -11,7 +11,6 @@ adapters without a dense delta.
 from __future__ import annotations
 
 import functools
-import weakref
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -21,7 +20,7 @@ from torch import Tensor
 from . import reference
 from .backend import interpreting, record, requested_backend, select_backend
 from .ops import _TRITON_DTYPES, check_linear_args, check_scalar, fused_op, pick, register_autograd, triton_serves
-from .sparse_layout import SparseLayout, _user_indices, build_layout, check_indices
+from .sparse_layout import DerivedCache, SparseLayout, _user_indices, build_layout, check_indices
 # the public mask builders, where users of fusedlora.sparse look for them
 from .sparse_layout import magnitude_indices, mask_to_indices, random_indices, shira_num_nonzeros  # noqa: F401
 
@@ -172,28 +171,21 @@ def _sddmm(grad_y: Tensor, x: Tensor, rows: Tensor, cols: Tensor, perm: Tensor, 
     return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
-_CSR_CACHE: dict = {}
+_CSR_CACHE = DerivedCache(limit=64)
 
 
 def _row_csr(rows: Tensor, cols: Tensor, perm: Tensor, n_rows: int):
     """The layout's nonzeros grouped by row for the CUDA decode kernel: (row_ptr
     int32 (n_rows + 1,), col int32, order) with values[order] in that order.
     Built on the device without a host sync and cached while the layout lives."""
-    # A freed layout's memory can come back at the same address with version 0: the
-    # entry also holds weak references to the very tensors it was built from.
-    key = (rows.device, rows.data_ptr(), rows._version, cols._version, perm._version, rows.numel(), n_rows)
-    entry = _CSR_CACHE.get(key)
-    if entry is not None and all(ref() is t for ref, t in zip(entry[0], (rows, cols, perm))):
-        return entry[1]
-    by_row = torch.sort(rows.long(), stable=True).indices
-    rows_sorted = rows[by_row].contiguous()
-    bounds = torch.arange(n_rows + 1, device=rows.device, dtype=rows_sorted.dtype)
-    row_ptr = torch.searchsorted(rows_sorted, bounds).to(torch.int32)
-    hit = (row_ptr, cols[by_row].to(torch.int32).contiguous(), perm[by_row].long())
-    if len(_CSR_CACHE) > 64:
-        _CSR_CACHE.clear()
-    _CSR_CACHE[key] = (tuple(weakref.ref(t) for t in (rows, cols, perm)), hit)
-    return hit
+    def build():
+        by_row = torch.sort(rows.long(), stable=True).indices
+        rows_sorted = rows[by_row].contiguous()
+        bounds = torch.arange(n_rows + 1, device=rows.device, dtype=rows_sorted.dtype)
+        row_ptr = torch.searchsorted(rows_sorted, bounds).to(torch.int32)
+        return row_ptr, cols[by_row].to(torch.int32).contiguous(), perm[by_row].long()
+
+    return _CSR_CACHE.get_or_build((rows.device, rows.data_ptr(), n_rows), (rows, cols, perm), build)
 
 
 DECODE_ROWS = 16

@@ -111,15 +111,20 @@ def test_decode_rows_path(triton_backend, M):
 
 
 def test_row_csr_cache_never_serves_other_tensors():
-    """The CSR cache keys on the rows tensor's address and version; a new layout can get
-    a freed one's address (and version 0). A view stands in for that here: same
-    address and version, other tensors: it must be rebuilt, not served stale."""
+    """The CSR cache (a DerivedCache) stamps its tensors' addresses and versions; a new
+    layout can get a freed one's address with version 0. Views stand in for that here,
+    their contents rewritten through ``.data`` (which bumps no version): same addresses
+    and versions, other tensors: it must be rebuilt, not served stale."""
     from fusedlora.sparse import _row_csr
 
     rows = torch.tensor([2, 0, 1, 0], dtype=torch.int32)
+    cols = torch.tensor([5, 6, 7, 8], dtype=torch.int32)
     perm = torch.arange(4, dtype=torch.int32)
-    _, col_a, _ = _row_csr(rows, torch.tensor([5, 6, 7, 8], dtype=torch.int32), perm, 3)
-    _, col_b, _ = _row_csr(rows.view(-1), torch.tensor([1, 2, 3, 4], dtype=torch.int32), perm, 3)
+    _, col_a, _ = _row_csr(rows, cols, perm, 3)
+    version = cols._version
+    cols.data.copy_(torch.tensor([1, 2, 3, 4], dtype=torch.int32))
+    assert cols._version == version
+    _, col_b, _ = _row_csr(rows.view(-1), cols.view(-1), perm.view(-1), 3)
     assert col_a.tolist() == [6, 8, 7, 5] and col_b.tolist() == [2, 4, 3, 1]
 
 
