@@ -292,7 +292,9 @@ __device__ __forceinline__ uint4 load8(const T* row, int k, int k_end) {
   if (k + 8 <= k_end) return __ldg(reinterpret_cast<const uint4*>(row + k));
   union { uint4 raw; T elems[8]; } v;
   v.raw = make_uint4(0u, 0u, 0u, 0u);
-  for (int i = 0; k + i < k_end; ++i) v.elems[i] = row[k + i];
+#pragma unroll
+  for (int i = 0; i < 8; ++i)  // constant indices: the union stays in registers
+    if (k + i < k_end) v.elems[i] = row[k + i];
   return v.raw;
 }
 
@@ -378,6 +380,8 @@ cudaError_t launch_rows(const LoraDecodeArgs& p) {
   const T* bias = static_cast<const T*>(p.bias);
   T* y = static_cast<T*>(p.y);
 
+  if (p.gemv == Gemv::kMma && (std::is_same<T, float>::value || !mma_serves(p)))
+    return cudaErrorInvalidValue;  // the binding checks first: never reached
   if (p.R > 0) {
     dim3 shrink_grid(p.R, (p.K + kShrinkChunk - 1) / kShrinkChunk);
     lora_shrink<T, kRows><<<shrink_grid, 256, 0, p.stream>>>(x, a, p.u, p.M, p.K, p.R, p.ld_x, p.ld_a, p.scaling,
@@ -391,7 +395,6 @@ cudaError_t launch_rows(const LoraDecodeArgs& p) {
   const int k_blocks = (p.K + k_per_split - 1) / k_per_split;
   if constexpr (!std::is_same<T, float>::value) {
     if (p.gemv == Gemv::kMma) {
-      if (!mma_serves(p)) return cudaErrorInvalidValue;  // the binding checks first: never reached
       dim3 grid((p.N + kMmaRows - 1) / kMmaRows, k_blocks);
 #define FUSEDLORA_GEMV_MMA(TILES)                                                                                  \
   lora_gemv_mma<T, TILES><<<grid, kMmaWarps * 32, 0, p.stream>>>(                                                  \
@@ -407,7 +410,6 @@ cudaError_t launch_rows(const LoraDecodeArgs& p) {
       return cudaGetLastError();
     }
   }
-  if (p.gemv != Gemv::kFma) return cudaErrorInvalidValue;
   dim3 grid((p.N + kRowsPerBlock - 1) / kRowsPerBlock, k_blocks);
   constexpr int kVec = 16 / sizeof(T);
   const bool aligned = reinterpret_cast<uintptr_t>(w) % 16 == 0 && (p.ld_w * sizeof(T)) % 16 == 0;
@@ -445,8 +447,14 @@ bool mma_serves(const LoraDecodeArgs& p) {
   const auto aligned = [](const void* ptr, int64_t ld) {
     return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && ld % 8 == 0;  // 16-bit elements: rows of 16 B
   };
-  return p.dtype != DType::kFloat32 && p.delta.c3a == nullptr && p.sm_major >= 8 && aligned(p.w, p.ld_w) &&
-         aligned(p.x, p.ld_x);
+  // The device's capability is not enough: a build for an older arch (say 7.5+PTX, JIT-
+  // compiled here) has the kernel's __trap() body. Ask what the kernel was compiled as.
+  cudaFuncAttributes attr;
+  const cudaError_t err = cudaFuncGetAttributes(&attr, lora_gemv_mma<__nv_bfloat16, 1>);
+  if (err != cudaSuccess) (void)cudaGetLastError();  // not left for the launch's error check
+  const bool built = err == cudaSuccess && attr.ptxVersion >= 80;
+  return built && p.dtype != DType::kFloat32 && p.delta.c3a == nullptr && p.sm_major >= 8 &&
+         aligned(p.w, p.ld_w) && aligned(p.x, p.ld_x);
 }
 
 int lora_decode_k_split(const LoraDecodeArgs& p, int num_sms) {

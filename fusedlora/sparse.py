@@ -214,25 +214,28 @@ def _rows_decode(x: Tensor, weight: Tensor, bias: Optional[Tensor], values: Tens
     return y.to(x.dtype)
 
 
-def _dense_weight(weight: Tensor, rows: Tensor, cols: Tensor, perm: Tensor, values: Tensor,
-                  scaling: float) -> Tensor:
-    """W + scaling * S in W's dtype, as PEFT's SHiRA layer forms it: a copy of W and the
-    (distinct, checked) nonzeros written into it, each W + s * v summed in float32 and
-    rounded once. On CUDA (and under the interpreter) one Triton kernel writes them,
-    3-4x faster than index_add_'s atomics; the copy is the one full pass over W."""
-    w = weight.detach().clone(memory_format=torch.contiguous_format)
-    if rows.numel() and triton_serves(w.device, w.dtype, values.dtype):
+def _dense_weight(weight: Tensor, layout: Tuple[Tensor, ...], values: Tensor, scaling: float, tile: int) -> Tensor:
+    """W + scaling * S in W's dtype, as PEFT's SHiRA layer forms it: each nonzero's
+    W + s * v summed in float32 and rounded once. On CUDA (and under the interpreter) one
+    Triton kernel copies W tile by tile and rewrites each tile's nonzeros from the layout's
+    buckets: a single pass over W; elsewhere a copy of W and an index_put."""
+    offsets, rows, cols, perm = layout
+    N, K = weight.shape
+    w = torch.empty((N, K), device=weight.device, dtype=weight.dtype)
+    if triton_serves(w.device, w.dtype, values.dtype):
         import triton
 
-        from .kernels.sparse import sparse_scatter_kernel
+        from .kernels.sparse import sparse_densify_kernel
 
-        block = 1024
-        sparse_scatter_kernel[(triton.cdiv(rows.numel(), block),)](
-            w, weight, rows, cols, perm, values.detach().contiguous(), rows.numel(), w.stride(0), w.stride(1),
-            weight.stride(0), weight.stride(1), float(scaling), BLOCK_E=block)
-        record("sparse.densify", "triton", "scatter")
+        block_k = 4 * tile  # the copy's tile; the layout's buckets are tile x tile
+        sparse_densify_kernel[(triton.cdiv(N, tile), triton.cdiv(K, block_k))](
+            w, weight, offsets, rows, cols, perm, values.detach().contiguous(), N, K, triton.cdiv(K, tile),
+            w.stride(0), w.stride(1), weight.stride(0), weight.stride(1), float(scaling),
+            TILE=tile, BLOCK_K=block_k, BLOCK_E=64)
+        record("sparse.densify", "triton", "tiles")
         return w
-    merge_saving_(w, rows.long() * weight.shape[1] + cols.long(), values.detach()[perm.long()], scaling)
+    w.copy_(weight.detach())
+    merge_saving_(w, rows.long() * K + cols.long(), values.detach()[perm.long()], scaling)
     record("sparse.densify", "torch", "index_put")
     return w
 
@@ -259,14 +262,15 @@ def _sampled(g: Tensor, rows: Tensor, cols: Tensor, perm: Tensor, scaling: float
     return dv
 
 
-def _dense_grads(grad_y: Tensor, x: Tensor, weight: Tensor, values: Tensor, rows: Tensor, cols: Tensor,
-                 perm: Tensor, scaling: float, needs: List[bool]) -> List[Tensor]:
+def _dense_grads(grad_y: Tensor, x: Tensor, weight: Tensor, values: Tensor, layout: Tuple[Tensor, ...],
+                 scaling: float, tile: int, needs: List[bool]) -> List[Tensor]:
     """cuBLAS for dx (through W + S, formed again) and for dY^T X, whose entries at the
     nonzeros are the value gradient: an N x K temporary, traded for a GEMM's speed."""
     need_x, need_w, need_b, need_v = needs
     dx, dW, db, dv = (grad_y.new_empty(0) for _ in range(4))
+    _, rows, cols, perm = layout
     if need_x:
-        dx = grad_y @ _dense_weight(weight, rows, cols, perm, values, scaling)
+        dx = grad_y @ _dense_weight(weight, layout, values, scaling, tile)
     if need_w or need_v:
         g = grad_y.t() @ x
         if need_w:
@@ -291,7 +295,7 @@ def _sparse_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], values: T
         return reference.sparse_linear(x, weight, bias, _user_indices(rows, cols, perm), values, scaling)
     if backend == "eager":
         record("sparse.forward", "eager", "dense")
-        return F.linear(x, _dense_weight(weight, rows, cols, perm, values, scaling), bias)
+        return F.linear(x, _dense_weight(weight, (offsets, rows, cols, perm), values, scaling, tile), bias)
     if backend == "cuda" and 0 < x.shape[0] <= 16:
         from .cuda_ext import gemv_for, load
 
@@ -322,7 +326,7 @@ def _sparse_backward(grad_y: Tensor, x: Tensor, weight: Tensor, values: Tensor, 
         return [g if n else grad_y.new_empty(0) for g, n in zip(grads, needs)]
     if backend == "eager":
         record("sparse.backward", "eager", "dense")
-        return _dense_grads(grad_y, x, weight, values, rows, cols, perm, scaling, needs)
+        return _dense_grads(grad_y, x, weight, values, (offsets, rows, cols, perm), scaling, tile, needs)
     _triton_dtypes_ok(x, values)
     from .launch import matmul
 

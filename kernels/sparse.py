@@ -3,8 +3,8 @@ nonzeros merged in registers, and the sampled product of the value gradient.
 
     forward   y  = x (W + s S)^T + b           sparse_matmul_kernel, B = W^T, delta S^T
               (1..16 rows: the base GEMM, then sparse_rows_add_kernel over S's CSR rows;
-              the default above 16 rows: W + s S formed by sparse_scatter_kernel into a
-              copy of W, then cuBLAS)
+              the default above 16 rows: W + s S formed in one pass by
+              sparse_densify_kernel, then cuBLAS)
     backward  dx = dy (W + s S)                sparse_matmul_kernel, B = W,   delta S
               dv = s * (dy^T x)[rows, cols]    sddmm_kernel (only at the nonzeros); the default
               path above 16 rows reads it off cuBLAS's dy^T x with sparse_gather_kernel
@@ -178,21 +178,39 @@ def sparse_rows_add_kernel(
 
 
 @triton.jit
-def sparse_scatter_kernel(
-    out_ptr, weight_ptr, rows_ptr, cols_ptr, perm_ptr, val_ptr,
-    NNZ, stride_out_n, stride_out_k, stride_w_n, stride_w_k, scaling,
-    BLOCK_E: tl.constexpr,
+def sparse_densify_kernel(
+    out_ptr, weight_ptr, offsets_ptr, rows_ptr, cols_ptr, perm_ptr, val_ptr,
+    N, K, NUM_TK, stride_out_n, stride_out_k, stride_w_n, stride_w_k, scaling,
+    TILE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    """out[rows[p], cols[p]] = weight[rows[p], cols[p]] + scaling * val[perm[p]], summed in
-    float32 and rounded once to out's dtype. out is a copy of weight: the positions are
-    distinct, so no atomics, and weight is read, never written."""
-    offs = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
-    ok = offs < NNZ
-    r = tl.load(rows_ptr + offs, mask=ok, other=0).to(tl.int64)
-    c = tl.load(cols_ptr + offs, mask=ok, other=0).to(tl.int64)
-    v = tl.load(val_ptr + tl.load(perm_ptr + offs, mask=ok, other=0), mask=ok, other=0.0).to(tl.float32)
-    w = tl.load(weight_ptr + r * stride_w_n + c * stride_w_k, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + r * stride_out_n + c * stride_out_k, (w + scaling * v).to(out_ptr.dtype.element_ty), mask=ok)
+    """out = weight + scaling * S in one pass: a program copies a TILE x BLOCK_K tile of
+    weight into out, then rewrites the tile's nonzeros (the layout buckets it covers, one
+    contiguous run of positions) as weight + scaling * val[perm], summed in float32 and
+    rounded once. The positions are distinct, so no atomics; the barrier orders the
+    tile's stores before the nonzeros' stores to the same addresses. Against a copy of
+    W followed by a scatter kernel: one launch and no second pass over the nonzeros."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = (pid_n * TILE + tl.arange(0, TILE)).to(tl.int64)  # W may hold more than 2**31 elements
+    offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+    mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    tile = tl.load(weight_ptr + offs_n[:, None] * stride_w_n + offs_k[None, :] * stride_w_k, mask=mask)
+    tl.store(out_ptr + offs_n[:, None] * stride_out_n + offs_k[None, :] * stride_out_k, tile, mask=mask)
+    tl.debug_barrier()
+    row_start = pid_n * NUM_TK
+    first = row_start + pid_k * (BLOCK_K // TILE)
+    last = tl.minimum(first + BLOCK_K // TILE, row_start + NUM_TK)
+    start = tl.load(offsets_ptr + first)
+    end = tl.load(offsets_ptr + last)
+    for e0 in range(start, end, BLOCK_E):
+        p = e0 + tl.arange(0, BLOCK_E)
+        ok = p < end
+        r = tl.load(rows_ptr + p, mask=ok, other=0).to(tl.int64)
+        c = tl.load(cols_ptr + p, mask=ok, other=0).to(tl.int64)
+        v = tl.load(val_ptr + tl.load(perm_ptr + p, mask=ok, other=0), mask=ok, other=0.0).to(tl.float32)
+        w = tl.load(weight_ptr + r * stride_w_n + c * stride_w_k, mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + r * stride_out_n + c * stride_out_k, (w + scaling * v).to(out_ptr.dtype.element_ty),
+                 mask=ok)
 
 
 @triton.jit

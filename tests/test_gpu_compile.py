@@ -16,7 +16,7 @@ import sys
 import pytest
 
 _FLOAT_SCALARS = ("alpha", "p", "keep_scale", "w_scale", "scaling")
-_INT_POINTERS = ("off_ptr", "red_idx_ptr", "out_idx_ptr", "perm_ptr", "rows_ptr", "cols_ptr", "row_ptr", "col_ptr",
+_INT_POINTERS = ("off_ptr", "offsets_ptr", "red_idx_ptr", "out_idx_ptr", "perm_ptr", "rows_ptr", "cols_ptr", "row_ptr", "col_ptr",
                  "slot_ptr", "segid_ptr", "segstart_ptr", "rank_ptr", "start_ptr", "end_ptr")
 _FP32_POINTERS = ("u_ptr", "w_ptr", "val_ptr", "scale_ptr", "l_ptr", "drop_ptr", "y_ptr")
 
@@ -26,7 +26,7 @@ _FP32_POINTERS = ("u_ptr", "w_ptr", "val_ptr", "scale_ptr", "l_ptr", "drop_ptr",
 # as such, at every real launch: the ahead-of-time compile does the same so that
 # vector widths, software pipelining and shared memory match what runs.
 FORWARD_UNIT_STRIDES = ("stride_ak", "stride_bk", "stride_cn", "stride_ur", "stride_vn", "stride_xk", "stride_pk",
-                        "stride_qn", "stride_on", "stride_w_u", "stride_af", "stride_xf")
+                        "stride_qn", "stride_on", "stride_w_u", "stride_af", "stride_xf", "stride_out_k", "stride_w_k")
 
 
 def compile_variant(kernel, arch, dtype, out, consts, num_warps, num_stages, unit=FORWARD_UNIT_STRIDES):
@@ -142,7 +142,7 @@ def variants():
     from fusedlora.kernels.lora import lora_matmul_kernel
     from fusedlora.kernels.multi import multi_grad_kernel, multi_matmul_kernel, multi_shrink_kernel
     from fusedlora.kernels.sparse import (sddmm_kernel, sparse_gather_kernel, sparse_matmul_kernel,
-                                          sparse_rows_add_kernel, sparse_scatter_kernel)
+                                          sparse_densify_kernel, sparse_rows_add_kernel)
 
     f16, f32 = dict(DOT_DTYPE=tl.float16), dict(DOT_DTYPE=tl.float32, INPUT_PRECISION="ieee")
     decode = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1)
@@ -188,9 +188,10 @@ def variants():
                                       dict(BLOCK_M=16, BLOCK_N=32, BLOCK_E=16), 4, 1, None),
         "sparse-sm80-fp16-rows-add-1row": (sparse_rows_add_kernel, 80, "fp16", "fp32",
                                            dict(BLOCK_M=1, BLOCK_N=32, BLOCK_E=16), 4, 1, None),
-        # the cuBLAS compositions' helpers: W + s S into a copy of W, C3A's circulant and
+        # the cuBLAS compositions' helpers: W + s S in one pass, C3A's circulant and
         # the kernel gradient's diagonal sums of dY^T X
-        "sparse-sm90-bf16-scatter": (sparse_scatter_kernel, 90, "bf16", "bf16", dict(BLOCK_E=1024), 4, 1, None),
+        "sparse-sm90-bf16-densify": (sparse_densify_kernel, 90, "bf16", "bf16", dict(TILE=64, BLOCK_K=256, BLOCK_E=64),
+                                     4, 1, None),
         "sparse-sm90-bf16-gather": (sparse_gather_kernel, 90, "bf16", "fp32", dict(BLOCK_E=1024), 4, 1, None),
         "c3a-sm90-bf16-circulant": (c3a_circulant_kernel, 90, "bf16", "bf16", dict(BLOCK_N=32, BLOCK_K=128),
                                     4, 1, None),
@@ -249,7 +250,7 @@ NAMES = ["lora-sm80-fp32-plan-grad-A", "lora-sm80-tf32-plan-shrink", "lora-sm90-
          "lora-sm80-fp16-forward", "lora-sm80-fp32-ieee-grad-A", "c3a-sm90-bf16-forward", "c3a-sm90-bf16-grad-x",
          "c3a-sm90-bf16-decode", "c3a-sm90-bf16-grad-kernel", "sparse-sm90-bf16-forward",
          "sparse-sm90-bf16-decode", "sparse-sm90-bf16-sddmm", "sparse-sm90-bf16-rows-add",
-         "sparse-sm80-fp16-rows-add-1row", "sparse-sm90-bf16-scatter", "sparse-sm90-bf16-gather", "c3a-sm90-bf16-circulant",
+         "sparse-sm80-fp16-rows-add-1row", "sparse-sm90-bf16-densify", "sparse-sm90-bf16-gather", "c3a-sm90-bf16-circulant",
          "c3a-sm90-bf16-diagonal-sums", "multi-sm90-bf16-forward-sgmv",
          "multi-sm90-bf16-decode-bgmv", "multi-sm80-fp16-grad-x-sgmv", "multi-sm90-bf16-shrink-sgmv",
          "multi-sm90-bf16-shrink-bgmv", "multi-sm90-bf16-grad-grouped"]

@@ -329,9 +329,9 @@ def test_eager_backend_matches_reference(monkeypatch, M, N, K, density):
     inp = {n: t.double().requires_grad_() for n, t in make_inputs(M, N, K, torch.float32, idx).items()}
     assert torch.autograd.gradcheck(lambda x, w, b, v: sparse_linear(x, w, b, idx, v, 1.25),
                                     tuple(inp[n] for n in NAMES))
-    # W + s S formed by the Triton scatter (the interpreter here) in fp32, by torch in float64
+    # W + s S formed by the Triton tile pass (the interpreter here) in fp32, by torch in float64
     assert set(dispatched()) == {"sparse.forward:eager:dense", "sparse.backward:eager:dense",
-                                 "sparse.densify:triton:scatter", "sparse.densify:torch:index_put",
+                                 "sparse.densify:triton:tiles", "sparse.densify:torch:index_put",
                                  "sparse.sample:triton:gather", "sparse.sample:torch:index"}
 
 
@@ -444,29 +444,32 @@ def test_gpu_auto_runs_the_dense_composition(monkeypatch, dtype, M):
     inp["values"] = inp["values"] * 0.1
     check_against_reference(inp, idx, 1.0)
     forward = {"sparse.forward:triton:rows", "sparse.base:triton:splitk"} if M <= 16 else {"sparse.forward:eager:dense"}
-    assert set(dispatched()) == forward | {"sparse.backward:eager:dense", "sparse.densify:triton:scatter",
+    assert set(dispatched()) == forward | {"sparse.backward:eager:dense", "sparse.densify:triton:tiles",
                                            "sparse.sample:triton:gather"}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_dense_composition_kernels_match_torch(dtype):
-    """W + s S written by the Triton scatter (the interpreter here) equals the torch form
+    """W + s S written by the Triton tile pass (the interpreter here) equals the torch form
     bit for bit: one float32 sum per nonzero, rounded once; W itself is untouched, and a
-    transposed W (strided rows) works. The value gradient's gather likewise."""
+    transposed W (strided rows) works; with layout tiles of 8 the copy's tiles (4 x 8
+    columns) split K into two programs per row of tiles, the last one ragged, and a
+    bucket run ends mid-row. The value gradient's gather likewise."""
     torch.manual_seed(3)
     N, K = 37, 53
     idx = random_indices((N, K), density=0.1, seed=4)
-    layout = build_layout(idx, (N, K))
-    _, rows, cols, perm = layout.tensors()
     values = torch.randn(idx.shape[1], dtype=dtype)
-    for W in (torch.randn(N, K, dtype=dtype), torch.randn(K, N, dtype=dtype).t()):
-        before = W.clone()
-        fusedlora.reset_dispatch()
-        fast = fusedlora.sparse._dense_weight(W, rows, cols, perm, values, 0.75)
-        assert dispatched("sparse.densify") == {"sparse.densify:triton:scatter": 1}
-        ref = W.clone()
-        ref[idx[0], idx[1]] = (W[idx[0], idx[1]].float() + 0.75 * values.float()).to(dtype)
-        assert torch.equal(fast, ref) and torch.equal(W, before)
+    for tile in (None, 8):
+        layout = build_layout(idx, (N, K)) if tile is None else build_layout(idx, (N, K), tile=tile)
+        for W in (torch.randn(N, K, dtype=dtype), torch.randn(K, N, dtype=dtype).t()):
+            before = W.clone()
+            fusedlora.reset_dispatch()
+            fast = fusedlora.sparse._dense_weight(W, layout.tensors(), values, 0.75, layout.tile)
+            assert dispatched("sparse.densify") == {"sparse.densify:triton:tiles": 1}
+            ref = W.clone()
+            ref[idx[0], idx[1]] = (W[idx[0], idx[1]].float() + 0.75 * values.float()).to(dtype)
+            assert torch.equal(fast, ref) and torch.equal(W, before)
+    _, rows, cols, perm = layout.tensors()
     # the value gradient read off a dense G (transposed strides), in the values' order
     g = torch.randn(K, N).t()
     fusedlora.reset_dispatch()
