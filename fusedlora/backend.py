@@ -86,7 +86,7 @@ CUDA_WINS: dict = {"multi.forward": 1}
 # (the base GEMM then each output feature's nonzeros) took 29-39 us against 51-59 us for
 # the dense composition (CUDA-graph replays), so sparse.forward keeps Triton there.
 # ops with a composition
-EAGER_OPS = ("sparse.forward", "sparse.backward", "c3a.forward", "c3a.backward", "lora.forward")
+EAGER_OPS = ("sparse.forward", "sparse.backward", "c3a.forward", "c3a.backward", "lora.forward", "multi.forward")
 EAGER_WINS: dict = {"sparse.forward": 16, "sparse.backward": 0, "c3a.forward": 0, "c3a.backward": 0}
 
 
@@ -98,13 +98,15 @@ EAGER_WINS: dict = {"sparse.forward": 16, "sparse.backward": 0, "c3a.forward": 0
 #                 218-469 us (in a graph Triton is the faster: 19.6 against 26.5 us at 1 row)
 #   c3a.forward   Triton's one GEMM 105-272 us, the FFT composition 244-530 us (in a graph
 #                 EAGER_WINS keeps the FFT form)
-#   multi.forward the CUDA extension's BGMV 177-293 us, Triton's 466-633 us; Triton where the
-#                 extension is not built
+#   multi.forward the CUDA extension's BGMV 177-293 us, Triton's 466-633 us, and a gather plus
+#                 two bmm 116-164 us without the layer's routing (its composition, where the
+#                 extension is not built)
 # A capture (or torch.compile's CUDA graphs) runs the backend select_backend names; dispatch()
 # runs that one too on the first eager call of each signature, so its kernels are compiled,
 # loaded and planned before any capture of the same shapes (the driver forbids loading a
 # module, and cuFFT making a plan, inside one).
-HOST_WINS: dict = {"lora.forward": (16, "eager"), "c3a.forward": (16, "triton"), "multi.forward": (16, "cuda")}
+HOST_WINS: dict = {"lora.forward": (16, ("eager",)), "c3a.forward": (16, ("triton",)),
+                   "multi.forward": (16, ("cuda", "eager"))}  # the first one available
 _warmed: set = set()  # signatures whose capture-time backend has run once in this process
 
 
@@ -143,8 +145,7 @@ def dispatch(op: str, run, x: torch.Tensor, *args, host_ok: bool = True):
     if not (host_ok and op in HOST_WINS and 0 < rows <= HOST_WINS[op][0] and requested_backend() == "auto"
             and _eager_gpu_call(x.device)):
         return run(backend, x, *args)
-    host = HOST_WINS[op][1]
-    host = _cuda_if_built(op) if host == "cuda" else host
+    host = next(filter(None, (_cuda_if_built(op) if h == "cuda" else h for h in HOST_WINS[op][1])), None)
     if host is None or host == backend:
         return run(backend, x, *args)
     key = _signature(op, (x,) + args)

@@ -90,6 +90,7 @@ def test_auto_warm_up_then_capture(kind, monkeypatch):
         torch.cuda.synchronize()
         fusedlora.reset_dispatch()
         assert rel_err(out, layer(x, **kw)) < TOL[torch.bfloat16]
-    host = fusedlora.backend.HOST_WINS[f"{kind}.forward"][1]
-    assert any(f":{host}:" in k for k in eager) or host == "cuda", eager
-    assert not any(f":{host}:" in k for k in captured) or host == "cuda", captured
+    host = [h for h in fusedlora.backend.HOST_WINS[f"{kind}.forward"][1]
+            if h != "cuda" or fusedlora.cuda_ext.load(build=False) is not None][0]
+    assert any(f":{host}:" in k for k in eager), eager
+    assert not any(f":{host}:" in k for k in captured), captured
