@@ -44,30 +44,38 @@ def triton_version():
     return triton.__version__
 
 
-_forced: Optional[str] = None  # set by use_backend; process-wide, like the variable
+class Choice:
+    """A choice among ``names`` read from environment variable ``var`` at every call, with a
+    process-wide scoped override (``use``; not per thread; scopes nest)."""
+
+    def __init__(self, var: str, names: tuple, default: str, scope: str):
+        self.var, self.names, self.default, self.scope = var, names, default, scope
+        self._forced: Optional[str] = None
+
+    def get(self) -> str:
+        if self._forced is not None:
+            return self._forced
+        name = os.environ.get(self.var, self.default).strip().lower() or self.default
+        if name not in self.names:
+            raise ValueError(f"{self.var} must be one of {self.names}, got {name!r}")
+        return name
+
+    @contextlib.contextmanager
+    def use(self, name: str):
+        if name not in self.names:
+            raise ValueError(f"{self.scope}: name must be one of {self.names}, got {name!r}")
+        before, self._forced = self._forced, name
+        try:
+            yield
+        finally:
+            self._forced = before
 
 
-def requested_backend() -> str:
-    if _forced is not None:
-        return _forced
-    name = os.environ.get("FUSEDLORA_BACKEND", "auto").strip().lower() or "auto"
-    if name not in BACKENDS:
-        raise ValueError(f"FUSEDLORA_BACKEND must be one of {BACKENDS}, got {name!r}")
-    return name
-
-
-@contextlib.contextmanager
-def use_backend(name: str):
-    """Run the calls in this scope on backend ``name`` (as FUSEDLORA_BACKEND=name would).
-    Process-wide, not per thread; scopes nest."""
-    global _forced
-    if name not in BACKENDS:
-        raise ValueError(f"use_backend: name must be one of {BACKENDS}, got {name!r}")
-    before, _forced = _forced, name
-    try:
-        yield
-    finally:
-        _forced = before
+_BACKEND = Choice("FUSEDLORA_BACKEND", BACKENDS, "auto", "use_backend")
+requested_backend = _BACKEND.get
+# Run the calls in a scope on a backend (as FUSEDLORA_BACKEND=name would); the benchmarks
+# time each backend this way.
+use_backend = _BACKEND.use
 
 
 # Auto mode's use of the CUDA extension, from GPU measurements: op -> the largest

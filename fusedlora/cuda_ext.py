@@ -10,7 +10,6 @@ for the ``cuda`` backend without it raises.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import glob
 import hashlib
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+
+from .backend import Choice, record
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 # libstdc++ as the shared library that torch itself uses, named before the compiler's own
@@ -115,29 +116,9 @@ def status() -> dict:
 # stays "fma" until a GPU run of `python -m fusedlora bench --paths decode` (column
 # cuda-mma) and tests/test_cuda_ext.py say otherwise.
 GEMVS = ("fma", "mma")
-_forced_gemv: Optional[str] = None
-
-
-def requested_gemv() -> str:
-    if _forced_gemv is not None:
-        return _forced_gemv
-    name = os.environ.get("FUSEDLORA_CUDA_GEMV", "fma").strip().lower() or "fma"
-    if name not in GEMVS:
-        raise ValueError(f"FUSEDLORA_CUDA_GEMV must be one of {GEMVS}, got {name!r}")
-    return name
-
-
-@contextlib.contextmanager
-def use_gemv(name: str):
-    """Run the decode kernels' GEMV ``name`` in this scope (as FUSEDLORA_CUDA_GEMV=name)."""
-    global _forced_gemv
-    if name not in GEMVS:
-        raise ValueError(f"use_gemv: name must be one of {GEMVS}, got {name!r}")
-    before, _forced_gemv = _forced_gemv, name
-    try:
-        yield
-    finally:
-        _forced_gemv = before
+_GEMV = Choice("FUSEDLORA_CUDA_GEMV", GEMVS, "fma", "use_gemv")
+requested_gemv = _GEMV.get
+use_gemv = _GEMV.use  # the decode kernels' GEMV in a scope, as FUSEDLORA_CUDA_GEMV=name would
 
 
 @functools.lru_cache(maxsize=None)
@@ -156,8 +137,6 @@ def mma_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def gemv_for(op: str, variant: str, x: torch.Tensor, weight: torch.Tensor) -> str:
     """The GEMV a decode call runs: the requested one where it can run, else "fma"; recorded
     as ``op:cuda:variant`` (suffix ``-mma`` for the tensor cores)."""
-    from .backend import record
-
     name = "mma" if requested_gemv() == "mma" and mma_serves(x, weight) else "fma"
     record(op, "cuda", variant if name == "fma" else f"{variant}-mma")
     return name

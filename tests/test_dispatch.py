@@ -4,7 +4,8 @@ Outside CUDA-graph capture a decode call is bound by the host, so auto runs the 
 the fewest launches there; a capture runs select_backend's path, which therefore runs once
 on the first eager call of each signature (compiled and loaded before any capture). The
 rule is for GPU calls: here `_eager_gpu_call` is forced, and select_backend is made to
-name the capture path, so the Triton kernels run under the interpreter on CPU tensors.
+name the capture path, so on a machine without a GPU the Triton kernels run under the
+interpreter on CPU tensors.
 """
 import pytest
 import torch
@@ -16,7 +17,14 @@ from fusedlora.multi import multi_lora_linear
 from fusedlora.ops import lora_linear
 from fusedlora.routing import pack_loras
 
-from conftest import TOL, dispatched, rel_err
+from conftest import DEVICE, TOL, dispatched, rel_err
+
+
+@pytest.fixture(autouse=True)
+def _on_device():
+    """Tensors on the GPU where there is one (Triton needs the interpreter for CPU tensors)."""
+    with torch.device(DEVICE):
+        yield
 
 
 @pytest.fixture
@@ -129,7 +137,7 @@ def _multi_case():
     K, N = 32, 24
     As = [torch.randn(r, K) / K ** 0.5 for r in (2, 8)]
     Bs = [torch.randn(N, r) for r in (2, 8)]
-    pool_A, pool_BT, off, rank, scale, rmax = pack_loras(As, Bs, [0.5, 2.0], device="cpu")
+    pool_A, pool_BT, off, rank, scale, rmax = pack_loras(As, Bs, [0.5, 2.0], device=DEVICE)
     x, W = torch.randn(3, K), torch.randn(N, K) / K ** 0.5
     slot = torch.tensor([1, -1, 0], dtype=torch.int32)
     ref = reference.multi_lora_linear(x.double(), W.double(), None, slot.long(), [a.double() for a in As],
@@ -181,7 +189,7 @@ def test_multi_gather_composition_matches_reference(monkeypatch, ranks):
     K, N = 24, 20
     As = [torch.randn(r, K, dtype=torch.float64) for r in ranks]
     Bs = [torch.randn(N, r, dtype=torch.float64) for r in ranks]
-    pool_A, pool_BT, off, rank, scale, rmax = pack_loras(As, Bs, [0.5, -2.0], device="cpu")
+    pool_A, pool_BT, off, rank, scale, rmax = pack_loras(As, Bs, [0.5, -2.0], device=DEVICE)
     x = torch.randn(5, 2 * K, dtype=torch.float64)[:, ::2].requires_grad_()
     W, b = torch.randn(N, K, dtype=torch.float64), torch.randn(N, dtype=torch.float64)
     slot = torch.tensor([1, -1, 0, 1, -1], dtype=torch.int32)
