@@ -214,6 +214,25 @@ def cuda_wins(rows, impl: str = "cuda") -> dict:
     return table
 
 
+def host_table(rows) -> list:
+    """Markdown rows of eager per-call wall times (no graph) at each M: what backend.HOST_WINS
+    rests on. ``auto`` outside a capture runs the host path; ``triton`` is what a capture runs."""
+    out = []
+    for variant, op in OPS.items():
+        by_key = {}
+        for r in rows:
+            if r["path"] == PATH and r["variant"] == variant and r["status"] == "ok" and r.get("median_ms"):
+                by_key.setdefault((r["shape"]["M"], r["shape"]["K"], r["shape"]["N"]), {})[r["impl"]] = r["median_ms"]
+        for (M, K, N), ms in sorted(by_key.items()):
+            cells = [f"{ms[i] * 1e3:.1f}" if i in ms else "—" for i in ("auto", "triton", "cuda", "cuda-mma", "eager")]
+            out.append(f"| {op} | {M} | {K} | {N} | " + " | ".join(cells) + " |")
+    if not out:
+        return []
+    return ["## decode · eager calls (no graph): us per call, what backend.HOST_WINS rests on", "",
+            "| op | M | K | N | auto | triton | cuda | cuda-mma | eager |", "|---|---|---|---|---|---|---|---|---|",
+            *out, ""]
+
+
 def summary(rows) -> list:
     """Markdown lines for the report: the CUDA_WINS table these measurements support."""
     if not any(r["path"] == PATH for r in rows):
@@ -223,4 +242,5 @@ def summary(rows) -> list:
             "",
             "`fusedlora.backend.CUDA_WINS = " + repr(cuda_wins(rows, "cuda-mma")) + "`  (FUSEDLORA_CUDA_GEMV=mma)", "",
             "(op -> the largest row count up to which the CUDA kernel was no slower than Triton at every "
-            "shape and every smaller row count, CUDA-graph times; ops missing stay on Triton.)", ""]
+            "shape and every smaller row count, CUDA-graph times; ops missing stay on Triton.)", "",
+            *host_table(rows)]

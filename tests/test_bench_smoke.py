@@ -135,6 +135,19 @@ def test_cuda_wins_is_the_prefix_of_row_counts_where_cuda_ran_and_won():
     assert cuda_wins(rows) == {}
 
 
+def test_decode_summary_prints_both_gemv_tables_and_the_eager_call_times():
+    sys.path.insert(0, str(ROOT))
+    from bench.decode import summary
+
+    rows = [_row("lora r16", 1, "cuda", 0.050, 0.030), _row("lora r16", 1, "triton", 0.400, 0.020),
+            _row("lora r16", 1, "cuda-mma", 0.045, 0.010), _row("lora r16", 1, "auto", 0.090, 0.020)]
+    rows[2]["dispatch"] = ["lora.forward:cuda:decode-mma"]
+    text = "\n".join(summary(rows))
+    assert "CUDA_WINS = {}`  (FUSEDLORA_CUDA_GEMV=fma" in text
+    assert "CUDA_WINS = {'lora.forward': 1}`  (FUSEDLORA_CUDA_GEMV=mma)" in text
+    assert "| lora.forward | 1 | 4096 | 4096 | 90.0 | 400.0 | 50.0 | 45.0 | — |" in text
+
+
 def test_markdown_compares_graph_times_and_marks_mixed_ratios():
     sys.path.insert(0, str(ROOT))
     from bench import harness
