@@ -118,15 +118,29 @@ HOST_WINS: dict = {"lora.forward": (16, ("eager",)), "c3a.forward": (16, ("trito
 _warmed: set = set()  # signatures whose capture-time backend has run once in this process
 
 
-def _cuda_if_built(op: str) -> Optional[str]:
-    """"cuda" when the extension is loaded, else None, said in the dispatch table. Never a
-    build from here: a decode step would stall on nvcc for a minute; the extension serves once
-    built (setup.py, or fusedlora.cuda_ext.load())."""
+def _cuda_if_built(op: str, say: bool = True) -> Optional[str]:
+    """"cuda" when the extension is loaded, else None, said in the dispatch table (``say``).
+    Never a build from here: a decode step would stall on nvcc for a minute; the extension
+    serves once built (setup.py, or fusedlora.cuda_ext.load())."""
     from . import cuda_ext
 
     if cuda_ext.load(build=False) is not None:
         return "cuda"
-    record(op, "triton", "no-cuda-extension")  # the measured winner is missing: said, not hidden
+    if say:
+        record(op, "triton", "no-cuda-extension")  # the measured winner is missing: said, not hidden
+    return None
+
+
+def _host_choice(op: str, dtype: torch.dtype) -> Optional[str]:
+    """The first of HOST_WINS[op]'s backends that can serve: the extension once built (the
+    next choice's record says what ran instead), Triton for 16/32-bit floats."""
+    for name in HOST_WINS[op][1]:
+        if name == "cuda":
+            name = _cuda_if_built(op, say=False)
+        elif name == "triton" and dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            name = None
+        if name is not None:
+            return name
     return None
 
 
@@ -153,7 +167,7 @@ def dispatch(op: str, run, x: torch.Tensor, *args, host_ok: bool = True):
     if not (host_ok and op in HOST_WINS and 0 < rows <= HOST_WINS[op][0] and requested_backend() == "auto"
             and _eager_gpu_call(x.device)):
         return run(backend, x, *args)
-    host = next(filter(None, (_cuda_if_built(op) if h == "cuda" else h for h in HOST_WINS[op][1])), None)
+    host = _host_choice(op, x.dtype)
     if host is None or host == backend:
         return run(backend, x, *args)
     key = _signature(op, (x,) + args)

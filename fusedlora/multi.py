@@ -285,12 +285,13 @@ def _torch_forward(x, weight, bias, pool_A, pool_BT, row_slot, sl: _Slots, max_r
 
 
 def _gather_forward(x, weight, bias, pool_A, pool_BT, row_slot, sl: _Slots, max_rank):
-    """The eager composition (no dropout): each row gathers max_rank rows of the pools from
-    its slot's offset, masked past its slot's rank, then two batched products. No host
-    sync and about a dozen launches, where the Triton path's launches cost 3-4x more host
-    time per eager call at decode sizes (backend.HOST_WINS)."""
+    """The eager composition of up to 16 rows (no dropout): each row gathers max_rank rows of
+    the pools from its slot's offset, then two batched products. No host sync and about a
+    dozen launches, where the Triton path's launches cost 3-4x more host time per eager call
+    at decode sizes (backend.HOST_WINS). Rows past a slot's rank (another adapter's, maybe
+    non-finite) are selected away, never multiplied by zero."""
     y = F.linear(x, weight, bias)
-    if max_rank == 0 or x.shape[0] == 0:
+    if max_rank == 0 or x.shape[0] == 0 or pool_A.shape[0] == 0:
         return y, torch.zeros((x.shape[0], max_rank), device=x.device, dtype=torch.float32)
     slot = row_slot.long()
     live = slot >= 0
@@ -299,10 +300,11 @@ def _gather_forward(x, weight, bias, pool_A, pool_BT, row_slot, sl: _Slots, max_
     keep = j < torch.where(live, sl.rank.long()[s], 0)[:, None]                        # (M, R)
     idx = (sl.off.long()[s][:, None] + j).clamp(max=pool_A.shape[0] - 1).reshape(-1)  # rows of the pools
     a = pool_A.index_select(0, idx).view(x.shape[0], max_rank, -1)                 # (M, R, K)
-    coef = (keep * (sl.scale[s] * live)[:, None]).to(x.dtype)
-    ux = torch.bmm(a, x[:, :, None])[:, :, 0] * coef
-    bt = pool_BT.index_select(0, idx).view(x.shape[0], max_rank, -1)               # (M, R, N)
-    return y + torch.bmm(ux[:, None, :], bt)[:, 0], ux.float()
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xa = torch.bmm(a, x[:, :, None])[:, :, 0].to(acc) * sl.scale.to(acc)[s][:, None]
+    u = torch.where(keep, xa, 0)
+    bt = pool_BT.index_select(0, idx).view(x.shape[0], max_rank, -1).masked_fill(~keep[:, :, None], 0)
+    return y + torch.bmm(u.to(x.dtype)[:, None, :], bt)[:, 0], u.float()
 
 
 def _torch_backward(grad_y, x, weight, pool_A, pool_BT, row_slot, sl: _Slots):
@@ -343,12 +345,14 @@ def _multi_forward_on(backend: str, x: Tensor, weight: Tensor, bias: Optional[Te
                       pool_BT: Tensor, row_slot: Tensor, slot_off: Tensor, slot_rank: Tensor, slot_scale: Tensor,
                       slot_drop: Tensor, max_rank: int, dropout: bool, seed: Tensor) -> Tuple[Tensor, Tensor]:
     sl = _Slots(slot_off, slot_rank, slot_scale, slot_drop, dropout, int(seed.item()) if dropout else 0)
-    if backend == "torch" or (backend == "eager" and dropout):  # the composition has no dropout
+    # the gather has no dropout, and pads every row to max_rank: decode rows only
+    if backend == "torch" or (backend == "eager" and (dropout or x.shape[0] > 16)):
         record("multi.forward", "torch", "grouped")
         return _torch_forward(x, weight, bias, pool_A, pool_BT, row_slot, sl, max_rank)
     if backend == "eager":
         record("multi.forward", "eager", "gather")
-        return _gather_forward(x, weight, bias, pool_A, pool_BT, row_slot, sl, max_rank)
+        with torch.autocast(x.device.type, enabled=False):  # the op's dtypes, as the kernels keep them
+            return _gather_forward(x, weight, bias, pool_A, pool_BT, row_slot, sl, max_rank)
     if backend == "cuda":
         # the binding's contract: unit stride along the reduction of W and along the pools' rows
         unit = weight.stride(1) == 1 and pool_A.stride(1) == 1 and pool_BT.stride(1) == 1

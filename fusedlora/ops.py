@@ -182,9 +182,11 @@ def _lora_forward_on(backend: str, x: Tensor, weight: Tensor, bias: Optional[Ten
             u = scaling * (xd @ lora_A.t())
             record("lora.forward", "torch", "reference")
             return torch.nn.functional.linear(x, weight, bias) + u @ lora_B.t(), u.float()
-        # three cuBLAS launches and two small ops: the fewest a host-bound call can pay for
-        xa = torch.nn.functional.linear(xd, lora_A)
-        y = torch.nn.functional.linear(x, weight, bias).addmm_(xa, lora_B.t(), alpha=scaling)
+        # three cuBLAS launches and two small ops: the fewest a host-bound call can pay for;
+        # in the op's dtypes, as the kernels keep them (autocast would change them)
+        with torch.autocast(x.device.type, enabled=False):
+            xa = torch.nn.functional.linear(xd, lora_A)
+            y = torch.nn.functional.linear(x, weight, bias).addmm_(xa, lora_B.t(), alpha=scaling)
         record("lora.forward", "eager", "composition")
         return y, xa.float().mul_(scaling)
     _triton_dtype_ok(x)

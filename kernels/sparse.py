@@ -200,8 +200,8 @@ def sparse_densify_kernel(
     row_start = pid_n * NUM_TK
     first = row_start + pid_k * (BLOCK_K // TILE)
     last = tl.minimum(first + BLOCK_K // TILE, row_start + NUM_TK)
-    start = tl.load(offsets_ptr + first)
-    end = tl.load(offsets_ptr + last)
+    start = tl.load(offsets_ptr + first).to(tl.int64)  # positions may pass 2**31
+    end = tl.load(offsets_ptr + last).to(tl.int64)
     for e0 in range(start, end, BLOCK_E):
         p = e0 + tl.arange(0, BLOCK_E)
         ok = p < end
