@@ -152,9 +152,8 @@ def _eager_gpu_call(device: torch.device) -> bool:
 def _signature(op: str, args: tuple) -> tuple:
     """What decides the kernels a call compiles and plans: shapes, strides, dtypes and the
     16-byte alignment of every tensor (Triton specializes on it), the other arguments as given."""
-    return (op,) + tuple(
-        (a.dtype, a.device, tuple(a.shape), a.stride(), a.data_ptr() % 16) if isinstance(a, torch.Tensor) else a
-        for a in args)
+    return (op, *[(a.dtype, a.device, a.shape, a.stride(), a.data_ptr() & 15) if isinstance(a, torch.Tensor) else a
+                  for a in args])
 
 
 def dispatch(op: str, run, x: torch.Tensor, *args, host_ok: bool = True):

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backend import dispatch, interpreting, record, select_backend
-from .ops import _TRITON_DTYPES, fused_op, pick, register_autograd
+from .ops import _TRITON_DTYPES, fused_op, no_autocast, pick, register_autograd
 
 _INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
@@ -351,7 +351,7 @@ def _multi_forward_on(backend: str, x: Tensor, weight: Tensor, bias: Optional[Te
         return _torch_forward(x, weight, bias, pool_A, pool_BT, row_slot, sl, max_rank)
     if backend == "eager":
         record("multi.forward", "eager", "gather")
-        with torch.autocast(x.device.type, enabled=False):  # the op's dtypes, as the kernels keep them
+        with no_autocast(x.device.type):
             return _gather_forward(x, weight, bias, pool_A, pool_BT, row_slot, sl, max_rank)
     if backend == "cuda":
         # the binding's contract: unit stride along the reduction of W and along the pools' rows

@@ -7,6 +7,7 @@ here, before any kernel is launched.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from typing import List, Optional, Sequence, Tuple
@@ -26,6 +27,14 @@ def triton_serves(device: torch.device, *dtypes: torch.dtype) -> bool:
     under the interpreter; 16/32-bit floats only (no float64 kernels)."""
     return (device.type == "cuda" or interpreting()) and all(d in _TRITON_DTYPES for d in dtypes)
 _NO_SEED = torch.zeros((), dtype=torch.int64)
+
+
+def no_autocast(device_type: str):
+    """The compositions' torch ops in the op's own dtypes, as the kernels keep them (autocast
+    would change them); entering a disabled autocast costs ~3 us, so only when it is on."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 # ------------------------------------------------------------- op plumbing
@@ -182,9 +191,8 @@ def _lora_forward_on(backend: str, x: Tensor, weight: Tensor, bias: Optional[Ten
             u = scaling * (xd @ lora_A.t())
             record("lora.forward", "torch", "reference")
             return torch.nn.functional.linear(x, weight, bias) + u @ lora_B.t(), u.float()
-        # three cuBLAS launches and two small ops: the fewest a host-bound call can pay for;
-        # in the op's dtypes, as the kernels keep them (autocast would change them)
-        with torch.autocast(x.device.type, enabled=False):
+        # three cuBLAS launches and two small ops: the fewest a host-bound call can pay for
+        with no_autocast(x.device.type):
             xa = torch.nn.functional.linear(xd, lora_A)
             y = torch.nn.functional.linear(x, weight, bias).addmm_(xa, lora_B.t(), alpha=scaling)
         record("lora.forward", "eager", "composition")
