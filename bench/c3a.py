@@ -4,7 +4,8 @@ Implementations, all timed on the same random input sets:
   fused    fusedlora.c3a.c3a_linear on the Triton kernels (use_backend("triton"): the circulant
            delta folded into the base GEMM)
   auto     the same call as users make it: fusedlora's default dispatch (backend.EAGER_WINS
-           sends C3A to the eager composition on CUDA, the reference on the CPU)
+           sends C3A to the eager composition on CUDA, except eager calls of 1..16 rows,
+           which backend.HOST_WINS sends to Triton; the reference on the CPU)
   base     F.linear(x, W, b) alone: the floor the adapter's cost is measured from
   eager    PEFT's algorithm: F.linear plus the block-circular FFT path
            (fusedlora.reference.c3a_fft_delta: ifft(x) * fft(w), fft, real part, / K, in float32)

@@ -22,7 +22,8 @@ At these sizes a kernel takes microseconds, so every case is also timed from
 CUDA-graph replays (harness.time_graph), the device time a serving engine that
 captures its decode step sees; ratios and %roof use it. Bytes: x, W, b and y
 once, plus the adapter data the rows read (for multi, the distinct adapters).
-``summary`` turns the graph times into the table of fusedlora.backend.CUDA_WINS.
+``summary`` turns the graph times into the table of fusedlora.backend.CUDA_WINS (one per
+GEMV of the extension), and the eager times into the table backend.HOST_WINS rests on.
 """
 from __future__ import annotations
 

@@ -8,7 +8,8 @@
 #
 #   END=430 bash bench/gpu_check.sh      (timeout_s END + 30)
 #     1. the extension's build and probe (background) while `pytest -m gpu` runs (TEST_S)
-#     2. if the probe passed: the extension's tests, then compute-sanitizer memcheck over them
+#     2. if the probe passed: the extension's tests, then compute-sanitizer memcheck over the
+#        tensor-core GEMV's tests (the FMA kernels passed it on the H200)
 #     3. host against device time of a training step (bench/profile_step.py; PROFILE=0 skips)
 #     4. the quick benchmark of PATHS, --first rows first, until END seconds into the call
 # At most 8 files come back from $OUT: log.txt, the junit XMLs, the bench JSON/markdown/PNGs.

@@ -1,6 +1,6 @@
 """Shared machinery of the microbenchmarks: cases, timing, rooflines, reports.
 
-An adapter path (bench/lora.py, later bench/c3a.py ...) only describes its
+An adapter path (bench/lora.py, bench/c3a.py, ...) only describes its
 cases: the shape, how to draw one random input set, and for each
 implementation a ``setup(inputs) -> thunk``. Everything about *how* a thunk
 is timed and reported lives here, so every path is measured the same way.

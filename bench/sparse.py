@@ -1,11 +1,12 @@
 """Sparse-delta (SHiRA) rows: fused ``fusedlora.sparse.sparse_linear`` against the ways people run it today.
 
 Implementations, all timed on the same random input sets:
-  fused    fusedlora.sparse.sparse_linear with the layout that build_layout made, on the
+  fused    fusedlora.sparse.sparse_linear with the layout that build_layout made when the
+           adapter was added (as FusedLinear does: no per-call layout work), on the
            Triton kernels (use_backend("triton"))
   auto     the same call under fusedlora's default dispatch (backend.EAGER_WINS sends
-           sparse to the dense composition on CUDA, the reference on the CPU)
-           when the adapter was added (as FusedLinear does): no per-call layout work
+           sparse above 16 rows to the dense composition on CUDA, Triton's rows path
+           below; the reference on the CPU)
   base     F.linear(x, W, b) alone: the floor the adapter's cost is measured from
   eager    PEFT's SHiRA algorithm: clone W, add the torch.sparse_coo_tensor of
            scaling * values, F.linear with the result

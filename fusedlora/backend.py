@@ -11,9 +11,10 @@
   torch   the plain-PyTorch path of fusedlora.reference
   eager   plain-PyTorch compositions built on cuBLAS/cuFFT (sparse: W + delta formed,
           then cuBLAS; C3A: cuBLAS plus PEFT's FFT delta up to 16 rows, the unscaled
-          circulant through one addmm above), the reference path for the other ops;
-          auto picks it for the ops in EAGER_WINS; LoRA's forward is F.linear plus two
-          thin matmuls, auto's choice for eager decode calls (HOST_WINS, dispatch())
+          circulant through one addmm above; LoRA's forward: F.linear plus two thin
+          matmuls; the multi-adapter forward of <= 16 rows without dropout: a gather of
+          each row's pool rows plus two bmm), the reference path for the other ops;
+          auto picks it for the ops in EAGER_WINS, and for eager decode calls by HOST_WINS
 ``use_backend(name)`` overrides the variable for the calls in its scope (the
 benchmarks time each backend this way). Nothing falls back silently: every launch is counted in ``backend_info()["dispatch"]``.
 """
