@@ -232,12 +232,16 @@ def backend_info() -> dict:
     from . import cuda_ext
 
     cuda_ok = torch.cuda.is_available()
-    try:
-        requested = requested_backend()
-    except ValueError as e:
-        requested = f"invalid ({e})"
+
+    def said(choice):
+        try:
+            return choice()
+        except ValueError as e:
+            return f"invalid ({e})"
+
     return {
-        "requested": requested,
+        "requested": said(requested_backend),
+        "cuda_gemv": said(cuda_ext.requested_gemv),
         "torch": torch.__version__,
         "triton": triton_version(),
         "triton_interpret": interpreting(),

@@ -219,9 +219,11 @@ def test_gemv_choice_is_validated_scoped_and_recorded(monkeypatch):
     with cuda_ext.use_gemv("mma"):
         assert cuda_ext.requested_gemv() == "mma"
     assert cuda_ext.requested_gemv() == "fma"
+    assert fusedlora.backend_info()["cuda_gemv"] == "fma"
     monkeypatch.setenv("FUSEDLORA_CUDA_GEMV", "wmma")
     with pytest.raises(ValueError, match="FUSEDLORA_CUDA_GEMV must be one of"):
         cuda_ext.requested_gemv()
+    assert fusedlora.backend_info()["cuda_gemv"].startswith("invalid (FUSEDLORA_CUDA_GEMV must be")
     with pytest.raises(ValueError, match="use_gemv: name must be one of"):
         with cuda_ext.use_gemv("tensor"):
             pass
