@@ -185,8 +185,9 @@ def _lora_forward_on(backend: str, x: Tensor, weight: Tensor, bias: Optional[Ten
                                       gemv=gemv_for("lora.forward", "decode", x, weight))
         backend = "triton"  # the extension has no kernel for this shape: recorded below
     if backend in ("torch", "eager"):
-        mask = torch_keep_mask(x.shape, dropout_p, seed.item(), x.device)
-        xd = reference.apply_dropout(x, mask, dropout_p)
+        xd = x
+        if dropout_p:
+            xd = reference.apply_dropout(x, torch_keep_mask(x.shape, dropout_p, seed.item(), x.device), dropout_p)
         if backend == "torch":
             u = scaling * (xd @ lora_A.t())
             record("lora.forward", "torch", "reference")
