@@ -11,6 +11,9 @@ Implementations, all timed on the same random input sets:
            (fusedlora.reference.c3a_fft_delta: ifft(x) * fft(w), fft, real part, / K, in float32)
   compile  torch.compile of eager (static shapes)
   peft     peft.tuners.c3a.C3ALinear wrapping an nn.Linear (its own autograd Function)
+  spectral auto with the eager forward's spectral form on (fusedlora.c3a.SPECTRAL_MIN_BLOCK,
+           off by default until this column says it wins): the real DFT of each block as
+           GEMMs instead of the circulant's second GEMM of the base's shape; above 16 rows
   merged   forward only, a bound and not a fusedlora path: W + dW formed per call (the
            circulant kernel, one add in float32) and rounded to W's dtype, then one
            F.linear; what folding the delta into W would cost, had the 16-bit rounding
@@ -96,6 +99,24 @@ def _eager(i, fn=None):
     return grad_thunk(lambda: fn(i["x"], i["W"], i["b"], i["kernel"]), i, [i["x"], i["kernel"]])
 
 
+def _spectral(i):
+    """auto with the eager forward's spectral form on (c3a.SPECTRAL_MIN_BLOCK): a candidate
+    for above 16 rows, not yet the default."""
+    from fusedlora import c3a
+
+    if i["x"].shape[0] <= c3a.FFT_ROWS:
+        raise Skip("the spectral form serves above FFT_ROWS rows")
+    thunk = _auto(i)
+
+    def run():
+        before, c3a.SPECTRAL_MIN_BLOCK = c3a.SPECTRAL_MIN_BLOCK, 16
+        try:
+            return thunk()
+        finally:
+            c3a.SPECTRAL_MIN_BLOCK = before
+    return run
+
+
 def _merged(i):
     if "gy" in i:
         raise Skip("forward only: a bound for the forward's second GEMM")
@@ -129,5 +150,5 @@ def cases(opts: Options):
             yield adapter_case(PATH, variant, s, opts, lambda s=s, v=variant: _inputs(s, v, opts.device, opts.dtype),
                                {"fused": _fused, "auto": _auto, "base": base_thunk, "eager": _eager,
                                 "compile": compiled(eager, lambda fn, i: _eager(i, fn)), "peft": _peft,
-                                "merged": _merged},
+                                "merged": _merged, "spectral": _spectral},
                                work(s, variant, elem))

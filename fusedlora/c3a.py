@@ -26,7 +26,8 @@ from torch import Tensor
 
 from . import reference
 from .backend import dispatch, interpreting, record, select_backend
-from .ops import _TRITON_DTYPES, check_linear_args, fused_op, pick, register_autograd, triton_serves
+from .ops import (_TRITON_DTYPES, bias_grad, check_linear_args, fused_op, no_autocast, pick, register_autograd,
+                   triton_serves)
 
 _INIT_CHOICES = (True, False, "gaussian", "xavier_uniform", "kaiming_uniform")
 # Reduction length rows * b of the kernel-gradient GEMM stays in int32.
@@ -171,6 +172,48 @@ def c3a_kernel_grad(grad_y: Tensor, x: Tensor, c3a_kernel: Tensor, tag: str = "c
 # cuBLAS does y = x W^T + b + (x C^T) / K in one addmm: two GEMMs of the base's shape,
 # ~2x F.linear by the H200's GEMM time, against 6x for the FFT path there (M = 4096).
 FFT_ROWS = 16
+# A third form above FFT_ROWS rows, off until a GPU times it against the dense one (bench c3a
+# column "spectral"): the delta through the real DFT of each block, all as GEMMs, about
+# (2b/N + 2/b) of the base's FLOPs and a pass over x- and y-sized intermediates, where the
+# dense form pays a second GEMM of the base's shape (425 us against 196 for F.linear on the
+# H200 at 4096 x 4096 x 4096, b = 128). The block size from which it serves, or None.
+SPECTRAL_MIN_BLOCK: Optional[int] = None
+
+
+@functools.lru_cache(maxsize=None)
+def _real_dft(b: int, dtype: torch.dtype, device: torch.device):
+    """(D (b, 2F), D_inv (2F, b)) with F = b // 2 + 1 frequencies, ordered (re, im) x f: for a
+    real row v of length b, v @ D = [Re V | Im V] with V = DFT(v), and [Re V | Im V] @ D_inv
+    = v (the inverse DFT, Hermitian frequencies counted twice)."""
+    f = torch.arange(b // 2 + 1, dtype=torch.float64)
+    angle = 2 * math.pi * torch.arange(b, dtype=torch.float64)[:, None] * f[None, :] / b  # (b, F)
+    D = torch.cat([torch.cos(angle), -torch.sin(angle)], dim=1)
+    twice = torch.full_like(f, 2.0)
+    twice[0] = 1.0
+    if b % 2 == 0:
+        twice[-1] = 1.0  # the Nyquist frequency is its own mirror
+    D_inv = torch.cat([twice[:, None] * torch.cos(angle.t()), -twice[:, None] * torch.sin(angle.t())]) / b
+    return D.to(device, dtype), D_inv.to(device, dtype)
+
+
+def _spectral_delta_(y: Tensor, x: Tensor, c3a_kernel: Tensor) -> Tensor:
+    """y += x dW^T through the real DFT of each length-b block: the cross-correlation of the
+    forward is Y_m = sum_n conj(W_mn) X_n per frequency. Three GEMM-shaped steps on x's
+    layout, no permuted copies: Z = D^T x_blocks^T (frequency-major), four batched products
+    over the frequencies (re and im parts), then y_blocks += Z'^T D_inv / K in place."""
+    M, K = x.shape
+    nb_out, nb_in, b = c3a_kernel.shape
+    F_ = b // 2 + 1
+    D, D_inv = _real_dft(b, x.dtype, x.device)
+    z = (D.t() @ x.reshape(M * nb_in, b).t()).view(2, F_, M, nb_in)       # [Re X | Im X] per f
+    w = torch.fft.rfft(c3a_kernel.to(torch.promote_types(c3a_kernel.dtype, torch.float32)), dim=-1)
+    w_re = w.real.permute(2, 1, 0).to(x.dtype).contiguous()               # (F, nb_in, nb_out)
+    w_im = w.imag.permute(2, 1, 0).to(x.dtype).contiguous()
+    out = x.new_empty((2, F_, M, nb_out))
+    torch.bmm(z[0], w_re, out=out[0]).baddbmm_(z[1], w_im)                # Re(conj(W) X)
+    torch.bmm(z[1], w_re, out=out[1]).baddbmm_(z[0], w_im, alpha=-1)      # Im(conj(W) X)
+    y.view(M * nb_out, b).addmm_(out.view(2 * F_, M * nb_out).t(), D_inv, alpha=1.0 / K)
+    return y
 
 
 def _circulant(c3a_kernel: Tensor, dtype: torch.dtype) -> Tensor:
@@ -230,7 +273,7 @@ def _dense_grads(grad_y: Tensor, x: Tensor, weight: Tensor, c3a_kernel: Tensor, 
         if need_k:
             dk = _diagonal_sums(g, c3a_kernel)
     if need_b:
-        db = grad_y.sum(0, dtype=torch.float32).to(x.dtype)
+        db = bias_grad(grad_y, x.dtype)
     return [dx, dW, db, dk]
 
 
@@ -260,7 +303,7 @@ def _fft_grads(grad_y: Tensor, x: Tensor, weight: Tensor, c3a_kernel: Tensor, ne
     if need_w:
         dW = (grad_y.t() @ x).to(weight.dtype)
     if need_b:
-        db = grad_y.sum(0, dtype=torch.float32).to(x.dtype)
+        db = bias_grad(grad_y, x.dtype)
     return [dx, dW, db, dk]
 
 
@@ -271,17 +314,25 @@ def _c3a_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], c3a_kernel: 
     return dispatch("c3a.forward", _c3a_forward_on, x, weight, bias, c3a_kernel)
 
 
+def _eager_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], c3a_kernel: Tensor) -> Tensor:
+    y = F.linear(x, weight, bias)
+    if x.shape[0] > FFT_ROWS and SPECTRAL_MIN_BLOCK and c3a_kernel.shape[2] >= SPECTRAL_MIN_BLOCK:
+        record("c3a.forward", "eager", "spectral")
+        return _spectral_delta_(y, x, c3a_kernel)
+    if x.shape[0] > FFT_ROWS:
+        record("c3a.forward", "eager", "dense")
+        return torch.addmm(y, x, _circulant(c3a_kernel, x.dtype).t(), alpha=1.0 / x.shape[1])
+    record("c3a.forward", "eager", "fft")
+    return y + reference.c3a_fft_delta(x, c3a_kernel).to(x.dtype) if x.shape[0] else y  # no FFT of 0 rows
+
+
 def _c3a_forward_on(backend: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], c3a_kernel: Tensor) -> Tensor:
     if backend == "torch":
         record("c3a.forward", "torch", "reference")
         return reference.c3a_linear(x, weight, bias, c3a_kernel)
     if backend == "eager":
-        y = F.linear(x, weight, bias)
-        if x.shape[0] > FFT_ROWS:
-            record("c3a.forward", "eager", "dense")
-            return torch.addmm(y, x, _circulant(c3a_kernel, x.dtype).t(), alpha=1.0 / x.shape[1])
-        record("c3a.forward", "eager", "fft")
-        return y + reference.c3a_fft_delta(x, c3a_kernel).to(x.dtype) if x.shape[0] else y  # no FFT of 0 rows
+        with no_autocast(x.device.type):
+            return _eager_forward(x, weight, bias, c3a_kernel)
     if backend == "cuda" and 0 < x.shape[0] <= 16:
         from .cuda_ext import load
 
@@ -324,7 +375,7 @@ def _c3a_backward(grad_y: Tensor, x: Tensor, weight: Tensor, c3a_kernel: Tensor,
     if need_w:
         dW = matmul(grad_y.t(), x, out_dtype=weight.dtype, dot_dtype=dt, tag="c3a.grad_weight")
     if need_b:
-        db = grad_y.sum(0, dtype=torch.float32).to(dt)
+        db = bias_grad(grad_y, dt)
     if need_k:
         dk = c3a_kernel_grad(grad_y, x, c3a_kernel)
     return [dx, dW, db, dk]

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backend import dispatch, interpreting, record, select_backend
-from .ops import _TRITON_DTYPES, fused_op, no_autocast, pick, register_autograd
+from .ops import _TRITON_DTYPES, bias_grad, fused_op, no_autocast, pick, register_autograd
 
 _INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
@@ -407,7 +407,7 @@ def _multi_backward(grad_y: Tensor, x: Tensor, weight: Tensor, pool_A: Tensor, p
     if need_w:
         dW = matmul(grad_y.t(), x, out_dtype=weight.dtype, dot_dtype=dt, tag="multi.grad_weight")
     if need_b:
-        db = grad_y.sum(0, dtype=torch.float32).to(dt)
+        db = bias_grad(grad_y, dt)
     if need_a:
         dA = (_grouped_grad(g, x, routing, sl, pool_A.shape[0], max_rank, dropout, pool_A.dtype, "multi.grad_A")
               if routing is not None else torch.zeros_like(pool_A))

@@ -29,6 +29,11 @@ def triton_serves(device: torch.device, *dtypes: torch.dtype) -> bool:
 _NO_SEED = torch.zeros((), dtype=torch.int64)
 
 
+def bias_grad(grad_y: Tensor, dtype: torch.dtype) -> Tensor:
+    """db = the column sums of grad_y, accumulated in float32 at least (float64 stays float64)."""
+    return grad_y.sum(0, dtype=torch.promote_types(grad_y.dtype, torch.float32)).to(dtype)
+
+
 def no_autocast(device_type: str):
     """The compositions' torch ops in the op's own dtypes, as the kernels keep them (autocast
     would change them); entering a disabled autocast costs ~3 us, so only when it is on."""
@@ -240,7 +245,7 @@ def _lora_backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lo
     if need_w:
         dW = matmul(grad_y.t(), x, out_dtype=weight.dtype, dot_dtype=dt, tag="lora.grad_weight")
     if need_b:
-        db = grad_y.sum(0, dtype=torch.float32).to(dt)
+        db = bias_grad(grad_y, dt)
     if need_a:
         dA = matmul(g.t(), x, out_dtype=lora_A.dtype, dot_dtype=dt,
                     dropout=Dropout(dropout_p, seed_i, "b"), tag="lora.grad_A")

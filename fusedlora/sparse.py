@@ -19,7 +19,8 @@ from torch import Tensor
 
 from . import reference
 from .backend import interpreting, record, requested_backend, select_backend
-from .ops import _TRITON_DTYPES, check_linear_args, check_scalar, fused_op, pick, register_autograd, triton_serves
+from .ops import (_TRITON_DTYPES, bias_grad, check_linear_args, check_scalar, fused_op, pick, register_autograd,
+                   triton_serves)
 from .sparse_layout import DerivedCache, SparseLayout, _user_indices, build_layout, check_indices
 # the public mask builders, where users of fusedlora.sparse look for them
 from .sparse_layout import magnitude_indices, mask_to_indices, random_indices, shira_num_nonzeros  # noqa: F401
@@ -278,7 +279,7 @@ def _dense_grads(grad_y: Tensor, x: Tensor, weight: Tensor, values: Tensor, layo
         if need_v:
             dv = _sampled(g, rows, cols, perm, scaling, values)
     if need_b:
-        db = grad_y.sum(0, dtype=torch.float32).to(x.dtype)
+        db = bias_grad(grad_y, x.dtype)
     return [dx, dW, db, dv]
 
 
@@ -339,7 +340,7 @@ def _sparse_backward(grad_y: Tensor, x: Tensor, weight: Tensor, values: Tensor, 
     if need_w:
         dW = matmul(grad_y.t(), x, out_dtype=weight.dtype, dot_dtype=dt, tag="sparse.grad_weight")
     if need_b:
-        db = grad_y.sum(0, dtype=torch.float32).to(dt)
+        db = bias_grad(grad_y, dt)
     if need_v:
         dv = _sddmm(grad_y, x, rows, cols, perm, scaling, values.dtype)
     return [dx, dW, db, dv]

@@ -80,10 +80,13 @@ def test_3d_input_no_bias_kernel_in_x_dtype(triton_backend):
     assert y.shape == (2, 5, 16) and y.dtype == torch.float16
 
 
-@pytest.mark.parametrize("backend,M", [("triton", 9), ("eager", 9), ("eager", 20)])
+@pytest.mark.parametrize("backend,M", [("triton", 9), ("eager", 9), ("eager", 20), ("spectral", 20)])
 def test_non_contiguous_operands(monkeypatch, backend, M):
     """Strided, transposed and permuted operands, a stride-0 gradient; the eager forms too
-    (FFT at 9 rows, the circulant and cuBLAS at 20)."""
+    (FFT at 9 rows, the circulant and cuBLAS at 20, the spectral form at 20)."""
+    if backend == "spectral":
+        monkeypatch.setattr(fusedlora.c3a, "SPECTRAL_MIN_BLOCK", 1)
+        backend = "eager"
     monkeypatch.setenv("FUSEDLORA_BACKEND", backend)
     K, N, b = 20, 30, 10
     inp = make_inputs(M, K, N, b, torch.float32)
@@ -316,11 +319,36 @@ def test_fp16_keeps_the_adapter_term_below_the_weights_rounding_step(triton_back
     assert rel_err(y, ref) < TOL[torch.float16]
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(20, 96, 64, 16), (33, 42, 30, 6), (17, 48, 144, 48), (18, 8, 12, 1),
+                                   (19, 35, 21, 7)], ids=lambda s: "M{}_K{}_N{}_b{}".format(*s))
+def test_spectral_form_matches_reference(monkeypatch, shape, dtype):
+    """The eager forward's spectral form (c3a.SPECTRAL_MIN_BLOCK; off by default until a GPU
+    times it): the real DFT of each block as GEMMs, odd and even b, b = 1; every gradient
+    (the backward is the dense form's), 3-D x, zero rows."""
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "eager")
+    monkeypatch.setattr(fusedlora.c3a, "SPECTRAL_MIN_BLOCK", 1)
+    fusedlora.reset_dispatch()
+    M, K, N, b = shape
+    kernel_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    check_against_reference(make_inputs(*shape, dtype, kernel_dtype=kernel_dtype))
+    check_against_reference(make_inputs(M, K, N, b, dtype, lead=(3, 7), kernel_dtype=kernel_dtype))
+    assert dispatched("c3a.forward") == {"c3a.forward:eager:spectral": 2}
+    check_against_reference(make_inputs(0, K, N, b, dtype, kernel_dtype=kernel_dtype))  # the FFT form's zero rows
+
+
 @pytest.mark.parametrize("rows", [4, 40])
 def test_eager_fp16_keeps_the_adapter_term(monkeypatch, rows):
-    """Both eager forms (FFT at few rows, the unscaled circulant through cuBLAS above)
-    keep the adapter term that a merge into a 16-bit W would round away."""
+    """The eager forms (FFT at few rows; above, the unscaled circulant through cuBLAS and the
+    spectral form) keep the adapter term that a merge into a 16-bit W would round away."""
     monkeypatch.setenv("FUSEDLORA_BACKEND", "eager")
+    if rows == 40:
+        with torch.no_grad(), monkeypatch.context() as m:
+            m.setattr(fusedlora.c3a, "SPECTRAL_MIN_BLOCK", 1)
+            inp = cancelling_inputs(rows, 2048, 64, 16, torch.float16)
+            y = c3a_linear(*(inp[n] for n in NAMES))
+        ref = reference.c3a_linear(*(inp[n].double() if inp[n] is not None else None for n in NAMES))
+        assert rel_err(y, ref) < TOL[torch.float16]
     inp = cancelling_inputs(rows, 2048, 64, 16, torch.float16)
     with torch.no_grad():
         y = c3a_linear(*(inp[n] for n in NAMES))
@@ -355,14 +383,21 @@ def test_gpu_large(triton_backend, shape, dtype):
                          ids=lambda s: "M{}_K{}_N{}_b{}".format(*s))
 def test_gpu_auto_runs_the_eager_composition(monkeypatch, shape, dtype):
     """What auto picks on CUDA (backend.EAGER_WINS): FFT up to FFT_ROWS rows, the
-    circulant through cuBLAS above; every gradient against the float64 reference."""
+    circulant through cuBLAS above; every gradient against the float64 reference. An eager
+    forward of up to 16 rows runs Triton (backend.HOST_WINS), after the FFT form once."""
     monkeypatch.delenv("FUSEDLORA_BACKEND", raising=False)
+    monkeypatch.setattr(fusedlora.backend, "_warmed", set())
     fusedlora.reset_dispatch()
     check_against_reference(make_inputs(*shape, dtype))
     form = "dense" if shape[0] > fusedlora.c3a.FFT_ROWS else "fft"
     diagonal = "c3a.diagonal_sums:" + ("triton:rows" if shape[3] >= 16 else "torch:gather")
     circulant = {"c3a.circulant:triton:gather", diagonal} if form == "dense" else set()
-    assert set(dispatched("c3a.")) == {f"c3a.forward:eager:{form}", f"c3a.backward:eager:{form}"} | circulant
+    ran = set(dispatched("c3a."))
+    if shape[0] <= fusedlora.backend.HOST_WINS["c3a.forward"][0]:
+        host = {k for k in ran if k.startswith("c3a.forward:triton:")}
+        assert host, ran
+        ran -= host
+    assert ran == {f"c3a.forward:eager:{form}", f"c3a.backward:eager:{form}"} | circulant
 
 
 @pytest.mark.gpu
