@@ -401,6 +401,27 @@ def test_gpu_auto_runs_the_eager_composition(monkeypatch, shape, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(300, 768, 512, 64), (64, 1024, 4096, 128), (517, 480, 336, 48)],
+                         ids=lambda s: "M{}_K{}_N{}_b{}".format(*s))
+def test_gpu_spectral_form(monkeypatch, shape, dtype):
+    """The eager forward's spectral form on cuBLAS (bmm into slices, addmm_ into y's blocks)
+    against the float64 reference, every gradient, and the adapter's own term."""
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "eager")
+    monkeypatch.setattr(fusedlora.c3a, "SPECTRAL_MIN_BLOCK", 16)
+    fusedlora.reset_dispatch()
+    check_against_reference(make_inputs(*shape, dtype))
+    assert "c3a.forward:eager:spectral" in dispatched("c3a.forward")
+    if dtype == torch.float32:
+        return  # cancelling inputs measure 16-bit rounding (fp32's cancelled x W^T swamps the term)
+    inp = cancelling_inputs(shape[0], 2048, 256, 64, dtype)
+    with torch.no_grad():
+        y = c3a_linear(*(inp[n] for n in NAMES))
+    ref = reference.c3a_linear(*(inp[n].double() if inp[n] is not None else None for n in NAMES))
+    assert rel_err(y, ref) < TOL[dtype]
+
+
+@pytest.mark.gpu
 def test_gpu_bf16_3d_kernel_bf16(triton_backend):
     inp = make_inputs(0, 256, 384, 128, torch.bfloat16, lead=(4, 33), kernel_dtype=torch.bfloat16)
     check_against_reference(inp)
