@@ -11,9 +11,10 @@ Implementations, all timed on the same random input sets:
            (fusedlora.reference.c3a_fft_delta: ifft(x) * fft(w), fft, real part, / K, in float32)
   compile  torch.compile of eager (static shapes)
   peft     peft.tuners.c3a.C3ALinear wrapping an nn.Linear (its own autograd Function)
-  spectral auto with the eager forward's spectral form on (fusedlora.c3a.SPECTRAL_MIN_BLOCK,
-           off by default until this column says it wins): the real DFT of each block as
-           GEMMs instead of the circulant's second GEMM of the base's shape; above 16 rows
+  spectral auto with the eager spectral form on (fusedlora.c3a.SPECTRAL_MIN_BLOCK, off by
+           default until this column says it wins): the real DFT of each block as GEMMs
+           and per-frequency batched products, forward and backward, instead of the dense
+           form's extra GEMMs of the base's shape (one forward, two backward); above 16 rows
   merged   forward only, a bound and not a fusedlora path: W + dW formed per call (the
            circulant kernel, one add in float32) and rounded to W's dtype, then one
            F.linear; what folding the delta into W would cost, had the 16-bit rounding
@@ -100,8 +101,8 @@ def _eager(i, fn=None):
 
 
 def _spectral(i):
-    """auto with the eager forward's spectral form on (c3a.SPECTRAL_MIN_BLOCK): a candidate
-    for above 16 rows, not yet the default."""
+    """auto with the eager spectral form on (c3a.SPECTRAL_MIN_BLOCK): a candidate for above 16
+    rows, forward and backward, not yet the default."""
     from fusedlora import c3a
 
     if i["x"].shape[0] <= c3a.FFT_ROWS:

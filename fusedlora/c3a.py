@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import List, Optional, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -176,8 +176,14 @@ FFT_ROWS = 16
 # column "spectral"): the delta through the real DFT of each block, all as GEMMs, about
 # (2b/N + 2/b) of the base's FLOPs and a pass over x- and y-sized intermediates, where the
 # dense form pays a second GEMM of the base's shape (425 us against 196 for F.linear on the
-# H200 at 4096 x 4096 x 4096, b = 128). The block size from which it serves, or None.
+# H200 at 4096 x 4096 x 4096, b = 128), and two more in the backward. Its precision is the
+# dense form's (the kernel gradient's error doubles in 16 bits: ~3e-3 in bf16). The block
+# size from which it serves, or None.
 SPECTRAL_MIN_BLOCK: Optional[int] = None
+
+
+def _spectral(c3a_kernel: Tensor) -> bool:
+    return SPECTRAL_MIN_BLOCK is not None and c3a_kernel.shape[2] >= SPECTRAL_MIN_BLOCK
 
 
 @functools.lru_cache(maxsize=None)
@@ -196,24 +202,72 @@ def _real_dft(b: int, dtype: torch.dtype, device: torch.device):
     return D.to(device, dtype), D_inv.to(device, dtype)
 
 
-def _spectral_delta_(y: Tensor, x: Tensor, c3a_kernel: Tensor) -> Tensor:
-    """y += x dW^T through the real DFT of each length-b block: the cross-correlation of the
-    forward is Y_m = sum_n conj(W_mn) X_n per frequency. Three GEMM-shaped steps on x's
-    layout, no permuted copies: Z = D^T x_blocks^T (frequency-major), four batched products
-    over the frequencies (re and im parts), then y_blocks += Z'^T D_inv / K in place."""
-    M, K = x.shape
-    nb_out, nb_in, b = c3a_kernel.shape
-    F_ = b // 2 + 1
-    D, D_inv = _real_dft(b, x.dtype, x.device)
-    z = (D.t() @ x.reshape(M * nb_in, b).t()).view(2, F_, M, nb_in)       # [Re X | Im X] per f
+def _blocks_dft(v: Tensor, nb: int, b: int) -> Tensor:
+    """[Re | Im] of the DFT of each length-b block of v's rows (M, nb * b), frequency-major:
+    (2, F, M, nb), from one GEMM on v's own layout (D^T times the blocks, transposed)."""
+    D, _ = _real_dft(b, v.dtype, v.device)
+    return (D.t() @ v.reshape(v.shape[0] * nb, b).t()).view(2, b // 2 + 1, v.shape[0], nb)
+
+
+def _add_blocks_idft_(out: Tensor, spectra: Tensor, alpha: float) -> Tensor:
+    """out (M, nb * b), contiguous, += alpha * the inverse DFT of each block's spectrum
+    (2, F, M, nb), in place: one addmm_ on out's blocks."""
+    b = out.shape[1] // spectra.shape[3]
+    _, D_inv = _real_dft(b, out.dtype, out.device)
+    out.view(-1, b).addmm_(spectra.reshape(spectra.shape[0] * spectra.shape[1], -1).t(), D_inv, alpha=alpha)
+    return out
+
+
+def _kernel_spectrum(c3a_kernel: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """Re and Im of W_mn = DFT(w_mn) as (F, nb_in, nb_out) each, in ``dtype``."""
     w = torch.fft.rfft(c3a_kernel.to(torch.promote_types(c3a_kernel.dtype, torch.float32)), dim=-1)
-    w_re = w.real.permute(2, 1, 0).to(x.dtype).contiguous()               # (F, nb_in, nb_out)
-    w_im = w.imag.permute(2, 1, 0).to(x.dtype).contiguous()
-    out = x.new_empty((2, F_, M, nb_out))
+    return w.real.permute(2, 1, 0).to(dtype).contiguous(), w.imag.permute(2, 1, 0).to(dtype).contiguous()
+
+
+def _spectral_delta_(y: Tensor, x: Tensor, c3a_kernel: Tensor) -> Tensor:
+    """y += x dW^T through the real DFT of each length-b block: the forward's cross-correlation
+    is Y_m = sum_n conj(W_mn) X_n per frequency, four batched products over the frequencies;
+    no permuted copies, y updated in place."""
+    nb_out, nb_in, b = c3a_kernel.shape
+    z = _blocks_dft(x, nb_in, b)
+    w_re, w_im = _kernel_spectrum(c3a_kernel, x.dtype)
+    out = x.new_empty((2, b // 2 + 1, x.shape[0], nb_out))
     torch.bmm(z[0], w_re, out=out[0]).baddbmm_(z[1], w_im)                # Re(conj(W) X)
     torch.bmm(z[1], w_re, out=out[1]).baddbmm_(z[0], w_im, alpha=-1)      # Im(conj(W) X)
-    y.view(M * nb_out, b).addmm_(out.view(2 * F_, M * nb_out).t(), D_inv, alpha=1.0 / K)
-    return y
+    return _add_blocks_idft_(y, out, 1.0 / x.shape[1])
+
+
+def _spectral_grads(grad_y: Tensor, x: Tensor, weight: Tensor, c3a_kernel: Tensor,
+                    needs: List[bool]) -> List[Tensor]:
+    """The spectral form's gradients: cuBLAS for the base terms, and per frequency
+      dx_n: DX_n = sum_m W_mn DY_m                 (circular convolution)
+      dw_mn = IDFT(sum_rows conj(DY_m) X_n) / K    (circular correlation)
+    as batched products on the blocks' spectra, where the dense form pays two more GEMMs
+    of the base's shape (dY C and dY^T X)."""
+    need_x, need_w, need_b, need_k = needs
+    nb_out, nb_in, b = c3a_kernel.shape
+    K = x.shape[1]
+    dx, dW, db, dk = (grad_y.new_empty(0) for _ in range(4))
+    zy = _blocks_dft(grad_y, nb_out, b) if (need_x or need_k) else None
+    if need_x:
+        w_re, w_im = (w.transpose(1, 2) for w in _kernel_spectrum(c3a_kernel, x.dtype))  # (F, nb_out, nb_in)
+        out = x.new_empty((2, b // 2 + 1, x.shape[0], nb_in))
+        torch.bmm(zy[0], w_re, out=out[0]).baddbmm_(zy[1], w_im, alpha=-1)   # Re(W DY)
+        torch.bmm(zy[0], w_im, out=out[1]).baddbmm_(zy[1], w_re)             # Im(W DY)
+        dx = _add_blocks_idft_(grad_y @ weight, out, 1.0 / K)
+    if need_k:
+        zx = _blocks_dft(x, nb_in, b)
+        yt = zy.transpose(2, 3)                                               # (2, F, nb_out, M)
+        re = torch.bmm(yt[0], zx[0]).baddbmm_(yt[1], zx[1])                   # Re(conj(DY) X)
+        im = torch.bmm(yt[0], zx[1]).baddbmm_(yt[1], zx[0], alpha=-1)         # Im(conj(DY) X)
+        acc = torch.promote_types(torch.promote_types(x.dtype, c3a_kernel.dtype), torch.float32)
+        spectrum = torch.complex(re.to(acc), im.to(acc)).permute(1, 2, 0)    # (nb_out, nb_in, F)
+        dk = (torch.fft.irfft(spectrum, n=b, dim=-1) / K).to(c3a_kernel.dtype)
+    if need_w:
+        dW = (grad_y.t() @ x).to(weight.dtype)
+    if need_b:
+        db = bias_grad(grad_y, x.dtype)
+    return [dx, dW, db, dk]
 
 
 def _circulant(c3a_kernel: Tensor, dtype: torch.dtype) -> Tensor:
@@ -316,7 +370,7 @@ def _c3a_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], c3a_kernel: 
 
 def _eager_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], c3a_kernel: Tensor) -> Tensor:
     y = F.linear(x, weight, bias)
-    if x.shape[0] > FFT_ROWS and SPECTRAL_MIN_BLOCK and c3a_kernel.shape[2] >= SPECTRAL_MIN_BLOCK:
+    if x.shape[0] > FFT_ROWS and _spectral(c3a_kernel):
         record("c3a.forward", "eager", "spectral")
         return _spectral_delta_(y, x, c3a_kernel)
     if x.shape[0] > FFT_ROWS:
@@ -360,9 +414,11 @@ def _c3a_backward(grad_y: Tensor, x: Tensor, weight: Tensor, c3a_kernel: Tensor,
         return [g.to(t.dtype) if n else grad_y.new_empty(0)
                 for g, t, n in zip(grads, (x, weight, grad_y, c3a_kernel), needs)]
     if backend == "eager":
-        dense = x.shape[0] > FFT_ROWS
-        record("c3a.backward", "eager", "dense" if dense else "fft")
-        return (_dense_grads if dense else _fft_grads)(grad_y, x, weight, c3a_kernel, needs)
+        form = "fft" if x.shape[0] <= FFT_ROWS else "spectral" if _spectral(c3a_kernel) else "dense"
+        record("c3a.backward", "eager", form)
+        grads = {"fft": _fft_grads, "spectral": _spectral_grads, "dense": _dense_grads}[form]
+        with no_autocast(x.device.type):
+            return grads(grad_y, x, weight, c3a_kernel, needs)
     _triton_dtype_ok(x)
     from .launch import matmul
 

@@ -323,9 +323,9 @@ def test_fp16_keeps_the_adapter_term_below_the_weights_rounding_step(triton_back
 @pytest.mark.parametrize("shape", [(20, 96, 64, 16), (33, 42, 30, 6), (17, 48, 144, 48), (18, 8, 12, 1),
                                    (19, 35, 21, 7)], ids=lambda s: "M{}_K{}_N{}_b{}".format(*s))
 def test_spectral_form_matches_reference(monkeypatch, shape, dtype):
-    """The eager forward's spectral form (c3a.SPECTRAL_MIN_BLOCK; off by default until a GPU
-    times it): the real DFT of each block as GEMMs, odd and even b, b = 1; every gradient
-    (the backward is the dense form's), 3-D x, zero rows."""
+    """The eager spectral form (c3a.SPECTRAL_MIN_BLOCK; off by default until a GPU times it):
+    the real DFT of each block as GEMMs, odd and even b, b = 1; every gradient through its
+    own backward (per-frequency products for dx and the kernel gradient), 3-D x, zero rows."""
     monkeypatch.setenv("FUSEDLORA_BACKEND", "eager")
     monkeypatch.setattr(fusedlora.c3a, "SPECTRAL_MIN_BLOCK", 1)
     fusedlora.reset_dispatch()
@@ -334,6 +334,7 @@ def test_spectral_form_matches_reference(monkeypatch, shape, dtype):
     check_against_reference(make_inputs(*shape, dtype, kernel_dtype=kernel_dtype))
     check_against_reference(make_inputs(M, K, N, b, dtype, lead=(3, 7), kernel_dtype=kernel_dtype))
     assert dispatched("c3a.forward") == {"c3a.forward:eager:spectral": 2}
+    assert dispatched("c3a.backward") == {"c3a.backward:eager:spectral": 2}
     check_against_reference(make_inputs(0, K, N, b, dtype, kernel_dtype=kernel_dtype))  # the FFT form's zero rows
 
 
@@ -412,6 +413,7 @@ def test_gpu_spectral_form(monkeypatch, shape, dtype):
     fusedlora.reset_dispatch()
     check_against_reference(make_inputs(*shape, dtype))
     assert "c3a.forward:eager:spectral" in dispatched("c3a.forward")
+    assert "c3a.backward:eager:spectral" in dispatched("c3a.backward")
     if dtype == torch.float32:
         return  # cancelling inputs measure 16-bit rounding (fp32's cancelled x W^T swamps the term)
     inp = cancelling_inputs(shape[0], 2048, 256, 64, dtype)
