@@ -20,6 +20,16 @@ from fusedlora.c3a import c3a_linear, init_c3a_kernel
 from fusedlora.sparse import build_layout, random_indices, sparse_linear
 
 
+def _spectral(step):
+    from fusedlora import c3a
+
+    before, c3a.SPECTRAL_MIN_BLOCK = c3a.SPECTRAL_MIN_BLOCK, 16
+    try:
+        return step()
+    finally:
+        c3a.SPECTRAL_MIN_BLOCK = before
+
+
 def cases(M: int):
     dev, dt, K, N = "cuda", torch.bfloat16, 4096, 4096
     x = torch.randn(M, K, device=dev, dtype=dt, requires_grad=True)
@@ -27,7 +37,9 @@ def cases(M: int):
     gy = torch.randn(M, N, device=dev, dtype=dt)
     yield "linear", lambda: torch.autograd.grad(torch.nn.functional.linear(x, W), [x], gy)
     kernel = init_c3a_kernel(torch.empty(N // 128, K // 128, 128, device=dev), "kaiming_uniform").requires_grad_()
-    yield "c3a b128", lambda: torch.autograd.grad(c3a_linear(x, W, None, kernel), [x, kernel], gy)
+    c3a_step = lambda: torch.autograd.grad(c3a_linear(x, W, None, kernel), [x, kernel], gy)  # noqa: E731
+    yield "c3a b128", c3a_step
+    yield "c3a spect", lambda: _spectral(c3a_step)  # the candidate form (c3a.SPECTRAL_MIN_BLOCK)
     idx = random_indices((N, K), density=0.01, seed=0).to(dev)
     layout = build_layout(idx, (N, K), device=dev)
     values = (torch.randn(idx.shape[1], device=dev, dtype=dt) * 0.01).requires_grad_()
