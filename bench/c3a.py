@@ -110,11 +110,8 @@ def _spectral(i):
     thunk = _auto(i)
 
     def run():
-        before, c3a.SPECTRAL_MIN_BLOCK = c3a.SPECTRAL_MIN_BLOCK, 16
-        try:
+        with c3a.use_spectral():
             return thunk()
-        finally:
-            c3a.SPECTRAL_MIN_BLOCK = before
     return run
 
 

@@ -16,18 +16,13 @@ import time
 
 import torch
 
-from fusedlora.c3a import c3a_linear, init_c3a_kernel
+from fusedlora.c3a import c3a_linear, init_c3a_kernel, use_spectral
 from fusedlora.sparse import build_layout, random_indices, sparse_linear
 
 
 def _spectral(step):
-    from fusedlora import c3a
-
-    before, c3a.SPECTRAL_MIN_BLOCK = c3a.SPECTRAL_MIN_BLOCK, 16
-    try:
+    with use_spectral():
         return step()
-    finally:
-        c3a.SPECTRAL_MIN_BLOCK = before
 
 
 def cases(M: int):

@@ -16,6 +16,7 @@ its own forward; fusedlora does not copy that.)
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import List, Optional, Tuple, Union
@@ -180,6 +181,18 @@ FFT_ROWS = 16
 # dense form's (the kernel gradient's error doubles in 16 bits: ~3e-3 in bf16). The block
 # size from which it serves, or None.
 SPECTRAL_MIN_BLOCK: Optional[int] = None
+
+
+@contextlib.contextmanager
+def use_spectral(min_block: Optional[int] = 16):
+    """The eager spectral form for block sizes from ``min_block`` (None: off) in this scope
+    (process-wide); the benchmarks time it this way."""
+    global SPECTRAL_MIN_BLOCK
+    before, SPECTRAL_MIN_BLOCK = SPECTRAL_MIN_BLOCK, min_block
+    try:
+        yield
+    finally:
+        SPECTRAL_MIN_BLOCK = before
 
 
 def _spectral(c3a_kernel: Tensor) -> bool:

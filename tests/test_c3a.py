@@ -327,15 +327,16 @@ def test_spectral_form_matches_reference(monkeypatch, shape, dtype):
     the real DFT of each block as GEMMs, odd and even b, b = 1; every gradient through its
     own backward (per-frequency products for dx and the kernel gradient), 3-D x, zero rows."""
     monkeypatch.setenv("FUSEDLORA_BACKEND", "eager")
-    monkeypatch.setattr(fusedlora.c3a, "SPECTRAL_MIN_BLOCK", 1)
     fusedlora.reset_dispatch()
     M, K, N, b = shape
     kernel_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    check_against_reference(make_inputs(*shape, dtype, kernel_dtype=kernel_dtype))
-    check_against_reference(make_inputs(M, K, N, b, dtype, lead=(3, 7), kernel_dtype=kernel_dtype))
-    assert dispatched("c3a.forward") == {"c3a.forward:eager:spectral": 2}
-    assert dispatched("c3a.backward") == {"c3a.backward:eager:spectral": 2}
-    check_against_reference(make_inputs(0, K, N, b, dtype, kernel_dtype=kernel_dtype))  # the FFT form's zero rows
+    with fusedlora.c3a.use_spectral(1):
+        check_against_reference(make_inputs(*shape, dtype, kernel_dtype=kernel_dtype))
+        check_against_reference(make_inputs(M, K, N, b, dtype, lead=(3, 7), kernel_dtype=kernel_dtype))
+        assert dispatched("c3a.forward") == {"c3a.forward:eager:spectral": 2}
+        assert dispatched("c3a.backward") == {"c3a.backward:eager:spectral": 2}
+        check_against_reference(make_inputs(0, K, N, b, dtype, kernel_dtype=kernel_dtype))  # the FFT form's zero rows
+    assert fusedlora.c3a.SPECTRAL_MIN_BLOCK is None  # off again outside the scope
 
 
 @pytest.mark.parametrize("rows", [4, 40])
