@@ -14,7 +14,8 @@ Implementations, all timed on the same random input sets:
   spectral auto with the eager spectral form on (fusedlora.c3a.SPECTRAL_MIN_BLOCK, off by
            default until this column says it wins): the real DFT of each block as GEMMs
            and per-frequency batched products, forward and backward, instead of the dense
-           form's extra GEMMs of the base's shape (one forward, two backward); above 16 rows
+           form's extra GEMMs of the base's shape (one forward, two backward), and of
+           PEFT's per-call FFTs of the kernel at decode rows (the spectrum is cached)
   merged   forward only, a bound and not a fusedlora path: W + dW formed per call (the
            circulant kernel, one add in float32) and rounded to W's dtype, then one
            F.linear; what folding the delta into W would cost, had the 16-bit rounding
@@ -101,12 +102,10 @@ def _eager(i, fn=None):
 
 
 def _spectral(i):
-    """auto with the eager spectral form on (c3a.SPECTRAL_MIN_BLOCK): a candidate for above 16
-    rows, forward and backward, not yet the default."""
+    """auto with the eager spectral form on (c3a.SPECTRAL_MIN_BLOCK): a candidate at every row
+    count, forward and backward, not yet the default."""
     from fusedlora import c3a
 
-    if i["x"].shape[0] <= c3a.FFT_ROWS:
-        raise Skip("the spectral form serves above FFT_ROWS rows")
     thunk = _auto(i)
 
     def run():

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from . import reference
 from .backend import dispatch, interpreting, record, select_backend
+from .derived import DerivedCache
 from .ops import (_TRITON_DTYPES, bias_grad, check_linear_args, fused_op, no_autocast, pick, register_autograd,
                    triton_serves)
 
@@ -173,13 +174,14 @@ def c3a_kernel_grad(grad_y: Tensor, x: Tensor, c3a_kernel: Tensor, tag: str = "c
 # cuBLAS does y = x W^T + b + (x C^T) / K in one addmm: two GEMMs of the base's shape,
 # ~2x F.linear by the H200's GEMM time, against 6x for the FFT path there (M = 4096).
 FFT_ROWS = 16
-# A third form above FFT_ROWS rows, off until a GPU times it against the dense one (bench c3a
+# A third form, at every row count, off until a GPU times it against the other two (bench c3a
 # column "spectral"): the delta through the real DFT of each block, all as GEMMs, about
 # (2b/N + 2/b) of the base's FLOPs and a pass over x- and y-sized intermediates, where the
 # dense form pays a second GEMM of the base's shape (425 us against 196 for F.linear on the
 # H200 at 4096 x 4096 x 4096, b = 128), and two more in the backward. Its precision is the
-# dense form's (the kernel gradient's error doubles in 16 bits: ~3e-3 in bf16). The block
-# size from which it serves, or None.
+# dense form's (the kernel gradient's error doubles in 16 bits: ~3e-3 in bf16). At decode
+# rows it is six small launches on a cached kernel spectrum where PEFT's FFT form transforms
+# the kernel at every call. The block size from which it serves, or None.
 SPECTRAL_MIN_BLOCK: Optional[int] = None
 
 
@@ -231,10 +233,18 @@ def _add_blocks_idft_(out: Tensor, spectra: Tensor, alpha: float) -> Tensor:
     return out
 
 
+_SPECTRA = DerivedCache(limit=64)
+
+
 def _kernel_spectrum(c3a_kernel: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
-    """Re and Im of W_mn = DFT(w_mn) as (F, nb_in, nb_out) each, in ``dtype``."""
-    w = torch.fft.rfft(c3a_kernel.to(torch.promote_types(c3a_kernel.dtype, torch.float32)), dim=-1)
-    return w.real.permute(2, 1, 0).to(dtype).contiguous(), w.imag.permute(2, 1, 0).to(dtype).contiguous()
+    """Re and Im of W_mn = DFT(w_mn) as (F, nb_in, nb_out) each, in ``dtype``; kept while the
+    kernel is unchanged (in inference, and inside a CUDA graph captured after a warm-up call,
+    a forward then launches no FFT)."""
+    def build():
+        w = torch.fft.rfft(c3a_kernel.detach().to(torch.promote_types(c3a_kernel.dtype, torch.float32)), dim=-1)
+        return w.real.permute(2, 1, 0).to(dtype).contiguous(), w.imag.permute(2, 1, 0).to(dtype).contiguous()
+
+    return _SPECTRA.get_or_build((c3a_kernel.device, c3a_kernel.data_ptr(), dtype), (c3a_kernel,), build)
 
 
 def _spectral_delta_(y: Tensor, x: Tensor, c3a_kernel: Tensor) -> Tensor:
@@ -383,7 +393,7 @@ def _c3a_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], c3a_kernel: 
 
 def _eager_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], c3a_kernel: Tensor) -> Tensor:
     y = F.linear(x, weight, bias)
-    if x.shape[0] > FFT_ROWS and _spectral(c3a_kernel):
+    if _spectral(c3a_kernel):
         record("c3a.forward", "eager", "spectral")
         return _spectral_delta_(y, x, c3a_kernel)
     if x.shape[0] > FFT_ROWS:
@@ -427,7 +437,7 @@ def _c3a_backward(grad_y: Tensor, x: Tensor, weight: Tensor, c3a_kernel: Tensor,
         return [g.to(t.dtype) if n else grad_y.new_empty(0)
                 for g, t, n in zip(grads, (x, weight, grad_y, c3a_kernel), needs)]
     if backend == "eager":
-        form = "fft" if x.shape[0] <= FFT_ROWS else "spectral" if _spectral(c3a_kernel) else "dense"
+        form = "spectral" if _spectral(c3a_kernel) else "fft" if x.shape[0] <= FFT_ROWS else "dense"
         record("c3a.backward", "eager", form)
         grads = {"fft": _fft_grads, "spectral": _spectral_grads, "dense": _dense_grads}[form]
         with no_autocast(x.device.type):

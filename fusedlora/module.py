@@ -12,6 +12,7 @@ from . import c3a as c3a_ops
 from . import ops, reference, routing
 from . import sparse as sparse_ops
 from .backend import record
+from .derived import DerivedCache
 
 
 class _BufferDict(nn.Module):
@@ -55,9 +56,9 @@ class FusedLinear(nn.Linear):
         self.sparse_values = nn.ParameterDict()
         self.sparse_indices = _BufferDict()
         self.sparse_scaling: dict = {}
-        self._sparse_layout = sparse_ops.DerivedCache()  # name -> layout of its indices as they are
+        self._sparse_layout = DerivedCache()  # name -> layout of its indices as they are
         self._sparse_saved: dict = {}   # name -> sparse.SavedEntries while merged
-        self._sparse_flat = sparse_ops.DerivedCache()    # name -> flat indices into W
+        self._sparse_flat = DerivedCache()    # name -> flat indices into W
         self._kind: dict = {}  # name -> "lora" | "c3a" | "sparse", in the order added
         self._active: List[str] = []
         self.merged_adapters: List[str] = []

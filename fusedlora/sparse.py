@@ -21,7 +21,8 @@ from . import reference
 from .backend import interpreting, record, requested_backend, select_backend
 from .ops import (_TRITON_DTYPES, bias_grad, check_linear_args, check_scalar, fused_op, pick, register_autograd,
                    triton_serves)
-from .sparse_layout import DerivedCache, SparseLayout, _user_indices, build_layout, check_indices
+from .derived import DerivedCache
+from .sparse_layout import SparseLayout, _user_indices, build_layout, check_indices
 # the public mask builders, where users of fusedlora.sparse look for them
 from .sparse_layout import magnitude_indices, mask_to_indices, random_indices, shira_num_nonzeros  # noqa: F401
 

@@ -33,9 +33,8 @@ of N * K) or PEFT's ``r`` (nnz = r * (N + K)).
 """
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
-from typing import Callable, Hashable, Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -50,42 +49,6 @@ _MIN_TILE, _MAX_TILE = 8, 128
 def default_tile() -> int:
     """Layout tile: 64 matches the GPU kernels' tiles; the interpreter's tiles are 16."""
     return 16 if interpreting() else 64
-
-
-# ----------------------------------------------------------------- caches
-class DerivedCache(dict):
-    """key -> a value derived from some tensors (a layout, its row view, flat indices),
-    served while those very tensors are unchanged: the same objects, at the same address
-    and in-place version. A freed tensor's memory can come back at the same address with
-    version 0, so an entry holds weak references to the tensors it was built from. A dict,
-    so that ``del cache[key]`` forgets an entry; ``limit`` entries at most (then cleared)."""
-
-    def __init__(self, limit: Optional[int] = None):
-        super().__init__()
-        self.limit = limit
-
-    def get_or_build(self, key: Hashable, tensors: Sequence[Tensor], build: Callable, extra: Hashable = None):
-        """The value for ``key`` if it was built from ``tensors`` as they are now (and the same
-        ``extra``, e.g. a target device), else ``build()``, remembered."""
-        stamp = (extra,) + tuple((t.data_ptr(), t._version) for t in tensors)
-        entry = self.get(key)
-        if entry is not None and entry[0] == stamp and all(ref() is t for ref, t in zip(entry[1], tensors)):
-            return entry[2]
-        value = build()
-        if self.limit is not None and len(self) >= self.limit:
-            self.clear()
-        self[key] = (stamp, tuple(weakref.ref(t) for t in tensors), value)
-        return value
-
-    def latest(self, key: Hashable):
-        """The value last built for ``key``, checked or not; None if there is none."""
-        entry = self.get(key)
-        return None if entry is None else entry[2]
-
-    def put_unchecked(self, key: Hashable, value) -> None:
-        """Remember ``value`` for ``key`` without a stamp: ``latest`` returns it, and the next
-        ``get_or_build`` rebuilds it."""
-        self[key] = (None, (), value)
 
 
 # ----------------------------------------------------------------- layout

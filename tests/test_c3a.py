@@ -325,7 +325,8 @@ def test_fp16_keeps_the_adapter_term_below_the_weights_rounding_step(triton_back
 def test_spectral_form_matches_reference(monkeypatch, shape, dtype):
     """The eager spectral form (c3a.SPECTRAL_MIN_BLOCK; off by default until a GPU times it):
     the real DFT of each block as GEMMs, odd and even b, b = 1; every gradient through its
-    own backward (per-frequency products for dx and the kernel gradient), 3-D x, zero rows."""
+    own backward (per-frequency products for dx and the kernel gradient), 3-D x, zero and
+    decode rows, and its cached kernel spectrum after an in-place change of the kernel."""
     monkeypatch.setenv("FUSEDLORA_BACKEND", "eager")
     fusedlora.reset_dispatch()
     M, K, N, b = shape
@@ -335,7 +336,16 @@ def test_spectral_form_matches_reference(monkeypatch, shape, dtype):
         check_against_reference(make_inputs(M, K, N, b, dtype, lead=(3, 7), kernel_dtype=kernel_dtype))
         assert dispatched("c3a.forward") == {"c3a.forward:eager:spectral": 2}
         assert dispatched("c3a.backward") == {"c3a.backward:eager:spectral": 2}
-        check_against_reference(make_inputs(0, K, N, b, dtype, kernel_dtype=kernel_dtype))  # the FFT form's zero rows
+        check_against_reference(make_inputs(0, K, N, b, dtype, kernel_dtype=kernel_dtype))  # zero rows
+        inp = make_inputs(2, K, N, b, dtype, kernel_dtype=kernel_dtype)  # decode rows
+        check_against_reference(inp)
+        # the kernel's spectrum is cached: an in-place change of the kernel must be seen
+        with torch.no_grad():
+            inp["c3a_kernel"].mul_(-3.0)
+        for t in inp.values():
+            if t is not None:
+                t.grad = None
+        check_against_reference(inp)
     assert fusedlora.c3a.SPECTRAL_MIN_BLOCK is None  # off again outside the scope
 
 
