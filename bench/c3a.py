@@ -14,8 +14,7 @@ Implementations, all timed on the same random input sets:
   spectral auto with the eager spectral form on (fusedlora.c3a.SPECTRAL_MIN_BLOCK, off by
            default until this column says it wins): the real DFT of each block as GEMMs
            and per-frequency batched products, forward and backward, instead of the dense
-           form's extra GEMMs of the base's shape (one forward, two backward), and of
-           PEFT's per-call FFTs of the kernel at decode rows (the spectrum is cached)
+           form's extra GEMMs of the base's shape (one forward, two backward)
   merged   forward only, a bound and not a fusedlora path: W + dW formed per call (the
            circulant kernel, one add in float32) and rounded to W's dtype, then one
            F.linear; what folding the delta into W would cost, had the 16-bit rounding

@@ -1,5 +1,6 @@
-"""Values derived from tensors (a sparse layout's row view, a C3A kernel's spectrum), kept
-while those very tensors are unchanged."""
+"""Values derived from tensors that training does not change (a sparse adapter's layout, its
+row view, its flat indices), kept while those very tensors are unchanged. Not for trained
+parameters: a fused optimizer step does not bump a tensor's version."""
 from __future__ import annotations
 
 import weakref
@@ -22,7 +23,8 @@ class DerivedCache(dict):
     def get_or_build(self, key: Hashable, tensors: Sequence[Tensor], build: Callable, extra: Hashable = None):
         """The value for ``key`` if it was built from ``tensors`` as they are now (and the same
         ``extra``, e.g. a target device), else ``build()``, remembered."""
-        stamp = (extra,) + tuple((t.data_ptr(), t._version) for t in tensors)
+        # inference tensors keep no version counter: their address and identity must do
+        stamp = (extra,) + tuple((t.data_ptr(), None if t.is_inference() else t._version) for t in tensors)
         entry = self.get(key)
         if entry is not None and entry[0] == stamp and all(ref() is t for ref, t in zip(entry[1], tensors)):
             return entry[2]

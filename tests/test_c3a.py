@@ -326,7 +326,7 @@ def test_spectral_form_matches_reference(monkeypatch, shape, dtype):
     """The eager spectral form (c3a.SPECTRAL_MIN_BLOCK; off by default until a GPU times it):
     the real DFT of each block as GEMMs, odd and even b, b = 1; every gradient through its
     own backward (per-frequency products for dx and the kernel gradient), 3-D x, zero and
-    decode rows, and its cached kernel spectrum after an in-place change of the kernel."""
+    decode rows, and an in-place change of the kernel (nothing derived from it may be kept)."""
     monkeypatch.setenv("FUSEDLORA_BACKEND", "eager")
     fusedlora.reset_dispatch()
     M, K, N, b = shape
@@ -339,7 +339,7 @@ def test_spectral_form_matches_reference(monkeypatch, shape, dtype):
         check_against_reference(make_inputs(0, K, N, b, dtype, kernel_dtype=kernel_dtype))  # zero rows
         inp = make_inputs(2, K, N, b, dtype, kernel_dtype=kernel_dtype)  # decode rows
         check_against_reference(inp)
-        # the kernel's spectrum is cached: an in-place change of the kernel must be seen
+        # an in-place change of the kernel (as an optimizer step makes) must be seen
         with torch.no_grad():
             inp["c3a_kernel"].mul_(-3.0)
         for t in inp.values():
@@ -347,6 +347,28 @@ def test_spectral_form_matches_reference(monkeypatch, shape, dtype):
                 t.grad = None
         check_against_reference(inp)
     assert fusedlora.c3a.SPECTRAL_MIN_BLOCK is None  # off again outside the scope
+
+
+def test_spectral_form_fp16_stays_finite_where_the_plain_dft_would_overflow():
+    """fp16 sums of b terms (the plain DFT) or of many rows (the kernel gradient before its
+    1/K) can pass 65504 where the result does not: one large activation, large block,
+    loss-scaled gradients. The unitary bases and 1/K inside the products keep it finite."""
+    from fusedlora.c3a import _spectral_delta_, _spectral_grads
+
+    torch.manual_seed(8)
+    M, K, N, b = 512, 2048, 256, 256
+    x = torch.randn(M, K)
+    x[0, 5] = 2000.0
+    x = x.half()
+    W = (torch.randn(N, K) / K ** 0.5).half()
+    kernel = 4 * torch.randn(N // b, K // b, b)
+    gy = (4 * torch.randn(M, N)).half()
+    y = _spectral_delta_(torch.nn.functional.linear(x, W), x, kernel)
+    assert rel_err(y, reference.c3a_linear(x.double(), W.double(), None, kernel.double())) < TOL[torch.float16]
+    grads = _spectral_grads(gy, x, W, kernel, [True, False, False, True])
+    ref = reference.c3a_linear_grads(gy.double(), x.double(), W.double(), kernel.double())
+    for got, want in ((grads[0], ref[0]), (grads[3], ref[3])):
+        assert rel_err(got, want) < TOL[torch.float16]
 
 
 @pytest.mark.parametrize("rows", [4, 40])

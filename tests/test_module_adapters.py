@@ -120,3 +120,20 @@ def test_sparse_layout_follows_indices_loaded_in_place(triton_backend):
     assert rel_err(b(x), a(x)) < 1e-6
     b.merge()
     assert rel_err(b(x), a(x)) < 1e-5
+
+
+def test_sparse_adapter_added_and_run_under_inference_mode():
+    """Serving code often builds and runs layers under torch.inference_mode(): inference
+    tensors keep no version counter, which the layout caches must not ask for."""
+    from fusedlora.sparse import random_indices
+
+    with torch.inference_mode():
+        layer = FusedLinear(32, 24)
+        idx = random_indices((24, 32), density=0.1, seed=0)
+        layer.add_sparse("s", idx, values=torch.randn(idx.shape[1]), scaling=0.5)
+        x = torch.randn(3, 32)
+        y = layer(x)
+        assert torch.allclose(y, layer(x))
+        ref = reference.sparse_linear(x.double(), layer.weight.double(), layer.bias.double(), idx,
+                                      layer.sparse_values["s"].double(), 0.5)
+    assert rel_err(y, ref) < TOL[torch.float32]
