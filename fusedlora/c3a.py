@@ -239,8 +239,9 @@ def _kernel_spectrum(c3a_kernel: Tensor, dtype: torch.dtype, scale: float) -> Tu
     formed at every call from the kernel as it is (no cache: a fused optimizer's step, a
     write through .data or a CUDA graph's replay would never tell one it is stale)."""
     wide = torch.promote_types(torch.promote_types(c3a_kernel.dtype, dtype), torch.float32)
-    w = torch.fft.rfft(c3a_kernel.detach().to(wide), dim=-1) * scale
-    return w.real.permute(2, 1, 0).to(dtype).contiguous(), w.imag.permute(2, 1, 0).to(dtype).contiguous()
+    w = torch.view_as_real(torch.fft.rfft(c3a_kernel.detach().to(wide), dim=-1))  # (nb_out, nb_in, F, 2)
+    w = torch.mul(w.permute(3, 2, 1, 0), scale).to(dtype, memory_format=torch.contiguous_format)  # one copy
+    return w[0], w[1]
 
 
 def _spectral_delta_(y: Tensor, x: Tensor, c3a_kernel: Tensor) -> Tensor:
