@@ -94,3 +94,28 @@ def test_auto_warm_up_then_capture(kind, monkeypatch):
             if h != "cuda" or fusedlora.cuda_ext.load(build=False) is not None][0]
     assert any(f":{host}:" in k for k in eager), eager
     assert not any(f":{host}:" in k for k in captured), captured
+
+
+def test_auto_under_torch_compile_cuda_graphs(monkeypatch):
+    """torch.compile(mode="reduce-overhead") runs the graph eagerly first, then records a CUDA
+    graph and replays it: under auto the eager runs take the host path (warming the capture
+    path), the recording the capture path; every replay matches the reference."""
+    from fusedlora import reference
+
+    monkeypatch.delenv("FUSEDLORA_BACKEND", raising=False)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = fusedlora.FusedLinear(512, 384, device="cuda", dtype=torch.bfloat16).eval()
+    layer.add_lora("a", r=16)
+    torch.nn.init.normal_(layer.lora_B["a"], std=0.02)
+    compiled = torch.compile(layer, mode="reduce-overhead")
+    x = torch.randn(4, 512, device="cuda", dtype=torch.bfloat16)
+    fusedlora.reset_dispatch()
+    with torch.no_grad():
+        for _ in range(4):
+            y = compiled(x).clone()
+    ref = reference.lora_linear(x.double(), layer.weight.double(), layer.bias.double(), layer.lora_A["a"].double(),
+                                layer.lora_B["a"].double(), layer.scaling["a"])
+    assert rel_err(y, ref) < TOL[torch.bfloat16]
+    ran = dispatched("lora.forward")
+    assert any(":eager:" in k for k in ran) and any(":triton:" in k for k in ran), ran
