@@ -28,7 +28,7 @@ from torch import Tensor
 from . import reference
 from .backend import dispatch, interpreting, record, select_backend
 from .c3a_spectral import _spectral_delta_, _spectral_grads  # noqa: F401 (tests reach them here)
-from .ops import (_TRITON_DTYPES, bias_grad, check_linear_args, fused_op, no_autocast, pick, register_autograd,
+from .ops import (bias_grad, check_linear_args, fused_op, pick, register_autograd, triton_dtype_ok,
                    triton_serves)
 
 _INIT_CHOICES = (True, False, "gaussian", "xavier_uniform", "kaiming_uniform")
@@ -66,12 +66,6 @@ def check_c3a_args(x, weight, bias, c3a_kernel) -> int:
                          f"({N // b}, {K // b}, {b}) for weight {tuple(weight.shape)}, "
                          f"got {tuple(c3a_kernel.shape)}")
     return b
-
-
-def _triton_dtype_ok(x: Tensor) -> None:
-    if x.dtype not in _TRITON_DTYPES:
-        raise TypeError(f"x: the Triton backend supports {_TRITON_DTYPES}, got {x.dtype}; "
-                        "use FUSEDLORA_BACKEND=torch for float64")
 
 
 # ------------------------------------------------------------------- launcher
@@ -316,14 +310,13 @@ def _c3a_forward_on(backend: str, x: Tensor, weight: Tensor, bias: Optional[Tens
         record("c3a.forward", "torch", "reference")
         return reference.c3a_linear(x, weight, bias, c3a_kernel)
     if backend == "eager":
-        with no_autocast(x.device.type):
-            return _eager_forward(x, weight, bias, c3a_kernel)
+        return _eager_forward(x, weight, bias, c3a_kernel)
     if backend == "cuda" and 0 < x.shape[0] <= 16:
         from .cuda_ext import load
 
         record("c3a.forward", "cuda", "decode")
         return load().c3a_decode(x, weight, bias, c3a_kernel.float())
-    _triton_dtype_ok(x)
+    triton_dtype_ok(x)
     return _c3a_matmul(x, weight.t(), c3a_kernel, reduce_in=True, in_features=weight.shape[1],
                        out_dtype=x.dtype, bias=bias, tag="c3a.forward")
 
@@ -348,9 +341,8 @@ def _c3a_backward(grad_y: Tensor, x: Tensor, weight: Tensor, c3a_kernel: Tensor,
         form = "spectral" if _spectral(c3a_kernel) else "fft" if x.shape[0] <= FFT_ROWS else "dense"
         record("c3a.backward", "eager", form)
         grads = {"fft": _fft_grads, "spectral": _spectral_grads, "dense": _dense_grads}[form]
-        with no_autocast(x.device.type):
-            return grads(grad_y, x, weight, c3a_kernel, needs)
-    _triton_dtype_ok(x)
+        return grads(grad_y, x, weight, c3a_kernel, needs)
+    triton_dtype_ok(x)
     from .launch import matmul
 
     dt = x.dtype

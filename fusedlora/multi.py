@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backend import dispatch, interpreting, record, select_backend
-from .ops import _TRITON_DTYPES, bias_grad, fused_op, no_autocast, pick, register_autograd
+from .ops import bias_grad, fused_op, pick, register_autograd, triton_dtype_ok
 
 _INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
@@ -324,12 +324,6 @@ def _torch_backward(grad_y, x, weight, pool_A, pool_BT, row_slot, sl: _Slots):
 
 
 # ----------------------------------------------------------------- custom ops
-def _check_triton_dtype(x: Tensor) -> None:
-    if x.dtype not in _TRITON_DTYPES:
-        raise TypeError(f"x: the Triton backend supports {_TRITON_DTYPES}, got {x.dtype}; "
-                        "use FUSEDLORA_BACKEND=torch for float64")
-
-
 @fused_op("fusedlora::multi_lora_linear")
 def _multi_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], pool_A: Tensor, pool_BT: Tensor,
                    row_slot: Tensor, slot_off: Tensor, slot_rank: Tensor, slot_scale: Tensor, slot_drop: Tensor,
@@ -351,8 +345,7 @@ def _multi_forward_on(backend: str, x: Tensor, weight: Tensor, bias: Optional[Te
         return _torch_forward(x, weight, bias, pool_A, pool_BT, row_slot, sl, max_rank)
     if backend == "eager":
         record("multi.forward", "eager", "gather")
-        with no_autocast(x.device.type):
-            return _gather_forward(x, weight, bias, pool_A, pool_BT, row_slot, sl, max_rank)
+        return _gather_forward(x, weight, bias, pool_A, pool_BT, row_slot, sl, max_rank)
     if backend == "cuda":
         # the binding's contract: unit stride along the reduction of W and along the pools' rows
         unit = weight.stride(1) == 1 and pool_A.stride(1) == 1 and pool_BT.stride(1) == 1
@@ -363,7 +356,7 @@ def _multi_forward_on(backend: str, x: Tensor, weight: Tensor, bias: Optional[Te
             return load().multi_lora_decode(x, weight, bias, row_slot, pool_A, pool_BT, slot_off, slot_rank,
                                             slot_scale, int(max_rank), gemv=gemv)
         # the extension has no kernel for these rows, dropout or strides: Triton, recorded below
-    _check_triton_dtype(x)
+    triton_dtype_ok(x)
     routing = route(row_slot, slot_rank.shape[0], bounds=False) if x.shape[0] > sort_min_rows() else None
     u = _shrink(x, pool_A, row_slot, sl, max_rank, routing, dropout, "multi.shrink")
     y = _matmul(x, weight.t(), bias, u, pool_BT, row_slot, sl, routing, False, x.dtype, "multi.forward")
@@ -389,7 +382,7 @@ def _multi_backward(grad_y: Tensor, x: Tensor, weight: Tensor, pool_A: Tensor, p
         record("multi.backward", "torch", "grouped")
         grads = _torch_backward(grad_y, x, weight, pool_A, pool_BT, row_slot, sl)
         return [g if n else grad_y.new_empty(0) for g, n in zip(grads, needs)]
-    _check_triton_dtype(x)
+    triton_dtype_ok(x)
     from .launch import matmul
 
     dt = x.dtype

@@ -8,6 +8,7 @@ here, before any kernel is launched.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import numbers
 from typing import List, Optional, Sequence, Tuple
@@ -26,6 +27,15 @@ def triton_serves(device: torch.device, *dtypes: torch.dtype) -> bool:
     """Whether Triton kernels run for tensors of ``dtypes`` on ``device``: CUDA, or the CPU
     under the interpreter; 16/32-bit floats only (no float64 kernels)."""
     return (device.type == "cuda" or interpreting()) and all(d in _TRITON_DTYPES for d in dtypes)
+
+
+def triton_dtype_ok(t: Tensor, name: str = "x") -> None:
+    """Raises before a Triton launch on a dtype it has no kernel for (float64)."""
+    if t.dtype not in _TRITON_DTYPES:
+        raise TypeError(f"{name}: the Triton backend supports {_TRITON_DTYPES}, got {t.dtype}; "
+                        "use FUSEDLORA_BACKEND=torch for float64")
+
+
 _NO_SEED = torch.zeros((), dtype=torch.int64)
 
 
@@ -35,8 +45,7 @@ def bias_grad(grad_y: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def no_autocast(device_type: str):
-    """The compositions' torch ops in the op's own dtypes, as the kernels keep them (autocast
-    would change them); entering a disabled autocast costs ~3 us, so only when it is on."""
+    """A scope without autocast; entering a disabled autocast costs ~3 us, so only when it is on."""
     if torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
@@ -44,10 +53,18 @@ def no_autocast(device_type: str):
 
 # ------------------------------------------------------------- op plumbing
 def fused_op(name: str):
-    """``torch.library.custom_op(name)`` that keeps the plain function as ``.direct``."""
+    """``torch.library.custom_op(name)`` that keeps the plain function as ``.direct``. Its body
+    runs without autocast (the first argument's device): the op's dtypes are its contract
+    (the fake implementations say so), and the torch compositions and references inside
+    must not have their matmuls recast where the Triton kernels are not."""
     def wrap(fn):
-        op = torch.library.custom_op(name, mutates_args=())(fn)
-        op.direct = fn
+        @functools.wraps(fn)
+        def body(*args):
+            with no_autocast(args[0].device.type):
+                return fn(*args)
+
+        op = torch.library.custom_op(name, mutates_args=())(body)
+        op.direct = body
         return op
     return wrap
 
@@ -147,12 +164,6 @@ def check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> Tupl
     return check_scalar("scaling", scaling), check_scalar("dropout_p", dropout_p, 0.0, 1.0, high_open=True)
 
 
-def _triton_dtype_ok(x: Tensor) -> None:
-    if x.dtype not in _TRITON_DTYPES:
-        raise TypeError(f"x: the Triton backend supports {_TRITON_DTYPES}, got {x.dtype}; "
-                        "use FUSEDLORA_BACKEND=torch for float64")
-
-
 def draw_seed(dropout_p: float) -> Tensor:
     """A dropout seed from torch's CPU generator (so torch.manual_seed governs it).
     It stays a CPU tensor: no device sync, and torch.compile keeps it in the graph."""
@@ -198,12 +209,11 @@ def _lora_forward_on(backend: str, x: Tensor, weight: Tensor, bias: Optional[Ten
             record("lora.forward", "torch", "reference")
             return torch.nn.functional.linear(x, weight, bias) + u @ lora_B.t(), u.float()
         # three cuBLAS launches and two small ops: the fewest a host-bound call can pay for
-        with no_autocast(x.device.type):
-            xa = torch.nn.functional.linear(xd, lora_A)
-            y = torch.nn.functional.linear(x, weight, bias).addmm_(xa, lora_B.t(), alpha=scaling)
+        xa = torch.nn.functional.linear(xd, lora_A)
+        y = torch.nn.functional.linear(x, weight, bias).addmm_(xa, lora_B.t(), alpha=scaling)
         record("lora.forward", "eager", "composition")
         return y, xa.float().mul_(scaling)
-    _triton_dtype_ok(x)
+    triton_dtype_ok(x)
     from .launch import Dropout, matmul
 
     u = matmul(x, lora_A.t(), out_dtype=torch.float32, dot_dtype=x.dtype, alpha=scaling,

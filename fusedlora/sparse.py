@@ -19,8 +19,8 @@ from torch import Tensor
 
 from . import reference
 from .backend import interpreting, record, requested_backend, select_backend
-from .ops import (_TRITON_DTYPES, bias_grad, check_linear_args, check_scalar, fused_op, pick, register_autograd,
-                   triton_serves)
+from .ops import (bias_grad, check_linear_args, check_scalar, fused_op, pick, register_autograd,
+                   triton_dtype_ok, triton_serves)
 from .derived import DerivedCache
 from .sparse_layout import SparseLayout, _user_indices, build_layout, check_indices
 # the public mask builders, where users of fusedlora.sparse look for them
@@ -66,13 +66,6 @@ def check_sparse_args(x, weight, bias, indices, values, scaling, layout=None) ->
         nnz = indices.shape[1]
     _check_values(values, nnz, x)
     return check_scalar("scaling", scaling)
-
-
-def _triton_dtypes_ok(x: Tensor, values: Tensor) -> None:
-    for name, t in (("x", x), ("values", values)):
-        if t.dtype not in _TRITON_DTYPES:
-            raise TypeError(f"{name}: the Triton backend supports {_TRITON_DTYPES}, got {t.dtype}; "
-                            "use FUSEDLORA_BACKEND=torch for float64")
 
 
 # ------------------------------------------------------------------ launch
@@ -304,7 +297,8 @@ def _sparse_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], values: T
         row_ptr, col, order = _row_csr(rows, cols, perm, weight.shape[0])
         return load().sparse_decode(x, weight, bias, row_ptr, col, values.float()[order], scaling,
                                     gemv=gemv_for("sparse.forward", "decode", x, weight))
-    _triton_dtypes_ok(x, values)
+    triton_dtype_ok(x)
+    triton_dtype_ok(values, "values")
     if 0 < x.shape[0] <= DECODE_ROWS:
         return _rows_decode(x, weight, bias, values, rows, cols, perm, scaling)
     return _sparse_matmul(x, weight.t(), (offsets, rows, cols, perm), values.contiguous(), scaling, tile,
@@ -329,7 +323,8 @@ def _sparse_backward(grad_y: Tensor, x: Tensor, weight: Tensor, values: Tensor, 
     if backend == "eager":
         record("sparse.backward", "eager", "dense")
         return _dense_grads(grad_y, x, weight, values, (offsets, rows, cols, perm), scaling, tile, needs)
-    _triton_dtypes_ok(x, values)
+    triton_dtype_ok(x)
+    triton_dtype_ok(values, "values")
     from .launch import matmul
 
     dt = x.dtype
