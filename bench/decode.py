@@ -159,7 +159,7 @@ def _cublas_rows(i):
     from fusedlora.kernels.sparse import sparse_rows_add_kernel
     from fusedlora.sparse import _row_csr
 
-    (M, K), N = x.shape, W.shape[0]
+    M, N = x.shape[0], W.shape[0]
     _, rows, cols, perm = layer._layout("decode_sparse").tensors()
     row_ptr, col, order = _row_csr(rows, cols, perm, N)
     vals = layer.sparse_values["decode_sparse"].float()[order]
@@ -188,6 +188,15 @@ def cases(opts: Options):
                    work={"*": adapter, "base": base}, ref="cuda", roof_impls=("cuda", "cuda-mma", "triton", "base"))
 
 
+def _by_shape(rows, variant: str) -> dict:
+    """(M, K, N) -> impl -> row, for the measured rows of ``variant``."""
+    by_key = {}
+    for r in rows:
+        if r["path"] == PATH and r["variant"] == variant and r["status"] == "ok":
+            by_key.setdefault((r["shape"]["M"], r["shape"]["K"], r["shape"]["N"]), {})[r["impl"]] = r
+    return by_key
+
+
 def cuda_wins(rows, impl: str = "cuda") -> dict:
     """op -> the largest M such that at every M' <= M, and every shape measured, the CUDA
     kernel of column ``impl`` ran (its row's dispatch says so) and was no slower than
@@ -195,12 +204,7 @@ def cuda_wins(rows, impl: str = "cuda") -> dict:
     table = {}
     for variant, op in OPS.items():
         verdict = {}  # M -> CUDA won at every shape of that M
-        by_key = {}
-        for r in rows:
-            if r["path"] == PATH and r["variant"] == variant and r["status"] == "ok":
-                by_key.setdefault(tuple(sorted(r["shape"].items())), {})[r["impl"]] = r
-        for key, impls in by_key.items():
-            M = dict(key)["M"]
+        for (M, _, _), impls in _by_shape(rows, variant).items():
             cuda, triton = impls.get(impl), impls.get("triton")
             ran = cuda is not None and any(f"{op}:cuda:" in d for d in cuda.get("dispatch", []))
             won = ran and triton is not None and best_ms(cuda) <= best_ms(triton)
@@ -220,11 +224,8 @@ def host_table(rows) -> list:
     rests on. ``auto`` outside a capture runs the host path; ``triton`` is what a capture runs."""
     out = []
     for variant, op in OPS.items():
-        by_key = {}
-        for r in rows:
-            if r["path"] == PATH and r["variant"] == variant and r["status"] == "ok" and r.get("median_ms"):
-                by_key.setdefault((r["shape"]["M"], r["shape"]["K"], r["shape"]["N"]), {})[r["impl"]] = r["median_ms"]
-        for (M, K, N), ms in sorted(by_key.items()):
+        for (M, K, N), impls in sorted(_by_shape(rows, variant).items()):
+            ms = {i: r["median_ms"] for i, r in impls.items() if r.get("median_ms")}
             cells = [f"{ms[i] * 1e3:.1f}" if i in ms else "—" for i in ("auto", "triton", "cuda", "cuda-mma", "eager")]
             out.append(f"| {op} | {M} | {K} | {N} | " + " | ".join(cells) + " |")
     if not out:
