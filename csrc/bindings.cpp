@@ -103,7 +103,7 @@ fusedlora::LoraDecodeArgs check_base(const at::Tensor& x, const at::Tensor& weig
   return args;
 }
 
-// Allocates y, u (M x R) and the split-K buffer, launches, raises on a CUDA error.
+// Allocates y, u (M x R) and the splits' partials, launches, raises on a CUDA error.
 std::tuple<at::Tensor, at::Tensor> run(fusedlora::LoraDecodeArgs& args, const at::Tensor& x, const at::Tensor& weight,
                                        const c10::optional<at::Tensor>& bias, const char* what) {
   on_device_of({&x, &weight}, x);
@@ -127,13 +127,14 @@ std::tuple<at::Tensor, at::Tensor> run(fusedlora::LoraDecodeArgs& args, const at
                   c10::toString(x.scalar_type()) + ", strides " + std::to_string(args.ld_x) + " and " +
                   std::to_string(args.ld_w) + ", sm_" + std::to_string(args.sm_major) + "x)");
   args.k_split = fusedlora::lora_decode_k_split(args, sms);
+  // Every element of u and of the splits' partials is stored by a kernel: nothing to zero.
   auto y = at::empty({args.M, args.N}, x.options());
-  auto u = at::zeros({args.M, args.R}, x.options().dtype(at::kFloat));
-  auto partial = args.k_split > 1 ? at::zeros({args.M, args.N}, x.options().dtype(at::kFloat)) : at::Tensor();
+  auto u = at::empty({args.M, args.R}, x.options().dtype(at::kFloat));
+  auto partial = at::empty({args.k_split, args.M, args.N}, x.options().dtype(at::kFloat));
   args.bias = bias.has_value() ? bias_c.data_ptr() : nullptr;
   args.y = y.data_ptr();
   args.u = u.data_ptr<float>();
-  args.partial = args.k_split > 1 ? partial.data_ptr<float>() : nullptr;
+  args.partial = partial.data_ptr<float>();
   args.stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
   const cudaError_t err = fusedlora::lora_decode_forward(args);
   if (err != cudaSuccess) throw std::runtime_error(std::string("fusedlora ") + what + ": " + cudaGetErrorString(err));

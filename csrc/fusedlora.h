@@ -46,8 +46,8 @@ struct LoraDecodeArgs {
   const void* a;     // (R or pool rows, K), ld_a
   const void* b;     // see stride_bn, stride_bj
   void* y;           // (M, N), contiguous
-  float* u;          // (M, R) float32 workspace, zeroed by the caller
-  float* partial;    // (M, N) float32 workspace, zeroed by the caller; used when k_split > 1
+  float* u;          // (M, R) float32, written by the kernels (u = scaling * x A^T)
+  float* partial;    // (k_split, M, N) float32 workspace: each K split's partial sums
   int M, N, K, R;
   int64_t ld_x, ld_w, ld_a, stride_bn, stride_bj;
   float scaling;
@@ -71,7 +71,7 @@ int lora_decode_k_split(const LoraDecodeArgs& args, int num_sms);
 // Largest M the decode kernels take.
 constexpr int kMaxDecodeRows = 16;
 
-// Launches the shrink, the fused GEMV and (when k_split > 1) the final cast.
+// Launches the GEMV (the shrink in its first R blocks) and the finishing kernel.
 cudaError_t lora_decode_forward(const LoraDecodeArgs& args);
 
 }  // namespace fusedlora

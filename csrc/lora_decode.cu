@@ -3,13 +3,17 @@
 //
 // At decode time the layer is a matrix-vector problem bound by HBM
 // bandwidth: the goal is to stream W exactly once with wide loads and hide
-// the adapter behind it. Two kernels:
-//   lora_shrink      u = s * x A^T (M x R, fp32): tiny, split over K with atomics
-//   lora_gemv        each warp owns kRowsPerWarp rows of W; x is staged per K
-//                    chunk in shared memory (as fp32) and shared by the block's
-//                    warps; the rank-R expand u B^T and the bias are added by the
-//                    first K split. With k_split > 1 partial sums go to an fp32
-//                    buffer with atomics and lora_cast writes y.
+// the adapter behind it. In a CUDA graph every dependent launch (and every
+// memset) adds a few microseconds at 1 row, so a call is two launches and no
+// memset:
+//   lora_gemv[_mma]  the first R blocks compute the shrink u = s x A^T (one
+//                    rank index each over all of K, plain stores: nothing to
+//                    zero); the rest stream W, each (row tile, K split)
+//                    storing its partial sums of x W^T into its own slice of
+//                    an fp32 buffer (plain stores again). The shrink runs beside
+//                    the GEMV instead of before it.
+//   lora_finish      y = the splits' partials + bias + u B^T + the sparse rows,
+//                    summed in a fixed order (deterministic).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -21,10 +25,10 @@ namespace fusedlora {
 namespace {
 
 constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;  // both GEMVs' blocks, shrink blocks included
 constexpr int kRowsPerWarp = 4;
 constexpr int kRowsPerBlock = kWarps * kRowsPerWarp;
 constexpr int kChunk = 512;  // K elements of x staged in shared memory per step
-constexpr int kShrinkChunk = 2048;
 
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
@@ -58,97 +62,81 @@ __device__ __forceinline__ void load_vec(const T* p, float (&out)[kVec]) {
   }
 }
 
+// How a call is cut into blocks (lora_decode_forward fills it).
+struct Plan {
+  int shrink_blocks;  // R: blocks 0 .. R-1 of the GEMV's grid run the shrink
+  int k_blocks;       // K splits of W's reduction
+  int k_per_split;    // K elements per split (a multiple of kChunk)
+  bool shrink_vec;    // x and A rows 16-byte aligned: the shrink loads vectors
+};
+
 // Row m's adapter: first pooled row, rank and scale; rank 0 for a base-only row.
 struct Slot {
   int off, rank;
   float scale;
 };
 
-__device__ __forceinline__ Slot slot_of(int m, int R, float scaling, const int* row_slot, const int* slot_off,
-                                        const int* slot_rank, const float* slot_scale) {
-  if (row_slot == nullptr) return {0, R, scaling};
-  const int s = row_slot[m];
+__device__ __forceinline__ Slot slot_of(int m, const LoraDecodeArgs& p) {
+  if (p.row_slot == nullptr) return {0, p.R, p.scaling};
+  const int s = p.row_slot[m];
   if (s < 0) return {0, 0, 0.f};
-  return {slot_off[s], slot_rank[s], slot_scale[s]};
+  return {p.slot_off[s], p.slot_rank[s], p.slot_scale[s]};
 }
 
-// u[m, j] += scale_m * sum_{k in this block's slice} x[m, k] A[off_m + j, k] for
-// j < rank_m; grid (R, K slices).
+// The shrink's block j: u[m, j] = scale_m * x[m] . A[off_m + j] over all of K for every
+// row m (0 where j >= rank_m). One A row per adapter: with one adapter for every row
+// (no row_slot) each vector of A is loaded once for all rows.
 template <typename T, int kRows>
-__global__ void lora_shrink(const T* __restrict__ x, const T* __restrict__ a, float* __restrict__ u,
-                            int M, int K, int R, int64_t ld_x, int64_t ld_a, float scaling,
-                            const int* __restrict__ row_slot, const int* __restrict__ slot_off,
-                            const int* __restrict__ slot_rank, const float* __restrict__ slot_scale) {
-  const int j = blockIdx.x;
-  const int k_begin = blockIdx.y * kShrinkChunk;
-  const int k_end = min(K, k_begin + kShrinkChunk);
+__device__ __forceinline__ void shrink_block(int j, const LoraDecodeArgs& p, bool vec) {
+  constexpr int kVec = 16 / sizeof(T);
+  const T* x = static_cast<const T*>(p.x);
+  const T* a = static_cast<const T*>(p.a);
+  const bool one_adapter = p.row_slot == nullptr;
   const T* a_row[kRows];
   float scale[kRows];
 #pragma unroll
   for (int m = 0; m < kRows; ++m) {
-    const Slot sl = m < M ? slot_of(m, R, scaling, row_slot, slot_off, slot_rank, slot_scale) : Slot{0, 0, 0.f};
-    a_row[m] = j < sl.rank ? a + (sl.off + j) * ld_a : nullptr;
+    const Slot sl = m < p.M ? slot_of(m, p) : Slot{0, 0, 0.f};
+    a_row[m] = j < sl.rank ? a + static_cast<int64_t>(sl.off + j) * p.ld_a : nullptr;
     scale[m] = sl.scale;
   }
   float acc[kRows];
 #pragma unroll
   for (int m = 0; m < kRows; ++m) acc[m] = 0.f;
-  for (int k = k_begin + threadIdx.x; k < k_end; k += blockDim.x) {
+  const int full = vec ? p.K / kVec * kVec : 0;
+  for (int k = threadIdx.x * kVec; k < full; k += kThreads * kVec) {
+    float av[kVec], xv[kVec];
+    if (one_adapter && a_row[0] != nullptr) load_vec<T, kVec, true>(a_row[0] + k, av);
+#pragma unroll
+    for (int m = 0; m < kRows; ++m) {
+      if (a_row[m] == nullptr) continue;
+      if (!one_adapter) load_vec<T, kVec, true>(a_row[m] + k, av);
+      load_vec<T, kVec, true>(x + m * p.ld_x + k, xv);
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) acc[m] += av[i] * xv[i];
+    }
+  }
+  for (int k = full + threadIdx.x; k < p.K; k += kThreads) {
 #pragma unroll
     for (int m = 0; m < kRows; ++m)
-      if (a_row[m] != nullptr) acc[m] += to_float(a_row[m][k]) * to_float(x[m * ld_x + k]);
+      if (a_row[m] != nullptr) acc[m] += to_float(a_row[m][k]) * to_float(x[m * p.ld_x + k]);
   }
-  __shared__ float partial[kRows][32];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  __shared__ float sums[kRows][kWarps];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 #pragma unroll
   for (int m = 0; m < kRows; ++m) {
     const float s = warp_sum(acc[m]);
-    if (lane == 0) partial[m][warp] = s;
+    if (lane == 0) sums[m][warp] = s;
   }
   __syncthreads();
-  if (threadIdx.x < kRows && threadIdx.x < M) {
+  if (threadIdx.x < kRows && threadIdx.x < p.M) {
     const int m = threadIdx.x;
     float s = 0.f;
-    for (int w = 0; w < warps; ++w) s += partial[m][w];
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) s += sums[m][w];
 #pragma unroll
     for (int i = 0; i < kRows; ++i)  // registers are indexed statically
-      if (i == m && a_row[i] != nullptr) atomicAdd(&u[m * R + j], scale[i] * s);
-  }
-}
-
-// Output (m, n) of a GEMV whose K split holds the partial dot product acc: the first
-// split adds the bias, the rank-r expand u B^T (the scale is already in u) and the
-// sparse row's few nonzeros against x (in L2); one split writes y, several add into
-// the fp32 buffer that lora_cast rounds.
-template <typename T>
-__device__ __forceinline__ void finish_output(int m, int n, float acc, const T* __restrict__ x,
-                                              const T* __restrict__ bias, const T* __restrict__ b,
-                                              const float* __restrict__ u, T* __restrict__ y,
-                                              float* __restrict__ partial, int N, int R, int64_t ld_x,
-                                              int64_t stride_bn, int64_t stride_bj, const int* __restrict__ row_slot,
-                                              const int* __restrict__ slot_off, const int* __restrict__ slot_rank,
-                                              const WeightDelta& delta) {
-  if (blockIdx.y == 0) {
-    if (bias != nullptr) acc += to_float(bias[n]);
-    int off = 0, rank = R;
-    if (row_slot != nullptr) {
-      const int s = row_slot[m];
-      off = s < 0 ? 0 : slot_off[s];
-      rank = s < 0 ? 0 : slot_rank[s];
-    }
-    if (rank > 0) {
-      const T* b_row = b + n * stride_bn + off * stride_bj;
-      for (int j = 0; j < rank; ++j) acc += u[m * R + j] * to_float(b_row[j * stride_bj]);
-    }
-    if (delta.sp_row_ptr != nullptr) {
-      for (int i = delta.sp_row_ptr[n]; i < delta.sp_row_ptr[n + 1]; ++i)
-        acc += delta.sp_scale * delta.sp_val[i] * to_float(x[m * ld_x + delta.sp_col[i]]);
-    }
-  }
-  if (gridDim.y == 1) {
-    y[static_cast<int64_t>(m) * N + n] = from_float<T>(acc);
-  } else {
-    atomicAdd(&partial[static_cast<int64_t>(m) * N + n], acc);
+      if (i == m) p.u[m * p.R + j] = a_row[i] != nullptr ? scale[i] * s : 0.f;
   }
 }
 
@@ -160,21 +148,29 @@ __device__ __forceinline__ float c3a_delta(const WeightDelta& d, int n, int col)
   return d.c3a[nb * d.c3a_s0 + cb * d.c3a_s1 + off * d.c3a_s2] * d.c3a_scale;
 }
 
-// CUDA-core GEMV, every dtype and C3A. One block: kRowsPerBlock rows of W over one K
-// split; grid (ceil(N / rows), k_split).
+// Where split `split` of the GEMV leaves output (m, n)'s partial sum.
+__device__ __forceinline__ float* partial_at(const LoraDecodeArgs& p, int split, int m, int n) {
+  return p.partial + (static_cast<int64_t>(split) * p.M + m) * p.N + n;
+}
+
+// CUDA-core GEMV, every dtype and C3A. Past the shrink's blocks, block t holds
+// kRowsPerBlock rows of W (tile t / k_blocks) over one K split (t % k_blocks).
 template <typename T, int kRows, bool kAligned, bool kC3A>
-__global__ void __launch_bounds__(kWarps * 32)
-lora_gemv(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
-          const T* __restrict__ b, const float* __restrict__ u, T* __restrict__ y, float* __restrict__ partial,
-          int M, int N, int K, int R, int64_t ld_x, int64_t ld_w, int64_t stride_bn, int64_t stride_bj,
-          int k_per_split, const int* __restrict__ row_slot, const int* __restrict__ slot_off,
-          const int* __restrict__ slot_rank, const WeightDelta delta) {
+__global__ void __launch_bounds__(kThreads) lora_gemv(const LoraDecodeArgs p, const Plan plan) {
+  if (static_cast<int>(blockIdx.x) < plan.shrink_blocks) {
+    shrink_block<T, kRows>(blockIdx.x, p, plan.shrink_vec);
+    return;
+  }
   constexpr int kVec = 16 / sizeof(T);
+  const T* x = static_cast<const T*>(p.x);
+  const T* w = static_cast<const T*>(p.w);
   __shared__ __align__(16) float xs[kRows][kChunk];
+  const int t = blockIdx.x - plan.shrink_blocks;
+  const int tile = t / plan.k_blocks, split = t % plan.k_blocks;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int row0 = blockIdx.x * kRowsPerBlock + warp * kRowsPerWarp;
-  const int k_lo = blockIdx.y * k_per_split;
-  const int k_hi = min(K, k_lo + k_per_split);
+  const int row0 = tile * kRowsPerBlock + warp * kRowsPerWarp;
+  const int k_lo = split * plan.k_per_split;
+  const int k_hi = min(p.K, k_lo + plan.k_per_split);
 
   float acc[kRowsPerWarp][kRows];
 #pragma unroll
@@ -185,9 +181,9 @@ lora_gemv(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict_
   for (int k0 = k_lo; k0 < k_hi; k0 += kChunk) {
     const int len = min(kChunk, k_hi - k0);
     __syncthreads();
-    for (int i = threadIdx.x; i < kRows * kChunk; i += blockDim.x) {
+    for (int i = threadIdx.x; i < kRows * kChunk; i += kThreads) {
       const int m = i / kChunk, k = i % kChunk;
-      xs[m][k] = (m < M && k < len) ? to_float(x[m * ld_x + k0 + k]) : 0.f;
+      xs[m][k] = (m < p.M && k < len) ? to_float(x[m * p.ld_x + k0 + k]) : 0.f;
     }
     __syncthreads();
     // Full vectors, then the ragged tail element by element.
@@ -196,11 +192,11 @@ lora_gemv(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict_
       float wv[kRowsPerWarp][kVec];
 #pragma unroll
       for (int r = 0; r < kRowsPerWarp; ++r) {
-        const int n = min(row0 + r, N - 1);  // clamped rows are computed and discarded
-        load_vec<T, kVec, kAligned>(w + n * ld_w + k0 + k, wv[r]);
+        const int n = min(row0 + r, p.N - 1);  // clamped rows are computed and discarded
+        load_vec<T, kVec, kAligned>(w + n * p.ld_w + k0 + k, wv[r]);
         if constexpr (kC3A) {
 #pragma unroll
-          for (int i = 0; i < kVec; ++i) wv[r][i] += c3a_delta(delta, n, k0 + k + i);
+          for (int i = 0; i < kVec; ++i) wv[r][i] += c3a_delta(p.delta, n, k0 + k + i);
         }
       }
 #pragma unroll
@@ -221,9 +217,9 @@ lora_gemv(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict_
     for (int k = full + lane; k < len; k += 32) {
 #pragma unroll
       for (int r = 0; r < kRowsPerWarp; ++r) {
-        const int n = min(row0 + r, N - 1);
-        float wv = to_float(w[n * ld_w + k0 + k]);
-        if constexpr (kC3A) wv += c3a_delta(delta, n, k0 + k);
+        const int n = min(row0 + r, p.N - 1);
+        float wv = to_float(w[n * p.ld_w + k0 + k]);
+        if constexpr (kC3A) wv += c3a_delta(p.delta, n, k0 + k);
 #pragma unroll
         for (int m = 0; m < kRows; ++m) acc[r][m] += wv * xs[m][k];
       }
@@ -239,9 +235,7 @@ lora_gemv(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict_
       const float s = warp_sum(acc[r][m]);
       if (lane == m) mine = s;
     }
-    if (n >= N || lane >= M) continue;
-    finish_output(lane, n, mine, x, bias, b, u, y, partial, N, R, ld_x, stride_bn, stride_bj, row_slot, slot_off,
-                  slot_rank, delta);
+    if (n < p.N && lane < p.M) *partial_at(p, split, lane, n) = mine;
   }
 }
 
@@ -260,9 +254,9 @@ lora_gemv(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict_
 // 2 tig and 8 + 2 tig) and B (column g; the same k pairs). The first mma takes the
 // vector's elements 0..3 as those two pairs, the second elements 4..7: together the
 // four lanes of a group cover the chunk's 32 k exactly once.
-constexpr int kMmaWarps = 8;   // warps of a block, splitting its K range chunk by chunk
-constexpr int kMmaRows = 16;   // rows of W per block: the mma's M
-constexpr int kMmaUnroll = 4;  // K chunks of 32 in flight per warp
+constexpr int kMmaWarps = kWarps;  // warps of a block, splitting its K range chunk by chunk
+constexpr int kMmaRows = 16;       // rows of W per block: the mma's M
+constexpr int kMmaUnroll = 4;      // K chunks of 32 in flight per warp
 
 template <typename T>
 __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
@@ -298,29 +292,33 @@ __device__ __forceinline__ uint4 load8(const T* row, int k, int k_end) {
   return v.raw;
 }
 
-// grid (ceil(N / kMmaRows), k_split); kTiles n8 tiles of x rows (1: M <= 8, 2: M <= 16).
-template <typename T, int kTiles>
-__global__ void __launch_bounds__(kMmaWarps * 32)
-lora_gemv_mma(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias, const T* __restrict__ b,
-              const float* __restrict__ u, T* __restrict__ y, float* __restrict__ partial, int M, int N, int K, int R,
-              int64_t ld_x, int64_t ld_w, int64_t stride_bn, int64_t stride_bj, int k_per_split,
-              const int* __restrict__ row_slot, const int* __restrict__ slot_off, const int* __restrict__ slot_rank,
-              const WeightDelta delta) {
+// Past the shrink's blocks, block t holds kMmaRows rows of W (tile t / k_blocks) over
+// one K split; kTiles n8 tiles of x rows (1: M <= 8, 2: M <= 16).
+template <typename T, int kRows, int kTiles>
+__global__ void __launch_bounds__(kThreads) lora_gemv_mma(const LoraDecodeArgs p, const Plan plan) {
+  if (static_cast<int>(blockIdx.x) < plan.shrink_blocks) {
+    shrink_block<T, kRows>(blockIdx.x, p, plan.shrink_vec);
+    return;
+  }
+  const T* x = static_cast<const T*>(p.x);
+  const T* w = static_cast<const T*>(p.w);
+  const int t = blockIdx.x - plan.shrink_blocks;
+  const int tile = t / plan.k_blocks, split = t % plan.k_blocks;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane / 4, tig = lane % 4;
-  const int n0 = blockIdx.x * kMmaRows;
-  const int k_lo = blockIdx.y * k_per_split;
-  const int k_hi = min(K, k_lo + k_per_split);
+  const int n0 = tile * kMmaRows;
+  const int k_lo = split * plan.k_per_split;
+  const int k_hi = min(p.K, k_lo + plan.k_per_split);
   // rows past N are clamped: computed and discarded
-  const T* w_lo = w + static_cast<int64_t>(min(n0 + g, N - 1)) * ld_w;
-  const T* w_hi = w + static_cast<int64_t>(min(n0 + g + 8, N - 1)) * ld_w;
+  const T* w_lo = w + static_cast<int64_t>(min(n0 + g, p.N - 1)) * p.ld_w;
+  const T* w_hi = w + static_cast<int64_t>(min(n0 + g + 8, p.N - 1)) * p.ld_w;
   const T* x_row[kTiles];
 #pragma unroll
-  for (int t = 0; t < kTiles; ++t) x_row[t] = t * 8 + g < M ? x + (t * 8 + g) * ld_x : nullptr;
+  for (int i = 0; i < kTiles; ++i) x_row[i] = i * 8 + g < p.M ? x + (i * 8 + g) * p.ld_x : nullptr;
 
   float acc[kTiles][4];
 #pragma unroll
-  for (int t = 0; t < kTiles; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
+  for (int i = 0; i < kTiles; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
 
   const int chunks = (k_hi - k_lo + 31) / 32;
   for (int c0 = warp; c0 < chunks; c0 += kMmaWarps * kMmaUnroll) {
@@ -331,103 +329,101 @@ lora_gemv_mma(const T* __restrict__ x, const T* __restrict__ w, const T* __restr
       wl[i] = load8(w_lo, k, k_hi);
       wh[i] = load8(w_hi, k, k_hi);
 #pragma unroll
-      for (int t = 0; t < kTiles; ++t) xv[i][t] = load8(x_row[t], k, k_hi);
+      for (int j = 0; j < kTiles; ++j) xv[i][j] = load8(x_row[j], k, k_hi);
     }
 #pragma unroll
     for (int i = 0; i < kMmaUnroll; ++i) {
 #pragma unroll
-      for (int t = 0; t < kTiles; ++t) {
-        mma_m16n8k16<T>(acc[t], wl[i].x, wh[i].x, wl[i].y, wh[i].y, xv[i][t].x, xv[i][t].y);
-        mma_m16n8k16<T>(acc[t], wl[i].z, wh[i].z, wl[i].w, wh[i].w, xv[i][t].z, xv[i][t].w);
+      for (int j = 0; j < kTiles; ++j) {
+        mma_m16n8k16<T>(acc[j], wl[i].x, wh[i].x, wl[i].y, wh[i].y, xv[i][j].x, xv[i][j].y);
+        mma_m16n8k16<T>(acc[j], wl[i].z, wh[i].z, wl[i].w, wh[i].w, xv[i][j].z, xv[i][j].w);
       }
     }
   }
 
-  // D fragment: acc[t][0..3] = (W row g, x row 2 tig), (g, 2 tig + 1), (g + 8, 2 tig), (g + 8, 2 tig + 1)
-  // of tile t; the block's warps each hold a part of the K range: summed through shared memory.
+  // D fragment: acc[i][0..3] = (W row g, x row 2 tig), (g, 2 tig + 1), (g + 8, 2 tig), (g + 8, 2 tig + 1)
+  // of tile i; the block's warps each hold a part of the K range: summed through shared memory.
   __shared__ float red[kMmaWarps][kTiles * 8][kMmaRows + 1];
 #pragma unroll
-  for (int t = 0; t < kTiles; ++t) {
-    red[warp][t * 8 + 2 * tig][g] = acc[t][0];
-    red[warp][t * 8 + 2 * tig + 1][g] = acc[t][1];
-    red[warp][t * 8 + 2 * tig][g + 8] = acc[t][2];
-    red[warp][t * 8 + 2 * tig + 1][g + 8] = acc[t][3];
+  for (int i = 0; i < kTiles; ++i) {
+    red[warp][i * 8 + 2 * tig][g] = acc[i][0];
+    red[warp][i * 8 + 2 * tig + 1][g] = acc[i][1];
+    red[warp][i * 8 + 2 * tig][g + 8] = acc[i][2];
+    red[warp][i * 8 + 2 * tig + 1][g + 8] = acc[i][3];
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < kTiles * 8 * kMmaRows; i += blockDim.x) {
+  for (int i = threadIdx.x; i < kTiles * 8 * kMmaRows; i += kThreads) {
     const int m = i / kMmaRows, f = i % kMmaRows, n = n0 + f;  // consecutive threads: consecutive n
-    if (m >= M || n >= N) continue;
+    if (m >= p.M || n >= p.N) continue;
     float sum = 0.f;
 #pragma unroll
     for (int v = 0; v < kMmaWarps; ++v) sum += red[v][m][f];
-    finish_output(m, n, sum, x, bias, b, u, y, partial, N, R, ld_x, stride_bn, stride_bj, row_slot, slot_off,
-                  slot_rank, delta);
+    *partial_at(p, split, m, n) = sum;
   }
 }
 
+// y[m, n] = the K splits' partials (in split order) + bias + the rank-r expand u B^T
+// (the scale is already in u) + the sparse row's few nonzeros against x (in L2).
+// One thread per output, consecutive threads along n.
 template <typename T>
-__global__ void lora_cast(const float* __restrict__ partial, T* __restrict__ y, int64_t count) {
+__global__ void lora_finish(const LoraDecodeArgs p, int k_blocks) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < count) y[i] = from_float<T>(partial[i]);
+  if (i >= static_cast<int64_t>(p.M) * p.N) return;
+  const int m = static_cast<int>(i / p.N), n = static_cast<int>(i % p.N);
+  const T* x = static_cast<const T*>(p.x);
+  float acc = 0.f;
+  for (int s = 0; s < k_blocks; ++s) acc += *partial_at(p, s, m, n);
+  if (p.bias != nullptr) acc += to_float(static_cast<const T*>(p.bias)[n]);
+  const Slot sl = p.R > 0 ? slot_of(m, p) : Slot{0, 0, 0.f};
+  if (sl.rank > 0) {
+    const T* b_row = static_cast<const T*>(p.b) + n * p.stride_bn + sl.off * p.stride_bj;
+    for (int j = 0; j < sl.rank; ++j) acc += p.u[m * p.R + j] * to_float(b_row[j * p.stride_bj]);
+  }
+  const WeightDelta& d = p.delta;
+  if (d.sp_row_ptr != nullptr) {
+    for (int e = d.sp_row_ptr[n]; e < d.sp_row_ptr[n + 1]; ++e)
+      acc += d.sp_scale * d.sp_val[e] * to_float(x[m * p.ld_x + d.sp_col[e]]);
+  }
+  static_cast<T*>(p.y)[i] = from_float<T>(acc);
 }
 
 template <typename T, int kRows>
 cudaError_t launch_rows(const LoraDecodeArgs& p) {
-  const T* x = static_cast<const T*>(p.x);
-  const T* w = static_cast<const T*>(p.w);
-  const T* a = static_cast<const T*>(p.a);
-  const T* b = static_cast<const T*>(p.b);
-  const T* bias = static_cast<const T*>(p.bias);
-  T* y = static_cast<T*>(p.y);
-
   if (p.gemv == Gemv::kMma && (std::is_same<T, float>::value || !mma_serves(p)))
     return cudaErrorInvalidValue;  // the binding checks first: never reached
-  if (p.R > 0) {
-    dim3 shrink_grid(p.R, (p.K + kShrinkChunk - 1) / kShrinkChunk);
-    lora_shrink<T, kRows><<<shrink_grid, 256, 0, p.stream>>>(x, a, p.u, p.M, p.K, p.R, p.ld_x, p.ld_a, p.scaling,
-                                                             p.row_slot, p.slot_off, p.slot_rank, p.slot_scale);
-  }
-
+  constexpr int kVec = 16 / sizeof(T);
+  const auto vec_rows = [](const void* ptr, int64_t ld) {
+    return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && ld % kVec == 0;
+  };
   const int splits = p.k_split < 1 ? 1 : p.k_split;
   // Splits cut K at multiples of the chunk so vector loads stay aligned.
   const int chunks = (p.K + kChunk - 1) / kChunk;
-  const int k_per_split = ((chunks + splits - 1) / splits) * kChunk;
-  const int k_blocks = (p.K + k_per_split - 1) / k_per_split;
+  Plan plan;
+  plan.shrink_blocks = p.R;
+  plan.k_per_split = ((chunks + splits - 1) / splits) * kChunk;
+  plan.k_blocks = (p.K + plan.k_per_split - 1) / plan.k_per_split;
+  plan.shrink_vec = p.R > 0 && vec_rows(p.x, p.ld_x) && vec_rows(p.a, p.ld_a);
+  const bool mma = p.gemv == Gemv::kMma;
+  const int rows_per_block = mma ? kMmaRows : kRowsPerBlock;
+  const int64_t blocks = static_cast<int64_t>((p.N + rows_per_block - 1) / rows_per_block) * plan.k_blocks + p.R;
+  if (blocks >= (1LL << 31)) return cudaErrorInvalidConfiguration;
+  const dim3 grid(static_cast<unsigned>(blocks));
   if constexpr (!std::is_same<T, float>::value) {
-    if (p.gemv == Gemv::kMma) {
-      dim3 grid((p.N + kMmaRows - 1) / kMmaRows, k_blocks);
-#define FUSEDLORA_GEMV_MMA(TILES)                                                                                  \
-  lora_gemv_mma<T, TILES><<<grid, kMmaWarps * 32, 0, p.stream>>>(                                                  \
-      x, w, bias, b, p.u, y, p.partial, p.M, p.N, p.K, p.R, p.ld_x, p.ld_w, p.stride_bn, p.stride_bj, k_per_split, \
-      p.row_slot, p.slot_off, p.slot_rank, p.delta)
-      if (kRows <= 8) FUSEDLORA_GEMV_MMA(1);
-      else FUSEDLORA_GEMV_MMA(2);
-#undef FUSEDLORA_GEMV_MMA
-      if (k_blocks > 1) {
-        const int64_t count = static_cast<int64_t>(p.M) * p.N;
-        lora_cast<T><<<static_cast<unsigned>((count + 255) / 256), 256, 0, p.stream>>>(p.partial, y, count);
-      }
-      return cudaGetLastError();
+    if (mma) {
+      lora_gemv_mma<T, kRows, kRows <= 8 ? 1 : 2><<<grid, kThreads, 0, p.stream>>>(p, plan);
     }
   }
-  dim3 grid((p.N + kRowsPerBlock - 1) / kRowsPerBlock, k_blocks);
-  constexpr int kVec = 16 / sizeof(T);
-  const bool aligned = reinterpret_cast<uintptr_t>(w) % 16 == 0 && (p.ld_w * sizeof(T)) % 16 == 0;
-  const bool c3a = p.delta.c3a != nullptr;
-#define FUSEDLORA_GEMV(ALIGNED, C3A)                                                                             \
-  lora_gemv<T, kRows, ALIGNED, C3A><<<grid, kWarps * 32, 0, p.stream>>>(                                         \
-      x, w, bias, b, p.u, y, p.partial, p.M, p.N, p.K, p.R, p.ld_x, p.ld_w, p.stride_bn, p.stride_bj, k_per_split, \
-      p.row_slot, p.slot_off, p.slot_rank, p.delta)
-  if (aligned && c3a) FUSEDLORA_GEMV(true, true);
-  else if (aligned) FUSEDLORA_GEMV(true, false);
-  else if (c3a) FUSEDLORA_GEMV(false, true);
-  else FUSEDLORA_GEMV(false, false);
-#undef FUSEDLORA_GEMV
-  static_assert(kChunk % (16 / sizeof(float)) == 0 && kChunk % kVec == 0, "chunk must hold whole vectors");
-  if (grid.y > 1) {
-    const int64_t count = static_cast<int64_t>(p.M) * p.N;
-    lora_cast<T><<<static_cast<unsigned>((count + 255) / 256), 256, 0, p.stream>>>(p.partial, y, count);
+  if (!mma) {
+    const bool aligned = vec_rows(p.w, p.ld_w);
+    const bool c3a = p.delta.c3a != nullptr;
+    if (aligned && c3a) lora_gemv<T, kRows, true, true><<<grid, kThreads, 0, p.stream>>>(p, plan);
+    else if (aligned) lora_gemv<T, kRows, true, false><<<grid, kThreads, 0, p.stream>>>(p, plan);
+    else if (c3a) lora_gemv<T, kRows, false, true><<<grid, kThreads, 0, p.stream>>>(p, plan);
+    else lora_gemv<T, kRows, false, false><<<grid, kThreads, 0, p.stream>>>(p, plan);
   }
+  static_assert(kChunk % (16 / sizeof(float)) == 0 && kChunk % kVec == 0, "chunk must hold whole vectors");
+  const int64_t outputs = static_cast<int64_t>(p.M) * p.N;
+  lora_finish<T><<<static_cast<unsigned>((outputs + 255) / 256), 256, 0, p.stream>>>(p, plan.k_blocks);
   return cudaGetLastError();
 }
 
@@ -450,7 +446,7 @@ bool mma_serves(const LoraDecodeArgs& p) {
   // The device's capability is not enough: a build for an older arch (say 7.5+PTX, JIT-
   // compiled here) has the kernel's __trap() body. Ask what the kernel was compiled as.
   cudaFuncAttributes attr;
-  const cudaError_t err = cudaFuncGetAttributes(&attr, lora_gemv_mma<__nv_bfloat16, 1>);
+  const cudaError_t err = cudaFuncGetAttributes(&attr, lora_gemv_mma<__nv_bfloat16, 1, 1>);
   if (err != cudaSuccess) (void)cudaGetLastError();  // not left for the launch's error check
   const bool built = err == cudaSuccess && attr.ptxVersion >= 80;
   return built && p.dtype != DType::kFloat32 && p.delta.c3a == nullptr && p.sm_major >= 8 &&
@@ -475,6 +471,8 @@ int lora_decode_k_split(const LoraDecodeArgs& p, int num_sms) {
 cudaError_t lora_decode_forward(const LoraDecodeArgs& p) {
   if (p.M < 1 || p.M > kMaxDecodeRows || p.N < 1 || p.K < 1 || p.R < 0) return cudaErrorInvalidValue;
   if (p.row_slot != nullptr && (p.slot_off == nullptr || p.slot_rank == nullptr || p.slot_scale == nullptr))
+    return cudaErrorInvalidValue;
+  if (p.partial == nullptr || (p.R > 0 && (p.u == nullptr || p.a == nullptr || p.b == nullptr)))
     return cudaErrorInvalidValue;
   switch (p.dtype) {
     case DType::kFloat32: return launch_dtype<float>(p);

@@ -124,6 +124,45 @@ def test_cuda_decode_strided_x_no_bias_and_backward(ext, monkeypatch):
     assert a["lora_B"].grad is not None and a["x"].grad is not None
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,K,gemv", [(1, 4096, "fma"), (1, 4096, "mma"), (16, 4095, "fma"), (16, 4104, "mma"),
+                                      (5, 300, "fma")])
+def test_cuda_shrink_output_and_determinism(ext, M, K, gemv):
+    """u = s x A^T comes from the GEMV kernel's first r blocks, stored without atomics
+    into an uninitialised buffer: every element checked against float64 (16-byte loads
+    at K = 4096, 4104; element by element at K = 4095, 300). lora_finish adds the K
+    splits in a fixed order: two calls agree bit for bit."""
+    a = args(M, K, 2048, 16, torch.bfloat16, "cuda")
+    W, A = a["weight"] / K**0.5, a["lora_A"] / K**0.5
+    y, u = ext.lora_decode(a["x"], W, a["bias"], A, a["lora_B"], 1.5, gemv=gemv)
+    assert u.shape == (M, 16) and u.dtype == torch.float32
+    assert rel_err(u, 1.5 * a["x"].double() @ A.double().t()) < 1e-5
+    y2, u2 = ext.lora_decode(a["x"], W, a["bias"], A, a["lora_B"], 1.5, gemv=gemv)
+    assert torch.equal(y, y2) and torch.equal(u, u2)
+    ref = reference.lora_linear(a["x"].double(), W.double(), a["bias"].double(), A.double(),
+                                a["lora_B"].double(), 1.5)
+    assert rel_err(y, ref) < TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@GEMV
+def test_cuda_bgmv_shrink_zeroes_what_a_row_does_not_use(ext, gemv):
+    """Per-row slots: row 0 takes slot 1 (rank 5), row 1 none (-1), row 2 slot 0 (rank 2);
+    u is (3, 5) and every element a row's adapter does not reach is stored as 0."""
+    m = multi_args(M=3, K=1024, N=520, dtype=torch.float16, device="cuda")
+    y, u = ext.multi_lora_decode(**m, gemv=gemv)
+    x, pA = m["x"].double(), m["pool_A"].double()
+    assert u.shape == (3, 5)
+    assert rel_err(u[0], 0.5 * x[0] @ pA[2:7].t()) < 1e-5
+    assert torch.equal(u[1], torch.zeros(5, device="cuda"))
+    assert rel_err(u[2, :2], 1.0 * x[2] @ pA[0:2].t()) < 1e-5 and torch.equal(u[2, 2:], torch.zeros(3, device="cuda"))
+    W, b, pBT = m["weight"].double(), m["bias"].double(), m["pool_BT"].double()
+    ref = torch.nn.functional.linear(x, W, b)
+    ref[0] += 0.5 * (x[0] @ pA[2:7].t()) @ pBT[2:7]
+    ref[2] += 1.0 * (x[2] @ pA[0:2].t()) @ pBT[0:2]
+    assert rel_err(y, ref) < TOL[torch.float16]
+
+
 def multi_args(M=3, K=8, N=6, dtype=torch.float32, device="cpu"):
     from fusedlora.routing import pack_loras
 
