@@ -17,7 +17,7 @@ from .backend import interpreting, record
 import triton  # noqa: E402  (imported after backend so TRITON_INTERPRET is read)
 import triton.language as tl  # noqa: E402
 
-from .kernels.lora import lora_matmul_kernel
+from .kernels.lora import lora_decode_finish_kernel, lora_decode_kernel, lora_matmul_kernel
 from .kernels.tiles import dropout_materialize_kernel
 
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -214,6 +214,37 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, out_dtype: torch.dtype, dot_dtyp
     )
     launch_gemm(lora_matmul_kernel, _tuned_kernel, plan, M, N, args, flags, tag)
     return c if c.dtype == out_dtype else c.to(out_dtype)
+
+
+def lora_decode(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+                lora_B: torch.Tensor, scaling: float):
+    """(y, u) of a LoRA forward of 1..16 rows without dropout in two launches and no memset
+    (kernels/lora.py, decode): the shrink's column tiles run in the base GEMM's grid, and
+    the splits' partials are summed by a finishing kernel in a fixed order."""
+    M, K = x.shape
+    N, R = weight.shape[0], lora_A.shape[0]
+    plan = dict(_small_plan(M, N, K, x.device, x.dtype.itemsize))
+    plan.pop("GROUP_M")
+    bm, bn = plan["BLOCK_M"], plan["BLOCK_N"]
+    assert 0 < M <= bm and N > 0 and K > 0 and R > 0, (M, N, K, R)
+    r_tiles, n_tiles = triton.cdiv(R, bn), triton.cdiv(N, bn)
+    split = plan["SPLIT_K"] = split_k(r_tiles + n_tiles, triton.cdiv(K, plan["BLOCK_K"]), x.device)
+    r_cols = r_tiles * bn
+    part = torch.empty((split, M, r_cols + N), device=x.device, dtype=torch.float32)
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    u = torch.empty((M, R), device=x.device, dtype=torch.float32)
+    dot = dict(DOT_DTYPE=_tl_dtype(x.dtype), INPUT_PRECISION=_input_precision(x.dtype))
+    lora_decode_kernel[((r_tiles + n_tiles) * split,)](
+        x, weight, lora_A, part, M, N, K, R, r_tiles,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
+        part.stride(0), part.stride(1), **dot, **plan)
+    warps = {k: plan[k] for k in ("num_warps",) if k in plan}
+    lora_decode_finish_kernel[(n_tiles,)](
+        part, lora_B, bias.contiguous() if bias is not None else y, u, y, M, N, R, r_cols,
+        part.stride(0), part.stride(1), lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), float(scaling),
+        HAS_BIAS=bias is not None, **dot, SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=_pow2_at_least(R), **warps)
+    record("lora.forward", "triton", "decode")
+    return y, u
 
 
 def dropout_mask(shape, p: float, seed: int, device) -> torch.Tensor:

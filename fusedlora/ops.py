@@ -214,8 +214,10 @@ def _lora_forward_on(backend: str, x: Tensor, weight: Tensor, bias: Optional[Ten
         record("lora.forward", "eager", "composition")
         return y, xa.float().mul_(scaling)
     triton_dtype_ok(x)
-    from .launch import Dropout, matmul
+    from .launch import Dropout, lora_decode, matmul
 
+    if 0 < x.shape[0] <= 16 and dropout_p == 0.0 and weight.shape[0] and x.shape[1]:
+        return lora_decode(x, weight, bias, lora_A, lora_B, scaling)
     u = matmul(x, lora_A.t(), out_dtype=torch.float32, dot_dtype=x.dtype, alpha=scaling,
                dropout=Dropout(dropout_p, int(seed.item()), "a"), tag="lora.shrink")
     y = matmul(x, weight.t(), out_dtype=x.dtype, dot_dtype=x.dtype, bias=bias, u=u, v=lora_B.t(),

@@ -1,4 +1,4 @@
-"""LoRA path: one GEMM kernel with a low-rank epilogue.
+"""LoRA path: one GEMM kernel with a low-rank epilogue, and a two-launch pair for decode rows.
 
     C = alpha * drop_a(A) @ drop_b(B) + bias + drop_epi(U @ V)
 
@@ -81,3 +81,104 @@ def lora_matmul_kernel(
             acc = add_bias(acc, bias_ptr, offs_n, N)
 
     store_tile(c_ptr, offs_m, offs_n, stride_cm, stride_cn, M, N, acc, SPLIT_K)
+
+
+# ---------------------------------------------------------------------------
+# Decode (M <= BLOCK_M rows, no dropout): two launches, no memset. At a few rows the
+# layer streams W once and every dependent launch (or memset) in a CUDA graph costs a
+# few microseconds, as much as a tenth of that stream; the split-K path above needs
+# five (zeroed u, shrink, zeroed C, GEMM, cast).
+#
+#   lora_decode_kernel         [u_parts | y_parts] = x [A; W]^T: the output columns of the
+#                              shrink (R, padded to whole tiles) and of the base GEMM in one
+#                              grid, each (column tile, K split) storing its fp32 partials
+#                              into its own slice of a buffer (plain stores: nothing to
+#                              zero); the shrink's tiles run beside W's, not before them
+#   lora_decode_finish_kernel  y = sum of the splits + bias + (s u) B^T, summed in a fixed
+#                              order (deterministic); its first program stores u = s x A^T
+
+
+@triton.jit
+def _split_dot_store(x_ptr, b_ptr, part_ptr, M, NB, K, first_n, col0, pid_k,
+                     stride_xm, stride_xk, stride_bn, stride_bk, stride_ps, stride_pm,
+                     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """part[pid_k, m, col0 + j] = sum over split pid_k's share of K of x[m, k] b[first_n + j, k],
+    for the BLOCK_N rows of b (NB in all) from first_n."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_j = tl.arange(0, BLOCK_N)
+    offs_n = first_n + offs_j
+    tiles, k_first = split_k_range(K, pid_k, BLOCK_K, SPLIT_K)
+    offs_k = k_first + tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk
+    b_ptrs = b_ptr + offs_k[:, None].to(tl.int64) * stride_bk + offs_n[None, :].to(tl.int64) * stride_bn
+    m_ok = offs_m[:, None] < M
+    n_ok = offs_n[None, :] < NB
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t in range(0, tiles):
+        k_ok = offs_k < K
+        a = tl.load(x_ptrs, mask=m_ok & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok, other=0.0)
+        acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+        offs_k += BLOCK_K
+        x_ptrs += BLOCK_K * stride_xk
+        b_ptrs += BLOCK_K * stride_bk
+    out = part_ptr + pid_k * stride_ps + offs_m[:, None] * stride_pm + (col0 + offs_j)[None, :]
+    tl.store(out, acc, mask=m_ok & n_ok)
+
+
+@triton.jit
+def lora_decode_kernel(
+    x_ptr, weight_ptr, lora_a_ptr, part_ptr,
+    M, N, K, R, R_TILES,
+    stride_xm, stride_xk, stride_weight_n, stride_weight_k, stride_lora_a_r, stride_lora_a_k, stride_ps, stride_pm,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Program (tile, K split): tiles 0 .. R_TILES-1 are the shrink's columns (rows of A),
+    the rest W's; part's columns are [R_TILES * BLOCK_N of u | N of y]."""
+    tile = tl.program_id(0) // SPLIT_K
+    pid_k = tl.program_id(0) % SPLIT_K
+    if tile < R_TILES:
+        _split_dot_store(x_ptr, lora_a_ptr, part_ptr, M, R, K, tile * BLOCK_N, tile * BLOCK_N, pid_k,
+                         stride_xm, stride_xk, stride_lora_a_r, stride_lora_a_k, stride_ps, stride_pm,
+                         DOT_DTYPE, INPUT_PRECISION, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        first = (tile - R_TILES) * BLOCK_N
+        _split_dot_store(x_ptr, weight_ptr, part_ptr, M, N, K, first, R_TILES * BLOCK_N + first, pid_k,
+                         stride_xm, stride_xk, stride_weight_n, stride_weight_k, stride_ps, stride_pm,
+                         DOT_DTYPE, INPUT_PRECISION, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def lora_decode_finish_kernel(
+    part_ptr, lora_b_ptr, bias_ptr, u_ptr, c_ptr,
+    M, N, R, R_COLS,
+    stride_ps, stride_pm, stride_lora_b_n, stride_lora_b_r, stride_cm, stride_cn, scaling,
+    HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """C[:, tile] = sum_s part[s, :, R_COLS + tile] + bias + u lora_B^T with u = scaling *
+    sum_s part[s, :, :R]; program 0 also stores u (M x R, fp32)."""
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    m_ok = offs_m[:, None] < M
+    y_ok = m_ok & (offs_n[None, :] < N)
+    u_ok = m_ok & (offs_r[None, :] < R)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for s in range(0, SPLIT_K):
+        rows = part_ptr + s * stride_ps + offs_m[:, None] * stride_pm
+        acc += tl.load(rows + R_COLS + offs_n[None, :], mask=y_ok, other=0.0)
+        u += tl.load(rows + offs_r[None, :], mask=u_ok, other=0.0)
+    u = u * scaling
+    if pid == 0:
+        tl.store(u_ptr + offs_m[:, None] * R + offs_r[None, :], u, mask=u_ok)
+    v = load_tile(lora_b_ptr, offs_r, offs_n, stride_lora_b_r, stride_lora_b_n, R, N)
+    acc += tl.dot(u.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
+    if HAS_BIAS:
+        acc = add_bias(acc, bias_ptr, offs_n, N)
+    c = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=y_ok)

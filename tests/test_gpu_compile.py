@@ -18,7 +18,7 @@ import pytest
 _FLOAT_SCALARS = ("alpha", "p", "keep_scale", "w_scale", "scaling")
 _INT_POINTERS = ("off_ptr", "offsets_ptr", "red_idx_ptr", "out_idx_ptr", "perm_ptr", "rows_ptr", "cols_ptr", "row_ptr", "col_ptr",
                  "slot_ptr", "segid_ptr", "segstart_ptr", "rank_ptr", "start_ptr", "end_ptr")
-_FP32_POINTERS = ("u_ptr", "w_ptr", "val_ptr", "scale_ptr", "l_ptr", "drop_ptr", "y_ptr")
+_FP32_POINTERS = ("u_ptr", "w_ptr", "val_ptr", "scale_ptr", "l_ptr", "drop_ptr", "y_ptr", "part_ptr")
 
 
 # Unit strides of row-major operands in the forward orientation (b = W^T); Triton's
@@ -26,7 +26,8 @@ _FP32_POINTERS = ("u_ptr", "w_ptr", "val_ptr", "scale_ptr", "l_ptr", "drop_ptr",
 # as such, at every real launch: the ahead-of-time compile does the same so that
 # vector widths, software pipelining and shared memory match what runs.
 FORWARD_UNIT_STRIDES = ("stride_ak", "stride_bk", "stride_cn", "stride_ur", "stride_vn", "stride_xk", "stride_pk",
-                        "stride_qn", "stride_on", "stride_w_u", "stride_af", "stride_xf", "stride_out_k", "stride_w_k")
+                        "stride_qn", "stride_on", "stride_w_u", "stride_af", "stride_xf", "stride_out_k", "stride_w_k",
+                        "stride_weight_k", "stride_lora_a_k", "stride_lora_b_r")
 
 
 def compile_variant(kernel, arch, dtype, out, consts, num_warps, num_stages, unit=FORWARD_UNIT_STRIDES):
@@ -139,7 +140,7 @@ def variants():
 
     from fusedlora.kernels.c3a import (c3a_circulant_kernel, c3a_diagonal_sums_kernel, c3a_kernel_grad_kernel,
                                        c3a_matmul_kernel)
-    from fusedlora.kernels.lora import lora_matmul_kernel
+    from fusedlora.kernels.lora import lora_decode_finish_kernel, lora_decode_kernel, lora_matmul_kernel
     from fusedlora.kernels.multi import multi_grad_kernel, multi_matmul_kernel, multi_shrink_kernel
     from fusedlora.kernels.sparse import (sddmm_kernel, sparse_gather_kernel, sparse_matmul_kernel,
                                           sparse_densify_kernel, sparse_rows_add_kernel)
@@ -158,6 +159,16 @@ def variants():
         "lora-sm90-bf16-decode": (lora_matmul_kernel, 90, "bf16", "fp32",
                                   lora(HAS_BIAS=True, HAS_LOWRANK=True, SPLIT_K=5, BLOCK_R=64, **decode),
                                   4, 3, "mma"),
+        # decode pair (two launches, no memset): shrink and W column tiles in one split-K grid
+        # storing fp32 partials, then the finishing sum + rank-r expand + bias
+        "lora-sm90-bf16-decode-pair": (lora_decode_kernel, 90, "bf16", "fp32",
+                                       dict(DOT_DTYPE=tl.bfloat16, INPUT_PRECISION="tf32", SPLIT_K=4, BLOCK_M=16,
+                                            BLOCK_N=64, BLOCK_K=128), 4, 3, "mma"),
+        "lora-sm80-fp32-decode-pair": (lora_decode_kernel, 80, "fp32", "fp32",
+                                       dict(**f32, SPLIT_K=3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=32), 4, 3, None),
+        "lora-sm90-bf16-decode-finish": (lora_decode_finish_kernel, 90, "bf16", "bf16",
+                                         dict(HAS_BIAS=True, DOT_DTYPE=tl.bfloat16, INPUT_PRECISION="tf32", SPLIT_K=4,
+                                              BLOCK_M=16, BLOCK_N=64, BLOCK_R=64), 4, 3, "mma"),
         "lora-sm90-fp16-shrink": (lora_matmul_kernel, 90, "fp16", "fp32",
                                   lora(**f16, DROP_A=True, SPLIT_K=4, BLOCK_M=64, BLOCK_N=16, BLOCK_K=128,
                                        GROUP_M=1), 4, 3, "mma"),
@@ -246,7 +257,8 @@ def compiled():
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-NAMES = ["lora-sm80-fp32-plan-grad-A", "lora-sm80-tf32-plan-shrink", "lora-sm90-bf16-forward", "lora-sm90-bf16-grad-x", "lora-sm90-bf16-decode", "lora-sm90-fp16-shrink",
+NAMES = ["lora-sm90-bf16-decode-pair", "lora-sm80-fp32-decode-pair", "lora-sm90-bf16-decode-finish",
+         "lora-sm80-fp32-plan-grad-A", "lora-sm80-tf32-plan-shrink", "lora-sm90-bf16-forward", "lora-sm90-bf16-grad-x", "lora-sm90-bf16-decode", "lora-sm90-fp16-shrink",
          "lora-sm80-fp16-forward", "lora-sm80-fp32-ieee-grad-A", "c3a-sm90-bf16-forward", "c3a-sm90-bf16-grad-x",
          "c3a-sm90-bf16-decode", "c3a-sm90-bf16-grad-kernel", "sparse-sm90-bf16-forward",
          "sparse-sm90-bf16-decode", "sparse-sm90-bf16-sddmm", "sparse-sm90-bf16-rows-add",

@@ -64,12 +64,38 @@ def test_forward_backward_matches_reference(triton_backend, shape, dtype):
     assert not any(":torch:" in k for k in ran), ran
 
 
-def test_both_gemm_and_splitk_paths_are_covered(triton_backend):
+def test_gemm_splitk_and_decode_paths_are_covered(triton_backend):
     check_against_reference(make_inputs(40, 36, 50, 4, torch.float32))  # many output tiles
-    check_against_reference(make_inputs(2, 64, 20, 4, torch.float32))   # decode: few tiles, long K
+    check_against_reference(make_inputs(20, 64, 9, 4, torch.float32))   # few tiles, long K
+    check_against_reference(make_inputs(2, 64, 20, 4, torch.float32))   # decode: the two-launch pair
+    check_against_reference(make_inputs(2, 64, 20, 4, torch.float32), p=0.2, seed=7)  # decode rows, dropout
     ran = dispatched("lora.forward")
-    assert "lora.forward:triton:gemm" in ran and "lora.forward:triton:splitk" in ran, ran
+    assert {"lora.forward:triton:gemm", "lora.forward:triton:splitk", "lora.forward:triton:decode"} <= set(ran), ran
+    assert ran["lora.forward:triton:decode"] == 1  # dropout keeps the split-K pair (seeded mask in the shrink)
     assert "lora.shrink:triton:splitk" in dispatched("lora.shrink")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,K,N,r", [(1, 33, 17, 1), (16, 50, 70, 20), (5, 200, 9, 3)])
+def test_decode_pair_y_u_and_repeatability(triton_backend, M, K, N, r, dtype):
+    """The decode pair on a strided x: u (the shrink's column tiles, summed over the K
+    splits by the finishing kernel) and y against float64; rank 20 spans two column
+    tiles; no bias at M = 5; the splits are added in a fixed order, so two calls agree
+    bit for bit."""
+    from fusedlora.launch import lora_decode
+
+    t = {k: v.detach() for k, v in make_inputs(M, K, N, r, dtype).items()}
+    x = torch.randn(M, 2 * K, dtype=dtype, device=DEVICE)[:, ::2]
+    if M == 5:
+        t["bias"] = None
+    y, u = lora_decode(x, t["weight"], t["bias"], t["lora_A"], t["lora_B"], 0.7)
+    assert u.dtype == torch.float32 and u.shape == (M, r)
+    assert rel_err(u, 0.7 * x.double() @ t["lora_A"].double().t()) < 1e-5
+    ref = reference.lora_linear(x.double(), *(t[n].double() if t[n] is not None else None for n in NAMES[1:]), 0.7)
+    assert rel_err(y, ref) < TOL[dtype]
+    y2, u2 = lora_decode(x, t["weight"], t["bias"], t["lora_A"], t["lora_B"], 0.7)
+    assert torch.equal(y, y2) and torch.equal(u, u2)
+    assert dispatched("lora.forward") == {"lora.forward:triton:decode": 2}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
