@@ -222,6 +222,40 @@ def _matmul(a: Tensor, b: Tensor, bias: Optional[Tensor], u: Tensor, q: Tensor, 
     return c if c.dtype == out_dtype else c.to(out_dtype)
 
 
+def _decode_pair(x: Tensor, weight: Tensor, bias: Optional[Tensor], pool_A: Tensor, pool_BT: Tensor,
+                 row_slot: Tensor, sl: _Slots, max_rank: int) -> Tuple[Tensor, Tensor]:
+    """(y, u) of a BGMV forward of 1..16 rows without dropout in two launches and no memset
+    (kernels/multi.py, decode): the per-row shrink runs in the base GEMM's split-K grid."""
+    import triton
+
+    from .kernels.multi import multi_decode_finish_kernel, multi_decode_kernel
+    from .launch import _input_precision, _small_plan, _tl_dtype, split_k
+
+    M, K = x.shape
+    N = weight.shape[0]
+    plan = dict(_small_plan(M, N, K, x.device, x.dtype.itemsize))
+    plan.pop("GROUP_M")
+    shrink_k, finish_n, finish_r = (16, 16, 8) if interpreting() else (256, 32, 8)
+    assert 0 < M <= plan["BLOCK_M"] and N > 0 and K > 0, (M, N, K)
+    r_chunks, n_tiles = triton.cdiv(max_rank, 16), triton.cdiv(N, plan["BLOCK_N"])
+    split = plan["SPLIT_K"] = split_k(M * r_chunks + n_tiles, triton.cdiv(K, plan["BLOCK_K"]), x.device)
+    part = torch.empty((split, M, max_rank + N), device=x.device, dtype=torch.float32)
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    u = torch.empty((M, max_rank), device=x.device, dtype=torch.float32)
+    multi_decode_kernel[((M * r_chunks + n_tiles) * split,)](
+        x, weight, pool_A, part, row_slot, sl.off, sl.rank, sl.scale, sl.drop, M, N, K, max_rank, r_chunks,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), pool_A.stride(0), pool_A.stride(1),
+        part.stride(0), part.stride(1), DOT_DTYPE=_tl_dtype(x.dtype), INPUT_PRECISION=_input_precision(x.dtype),
+        **plan, BLOCK_R=16, SHRINK_BLOCK_K=shrink_k)
+    multi_decode_finish_kernel[(triton.cdiv(N, finish_n),)](
+        part, pool_BT, bias.contiguous() if bias is not None else y, u, y, row_slot, sl.off, sl.rank,
+        M, N, max_rank, max_rank, part.stride(0), part.stride(1), pool_BT.stride(0), pool_BT.stride(1),
+        u.stride(0), y.stride(0), y.stride(1), HAS_BIAS=bias is not None, SPLIT_K=split,
+        BLOCK_M=plan["BLOCK_M"], BLOCK_N=finish_n, BLOCK_R=finish_r, num_warps=4)
+    record("multi.forward", "triton", "bgmv-decode")
+    return y, u
+
+
 def _grouped_grad(left: Tensor, right: Tensor, routing: Routing, sl: _Slots, pool_rows: int, max_rank: int,
                   drop_right: bool, out_dtype: torch.dtype, tag: str) -> Tensor:
     """out[off[s] + j, n] = sum over rows m of slot s of left[m, j] * drop?(right)[m, n]; pool-shaped."""
@@ -357,6 +391,8 @@ def _multi_forward_on(backend: str, x: Tensor, weight: Tensor, bias: Optional[Te
                                             slot_scale, int(max_rank), gemv=gemv)
         # the extension has no kernel for these rows, dropout or strides: Triton, recorded below
     triton_dtype_ok(x)
+    if 0 < x.shape[0] <= min(16, sort_min_rows()) and not dropout and weight.shape[0] and x.shape[1]:
+        return _decode_pair(x, weight, bias, pool_A, pool_BT, row_slot, sl, max_rank)
     routing = route(row_slot, slot_rank.shape[0], bounds=False) if x.shape[0] > sort_min_rows() else None
     u = _shrink(x, pool_A, row_slot, sl, max_rank, routing, dropout, "multi.shrink")
     y = _matmul(x, weight.t(), bias, u, pool_BT, row_slot, sl, routing, False, x.dtype, "multi.forward")

@@ -49,7 +49,7 @@ optionally split over SPLIT_M programs that add fp32 partials atomically.
 import triton
 import triton.language as tl
 
-from .tiles import dropout_keep, store_rows, swizzle_tile
+from .tiles import add_bias, dropout_keep, split_dot_store, store_rows, swizzle_tile
 
 
 @triton.jit
@@ -374,3 +374,87 @@ def multi_grad_kernel(
                 tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
             else:
                 tl.atomic_add(ptrs, acc, mask=mask)
+
+
+# ---------------------------------------------------------------------------
+# BGMV decode (M <= BLOCK_M rows, no dropout): two launches and no memset, as the
+# single-adapter decode pair of kernels/lora.py (the split-K forward above needs five:
+# zeroed u, shrink, zeroed C, GEMM, cast).
+#
+#   multi_decode_kernel         programs (row, rank chunk, K split) of the per-row shrink,
+#                               then (column tile of W, K split): every split stores fp32
+#                               partials in its own slice of part (M x [R_MAX | N] each)
+#   multi_decode_finish_kernel  y = sum of the splits + bias + u[m] P_B[slot[m]] gathered per
+#                               row, in rank chunks of BLOCK_R as one 3-D load each (not one
+#                               dependent load per rank); its first program stores u, zero
+#                               past each row's rank and on base-only rows
+
+
+@triton.jit
+def multi_decode_kernel(
+    x_ptr, weight_ptr, pool_a_ptr, part_ptr, slot_ptr, off_ptr, rank_ptr, scale_ptr, drop_ptr,
+    M, N, K, R_COLS, R_CHUNKS,
+    stride_xm, stride_xk, stride_weight_n, stride_weight_k, stride_pool_a_r, stride_pool_a_k,
+    stride_ps, stride_pm,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, SHRINK_BLOCK_K: tl.constexpr,
+):
+    """Tiles 0 .. M * R_CHUNKS - 1: the shrink of (row, rank chunk) into part's first R_COLS
+    columns (only where the row's slot has that rank); the rest: W's column tiles."""
+    tile = tl.program_id(0) // SPLIT_K
+    pid_k = tl.program_id(0) % SPLIT_K
+    if tile < M * R_CHUNKS:
+        k_tiles = tl.cdiv(tl.cdiv(K, SHRINK_BLOCK_K), SPLIT_K)
+        _shrink_row(x_ptr, pool_a_ptr, part_ptr + pid_k * stride_ps, slot_ptr, off_ptr, rank_ptr, scale_ptr,
+                    drop_ptr, 0, tile // R_CHUNKS, (tile % R_CHUNKS) * BLOCK_R, pid_k * k_tiles * SHRINK_BLOCK_K,
+                    k_tiles, K, stride_xm, stride_xk, stride_pool_a_r, stride_pool_a_k, stride_pm, 1,
+                    False, 1, BLOCK_R, SHRINK_BLOCK_K)
+    else:
+        first = (tile - M * R_CHUNKS) * BLOCK_N
+        split_dot_store(x_ptr, weight_ptr, part_ptr, M, N, K, first, R_COLS + first, pid_k,
+                        stride_xm, stride_xk, stride_weight_n, stride_weight_k, stride_ps, stride_pm,
+                        DOT_DTYPE, INPUT_PRECISION, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def multi_decode_finish_kernel(
+    part_ptr, q_ptr, bias_ptr, u_ptr, c_ptr, slot_ptr, off_ptr, rank_ptr,
+    M, N, R_MAX, R_COLS,
+    stride_ps, stride_pm, stride_qr, stride_qn, stride_um, stride_cm, stride_cn,
+    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """C[m, tile] = sum_s part[s, m, R_COLS + tile] + bias + u[m, :rank] Q[off : off + rank, tile]
+    with u[m, j] = sum_s part[s, m, j] for j < rank of row m's slot (0 elsewhere)."""
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    slot = tl.load(slot_ptr + offs_m, mask=m_ok, other=-1)
+    has = m_ok & (slot >= 0)
+    s = tl.where(has, slot, 0)
+    rank = tl.load(rank_ptr + s, mask=has, other=0)
+    off = tl.load(off_ptr + s, mask=has, other=0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    rows = part_ptr + offs_m[:, None] * stride_pm
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, SPLIT_K):
+        acc += tl.load(rows + k * stride_ps + R_COLS + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :],
+                       other=0.0)
+    for r0 in range(0, R_MAX, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_ok = offs_r[None, :] < rank[:, None]
+        u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k in range(0, SPLIT_K):
+            u += tl.load(rows + k * stride_ps + offs_r[None, :], mask=r_ok, other=0.0)
+        if pid == 0:
+            tl.store(u_ptr + offs_m[:, None] * stride_um + offs_r[None, :], u,
+                     mask=m_ok[:, None] & (offs_r[None, :] < R_MAX))
+        q = tl.load(q_ptr + (off[:, None, None] + offs_r[None, :, None]).to(tl.int64) * stride_qr
+                    + offs_n[None, None, :] * stride_qn, mask=r_ok[:, :, None] & n_ok[None, None, :], other=0.0)
+        acc += tl.sum(u[:, :, None] * q.to(tl.float32), axis=1)
+    if HAS_BIAS:
+        acc = add_bias(acc, bias_ptr, offs_n, N)
+    c = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])

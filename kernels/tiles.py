@@ -74,6 +74,37 @@ def store_tile(c_ptr, offs_m, offs_n, stride_cm, stride_cn, M, N, acc, SPLIT_K: 
 
 
 @triton.jit
+def split_dot_store(x_ptr, b_ptr, part_ptr, M, NB, K, first_n, col0, pid_k,
+                    stride_xm, stride_xk, stride_bn, stride_bk, stride_ps, stride_pm,
+                    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """part[pid_k, m, col0 + j] = sum over split pid_k's share of K of x[m, k] b[first_n + j, k],
+    for the BLOCK_N rows of b (NB in all) from first_n: one (column tile, K split) of the
+    decode kernels, whose splits store fp32 partials side by side (plain stores, no
+    zeroed buffer) for a finishing kernel to sum in a fixed order."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_j = tl.arange(0, BLOCK_N)
+    offs_n = first_n + offs_j
+    tiles, k_first = split_k_range(K, pid_k, BLOCK_K, SPLIT_K)
+    offs_k = k_first + tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk
+    b_ptrs = b_ptr + offs_k[:, None].to(tl.int64) * stride_bk + offs_n[None, :].to(tl.int64) * stride_bn
+    m_ok = offs_m[:, None] < M
+    n_ok = offs_n[None, :] < NB
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t in range(0, tiles):
+        k_ok = offs_k < K
+        a = tl.load(x_ptrs, mask=m_ok & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok, other=0.0)
+        acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+        offs_k += BLOCK_K
+        x_ptrs += BLOCK_K * stride_xk
+        b_ptrs += BLOCK_K * stride_bk
+    out = part_ptr + pid_k * stride_ps + offs_m[:, None] * stride_pm + (col0 + offs_j)[None, :]
+    tl.store(out, acc, mask=m_ok & n_ok)
+
+
+@triton.jit
 def dropout_materialize_kernel(out_ptr, M, N, stride_m, stride_n, p, seed,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Writes the keep-mask (1.0 kept, 0.0 dropped) that dropout_keep draws;

@@ -27,7 +27,7 @@ _FP32_POINTERS = ("u_ptr", "w_ptr", "val_ptr", "scale_ptr", "l_ptr", "drop_ptr",
 # vector widths, software pipelining and shared memory match what runs.
 FORWARD_UNIT_STRIDES = ("stride_ak", "stride_bk", "stride_cn", "stride_ur", "stride_vn", "stride_xk", "stride_pk",
                         "stride_qn", "stride_on", "stride_w_u", "stride_af", "stride_xf", "stride_out_k", "stride_w_k",
-                        "stride_weight_k", "stride_lora_a_k", "stride_lora_b_r")
+                        "stride_weight_k", "stride_lora_a_k", "stride_lora_b_r", "stride_pool_a_k")
 
 
 def compile_variant(kernel, arch, dtype, out, consts, num_warps, num_stages, unit=FORWARD_UNIT_STRIDES):
@@ -141,7 +141,8 @@ def variants():
     from fusedlora.kernels.c3a import (c3a_circulant_kernel, c3a_diagonal_sums_kernel, c3a_kernel_grad_kernel,
                                        c3a_matmul_kernel)
     from fusedlora.kernels.lora import lora_decode_finish_kernel, lora_decode_kernel, lora_matmul_kernel
-    from fusedlora.kernels.multi import multi_grad_kernel, multi_matmul_kernel, multi_shrink_kernel
+    from fusedlora.kernels.multi import (multi_decode_finish_kernel, multi_decode_kernel, multi_grad_kernel,
+                                         multi_matmul_kernel, multi_shrink_kernel)
     from fusedlora.kernels.sparse import (sddmm_kernel, sparse_gather_kernel, sparse_matmul_kernel,
                                           sparse_densify_kernel, sparse_rows_add_kernel)
 
@@ -219,6 +220,14 @@ def variants():
         "multi-sm90-bf16-decode-bgmv": (multi_matmul_kernel, 90, "bf16", "fp32",
                                         gemm(HAS_BIAS=True, DROP_EPI=False, SORTED=False, SEG_DOT_MAX=8, BLOCK_R=16,
                                              SPLIT_K=4, **decode), 4, 3, "mma"),
+        # BGMV decode pair: per-row shrink programs and W's split-K tiles in one grid, then the
+        # finishing sum with the per-row expand gathered in 3-D rank chunks
+        "multi-sm90-bf16-decode-pair": (multi_decode_kernel, 90, "bf16", "fp32",
+                                        dict(DOT_DTYPE=tl.bfloat16, INPUT_PRECISION="tf32", SPLIT_K=4, BLOCK_M=16,
+                                             BLOCK_N=64, BLOCK_K=128, BLOCK_R=16, SHRINK_BLOCK_K=256), 4, 3, "mma"),
+        "multi-sm90-bf16-decode-finish": (multi_decode_finish_kernel, 90, "bf16", "bf16",
+                                          dict(HAS_BIAS=True, SPLIT_K=4, BLOCK_M=16, BLOCK_N=32, BLOCK_R=8), 4, 1,
+                                          None),
         # dx with per-adapter dropout on the low-rank term, sm_80
         "multi-sm80-fp16-grad-x-sgmv": (multi_matmul_kernel, 80, "fp16", "fp16",
                                         gemm(**f16, HAS_BIAS=False, DROP_EPI=True, SORTED=True, SEG_DOT_MAX=0,
@@ -264,7 +273,7 @@ NAMES = ["lora-sm90-bf16-decode-pair", "lora-sm80-fp32-decode-pair", "lora-sm90-
          "sparse-sm90-bf16-decode", "sparse-sm90-bf16-sddmm", "sparse-sm90-bf16-rows-add",
          "sparse-sm80-fp16-rows-add-1row", "sparse-sm90-bf16-densify", "sparse-sm90-bf16-gather", "c3a-sm90-bf16-circulant",
          "c3a-sm90-bf16-diagonal-sums", "multi-sm90-bf16-forward-sgmv",
-         "multi-sm90-bf16-decode-bgmv", "multi-sm80-fp16-grad-x-sgmv", "multi-sm90-bf16-shrink-sgmv",
+         "multi-sm90-bf16-decode-bgmv", "multi-sm90-bf16-decode-pair", "multi-sm90-bf16-decode-finish", "multi-sm80-fp16-grad-x-sgmv", "multi-sm90-bf16-shrink-sgmv",
          "multi-sm90-bf16-shrink-bgmv", "multi-sm90-bf16-grad-grouped"]
 
 

@@ -83,7 +83,45 @@ def test_mixed_ranks_rowwise_equal_single_adapter(triton_backend, dtype, M):
     path = "sgmv" if M > multi.sort_min_rows() else "bgmv"
     ran = dispatched("multi.")
     assert any(k.startswith(f"multi.forward:triton:{path}") for k in ran), ran
-    assert f"multi.shrink:triton:{path}" in ran, ran
+    if path == "sgmv":
+        assert "multi.shrink:triton:sgmv" in ran, ran
+    else:  # decode rows: the shrink runs in the decode pair's first launch
+        assert set(ran) == {"multi.forward:triton:bgmv-decode"}, ran
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_bgmv_decode_pair_u_and_repeatability(triton_backend, dtype):
+    """The two-launch BGMV decode on a strided x, ranks 20 and 3 (20 spans two shrink
+    chunks of 16 and three expand chunks of 8), base-only rows: u is s x P_A[slot]^T up to
+    each row's rank and stored as 0 past it and on -1 rows (the partials there are never
+    written); y against float64; the splits are added in a fixed order: bit for bit."""
+    from fusedlora.routing import pack_loras
+
+    K, N = 70, 37
+    g = torch.Generator().manual_seed(11)
+    As = [(torch.randn(r, K, generator=g) / K**0.5).to(DEVICE, dtype) for r in (20, 3)]
+    Bs = [torch.randn(N, r, generator=g).to(DEVICE, dtype) for r in (20, 3)]
+    pool_A, pool_BT, off, rank, scale, rmax = pack_loras(As, Bs, [0.5, 2.0], device=DEVICE)
+    W = (torch.randn(N, K, generator=g) / K**0.5).to(DEVICE, dtype)
+    b = torch.randn(N, generator=g).to(DEVICE, dtype)
+    x = torch.randn(7, 2 * K, generator=g).to(DEVICE, dtype)[:, ::2]
+    slots = [0, -1, 1, 1, -1, 0, 1]
+    row_slot = torch.tensor(slots, dtype=torch.int32, device=DEVICE)
+    sl = multi._Slots(off, rank, scale, torch.zeros(2, device=DEVICE), False, 0)
+    y, u = multi._decode_pair(x, W, b, pool_A, pool_BT, row_slot, sl, rmax)
+    xd = x.double()
+    u_ref = torch.zeros(7, rmax, dtype=torch.float64)
+    y_ref = torch.nn.functional.linear(xd, W.double(), b.double())
+    for m, s in enumerate(slots):
+        if s >= 0:
+            u_ref[m, :As[s].shape[0]] = (0.5, 2.0)[s] * xd[m] @ As[s].double().t()
+            y_ref[m] += u_ref[m, :As[s].shape[0]] @ Bs[s].double().t()
+    assert rel_err(u, u_ref) < 1e-5
+    assert torch.equal(u[1], torch.zeros_like(u[1])) and torch.equal(u[2, 3:], torch.zeros_like(u[2, 3:]))
+    assert rel_err(y, y_ref) < TOL[dtype]
+    y2, u2 = multi._decode_pair(x, W, b, pool_A, pool_BT, row_slot, sl, rmax)
+    assert torch.equal(y, y2) and torch.equal(u, u2)
+    assert dispatched("multi.") == {"multi.forward:triton:bgmv-decode": 2}
 
 
 @pytest.mark.parametrize("M", [6, 40])
