@@ -5,7 +5,10 @@ One FusedLinear per case (inference), timed on the same random input sets:
           rows; above that the extension has no kernel and Triton runs (the
           dispatch list of the report says which ran); its GEMV on CUDA cores
   cuda-mma  the same with the tensor-core GEMV (cuda_ext.use_gemv("mma"); fp16/bf16)
-  triton  the same forward under use_backend("triton")
+  triton  the same forward under use_backend("triton"): the two-launch decode pairs
+          (LoRA, multi) where they serve
+  triton-splitk  the same with the pairs off (launch.use_decode_pair(False)): the split-K
+          plan's five GPU operations, the pairs' A/B until a GPU run settles the default
   auto    the same forward under fusedlora's default dispatch
   base    F.linear(x, W, b) alone: reading W is the floor of every row here
   eager   the adapter in plain PyTorch after F.linear (LoRA: two thin matmuls;
@@ -32,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fusedlora
-from fusedlora import FusedLinear, cuda_ext, reference
+from fusedlora import FusedLinear, cuda_ext, launch, reference
 from fusedlora.sparse import random_indices
 
 from .harness import frozen_linear, Case, Options, Skip, best_ms, elem_size, matmul_flops, numel_bytes, random_maker
@@ -108,7 +111,7 @@ def _inputs(variant: str, s: dict, device, dtype, seed: int):
     return i
 
 
-def _forward(backend: str, gemv: str = "fma"):
+def _forward(backend: str, gemv: str = "fma", decode_pair: bool = True):
     def setup(i):
         device = i["x"].device
         if backend == "cuda" and device.type != "cuda":
@@ -119,7 +122,8 @@ def _forward(backend: str, gemv: str = "fma"):
         kw = {"adapter_ids": i["route"]["ids"], "validate": False} if "route" in i else {}
 
         def run():
-            with torch.no_grad(), fusedlora.use_backend(backend), cuda_ext.use_gemv(gemv):
+            with torch.no_grad(), fusedlora.use_backend(backend), cuda_ext.use_gemv(gemv), \
+                    launch.use_decode_pair(decode_pair):
                 return layer(x, **kw)
         return run
     return setup
@@ -182,10 +186,11 @@ def cases(opts: Options):
         yield Case(path=PATH, variant=variant, shape=s, dtype=opts.dtype, device=opts.device,
                    make_inputs=lambda v=variant, s=s: _inputs(v, s, opts.device, opts.dtype, next(seeds)),
                    impls={"cuda": _forward("cuda"), "cuda-mma": _forward("cuda", "mma"),
-                          "triton": _forward("triton"), "auto": _forward("auto"),
+                          "triton": _forward("triton"), "triton-splitk": _forward("triton", decode_pair=False),
+                          "auto": _forward("auto"),
                           "base": _base, "eager": _eager,
                           "cublas-rows": _cublas_rows},
-                   work={"*": adapter, "base": base}, ref="cuda", roof_impls=("cuda", "cuda-mma", "triton", "base"))
+                   work={"*": adapter, "base": base}, ref="cuda", roof_impls=("cuda", "cuda-mma", "triton", "triton-splitk", "base"))
 
 
 def _by_shape(rows, variant: str) -> dict:

@@ -5,6 +5,7 @@ matrix product onto ``lora_matmul_kernel`` and picks its tiles.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
@@ -214,6 +215,27 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, out_dtype: torch.dtype, dot_dtyp
     )
     launch_gemm(lora_matmul_kernel, _tuned_kernel, plan, M, N, args, flags, tag)
     return c if c.dtype == out_dtype else c.to(out_dtype)
+
+
+# The two-launch decode pairs (lora_decode below, multi._decode_pair) serve 1..16 rows
+# without dropout; False runs the split-K plan there instead (five GPU operations). The
+# decode bench times both (bench/decode.py, column triton-splitk) until a GPU run settles it.
+DECODE_PAIR = True
+
+
+@contextlib.contextmanager
+def use_decode_pair(on: bool):
+    """DECODE_PAIR for the calls in this scope (process-wide, like backend.use_backend)."""
+    global DECODE_PAIR
+    before, DECODE_PAIR = DECODE_PAIR, bool(on)
+    try:
+        yield
+    finally:
+        DECODE_PAIR = before
+
+
+def decode_pair_serves(x: torch.Tensor, weight: torch.Tensor, dropout: bool) -> bool:
+    return DECODE_PAIR and 0 < x.shape[0] <= 16 and not dropout and weight.shape[0] > 0 and x.shape[1] > 0
 
 
 def lora_decode(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,

@@ -391,7 +391,9 @@ def _multi_forward_on(backend: str, x: Tensor, weight: Tensor, bias: Optional[Te
                                             slot_scale, int(max_rank), gemv=gemv)
         # the extension has no kernel for these rows, dropout or strides: Triton, recorded below
     triton_dtype_ok(x)
-    if 0 < x.shape[0] <= min(16, sort_min_rows()) and not dropout and weight.shape[0] and x.shape[1]:
+    from .launch import decode_pair_serves
+
+    if decode_pair_serves(x, weight, dropout) and x.shape[0] <= sort_min_rows():
         return _decode_pair(x, weight, bias, pool_A, pool_BT, row_slot, sl, max_rank)
     routing = route(row_slot, slot_rank.shape[0], bounds=False) if x.shape[0] > sort_min_rows() else None
     u = _shrink(x, pool_A, row_slot, sl, max_rank, routing, dropout, "multi.shrink")

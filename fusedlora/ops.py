@@ -214,9 +214,9 @@ def _lora_forward_on(backend: str, x: Tensor, weight: Tensor, bias: Optional[Ten
         record("lora.forward", "eager", "composition")
         return y, xa.float().mul_(scaling)
     triton_dtype_ok(x)
-    from .launch import Dropout, lora_decode, matmul
+    from .launch import Dropout, decode_pair_serves, lora_decode, matmul
 
-    if 0 < x.shape[0] <= 16 and dropout_p == 0.0 and weight.shape[0] and x.shape[1]:
+    if decode_pair_serves(x, weight, dropout_p > 0.0):
         return lora_decode(x, weight, bias, lora_A, lora_B, scaling)
     u = matmul(x, lora_A.t(), out_dtype=torch.float32, dot_dtype=x.dtype, alpha=scaling,
                dropout=Dropout(dropout_p, int(seed.item()), "a"), tag="lora.shrink")
