@@ -78,7 +78,7 @@ def test_gemm_splitk_and_decode_paths_are_covered(triton_backend):
     assert "lora.shrink:triton:splitk" in dispatched("lora.shrink")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES + [pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("M,K,N,r", [(1, 33, 17, 1), (16, 50, 70, 20), (5, 200, 9, 3)])
 def test_decode_pair_y_u_and_repeatability(triton_backend, M, K, N, r, dtype):
     """The decode pair on a strided x: u (the shrink's column tiles, summed over the K

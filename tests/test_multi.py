@@ -89,7 +89,7 @@ def test_mixed_ranks_rowwise_equal_single_adapter(triton_backend, dtype, M):
         assert set(ran) == {"multi.forward:triton:bgmv-decode"}, ran
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])
 def test_bgmv_decode_pair_u_and_repeatability(triton_backend, dtype):
     """The two-launch BGMV decode on a strided x, ranks 20 and 3 (20 spans two shrink
     chunks of 16 and three expand chunks of 8), base-only rows: u is s x P_A[slot]^T up to
