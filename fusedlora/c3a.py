@@ -107,7 +107,7 @@ def _c3a_matmul(a: Tensor, b: Tensor, w: Tensor, *, reduce_in: bool, in_features
     plan = matmul_plan(M, N, K, a.device, a.dtype.itemsize)
     c = gemm_output(M, N, plan, out_dtype, a.device)
     args = (
-        a, b, c, bias if bias is not None else c, w,
+        a, b, c, bias.contiguous() if bias is not None else c, w,  # bias read with unit stride
         M, N, K, int(w.shape[2]), _pow2_at_least(M, 1),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         w.stride(0), w.stride(1), w.stride(2), 1.0 / in_features,

@@ -200,7 +200,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, out_dtype: torch.dtype, dot_dtyp
     p = dropout.p if dropout is not None else 0.0
     drop_at = dropout.where if (dropout is not None and p > 0.0) else None
     args = (
-        a, b, c, bias if bias is not None else c, u if u is not None else c, v if v is not None else c,
+        # the kernels read bias with unit stride
+        a, b, c, bias.contiguous() if bias is not None else c, u if u is not None else c, v if v is not None else c,
         M, N, K, R, _pow2_at_least(M, 1),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         u.stride(0) if u is not None else 0, u.stride(1) if u is not None else 0,

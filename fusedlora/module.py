@@ -199,6 +199,8 @@ class FusedLinear(nn.Linear):
             names = []
         elif isinstance(names, str):
             names = [names]
+        elif not isinstance(names, Iterable):
+            raise TypeError(f"names: expected an adapter name, a list of names or None, got {type(names).__name__}")
         names = list(names)
         for n in names:
             self._check_name(n, must_exist=True)

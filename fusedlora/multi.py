@@ -204,7 +204,8 @@ def _matmul(a: Tensor, b: Tensor, bias: Optional[Tensor], u: Tensor, q: Tensor, 
     c = (torch.zeros if split > 1 else torch.empty)(
         (M, N), device=a.device, dtype=torch.float32 if split > 1 else out_dtype)
     perm, segid, segstart = _meta(routing, row_slot)
-    args = (a, b, c, bias if bias is not None else c, u, q, row_slot, perm, segid, segstart, sl.off, sl.rank,
+    args = (a, b, c, bias.contiguous() if bias is not None else c, u, q,  # bias: unit stride
+            row_slot, perm, segid, segstart, sl.off, sl.rank,
             sl.drop, M, N, K, _pow2_at_least(M, 1), _pow2_at_least(u.shape[1], 1),
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
             u.stride(0), u.stride(1), q.stride(0), q.stride(1), sl.seed)
@@ -545,6 +546,9 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], row_slo
     Differentiable in x, weight, bias and both pools.
     """
     check_multi_args(x, weight, bias, row_slot, pool_A, pool_BT, slot_off, slot_rank, slot_scale, slot_drop)
+    # the kernels (and the CUDA extension) index the tables with unit stride
+    row_slot, slot_off, slot_rank, slot_scale = (t.contiguous() for t in (row_slot, slot_off, slot_rank, slot_scale))
+    slot_drop = slot_drop.contiguous() if slot_drop is not None else None
     max_rank = _check_table_values(row_slot, slot_off, slot_rank, slot_drop, pool_A.shape[0], max_rank)
     from .ops import draw_seed
 

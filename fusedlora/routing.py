@@ -407,7 +407,7 @@ def layer_forward(layer, x: Tensor, ids: Tensor, validate: bool = True, strict: 
     gather = sorted_rows or (not compiling and select_backend(x.device) == "torch")
     order = None
     for slot, (name, kind) in enumerate(zip(tables.names, tables.kinds)):
-        if kind == "lora":
+        if kind == "lora" or x2.shape[0] == 0:  # no rows: no delta (and no FFT of 0 rows)
             continue
         if counts is not None and counts[slot] == 0:
             continue

@@ -127,7 +127,7 @@ def _sparse_matmul(a: Tensor, b: Tensor, layout: Tuple[Tensor, Tensor, Tensor, T
     c = gemm_output(M, N, plan, out_dtype, a.device)
     dummy = c
     args = (
-        a, b, c, bias if bias is not None else dummy,
+        a, b, c, bias.contiguous() if bias is not None else dummy,  # bias read with unit stride
         offsets if has_delta else dummy, red_idx if has_delta else dummy, out_idx if has_delta else dummy,
         perm if has_delta else dummy, values if has_delta else dummy,
         M, N, K, _pow2_at_least(M, 1), num_tn, num_tk,

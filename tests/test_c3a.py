@@ -82,8 +82,8 @@ def test_3d_input_no_bias_kernel_in_x_dtype(triton_backend):
 
 @pytest.mark.parametrize("backend,M", [("triton", 9), ("eager", 9), ("eager", 20), ("spectral", 20)])
 def test_non_contiguous_operands(monkeypatch, backend, M):
-    """Strided, transposed and permuted operands, a stride-0 gradient; the eager forms too
-    (FFT at 9 rows, the circulant and cuBLAS at 20, the spectral form at 20)."""
+    """Strided, transposed and permuted operands (a strided bias too), a stride-0 gradient;
+    the eager forms too (FFT at 9 rows, the circulant and cuBLAS at 20, the spectral form at 20)."""
     if backend == "spectral":
         monkeypatch.setattr(fusedlora.c3a, "SPECTRAL_MIN_BLOCK", 1)
         backend = "eager"
@@ -93,8 +93,10 @@ def test_non_contiguous_operands(monkeypatch, backend, M):
     x = torch.randn(M, 2 * K, device=DEVICE)[:, ::2]                        # 2-D strided view
     w = torch.randn(K, N, device=DEVICE).t() / K**0.5                       # transposed weight
     k = torch.randn(b, K // b, N // b, device=DEVICE).permute(2, 1, 0)      # permuted kernel
-    assert not (x.is_contiguous() or w.is_contiguous() or k.is_contiguous())
-    inp.update(x=x.requires_grad_(), weight=w.requires_grad_(), c3a_kernel=k.requires_grad_())
+    bias = torch.randn(N, 2, device=DEVICE)[:, 1]                           # stride-2 bias
+    assert not (x.is_contiguous() or w.is_contiguous() or k.is_contiguous() or bias.is_contiguous())
+    inp.update(x=x.requires_grad_(), weight=w.requires_grad_(), c3a_kernel=k.requires_grad_(),
+               bias=bias.requires_grad_())
     # stride-0 output gradient (what y.sum(0) would send back)
     check_against_reference(inp, grad_y=torch.randn(N, device=DEVICE).expand(M, N))
     # 3-D non-contiguous input (reshape copies it)

@@ -75,6 +75,21 @@ def test_module_rejects_bad_adapters():
         layer.add_lora("a", r=2)
     with pytest.raises(ValueError, match="unknown adapter 'b'"):
         layer.set_adapter(["a", "b"])
+    with pytest.raises(TypeError, match="names: expected an adapter name"):
+        layer.set_adapter(0)
+    with pytest.raises(ValueError, match="names: duplicate"):
+        layer.set_adapter(["a", "a"])
+    with pytest.raises(ValueError, match="unknown adapter 'b'"):
+        layer.merge(["b"])
+    with pytest.raises(ValueError, match=r"indices: .*out of range"):
+        layer.add_sparse("s", torch.tensor([[0, 6], [0, 1]]))
+    with pytest.raises(ValueError, match="indices: duplicate"):
+        layer.add_sparse("s", torch.tensor([[1, 1], [2, 2]]))
+    with pytest.raises(ValueError, match="values: expected a floating tensor of shape"):
+        layer.add_sparse("s", torch.tensor([[0, 1], [0, 1]]), values=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="block_size"):
+        layer.add_c3a("c", block_size=4)  # divides 8, not 6
+    assert layer.adapter_names == ["a"] and layer.active_adapters == ["a"]  # nothing half-added
     with pytest.raises(ValueError, match="unknown adapter"):
         layer.delete_adapter("b")
     with pytest.raises(ValueError, match="in_features=8"):

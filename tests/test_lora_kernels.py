@@ -145,6 +145,48 @@ def test_non_contiguous_input(triton_backend):
     check_against_reference(inp)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_operand_non_contiguous(triton_backend, dtype):
+    """Strided views of every tensor the kernels read (x 3-D, W transposed, bias and
+    lora_A with a column stride, lora_B column-major) and a stride-0 output gradient."""
+    inp = make_inputs(0, 36, 22, 5, dtype, lead=(3, 5))
+    g = torch.Generator().manual_seed(torch.randint(0, 2**30, ()).item())
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(DEVICE, dtype)
+
+    views = {
+        "x": randn(36, 5, 3).permute(2, 1, 0),
+        "weight": randn(36, 22, scale=1 / 6).t(),
+        "bias": randn(22, 2)[:, 1],
+        "lora_A": randn(5, 72, scale=1 / 6)[:, ::2],
+        "lora_B": randn(5, 22, scale=1 / 2).t(),
+    }
+    for n, v in views.items():
+        assert not v.is_contiguous(), n
+        inp[n] = v.requires_grad_()
+    y = ops.lora_linear(*(inp[n] for n in NAMES), 1.3)
+    grad_y = torch.randn(22, device=DEVICE, dtype=dtype).expand(3, 5, 22)
+    y.backward(grad_y)
+    y_ref, ref = reference_grads(inp, 1.3, grad_y)
+    assert rel_err(y, y_ref) < TOL[dtype]
+    for n in NAMES:
+        assert rel_err(inp[n].grad, ref[n].grad) < TOL[dtype], n
+    ran = dispatched()
+    for op in ("lora.forward", "lora.grad_x", "lora.grad_A", "lora.grad_B", "lora.grad_weight"):
+        assert any(k.startswith(op + ":triton:") for k in ran), (op, ran)
+    assert not any(":torch:" in k for k in ran), ran
+
+
+def test_zero_rows_fp16_3d(triton_backend):
+    inp = make_inputs(0, 20, 30, 2, torch.float16, lead=(4, 0))
+    y = ops.lora_linear(*(inp[n] for n in NAMES), 2.0)
+    assert y.shape == (4, 0, 30) and y.dtype == torch.float16
+    y.sum().backward()
+    assert inp["x"].grad.shape == (4, 0, 20)
+    for n in ("weight", "bias", "lora_A", "lora_B"):
+        assert inp[n].grad.dtype == torch.float16 and torch.count_nonzero(inp[n].grad) == 0, n
+
+
 def test_no_bias_and_zero_rows(triton_backend):
     check_against_reference(make_inputs(11, 20, 30, 2, torch.float32, bias=False))
     inp = make_inputs(0, 20, 30, 2, torch.float32)

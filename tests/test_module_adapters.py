@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+import fusedlora
+
 from conftest import DEVICE, TOL, dispatched, rel_err
 from fusedlora import FusedLinear, reference
 from fusedlora.sparse import random_indices
@@ -137,3 +139,96 @@ def test_sparse_adapter_added_and_run_under_inference_mode():
         ref = reference.sparse_linear(x.double(), layer.weight.double(), layer.bias.double(), idx,
                                       layer.sparse_values["s"].double(), 0.5)
     assert rel_err(y, ref) < TOL[torch.float32]
+
+
+def _mixed_layer(dtype):
+    torch.manual_seed(7)
+    layer = FusedLinear(48, 32, device=DEVICE, dtype=dtype)
+    with torch.no_grad():
+        layer.weight.normal_(0, 48**-0.5)
+        layer.bias.normal_()
+    layer.add_lora("l", r=4, init_lora_weights=False)
+    layer.add_c3a("c", block_size=8, init_weights="gaussian")
+    idx = random_indices((32, 48), density=0.04, seed=3)
+    layer.add_sparse("s", idx, torch.randn(idx.shape[1], dtype=dtype), scaling=0.6)
+    return layer, idx
+
+
+def _mixed_reference(layer, idx, x, active, grad_y):
+    """float64 oracle of the active adapters summed, with autograd gradients."""
+    p = {k: v.detach().double().requires_grad_() for k, v in layer.named_parameters()}
+    xd = x.detach().double().requires_grad_()
+    W = p["weight"]
+    if "c" in active:
+        W = W + reference.c3a_delta_weight(p["c3a_kernel.c"], 48, 32)
+    if "s" in active:
+        W = W + reference.sparse_delta_weight(idx, p["sparse_values.s"], 0.6, (32, 48))
+    y = torch.nn.functional.linear(xd, W, p["bias"])
+    if "l" in active:
+        y = y + layer.scaling["l"] * (xd @ p["lora_A.l"].t()) @ p["lora_B.l"].t()
+    y.backward(grad_y.double())
+    return y, xd, p
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("active", [["c", "s", "l"], ["s", "l"]])
+def test_mixed_active_adapters_every_gradient_matches_reference(triton_backend, dtype, active):
+    """The first C3A / sparse adapter fused with the base GEMM, the others added eagerly:
+    y and the gradients of x, W, b and every adapter's parameters against float64, on a
+    3-D input and on zero rows; inactive adapters get no gradient; the fused op ran on Triton."""
+    layer, idx = _mixed_layer(dtype)
+    layer.set_adapter(active)
+    for lead in ((2, 5), (0,)):
+        layer.zero_grad(set_to_none=True)
+        fusedlora.reset_dispatch()
+        x = torch.randn(*lead, 48, device=DEVICE, dtype=dtype, requires_grad=True)
+        y = layer(x)
+        assert y.shape == (*lead, 32) and y.dtype == dtype
+        gy = torch.randn_like(y)
+        y.backward(gy)
+        y_ref, xd, p = _mixed_reference(layer, idx, x, active, gy)
+        tol = TOL[dtype]
+        assert rel_err(y, y_ref) < tol
+        assert rel_err(x.grad, xd.grad) < tol
+        for k, prm in layer.named_parameters():
+            if k.split(".")[-1] in active or k in ("weight", "bias"):
+                assert prm.grad is not None and rel_err(prm.grad, p[k].grad) < tol, (k, lead)
+            else:
+                assert prm.grad is None, k
+        if not x.numel():
+            continue  # zero rows launch nothing (and record nothing)
+        ran = dispatched()
+        fused = {"c": "c3a.forward:triton:", "s": "sparse."}[active[0]]
+        assert any(k.startswith(fused) and ":triton:" in k for k in ran), ran
+        extra = {"c3a.extra_adapter:torch:eager"} if "c" in active[1:] else set()
+        extra |= {"sparse.extra_adapter:torch:eager"} if "s" in active[1:] else set()
+        assert extra | {"lora.extra_adapter:torch:eager"} <= set(ran), ran
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_c3a_and_sparse_merge_unmerge_round_trip(triton_backend, dtype):
+    """Merging C3A and sparse adapters (with LoRA) gives the unmerged output on the plain base
+    GEMM (no fused op dispatched); unmerge restores W: the sparse O(nnz) merge bit for bit,
+    the dense C3A delta to the dtype's rounding."""
+    layer, idx = _mixed_layer(dtype)
+    w0 = layer.weight.detach().clone()
+    x = torch.randn(2, 3, 48, device=DEVICE, dtype=dtype)
+    for names in (["s"], ["c"], ["c", "s", "l"]):
+        layer.set_adapter(names)
+        with torch.no_grad():
+            y = layer(x)
+        layer.merge()
+        assert layer.merged_adapters == names
+        fusedlora.reset_dispatch()
+        with torch.no_grad():
+            y_merged = layer(x)
+        assert dispatched() == {}
+        assert rel_err(y_merged, y) < TOL[dtype], names
+        layer.unmerge()
+        assert not layer.merged
+        if names == ["s"]:
+            assert torch.equal(layer.weight, w0)
+        else:
+            assert rel_err(layer.weight, w0) < (1e-6 if dtype == torch.float32 else 1e-3), names
+        with torch.no_grad():
+            layer.weight.copy_(w0)

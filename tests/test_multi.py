@@ -571,3 +571,133 @@ def test_multi_lora_linear_rejects_tables_that_would_index_out_of_bounds(triton_
         with pytest.raises(ValueError, match=name):
             multi_lora_linear(**args)
     assert dispatched() == {}, "a kernel ran before the error"
+
+
+@pytest.mark.parametrize("change,exc,name", [
+    (dict(pool_A=torch.randn(20, 19)), ValueError, "pool_A"),                          # K columns
+    (dict(pool_BT=torch.randn(20, 11)), ValueError, "pool_BT"),                        # N columns
+    (dict(pool_BT=torch.randn(19, 12)), ValueError, "pool_BT"),                        # rows unlike pool_A's
+    (dict(pool_A=torch.randn(20, 20, dtype=torch.float16)), TypeError, "pool_A"),      # not x's dtype
+    (dict(pool_BT=[[0.0]]), TypeError, "pool_BT"),
+    (dict(row_slot=torch.zeros(5, dtype=torch.int64)), TypeError, "row_slot"),         # int32 tables
+    (dict(row_slot=torch.zeros(4, dtype=torch.int32)), ValueError, "row_slot"),        # one per row
+    (dict(slot_scale=torch.ones(2, dtype=torch.float64)), TypeError, "slot_scale"),
+    (dict(slot_rank=torch.tensor([4], dtype=torch.int32)), ValueError, "slot_rank"),   # length unlike slot_off's
+    (dict(slot_off=torch.zeros(2, dtype=torch.int32, device="meta")), ValueError, "slot_off"),
+    (dict(weight=torch.randn(12, 20, dtype=torch.float16)), TypeError, "weight"),
+    (dict(bias=torch.randn(11)), ValueError, "bias"),
+])
+def test_multi_lora_linear_rejects_bad_arguments_before_launch(triton_backend, change, exc, name):
+    """The functional form's argument checks (shapes, dtypes, devices of the pools and
+    tables) name the argument and run before any kernel."""
+    from fusedlora.multi import multi_lora_linear
+    from fusedlora.routing import pack_loras
+
+    K, N = 20, 12
+    As = [torch.randn(r, K, device=DEVICE) for r in (4, 16)]
+    Bs = [torch.randn(N, r, device=DEVICE) for r in (4, 16)]
+    pool_A, pool_BT, off, rank, scale, _ = pack_loras(As, Bs, [1.0, 0.5])
+    args = dict(x=torch.randn(5, K, device=DEVICE), weight=torch.randn(N, K, device=DEVICE), bias=None,
+                row_slot=torch.tensor([0, 1, -1, 1, 0], dtype=torch.int32, device=DEVICE), pool_A=pool_A,
+                pool_BT=pool_BT, slot_off=off, slot_rank=rank, slot_scale=scale)
+    args.update({k: (v.to(DEVICE) if isinstance(v, torch.Tensor) and v.device.type != "meta" else v)
+                 for k, v in change.items()})
+    with pytest.raises(exc, match=name):
+        multi_lora_linear(**args)
+    assert dispatched() == {}, "a kernel ran before the error"
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_mixed_kinds_fp16_3d_and_zero_rows(triton_backend, validate):
+    """LoRA, C3A and sparse rows in fp16 on a 3-D input, every gradient against the float64
+    oracle (each row its own dense weight); and zero rows, with and without validation
+    (without it every kind's delta is masked over all rows: 0 rows must mean no FFT)."""
+    dtype = torch.float16
+    layer, names = make_layer(32, 24, [3], dtype)
+    layer.add_c3a("c3h", block_size=8, init_weights="gaussian")
+    idx = random_indices((24, 32), density=0.1, seed=6)
+    layer.add_sparse("sph", idx, torch.randn(idx.shape[1], dtype=dtype), scaling=0.7)
+    kinds = names + ["c3h", "sph"]
+    ids = torch.tensor([layer.adapter_id(n) for n in kinds] + [-1] * 3, device=DEVICE)
+    ids = ids[torch.randperm(6, generator=torch.Generator().manual_seed(2))].reshape(2, 3)
+    x = torch.randn(2, 3, 32, device=DEVICE, dtype=dtype, requires_grad=True)
+    fusedlora.reset_dispatch()
+    y = layer(x, adapter_ids=ids, validate=validate)
+    assert y.shape == (2, 3, 24) and y.dtype == dtype
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    assert any(k.startswith("multi.forward:triton:") for k in dispatched("multi.")), dispatched()
+    how = "sorted" if validate else "masked"
+    assert {f"multi.c3a_delta:torch:{how}", f"multi.sparse_delta:torch:{how}"} <= set(dispatched("multi.")), \
+        dispatched()
+    p = {k: v.detach().double().requires_grad_() for k, v in layer.named_parameters()}
+    xd = x.detach().double().requires_grad_()
+    out = []
+    for m, i in enumerate(ids.reshape(-1).tolist()):
+        n = name_of(i)
+        W = p["weight"]
+        if n == "c3h":
+            W = W + reference.c3a_delta_weight(p["c3a_kernel.c3h"], 32, 24)
+        elif n == "sph":
+            W = W + reference.sparse_delta_weight(idx, p["sparse_values.sph"], 0.7, (24, 32))
+        row = nn.functional.linear(xd.reshape(6, 32)[m], W, p["bias"])
+        if n in names:
+            row = row + layer.scaling[n] * p[f"lora_B.{n}"] @ (p[f"lora_A.{n}"] @ xd.reshape(6, 32)[m])
+        out.append(row)
+    y_ref = torch.stack(out).reshape(2, 3, 24)
+    y_ref.backward(gy.double())
+    tol = TOL[dtype]
+    assert rel_err(y, y_ref) < tol
+    assert rel_err(x.grad, xd.grad) < tol
+    for k, prm in layer.named_parameters():
+        assert prm.grad is not None and rel_err(prm.grad, p[k].grad) < tol, k
+
+    x0 = torch.randn(0, 32, device=DEVICE, dtype=dtype, requires_grad=True)
+    y0 = layer(x0, adapter_ids=torch.zeros(0, dtype=torch.long, device=DEVICE), validate=validate)
+    assert y0.shape == (0, 24) and y0.dtype == dtype
+    y0.sum().backward()
+    assert x0.grad.shape == (0, 32)
+    with torch.no_grad(), fusedlora.use_adapters(layer, ids[:, 0], validate=validate):  # per sample, 3-D
+        y_ua = layer(x.detach())
+    assert rel_err(y_ua, layer(x.detach(), adapter_ids=ids[:, :1].expand(2, 3))) < 1e-3
+
+
+@pytest.mark.parametrize("M", [5, 20])  # BGMV, SGMV
+def test_multi_lora_linear_strided_tables_bias_and_pools(triton_backend, M):
+    """Every argument of the functional form a strided view: the 1-D tables and the bias with
+    junk between their entries (in range, so that a kernel reading them with unit stride gives
+    wrong rows, not a crash), the pools and the weight transposed; all gradients vs float64."""
+    from fusedlora.multi import multi_lora_linear
+    from fusedlora.routing import pack_loras
+
+    def strided(t, junk):  # t's values at stride 2, ``junk`` in between
+        return torch.stack([t, torch.full_like(t, junk)], 1)[:, 0]
+
+    K, N = 24, 18
+    torch.manual_seed(M)
+    As = [torch.randn(r, K, device=DEVICE) / K**0.5 for r in (3, 6)]
+    Bs = [torch.randn(N, r, device=DEVICE) for r in (3, 6)]
+    pool_A, pool_BT, off, rank, scale, rmax = pack_loras(As, Bs, [0.5, -1.5])
+    slot = torch.tensor([0, 1, -1] * (M // 3) + [1] * (M % 3), dtype=torch.int32, device=DEVICE)
+    leaves = {"x": torch.randn(M, K, device=DEVICE), "weight": torch.randn(K, N, device=DEVICE).t() / K**0.5,
+              "bias": strided(torch.randn(N, device=DEVICE), 1e3),
+              "pool_A": pool_A.t().contiguous().t(), "pool_BT": pool_BT.t().contiguous().t()}
+    for t in leaves.values():
+        t.requires_grad_()
+    tables = dict(row_slot=strided(slot, 1), slot_off=strided(off, 1), slot_rank=strided(rank, 2),
+                  slot_scale=strided(scale, 1e3))
+    assert not any(t.is_contiguous() for t in (*tables.values(), leaves["weight"], leaves["bias"], leaves["pool_A"]))
+    fusedlora.reset_dispatch()
+    y = multi_lora_linear(**leaves, **tables, max_rank=rmax)
+    assert any(k.startswith("multi.forward:triton:" + ("sgmv" if M > multi.sort_min_rows() else "bgmv"))
+               for k in dispatched()), dispatched()
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    ref = {n: t.detach().double().requires_grad_() for n, t in leaves.items()}
+    r_As = [ref["pool_A"][0:3], ref["pool_A"][3:9]]
+    r_Bs = [ref["pool_BT"][0:3].t(), ref["pool_BT"][3:9].t()]
+    y_ref = reference.multi_lora_linear(ref["x"], ref["weight"], ref["bias"], slot.long(), r_As, r_Bs, [0.5, -1.5])
+    y_ref.backward(gy.double())
+    assert rel_err(y, y_ref) < TOL[torch.float32]
+    for n in leaves:
+        assert rel_err(leaves[n].grad, ref[n].grad) < TOL[torch.float32], n

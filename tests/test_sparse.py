@@ -161,6 +161,34 @@ def test_3d_noncontiguous_input_and_prebuilt_small_tile_layout(triton_backend):
     assert torch.equal(layout.indices().cpu(), idx)
 
 
+@pytest.mark.parametrize("M", [5, 20])  # the CSR rows path, the tile-merging GEMM
+def test_non_contiguous_weight_bias_and_values_fp16(triton_backend, M):
+    """Transposed W, stride-2 bias and values (columns of matrices) on the Triton paths, fp16:
+    forward and every gradient against float64."""
+    torch.manual_seed(14 + M)
+    N, K = 26, 38
+    dtype = torch.float16
+    idx = random_indices((N, K), density=0.06, seed=9)
+    leaves = {"x": torch.randn(M, K, device=DEVICE, dtype=dtype),
+              "weight": torch.randn(K, N, device=DEVICE, dtype=dtype).t(),
+              "bias": torch.randn(N, 2, device=DEVICE, dtype=dtype)[:, 1],
+              "values": torch.randn(idx.shape[1], 3, device=DEVICE, dtype=dtype)[:, 2]}
+    assert not any(leaves[n].is_contiguous() for n in ("weight", "bias", "values"))
+    for t in leaves.values():
+        t.requires_grad_()
+    y = sparse_linear(*(leaves[n] for n in ("x", "weight", "bias")), idx, leaves["values"], 0.8)
+    g = torch.randn_like(y)
+    y.backward(g)
+    ref = {n: t.detach().double().requires_grad_() for n, t in leaves.items()}
+    y_ref = reference.sparse_linear(ref["x"], ref["weight"], ref["bias"], idx.to(DEVICE), ref["values"], 0.8)
+    y_ref.backward(g.double())
+    assert rel_err(y, y_ref) < TOL[dtype]
+    for n in leaves:
+        assert rel_err(leaves[n].grad, ref[n].grad) < TOL[dtype], n
+    assert_triton_ran()
+    assert ("sparse.forward:triton:rows" in dispatched()) == (M <= 16)
+
+
 def test_zero_rows(triton_backend):
     torch.manual_seed(4)
     idx = random_indices((12, 20), density=0.1, seed=0)
@@ -391,11 +419,16 @@ def _bad_call(**over):
     (dict(scaling=float("nan")), ValueError, "scaling"),
     (dict(scaling="2"), TypeError, "scaling"),
     (dict(x=torch.randn(3, 11)), ValueError, "x: expected last dimension"),
+    (dict(x=torch.ones(3, 12, dtype=torch.int64)), TypeError, "x: expected a floating dtype"),
+    (dict(weight=torch.randn(8, 12, dtype=torch.float16)), TypeError, "weight: dtype"),
+    (dict(weight=torch.randn(8, 12, device="meta")), ValueError, "weight: device"),
+    (dict(weight=torch.randn(8, 12, 1)), ValueError, "weight: expected a 2-D tensor"),
+    (dict(bias=torch.randn(7)), ValueError, r"bias: expected shape \(8,\)"),
     (dict(indices=None), ValueError, "indices: required"),
 ])
 def test_bad_inputs_raise_before_launch(triton_backend, over, exc, match):
-    if "values" in over and over["values"].device.type != "meta":
-        over["values"] = over["values"].to(DEVICE)
+    over = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) and v.device.type != "meta" and k != "indices" else v)
+            for k, v in over.items()}
     with pytest.raises(exc, match=match):
         _bad_call(**over)
     assert dispatched() == {}
