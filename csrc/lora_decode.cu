@@ -84,59 +84,62 @@ __device__ __forceinline__ Slot slot_of(int m, const LoraDecodeArgs& p) {
 }
 
 // The shrink's block j: u[m, j] = scale_m * x[m] . A[off_m + j] over all of K for every
-// row m (0 where j >= rank_m). One A row per adapter: with one adapter for every row
-// (no row_slot) each vector of A is loaded once for all rows.
+// row m (0 where j >= rank_m). Warp w takes one or two rows over a 1/kParts share of K
+// (rows past M do nothing): a thread holding all 16 rows' accumulators and A pointers
+// would put ~90 registers on the 16-row GEMV that shares this kernel (219 against 128:
+// one block per SM instead of two).
 template <typename T, int kRows>
 __device__ __forceinline__ void shrink_block(int j, const LoraDecodeArgs& p, bool vec) {
   constexpr int kVec = 16 / sizeof(T);
+  constexpr int kParts = kRows >= kWarps ? 1 : kWarps / kRows;  // warps sharing one row's K
+  constexpr int kRowGroups = kWarps / kParts;                    // min(kRows, kWarps)
+  constexpr int kWarpRows = kRows / kRowGroups;                  // rows per warp: 1, or 2 at 16
   const T* x = static_cast<const T*>(p.x);
   const T* a = static_cast<const T*>(p.a);
-  const bool one_adapter = p.row_slot == nullptr;
-  const T* a_row[kRows];
-  float scale[kRows];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int part = warp % kParts, group = warp / kParts;
+  const T* a_row[kWarpRows];
+  const T* x_row[kWarpRows];
+  float acc[kWarpRows];
 #pragma unroll
-  for (int m = 0; m < kRows; ++m) {
+  for (int i = 0; i < kWarpRows; ++i) {
+    const int m = group + i * kRowGroups;
     const Slot sl = m < p.M ? slot_of(m, p) : Slot{0, 0, 0.f};
-    a_row[m] = j < sl.rank ? a + static_cast<int64_t>(sl.off + j) * p.ld_a : nullptr;
-    scale[m] = sl.scale;
+    a_row[i] = j < sl.rank ? a + static_cast<int64_t>(sl.off + j) * p.ld_a : nullptr;
+    x_row[i] = x + static_cast<int64_t>(m) * p.ld_x;
+    acc[i] = 0.f;
   }
-  float acc[kRows];
-#pragma unroll
-  for (int m = 0; m < kRows; ++m) acc[m] = 0.f;
   const int full = vec ? p.K / kVec * kVec : 0;
-  for (int k = threadIdx.x * kVec; k < full; k += kThreads * kVec) {
-    float av[kVec], xv[kVec];
-    if (one_adapter && a_row[0] != nullptr) load_vec<T, kVec, true>(a_row[0] + k, av);
+  for (int k = (part * 32 + lane) * kVec; k < full; k += kParts * 32 * kVec) {
 #pragma unroll
-    for (int m = 0; m < kRows; ++m) {
-      if (a_row[m] == nullptr) continue;
-      if (!one_adapter) load_vec<T, kVec, true>(a_row[m] + k, av);
-      load_vec<T, kVec, true>(x + m * p.ld_x + k, xv);
+    for (int i = 0; i < kWarpRows; ++i) {
+      if (a_row[i] == nullptr) continue;
+      float av[kVec], xv[kVec];
+      load_vec<T, kVec, true>(a_row[i] + k, av);
+      load_vec<T, kVec, true>(x_row[i] + k, xv);
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) acc[m] += av[i] * xv[i];
+      for (int e = 0; e < kVec; ++e) acc[i] += av[e] * xv[e];
     }
   }
-  for (int k = full + threadIdx.x; k < p.K; k += kThreads) {
+  for (int k = full + part * 32 + lane; k < p.K; k += kParts * 32) {
 #pragma unroll
-    for (int m = 0; m < kRows; ++m)
-      if (a_row[m] != nullptr) acc[m] += to_float(a_row[m][k]) * to_float(x[m * p.ld_x + k]);
+    for (int i = 0; i < kWarpRows; ++i)
+      if (a_row[i] != nullptr) acc[i] += to_float(a_row[i][k]) * to_float(x_row[i][k]);
   }
-  __shared__ float sums[kRows][kWarps];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  __shared__ float sums[kRows][kParts];  // every (row, part) is written: rows past M as 0
 #pragma unroll
-  for (int m = 0; m < kRows; ++m) {
-    const float s = warp_sum(acc[m]);
-    if (lane == 0) sums[m][warp] = s;
+  for (int i = 0; i < kWarpRows; ++i) {
+    const float s = warp_sum(acc[i]);
+    if (lane == 0) sums[group + i * kRowGroups][part] = s;
   }
   __syncthreads();
   if (threadIdx.x < kRows && threadIdx.x < p.M) {
     const int m = threadIdx.x;
     float s = 0.f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) s += sums[m][w];
-#pragma unroll
-    for (int i = 0; i < kRows; ++i)  // registers are indexed statically
-      if (i == m) p.u[m * p.R + j] = a_row[i] != nullptr ? scale[i] * s : 0.f;
+    for (int q = 0; q < kParts; ++q) s += sums[m][q];
+    const Slot sl = slot_of(m, p);
+    p.u[m * p.R + j] = j < sl.rank ? sl.scale * s : 0.f;
   }
 }
 
@@ -156,7 +159,7 @@ __device__ __forceinline__ float* partial_at(const LoraDecodeArgs& p, int split,
 // CUDA-core GEMV, every dtype and C3A. Past the shrink's blocks, block t holds
 // kRowsPerBlock rows of W (tile t / k_blocks) over one K split (t % k_blocks).
 template <typename T, int kRows, bool kAligned, bool kC3A>
-__global__ void __launch_bounds__(kThreads) lora_gemv(const LoraDecodeArgs p, const Plan plan) {
+__global__ void __launch_bounds__(kThreads, kAligned && !kC3A ? 2 : 0) lora_gemv(const LoraDecodeArgs p, const Plan plan) {
   if (static_cast<int>(blockIdx.x) < plan.shrink_blocks) {
     shrink_block<T, kRows>(blockIdx.x, p, plan.shrink_vec);
     return;
@@ -405,7 +408,7 @@ cudaError_t launch_rows(const LoraDecodeArgs& p) {
   plan.shrink_vec = p.R > 0 && vec_rows(p.x, p.ld_x) && vec_rows(p.a, p.ld_a);
   const bool mma = p.gemv == Gemv::kMma;
   const int rows_per_block = mma ? kMmaRows : kRowsPerBlock;
-  const int64_t blocks = static_cast<int64_t>((p.N + rows_per_block - 1) / rows_per_block) * plan.k_blocks + p.R;
+  const int64_t blocks = (static_cast<int64_t>(p.N) + rows_per_block - 1) / rows_per_block * plan.k_blocks + p.R;
   if (blocks >= (1LL << 31)) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(blocks));
   if constexpr (!std::is_same<T, float>::value) {
@@ -459,11 +462,11 @@ int lora_decode_k_split(const LoraDecodeArgs& p, int num_sms) {
   if (p.gemv == Gemv::kMma) {
     // a block is 8 warps with 4 chunks of 2 x 16 B in flight each: one block per SM
     // already covers HBM's latency, so split only when W's rows give fewer blocks
-    const int blocks = (p.N + kMmaRows - 1) / kMmaRows;
-    want = (num_sms + blocks - 1) / blocks;
+    const int64_t blocks = (static_cast<int64_t>(p.N) + kMmaRows - 1) / kMmaRows;
+    want = static_cast<int>((num_sms + blocks - 1) / blocks);
   } else {
-    const int blocks = (p.N + kRowsPerBlock - 1) / kRowsPerBlock;
-    want = (2 * num_sms + blocks - 1) / blocks;
+    const int64_t blocks = (static_cast<int64_t>(p.N) + kRowsPerBlock - 1) / kRowsPerBlock;
+    want = static_cast<int>((2 * num_sms + blocks - 1) / blocks);
   }
   return want < 1 ? 1 : (want > chunks ? chunks : want);
 }

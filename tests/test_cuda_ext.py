@@ -124,16 +124,29 @@ def test_cuda_decode_strided_x_no_bias_and_backward(ext, monkeypatch):
     assert a["lora_B"].grad is not None and a["x"].grad is not None
 
 
+def nan_poison_cache():
+    """Freed NaN blocks for the caching allocator to hand out next: an output element that
+    a kernel fails to store then shows as NaN, not as the zeros fresh memory often holds."""
+    junk = [torch.full((n,), float("nan"), device="cuda") for n in (64, 128, 1024, 65536) for _ in range(16)]
+    del junk
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("M,K,gemv", [(1, 4096, "fma"), (1, 4096, "mma"), (16, 4095, "fma"), (16, 4104, "mma"),
-                                      (5, 300, "fma")])
+                                      (5, 300, "fma"), (3, 4100, "fma"), (9, 4100, "mma")])
 def test_cuda_shrink_output_and_determinism(ext, M, K, gemv):
     """u = s x A^T comes from the GEMV kernel's first r blocks, stored without atomics
     into an uninitialised buffer: every element checked against float64 (16-byte loads
-    at K = 4096, 4104; element by element at K = 4095, 300). lora_finish adds the K
-    splits in a fixed order: two calls agree bit for bit."""
+    at K = 4096, 4104; element by element at K = 4095, 300; vectors then an element
+    tail at K = 4100, rows of x and A padded to 4104). lora_finish adds the K splits in
+    a fixed order: two calls agree bit for bit."""
     a = args(M, K, 2048, 16, torch.bfloat16, "cuda")
     W, A = a["weight"] / K**0.5, a["lora_A"] / K**0.5
+    if K == 4100:
+        pad = lambda t: torch.nn.functional.pad(t, (0, 4)).narrow(1, 0, K)  # noqa: E731
+        a["x"], W, A = pad(a["x"]), pad(W), pad(A)
+        assert a["x"].stride(0) == W.stride(0) == A.stride(0) == 4104
+    nan_poison_cache()
     y, u = ext.lora_decode(a["x"], W, a["bias"], A, a["lora_B"], 1.5, gemv=gemv)
     assert u.shape == (M, 16) and u.dtype == torch.float32
     assert rel_err(u, 1.5 * a["x"].double() @ A.double().t()) < 1e-5
@@ -150,6 +163,7 @@ def test_cuda_bgmv_shrink_zeroes_what_a_row_does_not_use(ext, gemv):
     """Per-row slots: row 0 takes slot 1 (rank 5), row 1 none (-1), row 2 slot 0 (rank 2);
     u is (3, 5) and every element a row's adapter does not reach is stored as 0."""
     m = multi_args(M=3, K=1024, N=520, dtype=torch.float16, device="cuda")
+    nan_poison_cache()
     y, u = ext.multi_lora_decode(**m, gemv=gemv)
     x, pA = m["x"].double(), m["pool_A"].double()
     assert u.shape == (3, 5)
