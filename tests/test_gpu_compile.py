@@ -170,6 +170,12 @@ def variants():
         "lora-sm90-bf16-decode-finish": (lora_decode_finish_kernel, 90, "bf16", "bf16",
                                          dict(HAS_BIAS=True, DOT_DTYPE=tl.bfloat16, INPUT_PRECISION="tf32", SPLIT_K=4,
                                               BLOCK_M=16, BLOCK_N=64, BLOCK_R=64), 4, 3, "mma"),
+        "lora-sm80-fp16-decode-finish": (lora_decode_finish_kernel, 80, "fp16", "fp16",
+                                         dict(HAS_BIAS=False, DOT_DTYPE=tl.float16, INPUT_PRECISION="tf32", SPLIT_K=1,
+                                              BLOCK_M=16, BLOCK_N=64, BLOCK_R=16), 4, 3, "mma.sync"),
+        "lora-sm80-fp32-decode-finish": (lora_decode_finish_kernel, 80, "fp32", "fp32",
+                                         dict(HAS_BIAS=True, **f32, SPLIT_K=3, BLOCK_M=16, BLOCK_N=64, BLOCK_R=32),
+                                         4, 3, None),
         "lora-sm90-fp16-shrink": (lora_matmul_kernel, 90, "fp16", "fp32",
                                   lora(**f16, DROP_A=True, SPLIT_K=4, BLOCK_M=64, BLOCK_N=16, BLOCK_K=128,
                                        GROUP_M=1), 4, 3, "mma"),
@@ -228,6 +234,9 @@ def variants():
         "multi-sm90-bf16-decode-finish": (multi_decode_finish_kernel, 90, "bf16", "bf16",
                                           dict(HAS_BIAS=True, SPLIT_K=4, BLOCK_M=16, BLOCK_N=32, BLOCK_R=8), 4, 1,
                                           None),
+        "multi-sm80-fp32-decode-pair": (multi_decode_kernel, 80, "fp32", "fp32",
+                                        dict(**f32, SPLIT_K=2, BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, BLOCK_R=16,
+                                             SHRINK_BLOCK_K=256), 4, 3, None),
         # dx with per-adapter dropout on the low-rank term, sm_80
         "multi-sm80-fp16-grad-x-sgmv": (multi_matmul_kernel, 80, "fp16", "fp16",
                                         gemm(**f16, HAS_BIAS=False, DROP_EPI=True, SORTED=True, SEG_DOT_MAX=0,
@@ -267,6 +276,7 @@ def compiled():
 
 
 NAMES = ["lora-sm90-bf16-decode-pair", "lora-sm80-fp32-decode-pair", "lora-sm90-bf16-decode-finish",
+         "lora-sm80-fp16-decode-finish", "lora-sm80-fp32-decode-finish", "multi-sm80-fp32-decode-pair",
          "lora-sm80-fp32-plan-grad-A", "lora-sm80-tf32-plan-shrink", "lora-sm90-bf16-forward", "lora-sm90-bf16-grad-x", "lora-sm90-bf16-decode", "lora-sm90-fp16-shrink",
          "lora-sm80-fp16-forward", "lora-sm80-fp32-ieee-grad-A", "c3a-sm90-bf16-forward", "c3a-sm90-bf16-grad-x",
          "c3a-sm90-bf16-decode", "c3a-sm90-bf16-grad-kernel", "sparse-sm90-bf16-forward",
