@@ -10,7 +10,7 @@
 #     1. the extension's build and probe (background) while `pytest -m gpu` runs: first the
 #        tests no GPU has run yet (NEW_S), then the rest (TEST_S)
 #     2. if the probe passed: the extension's tests, then compute-sanitizer memcheck over the
-#        tensor-core GEMV's tests (the FMA kernels passed it on the H200)
+#        decode tests (every kernel changed since the H200 passed it)
 #     3. host against device time of a training step (bench/profile_step.py; PROFILE=0 skips)
 #     4. the quick benchmark of PATHS, --first rows first, until END seconds into the call
 # At most 8 files come back from $OUT: log.txt, the junit XMLs, the bench JSON/markdown/PNGs.
@@ -58,10 +58,11 @@ if grep -q "extension call ok" /tmp/ext_probe.txt; then
   step "extension tests"
   timeout -s INT 120 $PYTEST $PAR tests/test_cuda_ext.py --junitxml="$OUT/ext_tests.xml" >> "$LOG" 2>&1
   echo "extension tests rc=$?" | tee -a "$LOG"; summary 8
-  # the tensor-core GEMV first: the FMA kernels passed memcheck on the H200 (2026-11-27_h200_2)
-  step "compute-sanitizer memcheck (extension kernels, mma GEMV first)"
-  PATH="$CUDA_HOME/bin:$PATH" timeout -s INT "${MEMCHECK_S:-50}" compute-sanitizer --tool memcheck --error-exitcode 3 \
-    $PYTEST -x tests/test_cuda_ext.py -k "mma" >> "$LOG" 2>&1
+  # every kernel changed since the H200's memcheck (two-launch form, tensor-core GEMV): the
+  # tests of uninitialised outputs first (u, splits), then the reference matches, both GEMVs
+  step "compute-sanitizer memcheck (extension kernels)"
+  PATH="$CUDA_HOME/bin:$PATH" timeout -s INT "${MEMCHECK_S:-60}" compute-sanitizer --tool memcheck --error-exitcode 3 \
+    $PYTEST -x tests/test_cuda_ext.py -k "shrink or zeroes or matches_reference" >> "$LOG" 2>&1
   echo "memcheck rc=$?" | tee -a "$LOG"; tail -4 "$LOG"
 else
   echo "the extension's probe failed: benchmark without it" | tee -a "$LOG"
