@@ -239,33 +239,44 @@ def decode_pair_serves(x: torch.Tensor, weight: torch.Tensor, dropout: bool) -> 
     return DECODE_PAIR and 0 < x.shape[0] <= 16 and not dropout and weight.shape[0] > 0 and x.shape[1] > 0
 
 
+def decode_partials(x: torch.Tensor, weight: torch.Tensor, lora_A: Optional[torch.Tensor] = None):
+    """The first launch of a decode pair (lora_decode_kernel): fp32 partials, one slice per K
+    split, of x [A; W]^T (x W^T alone without lora_A), A's columns padded to whole tiles.
+    Returns (part, plan, r_cols): y's partials are part[:, :, r_cols:]."""
+    M, K = x.shape
+    N, R = weight.shape[0], (lora_A.shape[0] if lora_A is not None else 0)
+    plan = dict(_small_plan(M, N, K, x.device, x.dtype.itemsize))
+    plan.pop("GROUP_M")
+    bn = plan["BLOCK_N"]
+    assert 0 < M <= plan["BLOCK_M"] and N > 0 and K > 0, (M, N, K)
+    r_tiles, n_tiles = triton.cdiv(R, bn), triton.cdiv(N, bn)
+    split = plan["SPLIT_K"] = split_k(r_tiles + n_tiles, triton.cdiv(K, plan["BLOCK_K"]), x.device)
+    part = torch.empty((split, M, r_tiles * bn + N), device=x.device, dtype=torch.float32)
+    a = lora_A if lora_A is not None else weight  # no shrink tiles: never read
+    lora_decode_kernel[((r_tiles + n_tiles) * split,)](
+        x, weight, a, part, M, N, K, R, r_tiles,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), a.stride(0), a.stride(1),
+        part.stride(0), part.stride(1), DOT_DTYPE=_tl_dtype(x.dtype), INPUT_PRECISION=_input_precision(x.dtype),
+        **plan)
+    return part, plan, r_tiles * bn
+
+
 def lora_decode(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
                 lora_B: torch.Tensor, scaling: float):
     """(y, u) of a LoRA forward of 1..16 rows without dropout in two launches and no memset
     (kernels/lora.py, decode): the shrink's column tiles run in the base GEMM's grid, and
     the splits' partials are summed by a finishing kernel in a fixed order."""
-    M, K = x.shape
-    N, R = weight.shape[0], lora_A.shape[0]
-    plan = dict(_small_plan(M, N, K, x.device, x.dtype.itemsize))
-    plan.pop("GROUP_M")
-    bm, bn = plan["BLOCK_M"], plan["BLOCK_N"]
-    assert 0 < M <= bm and N > 0 and K > 0 and R > 0, (M, N, K, R)
-    r_tiles, n_tiles = triton.cdiv(R, bn), triton.cdiv(N, bn)
-    split = plan["SPLIT_K"] = split_k(r_tiles + n_tiles, triton.cdiv(K, plan["BLOCK_K"]), x.device)
-    r_cols = r_tiles * bn
-    part = torch.empty((split, M, r_cols + N), device=x.device, dtype=torch.float32)
+    M, N, R = x.shape[0], weight.shape[0], lora_A.shape[0]
+    part, plan, r_cols = decode_partials(x, weight, lora_A)
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     u = torch.empty((M, R), device=x.device, dtype=torch.float32)
-    dot = dict(DOT_DTYPE=_tl_dtype(x.dtype), INPUT_PRECISION=_input_precision(x.dtype))
-    lora_decode_kernel[((r_tiles + n_tiles) * split,)](
-        x, weight, lora_A, part, M, N, K, R, r_tiles,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
-        part.stride(0), part.stride(1), **dot, **plan)
+    bn = plan["BLOCK_N"]
     warps = {k: plan[k] for k in ("num_warps",) if k in plan}
-    lora_decode_finish_kernel[(n_tiles,)](
+    lora_decode_finish_kernel[(triton.cdiv(N, bn),)](
         part, lora_B, bias.contiguous() if bias is not None else y, u, y, M, N, R, r_cols,
         part.stride(0), part.stride(1), lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), float(scaling),
-        HAS_BIAS=bias is not None, **dot, SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=_pow2_at_least(R), **warps)
+        HAS_BIAS=bias is not None, DOT_DTYPE=_tl_dtype(x.dtype), INPUT_PRECISION=_input_precision(x.dtype),
+        SPLIT_K=plan["SPLIT_K"], BLOCK_M=plan["BLOCK_M"], BLOCK_N=bn, BLOCK_R=_pow2_at_least(R), **warps)
     record("lora.forward", "triton", "decode")
     return y, u
 

@@ -189,19 +189,31 @@ DECODE_ROWS = 16
 def _rows_decode(x: Tensor, weight: Tensor, bias: Optional[Tensor], values: Tensor, rows: Tensor, cols: Tensor,
                  perm: Tensor, scaling: float) -> Tensor:
     """1..16 rows on Triton: the base GEMM's decode plan into float32, then each output
-    feature's nonzeros (CSR rows, built once per layout) added before the one rounding.
+    feature's nonzeros (CSR rows, built once per layout) added before the one rounding;
+    as a decode pair unless launch.DECODE_PAIR is off (the base's K-split partials, then
+    one finishing kernel that sums them with the nonzeros and the bias: two launches).
     W is streamed once and never merged into; the tile-merging GEMM would spend five
     one-hot products per weight tile here (129 us against 14 us for F.linear at 1 row,
     4096 x 4096 on the H200)."""
     import triton
 
-    from .kernels.sparse import sparse_rows_add_kernel
-    from .launch import _pow2_at_least, matmul
+    from .kernels.sparse import sparse_decode_finish_kernel, sparse_rows_add_kernel
+    from .launch import _pow2_at_least, decode_pair_serves, decode_partials, matmul
 
     M, N = x.shape[0], weight.shape[0]
-    y = matmul(x, weight.t(), out_dtype=torch.float32, dot_dtype=x.dtype, bias=bias, tag="sparse.base")
     row_ptr, col, order = _row_csr(rows, cols, perm, N)
     block_n = 32
+    if decode_pair_serves(x, weight, False):  # two launches, no memset (launch.DECODE_PAIR)
+        part, plan, r_cols = decode_partials(x, weight)
+        y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+        sparse_decode_finish_kernel[(triton.cdiv(N, block_n),)](
+            part, x, row_ptr, col, values.float()[order], bias.contiguous() if bias is not None else y, y,
+            M, N, r_cols, part.stride(0), part.stride(1), x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+            float(scaling), HAS_BIAS=bias is not None, SPLIT_K=plan["SPLIT_K"], BLOCK_M=_pow2_at_least(M, 1),
+            BLOCK_N=block_n, BLOCK_E=16)
+        record("sparse.forward", "triton", "rows-decode")
+        return y
+    y = matmul(x, weight.t(), out_dtype=torch.float32, dot_dtype=x.dtype, bias=bias, tag="sparse.base")
     sparse_rows_add_kernel[(triton.cdiv(N, block_n),)](
         y, x, row_ptr, col, values.float()[order], M, N, y.stride(0), y.stride(1), x.stride(0), x.stride(1),
         float(scaling), BLOCK_M=_pow2_at_least(M, 1), BLOCK_N=block_n, BLOCK_E=16)

@@ -146,22 +146,12 @@ def sddmm_kernel(
 
 
 @triton.jit
-def sparse_rows_add_kernel(
-    y_ptr, x_ptr, row_ptr, col_ptr, val_ptr,
-    M, N, stride_ym, stride_yn, stride_xm, stride_xk, scaling,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
-):
-    """y[m, n] += scaling * sum_i val[i] x[m, col[i]] over row n's nonzeros (CSR), for a
-    few rows of x (decode): y is the base GEMM's float32 output, so the sum is rounded
-    once with it. One program per BLOCK_N output features and every row of x; it reads
-    only those features' nonzeros, and x (a few KB) from cache, so the adapter costs
-    its nnz * (value + column) bytes beside the weight the base GEMM streams."""
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
+def _rows_nonzeros(x_ptr, row_ptr, col_ptr, val_ptr, offs_m, m_ok, offs_n, n_ok, stride_xm, stride_xk,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+    """sum_i val[i] x[m, col[i]] over output feature n's nonzeros (CSR rows), float32
+    (BLOCK_M x BLOCK_N): only those features' nonzeros are read, and x (a few KB) from cache."""
     start = tl.load(row_ptr + offs_n, mask=n_ok, other=0)
     end = tl.load(row_ptr + offs_n + 1, mask=n_ok, other=0)
-    offs_m = tl.arange(0, BLOCK_M)
-    m_ok = offs_m < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     longest = tl.max(end - start, axis=0)
     for e in range(0, longest, BLOCK_E):
@@ -172,9 +162,52 @@ def sparse_rows_add_kernel(
         xg = tl.load(x_ptr + offs_m[:, None, None] * stride_xm + col[None, :, :] * stride_xk,
                      mask=m_ok[:, None, None] & ok[None, :, :], other=0.0)
         acc += tl.sum(xg.to(tl.float32) * val[None, :, :], axis=2)
+    return acc
+
+
+@triton.jit
+def sparse_rows_add_kernel(
+    y_ptr, x_ptr, row_ptr, col_ptr, val_ptr,
+    M, N, stride_ym, stride_yn, stride_xm, stride_xk, scaling,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    """y[m, n] += scaling * sum_i val[i] x[m, col[i]] over row n's nonzeros (CSR), for a
+    few rows of x (decode), into a float32 y (a base GEMM's output, rounded once after)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_m = tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    acc = _rows_nonzeros(x_ptr, row_ptr, col_ptr, val_ptr, offs_m, m_ok, offs_n, n_ok, stride_xm, stride_xk,
+                         BLOCK_M, BLOCK_N, BLOCK_E)
     ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
     mask = m_ok[:, None] & n_ok[None, :]
     tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + scaling * acc, mask=mask)
+
+
+@triton.jit
+def sparse_decode_finish_kernel(
+    part_ptr, x_ptr, row_ptr, col_ptr, val_ptr, bias_ptr, c_ptr,
+    M, N, R_COLS, stride_ps, stride_pm, stride_xm, stride_xk, stride_cm, stride_cn, scaling,
+    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    """The second launch of the sparse decode pair: C = the base GEMM's K-split partials
+    (launch.decode_partials, summed in a fixed order) + bias + scaling * (S x^T)^T from the
+    CSR rows, rounded once. W is streamed once and never merged into."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_m = tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    mask = m_ok[:, None] & n_ok[None, :]
+    acc = scaling * _rows_nonzeros(x_ptr, row_ptr, col_ptr, val_ptr, offs_m, m_ok, offs_n, n_ok, stride_xm,
+                                   stride_xk, BLOCK_M, BLOCK_N, BLOCK_E)
+    rows = part_ptr + offs_m[:, None] * stride_pm + R_COLS + offs_n[None, :]
+    for s in range(0, SPLIT_K):
+        acc += tl.load(rows + s * stride_ps, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc = add_bias(acc, bias_ptr, offs_n, N)
+    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty),
+             mask=mask)
 
 
 @triton.jit

@@ -143,8 +143,8 @@ def variants():
     from fusedlora.kernels.lora import lora_decode_finish_kernel, lora_decode_kernel, lora_matmul_kernel
     from fusedlora.kernels.multi import (multi_decode_finish_kernel, multi_decode_kernel, multi_grad_kernel,
                                          multi_matmul_kernel, multi_shrink_kernel)
-    from fusedlora.kernels.sparse import (sddmm_kernel, sparse_gather_kernel, sparse_matmul_kernel,
-                                          sparse_densify_kernel, sparse_rows_add_kernel)
+    from fusedlora.kernels.sparse import (sddmm_kernel, sparse_decode_finish_kernel, sparse_densify_kernel,
+                                          sparse_gather_kernel, sparse_matmul_kernel, sparse_rows_add_kernel)
 
     f16, f32 = dict(DOT_DTYPE=tl.float16), dict(DOT_DTYPE=tl.float32, INPUT_PRECISION="ieee")
     decode = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1)
@@ -204,6 +204,9 @@ def variants():
         # decode: the nonzeros of 32 output features by CSR row, 16 rows of x, into fp32 y
         "sparse-sm90-bf16-rows-add": (sparse_rows_add_kernel, 90, "bf16", "fp32",
                                       dict(BLOCK_M=16, BLOCK_N=32, BLOCK_E=16), 4, 1, None),
+        "sparse-sm90-bf16-decode-finish": (sparse_decode_finish_kernel, 90, "bf16", "bf16",
+                                           dict(HAS_BIAS=True, SPLIT_K=4, BLOCK_M=16, BLOCK_N=32, BLOCK_E=16), 4, 1,
+                                           None),
         "sparse-sm80-fp16-rows-add-1row": (sparse_rows_add_kernel, 80, "fp16", "fp32",
                                            dict(BLOCK_M=1, BLOCK_N=32, BLOCK_E=16), 4, 1, None),
         # the cuBLAS compositions' helpers: W + s S in one pass, C3A's circulant and
@@ -281,7 +284,7 @@ NAMES = ["lora-sm90-bf16-decode-pair", "lora-sm80-fp32-decode-pair", "lora-sm90-
          "lora-sm80-fp16-forward", "lora-sm80-fp32-ieee-grad-A", "c3a-sm90-bf16-forward", "c3a-sm90-bf16-grad-x",
          "c3a-sm90-bf16-decode", "c3a-sm90-bf16-grad-kernel", "sparse-sm90-bf16-forward",
          "sparse-sm90-bf16-decode", "sparse-sm90-bf16-sddmm", "sparse-sm90-bf16-rows-add",
-         "sparse-sm80-fp16-rows-add-1row", "sparse-sm90-bf16-densify", "sparse-sm90-bf16-gather", "c3a-sm90-bf16-circulant",
+         "sparse-sm80-fp16-rows-add-1row", "sparse-sm90-bf16-decode-finish", "sparse-sm90-bf16-densify", "sparse-sm90-bf16-gather", "c3a-sm90-bf16-circulant",
          "c3a-sm90-bf16-diagonal-sums", "multi-sm90-bf16-forward-sgmv",
          "multi-sm90-bf16-decode-bgmv", "multi-sm90-bf16-decode-pair", "multi-sm90-bf16-decode-finish", "multi-sm80-fp16-grad-x-sgmv", "multi-sm90-bf16-shrink-sgmv",
          "multi-sm90-bf16-shrink-bgmv", "multi-sm90-bf16-grad-grouped"]

@@ -107,7 +107,7 @@ def test_decode_rows_path(triton_backend, M):
     inp = make_inputs(M, N, K, torch.float32, idx)
     fusedlora.reset_dispatch()
     check_against_reference(inp, idx, 0.6, x_view=lambda t: torch.cat((t, t), 1)[:, ::2])
-    assert ("sparse.forward:triton:rows" in dispatched()) == (M <= 16)
+    assert ("sparse.forward:triton:rows-decode" in dispatched()) == (M <= 16)
 
 
 def test_row_csr_cache_never_serves_other_tensors():
@@ -186,7 +186,7 @@ def test_non_contiguous_weight_bias_and_values_fp16(triton_backend, M):
     for n in leaves:
         assert rel_err(leaves[n].grad, ref[n].grad) < TOL[dtype], n
     assert_triton_ran()
-    assert ("sparse.forward:triton:rows" in dispatched()) == (M <= 16)
+    assert ("sparse.forward:triton:rows-decode" in dispatched()) == (M <= 16)
 
 
 def test_zero_rows(triton_backend):
@@ -315,8 +315,15 @@ def test_matches_peft_shira_layer(triton_backend):
         y_peft = layer(x)
     y = sparse_linear(x, base.weight.detach(), base.bias.detach(), peft_idx, values, 0.7)
     assert rel_err(y, y_peft) < 1e-5
-    # 15 rows: the base GEMM's decode plan, then the nonzeros by CSR row
-    assert set(dispatched()) == {"sparse.base:triton:splitk", "sparse.forward:triton:rows"}
+    # 15 rows: the decode pair (the base GEMM's split partials, then the nonzeros by CSR row)
+    assert set(dispatched()) == {"sparse.forward:triton:rows-decode"}
+    from fusedlora.launch import use_decode_pair
+
+    with use_decode_pair(False):  # the bench's A/B: the split-K base, then the rows
+        fusedlora.reset_dispatch()
+        assert rel_err(sparse_linear(x, base.weight.detach(), base.bias.detach(), peft_idx, values, 0.7),
+                       y_peft) < 1e-5
+        assert set(dispatched()) == {"sparse.base:triton:splitk", "sparse.forward:triton:rows"}
     w = base.weight.detach().clone()
     scatter_merge_(w, peft_idx, values, 0.7)
     layer.merge()
@@ -476,7 +483,7 @@ def test_gpu_auto_runs_the_dense_composition(monkeypatch, dtype, M):
     inp = make_inputs(M, 1024, 768, dtype, idx)
     inp["values"] = inp["values"] * 0.1
     check_against_reference(inp, idx, 1.0)
-    forward = {"sparse.forward:triton:rows", "sparse.base:triton:splitk"} if M <= 16 else {"sparse.forward:eager:dense"}
+    forward = {"sparse.forward:triton:rows-decode"} if M <= 16 else {"sparse.forward:eager:dense"}
     assert set(dispatched()) == forward | {"sparse.backward:eager:dense", "sparse.densify:triton:tiles",
                                            "sparse.sample:triton:gather"}
 
