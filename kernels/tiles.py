@@ -87,7 +87,7 @@ def split_dot_store(x_ptr, b_ptr, part_ptr, M, NB, K, first_n, col0, pid_k,
     offs_n = first_n + offs_j
     tiles, k_first = split_k_range(K, pid_k, BLOCK_K, SPLIT_K)
     offs_k = k_first + tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk
     b_ptrs = b_ptr + offs_k[:, None].to(tl.int64) * stride_bk + offs_n[None, :].to(tl.int64) * stride_bn
     m_ok = offs_m[:, None] < M
     n_ok = offs_n[None, :] < NB
