@@ -118,6 +118,41 @@ def _c3a_matmul(a: Tensor, b: Tensor, w: Tensor, *, reduce_in: bool, in_features
     return c if c.dtype == out_dtype else c.to(out_dtype)
 
 
+def _decode_pair(x: Tensor, weight: Tensor, bias: Optional[Tensor], c3a_kernel: Tensor) -> Tensor:
+    """y for 1..16 rows and blocks of 16 and more in two launches and no memset
+    (kernels/c3a.py, decode): the circulant delta's products in fp32 beside W's split-K
+    tiles, then one finishing kernel."""
+    import triton
+
+    from .kernels.c3a import c3a_decode_finish_kernel, c3a_decode_kernel
+    from .launch import _input_precision, _pow2_at_least, _small_plan, _tl_dtype, split_k
+
+    M, K = x.shape
+    N, b = weight.shape[0], int(c3a_kernel.shape[2])
+    plan = dict(_small_plan(M, N, K, x.device, x.dtype.itemsize))
+    plan.pop("GROUP_M")
+    block_b = 16 if interpreting() else min(32, _pow2_at_least(b))  # 64 x 64 gathers spill (255 registers)
+    i_chunks = triton.cdiv(b, block_b)
+    delta_tiles, n_tiles = (N // b) * i_chunks, triton.cdiv(N, plan["BLOCK_N"])
+    split = plan["SPLIT_K"] = split_k(delta_tiles + n_tiles, triton.cdiv(K, plan["BLOCK_K"]), x.device)
+    part = torch.empty((split, M, 2 * N), device=x.device, dtype=torch.float32)
+    # 16-bit x is exact in tf32; w is rounded to tf32 (~5e-4 of the adapter's term)
+    delta_precision = "tf32" if x.dtype.itemsize == 2 else _input_precision(torch.float32)
+    c3a_decode_kernel[((delta_tiles + n_tiles) * split,)](
+        x, weight, c3a_kernel, part, M, N, K, b, K // b, i_chunks, 1.0 / K,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), *c3a_kernel.stride(),
+        part.stride(0), part.stride(1), DOT_DTYPE=_tl_dtype(x.dtype), INPUT_PRECISION=_input_precision(x.dtype),
+        DELTA_PRECISION=delta_precision, **plan, BLOCK_B=block_b)
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    warps = {k: plan[k] for k in ("num_warps",) if k in plan}
+    c3a_decode_finish_kernel[(n_tiles,)](
+        part, bias.contiguous() if bias is not None else y, y, M, N, part.stride(0), part.stride(1),
+        y.stride(0), y.stride(1), HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK_M=plan["BLOCK_M"],
+        BLOCK_N=plan["BLOCK_N"], **warps)
+    record("c3a.forward", "triton", "decode")
+    return y
+
+
 def _grad_gemm(a: Tensor, xs: Tensor, b: int, alpha: float, out: Tensor, tag: str) -> None:
     """out (fp32, G x N) += alpha * sum_{r,s} a[r, g*b+s] xs[r, (c//b)*b + (s + c%b) mod b]."""
     from .kernels.c3a import c3a_kernel_grad_kernel
@@ -317,6 +352,10 @@ def _c3a_forward_on(backend: str, x: Tensor, weight: Tensor, bias: Optional[Tens
         record("c3a.forward", "cuda", "decode")
         return load().c3a_decode(x, weight, bias, c3a_kernel.float())
     triton_dtype_ok(x)
+    from .launch import decode_pair_serves
+
+    if decode_pair_serves(x, weight, False) and c3a_kernel.shape[2] >= 16:
+        return _decode_pair(x, weight, bias, c3a_kernel)
     return _c3a_matmul(x, weight.t(), c3a_kernel, reduce_in=True, in_features=weight.shape[1],
                        out_dtype=x.dtype, bias=bias, tag="c3a.forward")
 

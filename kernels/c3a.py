@@ -38,7 +38,7 @@ the result, whichever gives more output rows.
 import triton
 import triton.language as tl
 
-from .tiles import add_bias, split_k_range, store_tile, swizzle_tile
+from .tiles import add_bias, split_dot_store, split_k_range, split_sum, store_tile, swizzle_tile
 
 
 @triton.jit
@@ -211,3 +211,80 @@ def c3a_diagonal_sums_kernel(
         acc += tl.sum(tile.to(tl.float32), axis=0)
     dst = out_ptr + m.to(tl.int64) * stride_o0 + n.to(tl.int64) * stride_o1 + offs_u.to(tl.int64) * stride_o2
     tl.store(dst, (acc * scale).to(out_ptr.dtype.element_ty), mask=u_ok)
+
+
+# ---------------------------------------------------------------------------
+# Decode (M <= BLOCK_M rows, b >= 16): two launches and no memset, as kernels/lora.py's
+# pair. The fused GEMM above adds the gathered circulant tile to every W tile, a second
+# tensor-core operand per tile in 16 bits; here the delta is its own small product
+# beside W's stream, in fp32 partials (exact up to tf32's rounding of w in 16 bits,
+# ~5e-4 of the adapter's term, far inside y's own rounding).
+#
+#   c3a_decode_kernel         programs (output block, chunk of its b outputs, K split):
+#                             part[s, m, N + n] = sum over the split's input blocks of
+#                             x[m, block] @ circ(w[ob, ib]) / K; then W's column tiles
+#                             (split_dot_store) into part[s, m, :N]
+#   c3a_decode_finish_kernel  y = sum of both column ranges over the splits + bias
+
+
+@triton.jit
+def c3a_decode_kernel(
+    x_ptr, weight_ptr, w_ptr, part_ptr,
+    M, N, K, BS, NB_IN, I_CHUNKS, inv_k,
+    stride_xm, stride_xk, stride_weight_n, stride_weight_k, stride_w_out, stride_w_in, stride_w_u,
+    stride_ps, stride_pm,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, DELTA_PRECISION: tl.constexpr,
+    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
+    """Tiles 0 .. (N / BS) * I_CHUNKS - 1: the delta's outputs ob * BS + i (i in a chunk of
+    BLOCK_B); the rest: W's column tiles."""
+    tile = tl.program_id(0) // SPLIT_K
+    pid_k = tl.program_id(0) % SPLIT_K
+    delta_tiles = (N // BS) * I_CHUNKS
+    if tile < delta_tiles:
+        ob = tile // I_CHUNKS
+        offs_i = (tile % I_CHUNKS) * BLOCK_B + tl.arange(0, BLOCK_B)
+        i_ok = offs_i < BS
+        offs_m = tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        per_split = tl.cdiv(NB_IN, SPLIT_K)
+        ib_end = tl.minimum(pid_k * per_split + per_split, NB_IN)
+        x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+        acc = tl.zeros((BLOCK_M, BLOCK_B), dtype=tl.float32)
+        for ib in range(pid_k * per_split, ib_end):
+            w_row = w_ptr + ob * stride_w_out + ib * stride_w_in  # the small kernel: int32 offsets
+            for t0 in range(0, BS, BLOCK_B):
+                offs_t = t0 + tl.arange(0, BLOCK_B)
+                t_ok = offs_t < BS
+                xb = tl.load(x_rows + (ib * BS + offs_t)[None, :] * stride_xk,
+                             mask=m_ok[:, None] & t_ok[None, :], other=0.0)
+                d = offs_t[:, None] - offs_i[None, :]  # circ[t, i] = w[(t - i) mod b]
+                d = tl.where(d < 0, d + BS, d)
+                circ = tl.load(w_row + d * stride_w_u, mask=t_ok[:, None] & i_ok[None, :], other=0.0)
+                acc = tl.dot(xb.to(tl.float32), circ.to(tl.float32), acc, input_precision=DELTA_PRECISION)
+        out = part_ptr + pid_k * stride_ps + offs_m[:, None] * stride_pm + (N + ob * BS + offs_i)[None, :]
+        tl.store(out, acc * inv_k, mask=m_ok[:, None] & i_ok[None, :])
+    else:
+        first = (tile - delta_tiles) * BLOCK_N
+        split_dot_store(x_ptr, weight_ptr, part_ptr, M, N, K, first, first, pid_k,
+                        stride_xm, stride_xk, stride_weight_n, stride_weight_k, stride_ps, stride_pm,
+                        DOT_DTYPE, INPUT_PRECISION, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def c3a_decode_finish_kernel(
+    part_ptr, bias_ptr, c_ptr, M, N, stride_ps, stride_pm, stride_cm, stride_cn,
+    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """C = sum over the splits of x W^T's partials and the delta's (part[:, :, :N] and
+    part[:, :, N:]) + bias, rounded once."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    acc = split_sum(part_ptr, offs_m, offs_n[None, :], mask, stride_ps, stride_pm, SPLIT_K)
+    acc += split_sum(part_ptr, offs_m, (N + offs_n)[None, :], mask, stride_ps, stride_pm, SPLIT_K)
+    if HAS_BIAS:
+        acc = add_bias(acc, bias_ptr, offs_n, N)
+    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty),
+             mask=mask)

@@ -19,7 +19,8 @@ fill the GPU.
 import triton
 import triton.language as tl
 
-from .tiles import add_bias, dropout_keep, load_tile, split_dot_store, split_k_range, store_tile, swizzle_tile
+from .tiles import (add_bias, dropout_keep, load_tile, split_dot_store, split_k_range, split_sum, store_tile,
+                    swizzle_tile)
 
 
 @triton.jit
@@ -138,13 +139,8 @@ def lora_decode_finish_kernel(
     m_ok = offs_m[:, None] < M
     y_ok = m_ok & (offs_n[None, :] < N)
     u_ok = m_ok & (offs_r[None, :] < R)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for s in range(0, SPLIT_K):
-        rows = part_ptr + s * stride_ps + offs_m[:, None] * stride_pm
-        acc += tl.load(rows + R_COLS + offs_n[None, :], mask=y_ok, other=0.0)
-        u += tl.load(rows + offs_r[None, :], mask=u_ok, other=0.0)
-    u = u * scaling
+    acc = split_sum(part_ptr, offs_m, (R_COLS + offs_n)[None, :], y_ok, stride_ps, stride_pm, SPLIT_K)
+    u = split_sum(part_ptr, offs_m, offs_r[None, :], u_ok, stride_ps, stride_pm, SPLIT_K) * scaling
     if pid == 0:
         tl.store(u_ptr + offs_m[:, None] * R + offs_r[None, :], u, mask=u_ok)
     v = load_tile(lora_b_ptr, offs_r, offs_n, stride_lora_b_r, stride_lora_b_n, R, N)

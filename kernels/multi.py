@@ -49,7 +49,7 @@ optionally split over SPLIT_M programs that add fp32 partials atomically.
 import triton
 import triton.language as tl
 
-from .tiles import add_bias, dropout_keep, split_dot_store, store_rows, swizzle_tile
+from .tiles import add_bias, dropout_keep, split_dot_store, split_sum, store_rows, swizzle_tile
 
 
 @triton.jit
@@ -437,17 +437,12 @@ def multi_decode_finish_kernel(
     off = tl.load(off_ptr + s, mask=has, other=0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    rows = part_ptr + offs_m[:, None] * stride_pm
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, SPLIT_K):
-        acc += tl.load(rows + k * stride_ps + R_COLS + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :],
-                       other=0.0)
+    acc = split_sum(part_ptr, offs_m, (R_COLS + offs_n)[None, :], m_ok[:, None] & n_ok[None, :], stride_ps,
+                    stride_pm, SPLIT_K)
     for r0 in range(0, R_MAX, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         r_ok = offs_r[None, :] < rank[:, None]
-        u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for k in range(0, SPLIT_K):
-            u += tl.load(rows + k * stride_ps + offs_r[None, :], mask=r_ok, other=0.0)
+        u = split_sum(part_ptr, offs_m, offs_r[None, :], r_ok, stride_ps, stride_pm, SPLIT_K)
         if pid == 0:
             tl.store(u_ptr + offs_m[:, None] * stride_um + offs_r[None, :], u,
                      mask=m_ok[:, None] & (offs_r[None, :] < R_MAX))

@@ -32,7 +32,7 @@ strides, (NUM_TK, 1) forward and (1, NUM_TK) for dx.
 import triton
 import triton.language as tl
 
-from .tiles import add_bias, split_k_range, store_tile, swizzle_tile
+from .tiles import add_bias, split_k_range, split_sum, store_tile, swizzle_tile
 
 
 @triton.jit
@@ -201,9 +201,7 @@ def sparse_decode_finish_kernel(
     mask = m_ok[:, None] & n_ok[None, :]
     acc = scaling * _rows_nonzeros(x_ptr, row_ptr, col_ptr, val_ptr, offs_m, m_ok, offs_n, n_ok, stride_xm,
                                    stride_xk, BLOCK_M, BLOCK_N, BLOCK_E)
-    rows = part_ptr + offs_m[:, None] * stride_pm + R_COLS + offs_n[None, :]
-    for s in range(0, SPLIT_K):
-        acc += tl.load(rows + s * stride_ps, mask=mask, other=0.0)
+    acc += split_sum(part_ptr, offs_m, (R_COLS + offs_n)[None, :], mask, stride_ps, stride_pm, SPLIT_K)
     if HAS_BIAS:
         acc = add_bias(acc, bias_ptr, offs_n, N)
     tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty),

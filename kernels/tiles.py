@@ -105,6 +105,17 @@ def split_dot_store(x_ptr, b_ptr, part_ptr, M, NB, K, first_n, col0, pid_k,
 
 
 @triton.jit
+def split_sum(part_ptr, offs_m, cols, mask, stride_ps, stride_pm, SPLIT_K: tl.constexpr):
+    """sum over the K splits, in order, of part[s, offs_m, cols] (fp32; cols broadcast
+    against offs_m[:, None]): the finishing kernels' read of split_dot_store's partials."""
+    ptrs = part_ptr + offs_m[:, None] * stride_pm + cols
+    acc = tl.load(ptrs, mask=mask, other=0.0)
+    for s in range(1, SPLIT_K):
+        acc += tl.load(ptrs + s * stride_ps, mask=mask, other=0.0)
+    return acc
+
+
+@triton.jit
 def dropout_materialize_kernel(out_ptr, M, N, stride_m, stride_n, p, seed,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Writes the keep-mask (1.0 kept, 0.0 dropped) that dropout_keep draws;

@@ -66,6 +66,28 @@ def test_forward_backward_matches_reference(triton_backend, shape, dtype):
     assert not any(":torch:" in k for k in d), d
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M,K,N,b", [(1, 64, 32, 16), (16, 96, 144, 48), (5, 128, 64, 64)],
+                         ids=lambda v: str(v))
+def test_decode_pair(triton_backend, M, K, N, b, dtype):
+    """1..16 rows, blocks of 16 and more: the delta's fp32 products beside W's split-K
+    tiles, one finishing kernel; b = 48 and 64 span several 16-wide chunks of a block's
+    outputs and inputs under the interpreter. Strided x, a kernel in x's dtype, no bias
+    at M = 5; bit-for-bit repeatable; use_decode_pair(False) keeps the fused split-K GEMM."""
+    from fusedlora.launch import use_decode_pair
+
+    inp = make_inputs(M, K, N, b, dtype, bias=M != 5, kernel_dtype=dtype if M == 16 else torch.float32)
+    inp["x"] = torch.randn(M, 2 * K, device=DEVICE, dtype=dtype)[:, ::2].requires_grad_()
+    y = check_against_reference(inp)
+    assert dispatched("c3a.forward") == {"c3a.forward:triton:decode": 1}
+    with torch.no_grad():
+        assert torch.equal(y, c3a_linear(*(inp[n] for n in NAMES)))
+        with use_decode_pair(False):
+            fusedlora.reset_dispatch()
+            assert rel_err(c3a_linear(*(inp[n] for n in NAMES)), y) < TOL[dtype]
+            assert set(dispatched("c3a.forward")) <= {"c3a.forward:triton:splitk", "c3a.forward:triton:small"}
+
+
 def test_autotuned_entries_ran(triton_backend):
     """Many row/column tiles: the autotuned GEMM of forward, dx and the kernel gradient."""
     check_against_reference(make_inputs(40, 34, 36, 2, torch.float32))

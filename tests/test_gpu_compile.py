@@ -138,8 +138,8 @@ def variants():
     """name: (kernel, arch, operand dtype, output dtype, constexprs, warps, stages, tensor-core op)."""
     import triton.language as tl
 
-    from fusedlora.kernels.c3a import (c3a_circulant_kernel, c3a_diagonal_sums_kernel, c3a_kernel_grad_kernel,
-                                       c3a_matmul_kernel)
+    from fusedlora.kernels.c3a import (c3a_circulant_kernel, c3a_decode_finish_kernel, c3a_decode_kernel,
+                                       c3a_diagonal_sums_kernel, c3a_kernel_grad_kernel, c3a_matmul_kernel)
     from fusedlora.kernels.lora import lora_decode_finish_kernel, lora_decode_kernel, lora_matmul_kernel
     from fusedlora.kernels.multi import (multi_decode_finish_kernel, multi_decode_kernel, multi_grad_kernel,
                                          multi_matmul_kernel, multi_shrink_kernel)
@@ -194,6 +194,15 @@ def variants():
                                  gemm(HAS_BIAS=False, REDUCE_IN=False, EXACT_DELTA=True), 8, 3, "wgmma"),
         "c3a-sm90-bf16-decode": (c3a_matmul_kernel, 90, "bf16", "fp32",
                                  gemm(HAS_BIAS=True, REDUCE_IN=True, EXACT_DELTA=True, SPLIT_K=4, **decode), 4, 3, "mma"),
+        # decode pair: the delta's fp32 (tf32) products beside W's split-K tiles, then the sum
+        "c3a-sm90-bf16-decode-pair": (c3a_decode_kernel, 90, "bf16", "fp32",
+                                      dict(DOT_DTYPE=tl.bfloat16, INPUT_PRECISION="tf32", DELTA_PRECISION="tf32",
+                                           SPLIT_K=4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, BLOCK_B=32), 4, 3, "mma"),
+        "c3a-sm80-fp32-decode-pair": (c3a_decode_kernel, 80, "fp32", "fp32",
+                                      dict(**f32, DELTA_PRECISION="ieee", SPLIT_K=2, BLOCK_M=16, BLOCK_N=64,
+                                           BLOCK_K=32, BLOCK_B=16), 4, 3, None),
+        "c3a-sm90-bf16-decode-finish": (c3a_decode_finish_kernel, 90, "bf16", "bf16",
+                                        dict(HAS_BIAS=True, SPLIT_K=4, BLOCK_M=16, BLOCK_N=64), 4, 1, None),
         "c3a-sm90-bf16-grad-kernel": (c3a_kernel_grad_kernel, 90, "bf16", "fp32", gemm(BLOCK_M=64, BLOCK_N=64),
                                       4, 3, "mma"),
         "sparse-sm90-bf16-forward": (sparse_matmul_kernel, 90, "bf16", "bf16",
@@ -258,6 +267,26 @@ def variants():
     }
 
 
+def spill_bytes(ptx: str, arch: int) -> int:
+    """Spill stores ptxas reports for the kernel (Triton ships ptxas)."""
+    import re
+    import tempfile
+
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        run = subprocess.run([ptxas, f"-arch=sm_{arch}{'a' if arch == 90 else ''}", "-v", f.name, "-o", os.devnull],
+                             capture_output=True, text=True, check=True)
+    return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", run.stderr))
+
+
+# The decode pairs are latency-bound launches of a few microseconds: no register spills.
+NO_SPILLS = ("decode-pair", "decode-finish")
+
+
 def main() -> None:
     report = {}
     for name, (kernel, arch, dtype, out, consts, warps, stages, mma) in {**variants(), **plan_variants()}.items():
@@ -266,7 +295,8 @@ def main() -> None:
         ttgir = kernel.asm["ttgir"]
         report[name] = {"arch": arch, "cubin_bytes": len(kernel.asm["cubin"]), "shared": kernel.metadata.shared,
                         "expected_mma": mma, "has_mma": mma is None or mma in ptx,
-                        "pipelined": "async_copy_global_to_local" in ttgir or "async_tma" in ttgir}
+                        "pipelined": "async_copy_global_to_local" in ttgir or "async_tma" in ttgir,
+                        "spill_bytes": spill_bytes(ptx, arch) if any(t in name for t in NO_SPILLS) else None}
     print(json.dumps(report))
 
 
@@ -282,7 +312,7 @@ NAMES = ["lora-sm90-bf16-decode-pair", "lora-sm80-fp32-decode-pair", "lora-sm90-
          "lora-sm80-fp16-decode-finish", "lora-sm80-fp32-decode-finish", "multi-sm80-fp32-decode-pair",
          "lora-sm80-fp32-plan-grad-A", "lora-sm80-tf32-plan-shrink", "lora-sm90-bf16-forward", "lora-sm90-bf16-grad-x", "lora-sm90-bf16-decode", "lora-sm90-fp16-shrink",
          "lora-sm80-fp16-forward", "lora-sm80-fp32-ieee-grad-A", "c3a-sm90-bf16-forward", "c3a-sm90-bf16-grad-x",
-         "c3a-sm90-bf16-decode", "c3a-sm90-bf16-grad-kernel", "sparse-sm90-bf16-forward",
+         "c3a-sm90-bf16-decode", "c3a-sm90-bf16-decode-pair", "c3a-sm80-fp32-decode-pair", "c3a-sm90-bf16-decode-finish", "c3a-sm90-bf16-grad-kernel", "sparse-sm90-bf16-forward",
          "sparse-sm90-bf16-decode", "sparse-sm90-bf16-sddmm", "sparse-sm90-bf16-rows-add",
          "sparse-sm80-fp16-rows-add-1row", "sparse-sm90-bf16-decode-finish", "sparse-sm90-bf16-densify", "sparse-sm90-bf16-gather", "c3a-sm90-bf16-circulant",
          "c3a-sm90-bf16-diagonal-sums", "multi-sm90-bf16-forward-sgmv",
@@ -298,6 +328,7 @@ def test_kernel_compiles_for_gpu(compiled, name):
     if k["expected_mma"] == "wgmma":  # the compute-bound GEMMs must be software-pipelined
         assert k["pipelined"], f"{name}: the K loop's loads are not asynchronous (no pipelining)"
     assert k["shared"] <= (227 if k["arch"] == 90 else 163) * 1024, k
+    assert k["spill_bytes"] in (None, 0), f"{name}: {k['spill_bytes']} bytes of register spills"
 
 
 if __name__ == "__main__":
