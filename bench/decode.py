@@ -6,7 +6,7 @@ One FusedLinear per case (inference), timed on the same random input sets:
           dispatch list of the report says which ran); its GEMV on CUDA cores
   cuda-mma  the same with the tensor-core GEMV (cuda_ext.use_gemv("mma"); fp16/bf16)
   triton  the same forward under use_backend("triton"): the two-launch decode pairs
-          (LoRA, multi, sparse) where they serve
+          (LoRA, multi, C3A, sparse) where they serve
   triton-splitk  the same with the pairs off (launch.use_decode_pair(False)): the split-K
           plan's five GPU operations, the pairs' A/B until a GPU run settles the default
   auto    the same forward under fusedlora's default dispatch
