@@ -166,13 +166,13 @@ def _cublas_rows(i):
     M, N = x.shape[0], W.shape[0]
     _, rows, cols, perm = layer._layout("decode_sparse").tensors()
     row_ptr, col, order = _row_csr(rows, cols, perm, N)
-    vals = layer.sparse_values["decode_sparse"].float()[order]
+    vals = layer.sparse_values["decode_sparse"].detach().contiguous()
     scaling = float(layer.sparse_scaling["decode_sparse"])
 
     def run():
         y = F.linear(x, W, b).float()
         sparse_rows_add_kernel[(triton.cdiv(N, 32),)](
-            y, x, row_ptr, col, vals, M, N, y.stride(0), y.stride(1), x.stride(0), x.stride(1), scaling,
+            y, x, row_ptr, col, vals, order, M, N, y.stride(0), y.stride(1), x.stride(0), x.stride(1), scaling,
             BLOCK_M=max(1, triton.next_power_of_2(M)), BLOCK_N=32, BLOCK_E=16)
         return y.to(x.dtype)
     return run

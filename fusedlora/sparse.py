@@ -207,7 +207,7 @@ def _rows_decode(x: Tensor, weight: Tensor, bias: Optional[Tensor], values: Tens
         part, plan, r_cols = decode_partials(x, weight)
         y = torch.empty((M, N), device=x.device, dtype=x.dtype)
         sparse_decode_finish_kernel[(triton.cdiv(N, block_n),)](
-            part, x, row_ptr, col, values.float()[order], bias.contiguous() if bias is not None else y, y,
+            part, x, row_ptr, col, values.contiguous(), order, bias.contiguous() if bias is not None else y, y,
             M, N, r_cols, part.stride(0), part.stride(1), x.stride(0), x.stride(1), y.stride(0), y.stride(1),
             float(scaling), HAS_BIAS=bias is not None, SPLIT_K=plan["SPLIT_K"], BLOCK_M=_pow2_at_least(M, 1),
             BLOCK_N=block_n, BLOCK_E=16)
@@ -215,7 +215,7 @@ def _rows_decode(x: Tensor, weight: Tensor, bias: Optional[Tensor], values: Tens
         return y
     y = matmul(x, weight.t(), out_dtype=torch.float32, dot_dtype=x.dtype, bias=bias, tag="sparse.base")
     sparse_rows_add_kernel[(triton.cdiv(N, block_n),)](
-        y, x, row_ptr, col, values.float()[order], M, N, y.stride(0), y.stride(1), x.stride(0), x.stride(1),
+        y, x, row_ptr, col, values.contiguous(), order, M, N, y.stride(0), y.stride(1), x.stride(0), x.stride(1),
         float(scaling), BLOCK_M=_pow2_at_least(M, 1), BLOCK_N=block_n, BLOCK_E=16)
     record("sparse.forward", "triton", "rows")
     return y.to(x.dtype)

@@ -146,10 +146,12 @@ def sddmm_kernel(
 
 
 @triton.jit
-def _rows_nonzeros(x_ptr, row_ptr, col_ptr, val_ptr, offs_m, m_ok, offs_n, n_ok, stride_xm, stride_xk,
+def _rows_nonzeros(x_ptr, row_ptr, col_ptr, val_ptr, order_ptr, offs_m, m_ok, offs_n, n_ok, stride_xm, stride_xk,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
-    """sum_i val[i] x[m, col[i]] over output feature n's nonzeros (CSR rows), float32
-    (BLOCK_M x BLOCK_N): only those features' nonzeros are read, and x (a few KB) from cache."""
+    """sum_i val[order[i]] x[m, col[i]] over output feature n's nonzeros (CSR rows), float32
+    (BLOCK_M x BLOCK_N): only those features' nonzeros are read, and x (a few KB) from cache.
+    The values stay in the user's order and dtype (no per-call gather; the order load runs
+    beside the column's, so the chain of dependent loads is no longer)."""
     start = tl.load(row_ptr + offs_n, mask=n_ok, other=0)
     end = tl.load(row_ptr + offs_n + 1, mask=n_ok, other=0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -158,7 +160,7 @@ def _rows_nonzeros(x_ptr, row_ptr, col_ptr, val_ptr, offs_m, m_ok, offs_n, n_ok,
         idx = start[:, None] + e + tl.arange(0, BLOCK_E)[None, :]            # (BLOCK_N, BLOCK_E)
         ok = idx < end[:, None]
         col = tl.load(col_ptr + idx, mask=ok, other=0)
-        val = tl.load(val_ptr + idx, mask=ok, other=0.0)
+        val = tl.load(val_ptr + tl.load(order_ptr + idx, mask=ok, other=0), mask=ok, other=0.0).to(tl.float32)
         xg = tl.load(x_ptr + offs_m[:, None, None] * stride_xm + col[None, :, :] * stride_xk,
                      mask=m_ok[:, None, None] & ok[None, :, :], other=0.0)
         acc += tl.sum(xg.to(tl.float32) * val[None, :, :], axis=2)
@@ -167,18 +169,18 @@ def _rows_nonzeros(x_ptr, row_ptr, col_ptr, val_ptr, offs_m, m_ok, offs_n, n_ok,
 
 @triton.jit
 def sparse_rows_add_kernel(
-    y_ptr, x_ptr, row_ptr, col_ptr, val_ptr,
+    y_ptr, x_ptr, row_ptr, col_ptr, val_ptr, order_ptr,
     M, N, stride_ym, stride_yn, stride_xm, stride_xk, scaling,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    """y[m, n] += scaling * sum_i val[i] x[m, col[i]] over row n's nonzeros (CSR), for a
+    """y[m, n] += scaling * sum_i val[order[i]] x[m, col[i]] over row n's nonzeros (CSR), for a
     few rows of x (decode), into a float32 y (a base GEMM's output, rounded once after)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_m = tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
-    acc = _rows_nonzeros(x_ptr, row_ptr, col_ptr, val_ptr, offs_m, m_ok, offs_n, n_ok, stride_xm, stride_xk,
-                         BLOCK_M, BLOCK_N, BLOCK_E)
+    acc = _rows_nonzeros(x_ptr, row_ptr, col_ptr, val_ptr, order_ptr, offs_m, m_ok, offs_n, n_ok, stride_xm,
+                         stride_xk, BLOCK_M, BLOCK_N, BLOCK_E)
     ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
     mask = m_ok[:, None] & n_ok[None, :]
     tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + scaling * acc, mask=mask)
@@ -186,7 +188,7 @@ def sparse_rows_add_kernel(
 
 @triton.jit
 def sparse_decode_finish_kernel(
-    part_ptr, x_ptr, row_ptr, col_ptr, val_ptr, bias_ptr, c_ptr,
+    part_ptr, x_ptr, row_ptr, col_ptr, val_ptr, order_ptr, bias_ptr, c_ptr,
     M, N, R_COLS, stride_ps, stride_pm, stride_xm, stride_xk, stride_cm, stride_cn, scaling,
     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -199,8 +201,8 @@ def sparse_decode_finish_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
     mask = m_ok[:, None] & n_ok[None, :]
-    acc = scaling * _rows_nonzeros(x_ptr, row_ptr, col_ptr, val_ptr, offs_m, m_ok, offs_n, n_ok, stride_xm,
-                                   stride_xk, BLOCK_M, BLOCK_N, BLOCK_E)
+    acc = scaling * _rows_nonzeros(x_ptr, row_ptr, col_ptr, val_ptr, order_ptr, offs_m, m_ok, offs_n, n_ok,
+                                   stride_xm, stride_xk, BLOCK_M, BLOCK_N, BLOCK_E)
     acc += split_sum(part_ptr, offs_m, (R_COLS + offs_n)[None, :], mask, stride_ps, stride_pm, SPLIT_K)
     if HAS_BIAS:
         acc = add_bias(acc, bias_ptr, offs_n, N)

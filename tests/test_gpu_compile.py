@@ -48,6 +48,8 @@ def compile_variant(kernel, arch, dtype, out, consts, num_warps, num_stages, uni
             sig[name] = f"*{out}"
         elif name in _INT_POINTERS:
             sig[name] = "*i32"
+        elif name == "order_ptr":  # int64 positions (torch.sort's indices)
+            sig[name] = "*i64"
         elif name in _FP32_POINTERS:
             sig[name] = "*fp32"
         elif name.endswith("_ptr"):
