@@ -3,10 +3,31 @@ row view, its flat indices), kept while those very tensors are unchanged. Not fo
 parameters: a fused optimizer step does not bump a tensor's version."""
 from __future__ import annotations
 
+import contextlib
 import weakref
 from typing import Callable, Hashable, Optional, Sequence
 
+import torch
 from torch import Tensor
+
+
+@contextlib.contextmanager
+def outside_inference_mode():
+    """Make tensors that are kept across calls as normal tensors, also when called under
+    ``torch.inference_mode()``: an inference tensor kept in a cache could not be written
+    in place nor saved for backward by the calls that follow outside inference mode.
+    Grad mode stays off (it is off in inference mode); no-op outside inference mode."""
+    if not torch.is_inference_mode_enabled():
+        yield
+        return
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
+def version(t: Tensor, untracked=None):
+    """``t._version``, or ``untracked`` for an inference tensor (made under
+    ``torch.inference_mode()``), which keeps no version counter."""
+    return untracked if t.is_inference() else t._version
 
 
 class DerivedCache(dict):
@@ -24,15 +45,21 @@ class DerivedCache(dict):
         """The value for ``key`` if it was built from ``tensors`` as they are now (and the same
         ``extra``, e.g. a target device), else ``build()``, remembered."""
         # inference tensors keep no version counter: their address and identity must do
-        stamp = (extra,) + tuple((t.data_ptr(), None if t.is_inference() else t._version) for t in tensors)
+        stamp = (extra,) + tuple((t.data_ptr(), version(t)) for t in tensors)
         entry = self.get(key)
         if entry is not None and entry[0] == stamp and all(ref() is t for ref, t in zip(entry[1], tensors)):
             return entry[2]
-        value = build()
+        with outside_inference_mode():  # the value outlives this call
+            value = build()
         if self.limit is not None and len(self) >= self.limit:
             self.clear()
         self[key] = (stamp, tuple(weakref.ref(t) for t in tensors), value)
         return value
+
+    def __reduce__(self):
+        # Pickled (torch.save of a module, deepcopy) as empty: the values are derived and
+        # rebuilt on demand, and the weak references to their tensors cannot be pickled.
+        return (type(self), (self.limit,))
 
     def latest(self, key: Hashable):
         """The value last built for ``key``, checked or not; None if there is none."""

@@ -262,8 +262,14 @@ class FusedLinear(nn.Linear):
             name, (idx,), lambda: idx[0].long().to(device) * self.in_features + idx[1].long().to(device), extra=device)
 
     def merge(self, adapter_names: Optional[Iterable[str]] = None) -> None:
-        """Add s * B A of each adapter (default: the active ones) into the weight."""
-        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        """Add s * B A of each adapter (default: the active ones; a name or a list of names)
+        into the weight."""
+        if adapter_names is None:
+            names = self.active_adapters
+        elif isinstance(adapter_names, str):
+            names = [adapter_names]
+        else:
+            names = list(adapter_names)
         for n in names:
             self._check_name(n, must_exist=True)
             if n not in self.merged_adapters:

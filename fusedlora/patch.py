@@ -11,6 +11,7 @@ model's outputs are unchanged.
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from torch import nn
@@ -169,7 +170,8 @@ def set_adapter(model: nn.Module, names: Union[str, Iterable[str], None]) -> Non
     """Activate adapter ``names`` (one, several summed, or None for the base model) on
     every FusedLinear of ``model``; a layer activates those of the names it has (an
     adapter may target only some layers, as in PEFT). A name that no layer has is an
-    error, raised before any layer changes."""
+    error, raised before any layer changes. Merged layers are unmerged first (with a
+    warning), as PEFT's ``set_adapter`` does: a merged layer runs its weight only."""
     layers = [layer for _, layer in fused_layers(model)]
     if not layers:
         raise ValueError("model: no FusedLinear layers; fusedlora.patch_model(model) first")
@@ -187,6 +189,12 @@ def set_adapter(model: nn.Module, names: Union[str, Iterable[str], None]) -> Non
     missing = [n for n in wanted if n not in known]
     if missing:
         raise ValueError(f"names: no layer of the model has adapter(s) {missing}; it has {known}")
+    merged = [layer for layer in layers if layer.merged]
+    if merged:  # as PEFT's model-level set_adapter: a merged layer would run only what is merged
+        warnings.warn("set_adapter: the model has merged adapters; unmerging them first (as PEFT does)",
+                      stacklevel=2)
+    for layer in merged:
+        layer.unmerge()
     for layer in layers:
         have = set(layer.adapter_names)
         layer.set_adapter([n for n in wanted if n in have])

@@ -3,7 +3,8 @@
     model = fusedlora.from_peft(peft_model)
 
 Every adapter of every PEFT layer becomes an adapter of the same name on the FusedLinear
-that replaces it, sharing PEFT's parameters; the checks of ``fusedlora.peft_io`` run
+that replaces it (the base weight and bias are shared; the adapter weights are copied into
+new parameters: build optimizers after converting); the checks of ``fusedlora.peft_io`` run
 first, so a model that cannot be converted is left as it was.
 """
 from __future__ import annotations

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from . import reference
 from .backend import record, select_backend
+from .derived import outside_inference_mode, version
 from .multi import _INT_DTYPES, _multi_forward
 
 
@@ -99,8 +100,9 @@ class Tables:
 
 def _param_key(A: Tensor, B: Tensor) -> tuple:
     # The parameters themselves (compared by identity: a replaced parameter is
-    # a new object) and their in-place version counters.
-    return (A, A._version, B, B._version)
+    # a new object) and their in-place version counters (inference tensors have
+    # none: a fresh object, equal to nothing, so that they are copied every sync).
+    return (A, version(A, object()), B, version(B, object()))
 
 
 def _same_key(a: tuple, b: tuple) -> bool:
@@ -306,7 +308,8 @@ def _fingerprint(layer, params) -> tuple:
     grad = torch.is_grad_enabled()
     return (layer._multi_struct, grad, W.dtype, W.device,
             tuple(map(id, layer.lora_A._parameters.values())), tuple(map(id, layer.lora_B._parameters.values())),
-            tuple(layer.scaling.values()), tuple(layer.lora_dropout.values()), tuple([p._version for p in params]),
+            tuple(layer.scaling.values()), tuple(layer.lora_dropout.values()),
+            tuple([version(p, object()) for p in params]),
             # requires_grad only matters with grad mode on (inference skips reading it)
             tuple([p.requires_grad for p in params]) if grad else None)
 
@@ -328,13 +331,14 @@ def _prepare(layer, compiling: bool):
     if layer._multi_pool is None:
         layer._multi_pool = AdapterPool()
     pool = layer._multi_pool
-    if loras and not differentiable:
-        pool.sync(layer)
-    tables = pool.tables(layer, pooled=bool(loras) and not differentiable)
-    if loras and not differentiable:
-        answer = (tables, pool.A[:pool.used], pool.BT[:pool.used], loras)
-    else:
-        answer = (tables, None, None, loras)
+    with outside_inference_mode():  # the pool and tables serve later calls outside inference mode too
+        if loras and not differentiable:
+            pool.sync(layer)
+        tables = pool.tables(layer, pooled=bool(loras) and not differentiable)
+        if loras and not differentiable:
+            answer = (tables, pool.A[:pool.used], pool.BT[:pool.used], loras)
+        else:
+            answer = (tables, None, None, loras)
     layer._multi_cache = (params, _fingerprint(layer, params), answer)
     return answer
 
@@ -451,15 +455,16 @@ def _sparse_delta(layer, name: str, x2: Tensor) -> Tensor:
     N = layer.out_features
     pool = None if _compiling() else layer._multi_pool
     hit = pool.sparse_order.get(name) if pool is not None else None
-    if hit is not None and hit[0] is indices and hit[1] == indices._version:
+    if hit is not None and hit[0] is indices and hit[1] == version(indices):  # indices are not trained
         order, cols, offsets = hit[2:]
     else:
-        rows, cols = indices[0].long(), indices[1].long()
-        order = torch.argsort(rows * layer.in_features + cols)
-        offsets = torch.searchsorted(rows[order], torch.arange(N, device=rows.device))
-        cols = cols[order]
+        with outside_inference_mode() if pool is not None else contextlib.nullcontext():  # kept: see _prepare
+            rows, cols = indices[0].long(), indices[1].long()
+            order = torch.argsort(rows * layer.in_features + cols)
+            offsets = torch.searchsorted(rows[order], torch.arange(N, device=rows.device))
+            cols = cols[order]
         if pool is not None:
-            pool.sparse_order[name] = (indices, indices._version, order, cols, offsets)
+            pool.sparse_order[name] = (indices, version(indices), order, cols, offsets)
     dt = torch.promote_types(x2.dtype, torch.float32)
     w = values[order].to(dt) * layer.sparse_scaling[name]
     out = F.embedding_bag(cols, x2.to(dt).t(), offsets, mode="sum", per_sample_weights=w)  # (N, M)

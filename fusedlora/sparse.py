@@ -21,7 +21,7 @@ from . import reference
 from .backend import interpreting, record, requested_backend, select_backend
 from .ops import (bias_grad, check_linear_args, check_scalar, fused_op, pick, register_autograd,
                    triton_dtype_ok, triton_serves)
-from .derived import DerivedCache
+from .derived import DerivedCache, version
 from .sparse_layout import SparseLayout, _user_indices, build_layout, check_indices
 # the public mask builders, where users of fusedlora.sparse look for them
 from .sparse_layout import magnitude_indices, mask_to_indices, random_indices, shira_num_nonzeros  # noqa: F401
@@ -427,10 +427,13 @@ def scatter_merge_(weight: Tensor, indices: Tensor, values: Tensor, scaling: flo
 
 class SavedEntries(NamedTuple):
     """What ``merge_saving_`` overwrote: W's entries at the adapter's flat indices, and
-    W's version counter right after the merge (any later in-place change bumps it)."""
+    W's version counter right after the merge (any later in-place change bumps it) and its
+    storage (``.to(dtype)`` / ``.half()`` / a load replace W's data with a new tensor, whose
+    counter may read the same)."""
     flat: Tensor
     values: Tensor
     version: int
+    data_ptr: int = -1
 
 
 @torch.no_grad()
@@ -442,7 +445,7 @@ def merge_saving_(weight: Tensor, flat: Tensor, values: Tensor, scaling: float) 
     saved = w[flat]
     dt = torch.promote_types(values.dtype, torch.float32)
     w.index_put_((flat,), (saved.to(dt) + values.to(dt) * scaling).to(weight.dtype))
-    return SavedEntries(flat, saved, weight._version)
+    return SavedEntries(flat, saved, version(weight), weight.data_ptr())
 
 
 @torch.no_grad()
@@ -451,7 +454,9 @@ def unmerge_saved_(weight: Tensor, saved: SavedEntries, values: Tensor, scaling:
     been changed in place since (its version counter says); otherwise subtract the
     delta, keeping those changes. True when the entries were restored exactly."""
     w = weight.view(-1)
-    if weight._version == saved.version and saved.values.device == weight.device:
+    now = version(weight)  # None for an inference tensor: changes cannot be seen, so subtract
+    if (now is not None and now == saved.version and weight.data_ptr() == saved.data_ptr
+            and saved.values.dtype == weight.dtype and saved.values.device == weight.device):
         w.index_copy_(0, saved.flat, saved.values)
         return True
     dt = torch.promote_types(values.dtype, torch.float32)

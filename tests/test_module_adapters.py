@@ -232,3 +232,107 @@ def test_c3a_and_sparse_merge_unmerge_round_trip(triton_backend, dtype):
             assert rel_err(layer.weight, w0) < (1e-6 if dtype == torch.float32 else 1e-3), names
         with torch.no_grad():
             layer.weight.copy_(w0)
+
+
+def test_sparse_merged_then_cast_or_pickled_unmerges():
+    """A merged sparse adapter keeps W's overwritten entries to restore them; after .half()
+    (a new W whose version counter may read the same) they are of another dtype, and a
+    pickled layer (torch.save of the module) must still unmerge. merge() takes a name."""
+    import io
+
+    layer = make_layer(16, 8)
+    w0 = layer.weight.detach().clone()
+    idx = random_indices((8, 16), density=0.2, seed=3)
+    layer.add_sparse("task", idx, torch.randn(idx.shape[1]))
+    layer.add_lora("lora", r=2, init_lora_weights=False)
+    x = torch.randn(3, 16, device=DEVICE)
+    layer.set_adapter(["task", "lora"])
+    y = layer(x)  # builds the layout (a weakly referenced cache) too
+    layer.merge("task")  # a name, not list("task")
+    assert layer.merged_adapters == ["task"]
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    copy = torch.load(buf, weights_only=False)
+    layer.merge(["lora"])
+    assert rel_err(layer(x), y) < 1e-5
+    copy.unmerge()
+    assert (copy.weight - w0).abs().max() <= 1e-6 and rel_err(copy(x), y) < 1e-6
+    copy.merge()
+    layer.half()
+    layer.unmerge()
+    assert (layer.weight.float() - w0).abs().max() <= 2e-3
+    copy.double()
+    copy.unmerge()
+    assert (copy.weight - w0.double()).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("routed", [False, True])
+def test_caches_built_under_inference_mode_serve_later_training(routed):
+    """Serving runs under torch.inference_mode(); the layer's caches (sparse layout, row
+    order, the LoRA pool and its tables) built there must not be inference tensors, which
+    later calls outside it could neither update in place nor save for backward."""
+    layer = make_layer(16, 8)
+    idx = random_indices((8, 16), density=0.2, seed=4)
+    layer.add_sparse("s", idx, torch.randn(idx.shape[1]))
+    layer.add_lora("l", r=2, init_lora_weights=False)
+    layer.add_c3a("c", block_size=4, init_weights="gaussian")
+    x = torch.randn(3, 16, device=DEVICE)
+    ids = torch.tensor([layer.adapter_id(n) for n in ("s", "l", "c")], device=DEVICE)
+    run = (lambda: layer(x, adapter_ids=ids)) if routed else (lambda: layer(x))
+    layer.set_adapter(["s", "l"])
+    with torch.inference_mode():
+        run()
+    with torch.no_grad():  # an optimizer-style update: the pool copies it in place
+        layer.lora_B["l"].mul_(2.0)
+        ref = run()
+    y = run()
+    assert rel_err(y, ref) < 1e-6
+    y.sum().backward()
+    assert layer.sparse_values["s"].grad is not None and layer.lora_B["l"].grad is not None
+
+
+def test_model_set_adapter_unmerges_first_as_peft():
+    """PEFT's model-level set_adapter unmerges a merged model first; without that a merged
+    layer would keep serving the merged adapter instead of the one asked for."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(make_layer(16, 12), torch.nn.ReLU(), make_layer(12, 8))
+    for layer in (model[0], model[2]):
+        layer.add_lora("a", r=2, init_lora_weights=False)
+        layer.add_lora("b", r=3, init_lora_weights=False)
+    x = torch.randn(4, 16, device=DEVICE)
+    fusedlora.set_adapter(model, "b")
+    want = model(x)
+    fusedlora.set_adapter(model, "a")
+    model[0].merge()
+    model[2].merge()
+    with pytest.warns(UserWarning, match="unmerging"):
+        fusedlora.set_adapter(model, "b")
+    assert not model[0].merged and not model[2].merged
+    assert rel_err(model(x), want) < 1e-5
+
+
+def test_layer_built_under_inference_mode_routes_and_switches():
+    """Every tensor of a layer built under torch.inference_mode() is an inference tensor,
+    which keeps no version counter: the routing caches and the sparse merge must not ask
+    for one, and must still see an in-place update of an adapter."""
+    with torch.inference_mode():
+        layer = make_layer(16, 8)
+        w0 = layer.weight.clone()
+        idx = random_indices((8, 16), density=0.2, seed=5)
+        layer.add_sparse("s", idx, torch.randn(idx.shape[1]))
+        layer.add_lora("l", r=2, init_lora_weights=False)
+        layer.add_c3a("c", block_size=4, init_weights="gaussian")
+        x = torch.randn(3, 16, device=DEVICE)
+        ids = torch.tensor([layer.adapter_id(n) for n in ("l", "s", "c")], device=DEVICE)
+        y = layer(x, adapter_ids=ids)
+        layer.lora_B["l"].mul_(2.0)  # in place: the pool must copy it again
+        y2 = layer(x, adapter_ids=ids)
+        for i, n in enumerate(("l", "s", "c")):
+            layer.set_adapter(n)
+            assert rel_err(y2[i], layer(x[i:i + 1])[0]) < 1e-5
+        assert rel_err(y2[1:], y[1:]) < 1e-6 and rel_err(y2[0], y[0]) > 1e-2
+        layer.switch_merged("s")
+        layer.switch_merged("l")
+        layer.unmerge()
+        assert (layer.weight - w0).abs().max() <= 1e-6

@@ -407,6 +407,39 @@ def test_use_adapters_routes_a_sequential(triton_backend):
         assert rel_err(model(x), _per_sample(model, x, [None] * 4)) < 1e-6
 
 
+def test_use_adapters_nested_exception_and_deleted_ids(torch_backend):
+    """Nested scopes route by the innermost ids and restore the outer ones; an exception
+    inside restores them; deleting an adapter (then adding others) keeps the survivors'
+    ids, and its old id is refused by name at both levels."""
+    model = _model()
+    x = torch.randn(3, 16, device=DEVICE)
+    outer, inner = ["ua_a", None, "ua_b"], ["ua_b", "ua_b", None]
+    ids = {tuple(n): torch.tensor([fusedlora.adapter_id(a) if a else -1 for a in n], device=DEVICE)
+           for n in (outer, inner)}
+    with torch.no_grad(), fusedlora.use_adapters(model, ids[tuple(outer)]):
+        with fusedlora.use_adapters(model, ids[tuple(inner)]):
+            y_inner = model(x)
+        y_outer = model(x)
+        with pytest.raises(KeyError):
+            with fusedlora.use_adapters(model, ids[tuple(inner)]):
+                raise KeyError("inside")
+        assert torch.equal(model(x), y_outer)
+    assert all(m._multi_route is None for m in model if isinstance(m, FusedLinear))
+    assert rel_err(y_inner, _per_sample(model, x, inner)) < 1e-6
+    assert rel_err(y_outer, _per_sample(model, x, outer)) < 1e-6
+    id_a, id_b = fusedlora.adapter_id("ua_a"), fusedlora.adapter_id("ua_b")
+    for m in (model[0], model[4]):
+        m.delete_adapter("ua_a")
+        m.add_lora("ua_new", r=2)
+    assert model[0].adapter_id("ua_b") == model[2].adapter_id("ua_b") == id_b
+    assert model[0].adapter_id("ua_new") == model[4].adapter_id("ua_new") not in (id_a, id_b)
+    with pytest.raises(ValueError, match=r"'ua_a'\) name no adapter of any FusedLinear"):
+        with fusedlora.use_adapters(model, torch.tensor([id_a], device=DEVICE)):
+            pass
+    with pytest.raises(ValueError, match=r"'ua_a', not in this layer"):
+        model[0](x[:1], adapter_ids=torch.tensor([id_a], device=DEVICE))
+
+
 def test_use_adapters_tiny_llama(triton_backend, monkeypatch):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
