@@ -2,7 +2,6 @@
 and their verdicts are computed: a wrong result makes them say so and exit 1."""
 import re
 
-import pytest
 import torch
 
 from fusedlora import FusedLinear, demo, serve_demo

@@ -267,16 +267,22 @@ def test_sparse_merged_then_cast_or_pickled_unmerges():
     assert (copy.weight - w0.double()).abs().max() <= 1e-6
 
 
+def add_three_kinds(layer, seed):
+    """A sparse ("s"), a LoRA ("l") and a C3A ("c") adapter on a 16 -> 8 layer; the sparse indices."""
+    idx = random_indices((8, 16), density=0.2, seed=seed)
+    layer.add_sparse("s", idx, torch.randn(idx.shape[1]))
+    layer.add_lora("l", r=2, init_lora_weights=False)
+    layer.add_c3a("c", block_size=4, init_weights="gaussian")
+    return idx
+
+
 @pytest.mark.parametrize("routed", [False, True])
 def test_caches_built_under_inference_mode_serve_later_training(routed):
     """Serving runs under torch.inference_mode(); the layer's caches (sparse layout, row
     order, the LoRA pool and its tables) built there must not be inference tensors, which
     later calls outside it could neither update in place nor save for backward."""
     layer = make_layer(16, 8)
-    idx = random_indices((8, 16), density=0.2, seed=4)
-    layer.add_sparse("s", idx, torch.randn(idx.shape[1]))
-    layer.add_lora("l", r=2, init_lora_weights=False)
-    layer.add_c3a("c", block_size=4, init_weights="gaussian")
+    add_three_kinds(layer, seed=4)
     x = torch.randn(3, 16, device=DEVICE)
     ids = torch.tensor([layer.adapter_id(n) for n in ("s", "l", "c")], device=DEVICE)
     run = (lambda: layer(x, adapter_ids=ids)) if routed else (lambda: layer(x))
@@ -319,10 +325,7 @@ def test_layer_built_under_inference_mode_routes_and_switches():
     with torch.inference_mode():
         layer = make_layer(16, 8)
         w0 = layer.weight.clone()
-        idx = random_indices((8, 16), density=0.2, seed=5)
-        layer.add_sparse("s", idx, torch.randn(idx.shape[1]))
-        layer.add_lora("l", r=2, init_lora_weights=False)
-        layer.add_c3a("c", block_size=4, init_weights="gaussian")
+        add_three_kinds(layer, seed=5)
         x = torch.randn(3, 16, device=DEVICE)
         ids = torch.tensor([layer.adapter_id(n) for n in ("l", "s", "c")], device=DEVICE)
         y = layer(x, adapter_ids=ids)
