@@ -113,13 +113,13 @@ def lora_decode_kernel(
     pid_k = tl.program_id(0) % SPLIT_K
     if tile < R_TILES:
         split_dot_store(x_ptr, lora_a_ptr, part_ptr, M, R, K, tile * BLOCK_N, tile * BLOCK_N, pid_k,
-                         stride_xm, stride_xk, stride_lora_a_r, stride_lora_a_k, stride_ps, stride_pm,
-                         DOT_DTYPE, INPUT_PRECISION, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K)
+                        stride_xm, stride_xk, stride_lora_a_r, stride_lora_a_k, stride_ps, stride_pm,
+                        DOT_DTYPE, INPUT_PRECISION, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         first = (tile - R_TILES) * BLOCK_N
         split_dot_store(x_ptr, weight_ptr, part_ptr, M, N, K, first, R_TILES * BLOCK_N + first, pid_k,
-                         stride_xm, stride_xk, stride_weight_n, stride_weight_k, stride_ps, stride_pm,
-                         DOT_DTYPE, INPUT_PRECISION, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K)
+                        stride_xm, stride_xk, stride_weight_n, stride_weight_k, stride_ps, stride_pm,
+                        DOT_DTYPE, INPUT_PRECISION, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
