@@ -159,6 +159,24 @@ def test_cuda_shrink_output_and_determinism(ext, M, K, gemv):
 
 @pytest.mark.gpu
 @GEMV
+@pytest.mark.parametrize("entry", ["lora_decode", "multi_lora_decode"])
+def test_cuda_decode_is_two_kernels_and_no_memset(ext, gemv, entry):
+    """The GEMV (the shrink in its first blocks) and lora_finish: nothing else on the device."""
+    from test_decode_launches import gpu_work
+
+    if entry == "lora_decode":
+        a = args(4, 1024, 768, 16, torch.bfloat16, "cuda")
+        call = lambda: ext.lora_decode(a["x"], a["weight"], a["bias"], a["lora_A"], a["lora_B"], 1.5,  # noqa: E731
+                                       gemv=gemv)
+    else:
+        m = multi_args(M=3, K=1024, N=520, dtype=torch.bfloat16, device="cuda")
+        call = lambda: ext.multi_lora_decode(**m, gemv=gemv)  # noqa: E731
+    kernels, memsets = gpu_work(call)
+    assert len(kernels) == 2 and not memsets, (kernels, memsets)
+
+
+@pytest.mark.gpu
+@GEMV
 def test_cuda_bgmv_shrink_zeroes_what_a_row_does_not_use(ext, gemv):
     """Per-row slots: row 0 takes slot 1 (rank 5), row 1 none (-1), row 2 slot 0 (rank 2);
     u is (3, 5) and every element a row's adapter does not reach is stored as 0."""
