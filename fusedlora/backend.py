@@ -229,7 +229,7 @@ def reset_dispatch() -> None:
 
 def backend_info() -> dict:
     """What fusedlora can run here and what it has run since the last reset."""
-    from . import cuda_ext
+    from . import cuda_ext, launch
 
     cuda_ok = torch.cuda.is_available()
 
@@ -242,6 +242,7 @@ def backend_info() -> dict:
     return {
         "requested": said(requested_backend),
         "cuda_gemv": said(cuda_ext.requested_gemv),
+        "decode_pairs": launch.DECODE_PAIR,  # launch.use_decode_pair: 1..16-row forwards in two launches
         "torch": torch.__version__,
         "triton": triton_version(),
         "triton_interpret": interpreting(),

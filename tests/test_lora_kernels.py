@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import fusedlora
 from conftest import DEVICE, TOL, dispatched, rel_err
 from fusedlora import launch, ops, reference
 
@@ -73,7 +74,9 @@ def test_gemm_splitk_and_decode_paths_are_covered(triton_backend):
     assert {"lora.forward:triton:gemm", "lora.forward:triton:splitk", "lora.forward:triton:decode"} <= set(ran), ran
     assert ran["lora.forward:triton:decode"] == 1  # dropout keeps the split-K pair (seeded mask in the shrink)
     with launch.use_decode_pair(False):  # the bench's A/B: decode rows on the split-K plan
+        assert fusedlora.backend_info()["decode_pairs"] is False
         check_against_reference(make_inputs(3, 40, 20, 4, torch.float16))
+    assert fusedlora.backend_info()["decode_pairs"] is True
     assert dispatched("lora.forward")["lora.forward:triton:splitk"] == 3 and launch.DECODE_PAIR
     assert "lora.shrink:triton:splitk" in dispatched("lora.shrink")
 
