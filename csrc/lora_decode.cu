@@ -189,8 +189,12 @@ __global__ void __launch_bounds__(kThreads, kAligned && !kC3A ? 2 : 0) lora_gemv
       xs[m][k] = (m < p.M && k < len) ? to_float(x[m * p.ld_x + k0 + k]) : 0.f;
     }
     __syncthreads();
-    // Full vectors, then the ragged tail element by element.
+    // Full vectors, then the ragged tail element by element. A chunk is two steps of the
+    // warp's 32 vectors per row: unrolled for few rows so both steps' loads of W are in
+    // flight together (8 per lane instead of 4); at 8-16 rows the registers are not there.
     const int full = len / kVec * kVec;
+    constexpr int kUnroll = kRows <= 4 ? 2 : 1;
+#pragma unroll kUnroll
     for (int k = lane * kVec; k < full; k += 32 * kVec) {
       float wv[kRowsPerWarp][kVec];
 #pragma unroll
