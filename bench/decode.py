@@ -19,7 +19,8 @@ One FusedLinear per case (inference), timed on the same random input sets:
           rounded to x's dtype, then sparse_rows_add_kernel adds each output feature's
           nonzeros in float32 and rounds again
 Variants: "lora r16"; "multi r16" (M rows, each its own adapter out of a pool of
-64; M = 64 is the issue's multi-adapter goal); "c3a b64"; "sparse 1%".
+64; M = 64 is the issue's multi-adapter goal); "c3a b64" and "c3a b16" (the decode pair's
+delta at small blocks); "sparse 1%".
 
 At these sizes a kernel takes microseconds, so every case is also timed from
 CUDA-graph replays (harness.time_graph), the device time a serving engine that
@@ -44,8 +45,12 @@ PATH = "decode"
 RANK, POOL, BLOCK, DENSITY = 16, 64, 64, 0.01
 SCALING = 2.0
 # variant -> the op name that backend.CUDA_WINS is keyed by
-OPS = {"lora r16": "lora.forward", "multi r16": "multi.forward", "c3a b64": "c3a.forward",
+OPS = {"lora r16": "lora.forward", "multi r16": "multi.forward", "c3a b64": "c3a.forward", "c3a b16": "c3a.forward",
        "sparse 1%": "sparse.forward"}
+
+
+def _block(variant: str) -> int:
+    return 16 if variant == "c3a b16" else BLOCK
 
 
 def shapes(opts: Options):
@@ -66,8 +71,8 @@ def _adapter_bytes(variant: str, s: dict, elem: int) -> float:
         return float(elem * RANK * (K + N))
     if variant == "multi r16":
         return float(elem * min(M, POOL) * RANK * (K + N) + 8 * M)  # distinct adapters, and the ids
-    if variant == "c3a b64":
-        return float(4 * N * K // BLOCK)  # the fp32 kernel (N/b, K/b, b)
+    if variant.startswith("c3a"):
+        return float(4 * N * K // _block(variant))  # the fp32 kernel (N/b, K/b, b)
     return float(round(DENSITY * N * K) * (elem + 4))  # values and their column indices
 
 
@@ -89,8 +94,8 @@ def _layer(i, variant: str) -> FusedLinear:
             layer.lora_A[name] = nn.Parameter(rnd(RANK, K, std=K ** -0.5), requires_grad=False)
             layer.lora_B[name] = nn.Parameter(rnd(N, RANK, std=RANK ** -0.5), requires_grad=False)
         layer.set_adapter("decode_0")
-    elif variant == "c3a b64":
-        layer.add_c3a("decode_c3a", block_size=BLOCK, init_weights="gaussian")
+    elif variant.startswith("c3a"):
+        layer.add_c3a("decode_c3a", block_size=_block(variant), init_weights="gaussian")
         layer.set_adapter("decode_c3a")
     else:
         idx = random_indices((N, K), density=DENSITY, seed=int(i["seed"]), device=W.device)
@@ -206,14 +211,16 @@ def cuda_wins(rows, impl: str = "cuda") -> dict:
     """op -> the largest M such that at every M' <= M, and every shape measured, the CUDA
     kernel of column ``impl`` ran (its row's dispatch says so) and was no slower than
     Triton (graph times)."""
-    table = {}
+    verdicts = {}  # op -> M -> CUDA won at every shape (and variant) of that M
     for variant, op in OPS.items():
-        verdict = {}  # M -> CUDA won at every shape of that M
+        verdict = verdicts.setdefault(op, {})
         for (M, _, _), impls in _by_shape(rows, variant).items():
             cuda, triton = impls.get(impl), impls.get("triton")
             ran = cuda is not None and any(f"{op}:cuda:" in d for d in cuda.get("dispatch", []))
             won = ran and triton is not None and best_ms(cuda) <= best_ms(triton)
             verdict[M] = verdict.get(M, True) and won
+    table = {}
+    for op, verdict in verdicts.items():
         best = 0
         for M in sorted(verdict):
             if not verdict[M]:

@@ -132,17 +132,19 @@ def _decode_pair(x: Tensor, weight: Tensor, bias: Optional[Tensor], c3a_kernel: 
     plan = dict(_small_plan(M, N, K, x.device, x.dtype.itemsize))
     plan.pop("GROUP_M")
     block_b = 16 if interpreting() else min(32, _pow2_at_least(b))  # 64 x 64 gathers spill (255 registers)
+    delta_k = 16 if interpreting() else 64
     i_chunks = triton.cdiv(b, block_b)
     delta_tiles, n_tiles = (N // b) * i_chunks, triton.cdiv(N, plan["BLOCK_N"])
-    split = plan["SPLIT_K"] = split_k(delta_tiles + n_tiles, triton.cdiv(K, plan["BLOCK_K"]), x.device)
+    # the split is W's (the delta's programs are light): as the split-K plan would cut it
+    split = plan["SPLIT_K"] = split_k(n_tiles, triton.cdiv(K, plan["BLOCK_K"]), x.device)
     part = torch.empty((split, M, 2 * N), device=x.device, dtype=torch.float32)
-    # 16-bit x is exact in tf32; w is rounded to tf32 (~5e-4 of the adapter's term)
-    delta_precision = "tf32" if x.dtype.itemsize == 2 else _input_precision(torch.float32)
+    # 16-bit x is exact in tf32, w is not: 3xTF32 keeps the delta fp32-accurate
+    delta_precision = "tf32x3" if x.dtype.itemsize == 2 else _input_precision(torch.float32)
     c3a_decode_kernel[((delta_tiles + n_tiles) * split,)](
-        x, weight, c3a_kernel, part, M, N, K, b, K // b, i_chunks, 1.0 / K,
+        x, weight, c3a_kernel, part, M, N, K, b, i_chunks, 1.0 / K,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), *c3a_kernel.stride(),
         part.stride(0), part.stride(1), DOT_DTYPE=_tl_dtype(x.dtype), INPUT_PRECISION=_input_precision(x.dtype),
-        DELTA_PRECISION=delta_precision, **plan, BLOCK_B=block_b)
+        DELTA_PRECISION=delta_precision, **plan, BLOCK_B=block_b, DELTA_BLOCK_K=delta_k)
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     warps = {k: plan[k] for k in ("num_warps",) if k in plan}
     c3a_decode_finish_kernel[(n_tiles,)](

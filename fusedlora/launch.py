@@ -250,7 +250,8 @@ def decode_partials(x: torch.Tensor, weight: torch.Tensor, lora_A: Optional[torc
     bn = plan["BLOCK_N"]
     assert 0 < M <= plan["BLOCK_M"] and N > 0 and K > 0, (M, N, K)
     r_tiles, n_tiles = triton.cdiv(R, bn), triton.cdiv(N, bn)
-    split = plan["SPLIT_K"] = split_k(r_tiles + n_tiles, triton.cdiv(K, plan["BLOCK_K"]), x.device)
+    # the split is W's (the shrink's tiles are light): as the split-K plan would cut it
+    split = plan["SPLIT_K"] = split_k(n_tiles, triton.cdiv(K, plan["BLOCK_K"]), x.device)
     part = torch.empty((split, M, r_tiles * bn + N), device=x.device, dtype=torch.float32)
     a = lora_A if lora_A is not None else weight  # no shrink tiles: never read
     lora_decode_kernel[((r_tiles + n_tiles) * split,)](
@@ -270,13 +271,14 @@ def lora_decode(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     part, plan, r_cols = decode_partials(x, weight, lora_A)
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     u = torch.empty((M, R), device=x.device, dtype=torch.float32)
-    bn = plan["BLOCK_N"]
+    block_r = _pow2_at_least(R)
+    bn = plan["BLOCK_N"] if block_r < 128 else 32  # a 128+ x 64 tile of B spills in fp32
     warps = {k: plan[k] for k in ("num_warps",) if k in plan}
     lora_decode_finish_kernel[(triton.cdiv(N, bn),)](
         part, lora_B, bias.contiguous() if bias is not None else y, u, y, M, N, R, r_cols,
         part.stride(0), part.stride(1), lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), float(scaling),
         HAS_BIAS=bias is not None, DOT_DTYPE=_tl_dtype(x.dtype), INPUT_PRECISION=_input_precision(x.dtype),
-        SPLIT_K=plan["SPLIT_K"], BLOCK_M=plan["BLOCK_M"], BLOCK_N=bn, BLOCK_R=_pow2_at_least(R), **warps)
+        SPLIT_K=plan["SPLIT_K"], BLOCK_M=plan["BLOCK_M"], BLOCK_N=bn, BLOCK_R=block_r, **warps)
     record("lora.forward", "triton", "decode")
     return y, u
 

@@ -217,25 +217,25 @@ def c3a_diagonal_sums_kernel(
 # Decode (M <= BLOCK_M rows, b >= 16): two launches and no memset, as kernels/lora.py's
 # pair. The fused GEMM above adds the gathered circulant tile to every W tile, a second
 # tensor-core operand per tile in 16 bits; here the delta is its own small product
-# beside W's stream, in fp32 partials (exact up to tf32's rounding of w in 16 bits,
-# ~5e-4 of the adapter's term, far inside y's own rounding).
+# beside W's stream, in fp32 partials (3xTF32 on the tensor cores: fp32-accurate; plain tf32
+# would truncate w's low 13 bits, ~1e-3 of the adapter's term, biased toward zero).
 #
 #   c3a_decode_kernel         programs (output block, chunk of its b outputs, K split):
-#                             part[s, m, N + n] = sum over the split's input blocks of
-#                             x[m, block] @ circ(w[ob, ib]) / K; then W's column tiles
-#                             (split_dot_store) into part[s, m, :N]
+#                             part[s, m, N + n] = the split's share of x @ dW^T for those
+#                             outputs (the circulant gathered per K tile); then W's column
+#                             tiles (split_dot_store) into part[s, m, :N]
 #   c3a_decode_finish_kernel  y = sum of both column ranges over the splits + bias
 
 
 @triton.jit
 def c3a_decode_kernel(
     x_ptr, weight_ptr, w_ptr, part_ptr,
-    M, N, K, BS, NB_IN, I_CHUNKS, inv_k,
+    M, N, K, BS, I_CHUNKS, inv_k,
     stride_xm, stride_xk, stride_weight_n, stride_weight_k, stride_w_out, stride_w_in, stride_w_u,
     stride_ps, stride_pm,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, DELTA_PRECISION: tl.constexpr,
     SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_B: tl.constexpr,
+    BLOCK_B: tl.constexpr, DELTA_BLOCK_K: tl.constexpr,
 ):
     """Tiles 0 .. (N / BS) * I_CHUNKS - 1: the delta's outputs ob * BS + i (i in a chunk of
     BLOCK_B); the rest: W's column tiles."""
@@ -243,26 +243,30 @@ def c3a_decode_kernel(
     pid_k = tl.program_id(0) % SPLIT_K
     delta_tiles = (N // BS) * I_CHUNKS
     if tile < delta_tiles:
+        # one flat loop over the split's share of K, whatever b is (a loop over b's input
+        # blocks would wait on global memory once per block at b = 16: 256 serial waits at
+        # K = 4096); circ[k, i] = w[ob, k // b, (k % b - i) mod b] gathered per tile
         ob = tile // I_CHUNKS
         offs_i = (tile % I_CHUNKS) * BLOCK_B + tl.arange(0, BLOCK_B)
         i_ok = offs_i < BS
         offs_m = tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
-        per_split = tl.cdiv(NB_IN, SPLIT_K)
-        ib_end = tl.minimum(pid_k * per_split + per_split, NB_IN)
-        x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+        tiles, k_first = split_k_range(K, pid_k, DELTA_BLOCK_K, SPLIT_K)
+        offs_k = k_first + tl.arange(0, DELTA_BLOCK_K)
+        x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk
+        w_blk = w_ptr + ob * stride_w_out  # the small kernel: int32 offsets
         acc = tl.zeros((BLOCK_M, BLOCK_B), dtype=tl.float32)
-        for ib in range(pid_k * per_split, ib_end):
-            w_row = w_ptr + ob * stride_w_out + ib * stride_w_in  # the small kernel: int32 offsets
-            for t0 in range(0, BS, BLOCK_B):
-                offs_t = t0 + tl.arange(0, BLOCK_B)
-                t_ok = offs_t < BS
-                xb = tl.load(x_rows + (ib * BS + offs_t)[None, :] * stride_xk,
-                             mask=m_ok[:, None] & t_ok[None, :], other=0.0)
-                d = offs_t[:, None] - offs_i[None, :]  # circ[t, i] = w[(t - i) mod b]
-                d = tl.where(d < 0, d + BS, d)
-                circ = tl.load(w_row + d * stride_w_u, mask=t_ok[:, None] & i_ok[None, :], other=0.0)
-                acc = tl.dot(xb.to(tl.float32), circ.to(tl.float32), acc, input_precision=DELTA_PRECISION)
+        for t in range(0, tiles):
+            k_ok = offs_k < K
+            xb = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            ib = offs_k // BS
+            d = (offs_k - ib * BS)[:, None] - offs_i[None, :]
+            d = tl.where(d < 0, d + BS, d)
+            circ = tl.load(w_blk + ib[:, None] * stride_w_in + d * stride_w_u, mask=k_ok[:, None] & i_ok[None, :],
+                           other=0.0)
+            acc = tl.dot(xb.to(tl.float32), circ.to(tl.float32), acc, input_precision=DELTA_PRECISION)
+            offs_k += DELTA_BLOCK_K
+            x_ptrs += DELTA_BLOCK_K * stride_xk
         out = part_ptr + pid_k * stride_ps + offs_m[:, None] * stride_pm + (N + ob * BS + offs_i)[None, :]
         tl.store(out, acc * inv_k, mask=m_ok[:, None] & i_ok[None, :])
     else:

@@ -161,7 +161,7 @@ def _rows_nonzeros(x_ptr, row_ptr, col_ptr, val_ptr, order_ptr, offs_m, m_ok, of
         ok = idx < end[:, None]
         col = tl.load(col_ptr + idx, mask=ok, other=0)
         val = tl.load(val_ptr + tl.load(order_ptr + idx, mask=ok, other=0), mask=ok, other=0.0).to(tl.float32)
-        xg = tl.load(x_ptr + offs_m[:, None, None] * stride_xm + col[None, :, :] * stride_xk,
+        xg = tl.load(x_ptr + offs_m[:, None, None].to(tl.int64) * stride_xm + col[None, :, :] * stride_xk,
                      mask=m_ok[:, None, None] & ok[None, :, :], other=0.0)
         acc += tl.sum(xg.to(tl.float32) * val[None, :, :], axis=2)
     return acc

@@ -75,7 +75,7 @@ def test_decode_path_times_both_backends_or_says_why(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads(next(tmp_path.glob("*.json")).read_text())["rows"]
     variants = {r["variant"] for r in rows}
-    assert variants == {"lora r16", "multi r16", "c3a b64", "sparse 1%"}
+    assert variants == {"lora r16", "multi r16", "c3a b64", "c3a b16", "sparse 1%"}
     for r in rows:
         if r["impl"] in ("cuda", "cuda-mma") and r["device"] == "cpu":
             assert r["status"] == "skipped" and "CUDA device" in r["reason"]
@@ -94,8 +94,8 @@ def test_budget_writes_what_ran_and_lists_the_rest(tmp_path):
                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     doc = json.loads(next(tmp_path.glob("*.json")).read_text())
-    assert doc["rows"] == [] and doc["options"]["cases_not_run"] == 8
-    assert "Not run (time budget or SIGTERM): 8 cases" in next(tmp_path.glob("*.md")).read_text()
+    assert doc["rows"] == [] and doc["options"]["cases_not_run"] == 10
+    assert "Not run (time budget or SIGTERM): 10 cases" in next(tmp_path.glob("*.md")).read_text()
 
 
 def test_first_runs_the_matching_cases_first(tmp_path):
@@ -103,8 +103,8 @@ def test_first_runs_the_matching_cases_first(tmp_path):
                           "--first", "sparse .*M=16", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    left = next(tmp_path.glob("*.md")).read_text().split("Not run (time budget or SIGTERM): 8 cases: ")[1]
-    assert left.startswith("decode sparse 1% {'M': 16") and left.count("decode ") == 8
+    left = next(tmp_path.glob("*.md")).read_text().split("Not run (time budget or SIGTERM): 10 cases: ")[1]
+    assert left.startswith("decode sparse 1% {'M': 16") and left.count("decode ") == 10
 
 
 def _row(variant, M, impl, ms, graph=None, ran=True):
@@ -127,6 +127,10 @@ def test_cuda_wins_is_the_prefix_of_row_counts_where_cuda_ran_and_won():
     assert cuda_wins(rows) == {"lora.forward": 4}
     # a row where the extension did not run (fell back to Triton) is no win
     rows = [_row("c3a b64", 1, "cuda", 1.0, ran=False), _row("c3a b64", 1, "triton", 2.0)]
+    assert cuda_wins(rows) == {}
+    # C3A's two block sizes share an op: both must win
+    rows = [_row("c3a b64", 1, "cuda", 1.0), _row("c3a b64", 1, "triton", 2.0),
+            _row("c3a b16", 1, "cuda", 3.0), _row("c3a b16", 1, "triton", 2.0)]
     assert cuda_wins(rows) == {}
     # every shape of a row count must win
     rows = [_row("sparse 1%", 1, "cuda", 1.0), _row("sparse 1%", 1, "triton", 2.0),
