@@ -106,7 +106,9 @@ EAGER_WINS: dict = {"sparse.forward": 16, "sparse.backward": 0, "c3a.forward": 0
 #   lora.forward  F.linear plus two thin matmuls 84-90 us a call, Triton's two launches
 #                 218-469 us (in a graph Triton is the faster: 19.6 against 26.5 us at 1 row)
 #   c3a.forward   Triton's one GEMM 105-272 us, the FFT composition 244-530 us (in a graph
-#                 EAGER_WINS keeps the FFT form)
+#                 EAGER_WINS keeps the FFT form); "triton-fused" is that one launch, not
+#                 the two-launch decode pair Triton runs otherwise (each Triton launch cost
+#                 that host ~100 us; in a graph the pair is the candidate)
 #   multi.forward the CUDA extension's BGMV 177-293 us, Triton's 466-633 us, and a gather plus
 #                 two bmm 116-164 us without the layer's routing (its composition, where the
 #                 extension is not built)
@@ -114,7 +116,7 @@ EAGER_WINS: dict = {"sparse.forward": 16, "sparse.backward": 0, "c3a.forward": 0
 # runs that one too on the first eager call of each signature, so its kernels are compiled,
 # loaded and planned before any capture of the same shapes (the driver forbids loading a
 # module, and cuFFT making a plan, inside one).
-HOST_WINS: dict = {"lora.forward": (16, ("eager",)), "c3a.forward": (16, ("triton",)),
+HOST_WINS: dict = {"lora.forward": (16, ("eager",)), "c3a.forward": (16, ("triton-fused",)),
                    "multi.forward": (16, ("cuda", "eager"))}  # the first one available
 _warmed: set = set()  # signatures whose capture-time backend has run once in this process
 
@@ -138,7 +140,7 @@ def _host_choice(op: str, dtype: torch.dtype) -> Optional[str]:
     for name in HOST_WINS[op][1]:
         if name == "cuda":
             name = _cuda_if_built(op, say=False)
-        elif name == "triton" and dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        elif name.startswith("triton") and dtype not in (torch.float16, torch.bfloat16, torch.float32):
             name = None
         if name is not None:
             return name

@@ -356,7 +356,8 @@ def _c3a_forward_on(backend: str, x: Tensor, weight: Tensor, bias: Optional[Tens
     triton_dtype_ok(x)
     from .launch import decode_pair_serves
 
-    if decode_pair_serves(x, weight, False) and c3a_kernel.shape[2] >= 16:
+    # "triton-fused": the one-launch GEMM (backend.HOST_WINS' eager host path)
+    if backend == "triton" and decode_pair_serves(x, weight, False) and c3a_kernel.shape[2] >= 16:
         return _decode_pair(x, weight, bias, c3a_kernel)
     return _c3a_matmul(x, weight.t(), c3a_kernel, reduce_in=True, in_features=weight.shape[1],
                        out_dtype=x.dtype, bias=bias, tag="c3a.forward")

@@ -118,11 +118,14 @@ def test_eager_backend_composition_with_dropout_pairs_with_its_backward(monkeypa
         assert rel_err(t.grad, leaf.grad) < TOL[torch.float32]
 
 
-def test_c3a_decode_call_runs_triton_after_warming_the_fft_composition(gpu_call):
+@pytest.mark.parametrize("blk", [8, 16])
+def test_c3a_decode_call_runs_triton_after_warming_the_fft_composition(gpu_call, blk):
+    """The host path is Triton's one fused launch ("triton-fused"), not the two-launch decode
+    pair that Triton runs for blocks of 16 and more elsewhere."""
     capture_backend, _ = gpu_call
     capture_backend[0] = "eager"  # auto's in-graph choice for C3A (EAGER_WINS)
     torch.manual_seed(4)
-    K, N, blk = 32, 48, 8
+    K, N = 32, 48
     x, W, b = torch.randn(2, K), torch.randn(N, K) / K ** 0.5, torch.randn(N)
     kernel = torch.randn(N // blk, K // blk, blk)
     ref = reference.c3a_linear(x.double(), W.double(), b.double(), kernel.double())
@@ -130,6 +133,7 @@ def test_c3a_decode_call_runs_triton_after_warming_the_fft_composition(gpu_call)
         assert rel_err(c3a_linear(x, W, b, kernel), ref) < TOL[torch.float32]
         eager, triton = _counts("c3a.forward")
         assert (eager, triton) == (1, calls), dispatched()  # the FFT form ran once, Triton each call
+    assert not any(k.endswith(":decode") for k in dispatched("c3a.forward")), dispatched()
 
 
 def _multi_case():
