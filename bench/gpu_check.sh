@@ -47,10 +47,10 @@ except ValueError as e:
     print('extension call ok:', e)" > /tmp/ext_probe.txt 2>&1 & probe=$!
 # what no GPU has run yet goes first, then the rest (one junit file each would pass the 8-file limit)
 NEW="warm_up_then_capture or spectral or cuda_graphs or decode_pair or shrink or two_kernels"
-FUSEDLORA_AUTOTUNE=0 timeout -s INT "${NEW_S:-60}" $PYTEST -m gpu $PAR -k "$NEW" \
+FUSEDLORA_AUTOTUNE=0 timeout -s INT "${NEW_S:-90}" $PYTEST -m gpu $PAR -k "$NEW" \
   --ignore tests/test_cuda_ext.py >> "$LOG" 2>&1
 echo "new gpu tests rc=$?" | tee -a "$LOG"; summary 10
-FUSEDLORA_AUTOTUNE=0 timeout -s INT "${TEST_S:-150}" $PYTEST -m gpu $PAR --durations=10 -k "not ($NEW)" \
+FUSEDLORA_AUTOTUNE=0 timeout -s INT "${TEST_S:-130}" $PYTEST -m gpu $PAR --durations=10 -k "not ($NEW)" \
   --ignore tests/test_cuda_ext.py --junitxml="$OUT/gpu_tests.xml" >> "$LOG" 2>&1
 echo "gpu tests rc=$?" | tee -a "$LOG"; summary 25
 wait $probe; echo "probe rc=$?" >> "$LOG"; tail -c 3000 /tmp/ext_probe.txt | tee -a "$LOG" | tail -3
