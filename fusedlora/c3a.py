@@ -125,18 +125,16 @@ def _decode_pair(x: Tensor, weight: Tensor, bias: Optional[Tensor], c3a_kernel: 
     import triton
 
     from .kernels.c3a import c3a_decode_finish_kernel, c3a_decode_kernel
-    from .launch import _input_precision, _pow2_at_least, _small_plan, _tl_dtype, split_k
+    from .launch import _input_precision, _pow2_at_least, _tl_dtype, decode_plan
 
     M, K = x.shape
     N, b = weight.shape[0], int(c3a_kernel.shape[2])
-    plan = dict(_small_plan(M, N, K, x.device, x.dtype.itemsize))
-    plan.pop("GROUP_M")
+    plan = decode_plan(x, N)
+    split = plan["SPLIT_K"]
     block_b = 16 if interpreting() else min(32, _pow2_at_least(b))  # 64 x 64 gathers spill (255 registers)
     delta_k = 16 if interpreting() else 64
     i_chunks = triton.cdiv(b, block_b)
     delta_tiles, n_tiles = (N // b) * i_chunks, triton.cdiv(N, plan["BLOCK_N"])
-    # the split is W's (the delta's programs are light): as the split-K plan would cut it
-    split = plan["SPLIT_K"] = split_k(n_tiles, triton.cdiv(K, plan["BLOCK_K"]), x.device)
     part = torch.empty((split, M, 2 * N), device=x.device, dtype=torch.float32)
     # 16-bit x is exact in tf32, w is not: 3xTF32 keeps the delta fp32-accurate
     delta_precision = "tf32x3" if x.dtype.itemsize == 2 else _input_precision(torch.float32)

@@ -218,9 +218,10 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, out_dtype: torch.dtype, dot_dtyp
     return c if c.dtype == out_dtype else c.to(out_dtype)
 
 
-# The two-launch decode pairs (lora_decode below, multi._decode_pair) serve 1..16 rows
-# without dropout; False runs the split-K plan there instead (five GPU operations). The
-# decode bench times both (bench/decode.py, column triton-splitk) until a GPU run settles it.
+# The two-launch decode pairs (lora_decode below, multi._decode_pair, sparse._rows_decode,
+# c3a._decode_pair) serve 1..16 rows without dropout; False runs the earlier forms there
+# instead (the split-K plan's four or five GPU operations, C3A's fused GEMM). The decode
+# bench times both (bench/decode.py, column triton-splitk) until a GPU run settles it.
 DECODE_PAIR = True
 
 
@@ -239,19 +240,27 @@ def decode_pair_serves(x: torch.Tensor, weight: torch.Tensor, dropout: bool) -> 
     return DECODE_PAIR and 0 < x.shape[0] <= 16 and not dropout and weight.shape[0] > 0 and x.shape[1] > 0
 
 
+def decode_plan(x: torch.Tensor, N: int) -> dict:
+    """The first launch's tiles for a decode pair over x (M x K) and N output features: the
+    decode plan, SPLIT_K cut for W's column tiles alone (as the split-K plan would; the
+    shrink's or delta's programs beside them are light)."""
+    M, K = x.shape
+    plan = dict(_small_plan(M, N, K, x.device, x.dtype.itemsize))
+    plan.pop("GROUP_M")
+    assert 0 < M <= plan["BLOCK_M"] and N > 0 and K > 0, (M, N, K)
+    plan["SPLIT_K"] = split_k(triton.cdiv(N, plan["BLOCK_N"]), triton.cdiv(K, plan["BLOCK_K"]), x.device)
+    return plan
+
+
 def decode_partials(x: torch.Tensor, weight: torch.Tensor, lora_A: Optional[torch.Tensor] = None):
     """The first launch of a decode pair (lora_decode_kernel): fp32 partials, one slice per K
     split, of x [A; W]^T (x W^T alone without lora_A), A's columns padded to whole tiles.
     Returns (part, plan, r_cols): y's partials are part[:, :, r_cols:]."""
     M, K = x.shape
     N, R = weight.shape[0], (lora_A.shape[0] if lora_A is not None else 0)
-    plan = dict(_small_plan(M, N, K, x.device, x.dtype.itemsize))
-    plan.pop("GROUP_M")
-    bn = plan["BLOCK_N"]
-    assert 0 < M <= plan["BLOCK_M"] and N > 0 and K > 0, (M, N, K)
+    plan = decode_plan(x, N)
+    bn, split = plan["BLOCK_N"], plan["SPLIT_K"]
     r_tiles, n_tiles = triton.cdiv(R, bn), triton.cdiv(N, bn)
-    # the split is W's (the shrink's tiles are light): as the split-K plan would cut it
-    split = plan["SPLIT_K"] = split_k(n_tiles, triton.cdiv(K, plan["BLOCK_K"]), x.device)
     part = torch.empty((split, M, r_tiles * bn + N), device=x.device, dtype=torch.float32)
     a = lora_A if lora_A is not None else weight  # no shrink tiles: never read
     lora_decode_kernel[((r_tiles + n_tiles) * split,)](

@@ -230,17 +230,14 @@ def _decode_pair(x: Tensor, weight: Tensor, bias: Optional[Tensor], pool_A: Tens
     import triton
 
     from .kernels.multi import multi_decode_finish_kernel, multi_decode_kernel
-    from .launch import _input_precision, _small_plan, _tl_dtype, split_k
+    from .launch import _input_precision, _tl_dtype, decode_plan
 
     M, K = x.shape
     N = weight.shape[0]
-    plan = dict(_small_plan(M, N, K, x.device, x.dtype.itemsize))
-    plan.pop("GROUP_M")
+    plan = decode_plan(x, N)
+    split = plan["SPLIT_K"]
     shrink_k, finish_n, finish_r = (16, 16, 8) if interpreting() else (256, 32, 8)
-    assert 0 < M <= plan["BLOCK_M"] and N > 0 and K > 0, (M, N, K)
     r_chunks, n_tiles = triton.cdiv(max_rank, 16), triton.cdiv(N, plan["BLOCK_N"])
-    # the split is W's (the shrink's programs are light): as the split-K plan would cut it
-    split = plan["SPLIT_K"] = split_k(n_tiles, triton.cdiv(K, plan["BLOCK_K"]), x.device)
     part = torch.empty((split, M, max_rank + N), device=x.device, dtype=torch.float32)
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     u = torch.empty((M, max_rank), device=x.device, dtype=torch.float32)
