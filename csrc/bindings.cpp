@@ -53,7 +53,8 @@ void same_dtype(const at::Tensor& t, const at::Tensor& x, const char* name) {
 
 void typed_vector(const at::Tensor& t, at::ScalarType type, const char* name) {
   if (t.scalar_type() != type)
-    throw py::type_error(std::string(name) + ": expected " + (type == at::kInt ? "int32" : "float32") + ", got " +
+    throw py::type_error(std::string(name) + ": expected " +
+                         (type == at::kInt ? "int32" : type == at::kLong ? "int64" : "float32") + ", got " +
                          c10::toString(t.scalar_type()));
   value_check(t.dim() == 1, std::string(name) + ": expected a 1-D tensor, got shape " + shape_of(t));
 }
@@ -228,22 +229,30 @@ at::Tensor c3a_decode(const at::Tensor& x, const at::Tensor& weight, const c10::
   return std::get<0>(run(args, x, weight, bias, "c3a_decode"));
 }
 
-// Sparse delta: W + scaling * S, S's rows in CSR (row_ptr int32 (N+1,), col int32, val float32).
+// Sparse delta: W + scaling * S, S's rows in CSR (row_ptr int32 (N+1,), col int32,
+// order int64: CSR position -> index into values, which keep the user's order and dtype).
 at::Tensor sparse_decode(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                         const at::Tensor& row_ptr, const at::Tensor& col, const at::Tensor& val, double scaling,
-                         const std::string& gemv) {
+                         const at::Tensor& row_ptr, const at::Tensor& col, const at::Tensor& order,
+                         const at::Tensor& values, double scaling, const std::string& gemv) {
   auto args = check_base(x, weight, bias, gemv);
   typed_vector(row_ptr, at::kInt, "row_ptr");
   typed_vector(col, at::kInt, "col");
-  typed_vector(val, at::kFloat, "val");
+  typed_vector(order, at::kLong, "order");
+  value_check(values.dim() == 1, "values: expected a 1-D tensor, got shape " + shape_of(values));
+  const fusedlora::DType val_dtype = dtype_of(values, "values");
   value_check(row_ptr.size(0) == args.N + 1, "row_ptr: expected out_features + 1 = " + std::to_string(args.N + 1) +
                                                   " entries, got " + std::to_string(row_ptr.size(0)));
-  value_check(col.size(0) == val.size(0), "col, val: expected one column per value");
-  on_device_of({&row_ptr, &col, &val}, x);
-  const at::Tensor rp = row_ptr.contiguous(), cs = col.contiguous(), vs = val.contiguous();
+  value_check(col.size(0) == order.size(0) && values.size(0) == col.size(0),
+              "col, order, values: expected one entry per nonzero each, got " + std::to_string(col.size(0)) + ", " +
+                  std::to_string(order.size(0)) + " and " + std::to_string(values.size(0)));
+  on_device_of({&row_ptr, &col, &order, &values}, x);
+  const at::Tensor rp = row_ptr.contiguous(), cs = col.contiguous(), os = order.contiguous(),
+                   vs = values.contiguous();
   args.delta.sp_row_ptr = rp.data_ptr<int>();
   args.delta.sp_col = cs.data_ptr<int>();
-  args.delta.sp_val = vs.data_ptr<float>();
+  args.delta.sp_order = os.data_ptr<int64_t>();
+  args.delta.sp_val = vs.data_ptr();
+  args.delta.sp_val_dtype = val_dtype;
   args.delta.sp_scale = static_cast<float>(scaling);
   return std::get<0>(run(args, x, weight, bias, "sparse_decode"));
 }
@@ -261,7 +270,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("c3a_decode", &c3a_decode, "Fused base GEMV + C3A (circulant generated on the fly): returns y", py::arg("x"),
         py::arg("weight"), py::arg("bias"), py::arg("c3a_kernel"));
   m.def("sparse_decode", &sparse_decode, "Fused base GEMV + sparse delta (CSR rows): returns y", py::arg("x"),
-        py::arg("weight"), py::arg("bias"), py::arg("row_ptr"), py::arg("col"), py::arg("val"), py::arg("scaling"),
+        py::arg("weight"), py::arg("bias"), py::arg("row_ptr"), py::arg("col"), py::arg("order"), py::arg("values"), py::arg("scaling"),
         py::arg("gemv") = "fma");
   m.attr("max_decode_rows") = fusedlora::kMaxDecodeRows;
 }

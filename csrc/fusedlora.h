@@ -31,10 +31,14 @@ struct WeightDelta {
   int64_t c3a_s0 = 0, c3a_s1 = 0, c3a_s2 = 0;
   int c3a_block = 1;
   float c3a_scale = 0.f;
-  // Sparse delta (SHiRA), rows in CSR: W[n, col[i]] += sp_scale * val[i] for i in row_ptr[n] .. row_ptr[n+1]-1
+  // Sparse delta (SHiRA), rows in CSR: W[n, col[i]] += sp_scale * val[order[i]] for i in
+  // row_ptr[n] .. row_ptr[n+1]-1. The values stay in the user's order and dtype (the
+  // adapter's parameter itself): no gather or cast per call, so a call stays two launches.
   const int* sp_row_ptr = nullptr;
   const int* sp_col = nullptr;
-  const float* sp_val = nullptr;
+  const int64_t* sp_order = nullptr;
+  const void* sp_val = nullptr;
+  DType sp_val_dtype = DType::kFloat32;
   float sp_scale = 0.f;
 };
 

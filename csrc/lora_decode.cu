@@ -47,6 +47,15 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// Element i of a float32/float16/bfloat16 vector whose dtype is only known at run time.
+__device__ __forceinline__ float load_as_float(const void* p, DType dtype, int64_t i) {
+  switch (dtype) {
+    case DType::kFloat16: return __half2float(static_cast<const __half*>(p)[i]);
+    case DType::kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+
 // Loads kVec consecutive elements of a row as floats: one 16-byte load when
 // the row is aligned (kVec * sizeof(T) == 16), else element by element.
 template <typename T, int kVec, bool kAligned>
@@ -389,7 +398,8 @@ __global__ void lora_finish(const LoraDecodeArgs p, int k_blocks) {
   const WeightDelta& d = p.delta;
   if (d.sp_row_ptr != nullptr) {
     for (int e = d.sp_row_ptr[n]; e < d.sp_row_ptr[n + 1]; ++e)
-      acc += d.sp_scale * d.sp_val[e] * to_float(x[m * p.ld_x + d.sp_col[e]]);
+      acc += d.sp_scale * load_as_float(d.sp_val, d.sp_val_dtype, d.sp_order[e]) *
+             to_float(x[m * p.ld_x + d.sp_col[e]]);
   }
   static_cast<T*>(p.y)[i] = from_float<T>(acc);
 }

@@ -307,7 +307,7 @@ def _sparse_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], values: T
         from .cuda_ext import gemv_for, load
 
         row_ptr, col, order = _row_csr(rows, cols, perm, weight.shape[0])
-        return load().sparse_decode(x, weight, bias, row_ptr, col, values.float()[order], scaling,
+        return load().sparse_decode(x, weight, bias, row_ptr, col, order, values, scaling,
                                     gemv=gemv_for("sparse.forward", "decode", x, weight))
     triton_dtype_ok(x)
     triton_dtype_ok(values, "values")

@@ -274,7 +274,9 @@ DELTA_BAD = [
     ("c3a_decode", dict(c3a_kernel=torch.randn(3, 3, 2)), ValueError, "c3a_kernel: expected (out/b, in/b, b)"),
     ("sparse_decode", dict(row_ptr=torch.zeros(6, dtype=torch.int32)), ValueError, "row_ptr: expected out_features + 1"),
     ("sparse_decode", dict(col=torch.zeros(3, dtype=torch.int64)), TypeError, "col: expected int32"),
-    ("sparse_decode", dict(val=torch.zeros(2)), ValueError, "col, val"),
+    ("sparse_decode", dict(values=torch.zeros(2)), ValueError, "col, order, values: expected one entry per nonzero"),
+    ("sparse_decode", dict(order=torch.zeros(3, dtype=torch.int32)), TypeError, "order: expected int64, got Int"),
+    ("sparse_decode", dict(values=torch.zeros(3, dtype=torch.int32)), TypeError, "values: expected float32"),
     ("sparse_decode", dict(gemv="MMA"), ValueError, "gemv: expected 'fma' or 'mma', got 'MMA'"),
 ]
 
@@ -284,7 +286,7 @@ def delta_args(fn):
     if fn == "c3a_decode":
         return {**base, "c3a_kernel": torch.randn(3, 4, 2)}
     return {**base, "row_ptr": torch.zeros(7, dtype=torch.int32), "col": torch.zeros(3, dtype=torch.int32),
-            "val": torch.zeros(3), "scaling": 1.0}
+            "order": torch.zeros(3, dtype=torch.int64), "values": torch.zeros(3), "scaling": 1.0}
 
 
 # Every entry point of the binding: valid CPU arguments, and changes that must be refused.
@@ -342,6 +344,33 @@ def test_cuda_c3a_and_sparse_decode_match_reference(ext, monkeypatch, dtype, M, 
         base = torch.nn.functional.linear(x.double(), W, b)
         floor = torch.finfo(dtype).eps / 2 * y.double().norm().item() / (ref - base).norm().item()
         assert rel_err(y.double() - base, ref - base) < 2e-2 + floor
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("values_dtype", [torch.float32, torch.float16])
+def test_cuda_sparse_decode_reads_values_through_the_order(ext, values_dtype):
+    """The kernel reads the adapter's values where they are, in the user's order and dtype
+    (float32 values beside bf16 x; half beside bf16), through the CSR order: no per-call
+    gather or cast (the extension's two kernels are the call's only device work)."""
+    from fusedlora.sparse import _row_csr, build_layout, random_indices
+
+    torch.manual_seed(3)
+    N, K = 300, 520
+    idx = random_indices((N, K), density=0.02, seed=7)
+    values = torch.randn(idx.shape[1], device="cuda", dtype=values_dtype)
+    x = torch.randn(5, K, device="cuda", dtype=torch.bfloat16)
+    W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5
+    _, rows, cols, perm = build_layout(idx.cuda(), (N, K), tile=32).tensors()
+    row_ptr, col, order = _row_csr(rows, cols, perm, N)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        y = ext.sparse_decode(x, W, None, row_ptr, col, order, values, 0.5)
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(kernels) == 2, kernels
+    ref = reference.sparse_linear(x.double(), W.double(), None, idx.cuda(), values.double(), 0.5)
+    assert rel_err(y, ref) < TOL[torch.bfloat16]
+    base = torch.nn.functional.linear(x.double(), W.double())
+    assert rel_err(y.double() - base, ref - base) < 2e-2 + 4e-3 * y.double().norm().item() / (ref - base).norm().item()
 
 
 def test_auto_uses_the_cuda_kernels_only_where_measured(ext, monkeypatch):
