@@ -28,7 +28,7 @@ from torch import Tensor
 from . import reference
 from .backend import dispatch, interpreting, record, select_backend
 from .c3a_spectral import _spectral_delta_, _spectral_grads
-from .ops import (bias_grad, check_linear_args, fused_op, pick, register_autograd, triton_dtype_ok,
+from .ops import (autocast_inputs, bias_grad, check_linear_args, fused_op, pick, register_autograd, triton_dtype_ok,
                    triton_serves)
 
 _INIT_CHOICES = (True, False, "gaussian", "xavier_uniform", "kaiming_uniform")
@@ -427,8 +427,10 @@ def c3a_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], c3a_kernel: Te
     """y = x W^T + b + x dW^T with PEFT's C3A delta, fused; x of shape (..., in_features).
 
     ``c3a_kernel`` has shape (out_features/b, in_features/b, b), dtype float32
-    (PEFT's) or x's. Differentiable in every tensor argument.
+    (PEFT's) or x's. Differentiable in every tensor argument. Under ``torch.autocast``, x,
+    W and b are cast to the autocast dtype as ``F.linear``'s are; the kernel keeps its own.
     """
+    x, weight, bias = autocast_inputs(x, weight, bias)
     check_c3a_args(x, weight, bias, c3a_kernel)
     lead = x.shape[:-1]
     op = pick(_c3a_forward, x, weight, bias, c3a_kernel)

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backend import dispatch, interpreting, record, select_backend
-from .ops import bias_grad, fused_op, pick, register_autograd, triton_dtype_ok
+from .ops import autocast_inputs, bias_grad, fused_op, pick, register_autograd, triton_dtype_ok
 
 _INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
@@ -541,8 +541,10 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], row_slo
     ``max_rank`` (largest slot_rank, host int) avoids a sync when given.
     ``slot_drop`` (float32 per slot): inverted dropout of each slot's adapter
     input, drawn from a seed of torch's CPU generator, as ``ops.lora_linear``.
-    Differentiable in x, weight, bias and both pools.
+    Differentiable in x, weight, bias and both pools. Under ``torch.autocast``, x, W, b and
+    the pools are cast to the autocast dtype as ``F.linear``'s inputs are.
     """
+    x, weight, bias, pool_A, pool_BT = autocast_inputs(x, weight, bias, pool_A, pool_BT)
     check_multi_args(x, weight, bias, row_slot, pool_A, pool_BT, slot_off, slot_rank, slot_scale, slot_drop)
     # the kernels (and the CUDA extension) index the tables with unit stride
     row_slot, slot_off, slot_rank, slot_scale = (t.contiguous() for t in (row_slot, slot_off, slot_rank, slot_scale))

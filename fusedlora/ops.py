@@ -51,6 +51,21 @@ def no_autocast(device_type: str):
     return contextlib.nullcontext()
 
 
+def autocast_inputs(x, *tensors):
+    """``(x, *tensors)`` as ``F.linear`` would see them under ``torch.autocast`` on x's device:
+    floating tensors cast to the autocast dtype (float64 passes, as autocast leaves it), so a
+    FusedLinear under AMP computes and returns what its nn.Linear would, in 16 bits on the
+    tensor cores, with gradients flowing to the float32 parameters through the casts.
+    The public ops pass only what F.linear's autocast would cast (activations, W, b, LoRA
+    factors, pools); C3A's kernel and sparse values keep their own dtype (PEFT computes
+    both deltas at their parameters' precision). Outside autocast: returned as given."""
+    if not isinstance(x, Tensor) or not torch.is_autocast_enabled(x.device.type):
+        return (x, *tensors)
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in (x, *tensors))
+
+
 # ------------------------------------------------------------- op plumbing
 def fused_op(name: str):
     """``torch.library.custom_op(name)`` that keeps the plain function as ``.direct``. Its body
@@ -298,8 +313,10 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
 
     Differentiable in every tensor argument. ``dropout_p`` > 0 applies inverted
     dropout to the adapter input only (PEFT's ``lora_dropout``), drawn in-kernel
-    from a seed of torch's CPU generator.
+    from a seed of torch's CPU generator. Under ``torch.autocast`` the tensors are cast
+    to the autocast dtype first, as ``F.linear``'s are.
     """
+    x, weight, bias, lora_A, lora_B = autocast_inputs(x, weight, bias, lora_A, lora_B)
     scaling, dropout_p = check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     lead = x.shape[:-1]
     op = pick(_lora_forward, x, weight, bias, lora_A, lora_B)

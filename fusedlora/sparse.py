@@ -19,7 +19,7 @@ from torch import Tensor
 
 from . import reference
 from .backend import interpreting, record, requested_backend, select_backend
-from .ops import (bias_grad, check_linear_args, check_scalar, fused_op, pick, register_autograd,
+from .ops import (autocast_inputs, bias_grad, check_linear_args, check_scalar, fused_op, pick, register_autograd,
                    triton_dtype_ok, triton_serves)
 from .derived import DerivedCache, version
 from .sparse_layout import SparseLayout, _user_indices, build_layout, check_indices
@@ -387,8 +387,10 @@ def sparse_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], indices: Op
     bias and values (d_values in the order of ``values``). Pass the ``layout``
     that ``build_layout`` made when the adapter was added to skip rebuilding
     it (and the host-synchronising checks of indices) on every call;
-    ``indices`` may then be None.
+    ``indices`` may then be None. Under ``torch.autocast``, x, W and b are cast to the
+    autocast dtype as ``F.linear``'s are; the values keep their own.
     """
+    x, weight, bias = autocast_inputs(x, weight, bias)
     scaling = check_sparse_args(x, weight, bias, indices, values, scaling, layout)
     if layout is None:
         layout = build_layout(indices, tuple(weight.shape), device=x.device)

@@ -265,8 +265,9 @@ def test_multi_gather_keeps_other_adapters_non_finite_rows_out(monkeypatch):
 
 def test_host_paths_serve_only_what_they_can(gpu_call):
     """C3A's host path is Triton, which has no float64: such calls keep the capture-time
-    path (the FFT composition) instead of raising; compositions ignore autocast, as the
-    kernels do (the op's dtypes in, x's dtype out)."""
+    path (the FFT composition) instead of raising; inside an op, compositions ignore
+    autocast, as the kernels do (the op's dtypes in, x's dtype out: the public functions
+    apply autocast to their inputs before the op, tests/test_autocast.py)."""
     capture_backend, _ = gpu_call
     capture_backend[0] = "eager"
     K, N, blk = 16, 32, 8
@@ -278,7 +279,7 @@ def test_host_paths_serve_only_what_they_can(gpu_call):
     capture_backend[0] = "triton"
     xs, Ws, b, A, B = _lora(3)
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
-        y = lora_linear(xs, Ws, b, A, B, 1.5)
+        y, _ = fusedlora.ops._lora_forward(xs, Ws, b, A, B, 1.5, 0.0, fusedlora.ops._NO_SEED)
     assert y.dtype == torch.float32 and dispatched("lora.forward:eager:composition")
     ref = reference.lora_linear(xs.double(), Ws.double(), b.double(), A.double(), B.double(), 1.5)
     assert rel_err(y, ref) < TOL[torch.float32]
