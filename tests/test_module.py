@@ -127,6 +127,36 @@ def test_several_adapters_with_dropout_in_training():
     assert rel_err(mean, y_eval) < 0.05
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_replays_the_dropout_mask(monkeypatch, backend, reentrant):
+    """HF's gradient_checkpointing recomputes the forward in the backward: the recomputed
+    dropout mask must be the forward's (the seed comes from torch's CPU generator, whose
+    state checkpoint restores), so gradients equal the plain forward's exactly."""
+    from torch.utils.checkpoint import checkpoint
+
+    monkeypatch.setenv("FUSEDLORA_BACKEND", backend)
+    torch.manual_seed(0)
+    layer = FusedLinear(32, 24, device=DEVICE)
+    layer.add_lora("a", r=4, lora_dropout=0.3)
+    nn.init.normal_(layer.lora_B["a"], std=0.2)
+    layer.train()
+    x0 = torch.randn(5, 32, device=DEVICE)
+
+    def run(ckpt):
+        x = x0.clone().requires_grad_()
+        layer.zero_grad()
+        torch.manual_seed(1)
+        f = lambda t: torch.tanh(layer(t)).square().sum(-1)  # noqa: E731
+        y = checkpoint(f, x, use_reentrant=reentrant) if ckpt else f(x)
+        y.sum().backward()
+        return y.detach(), x.grad, layer.lora_A["a"].grad.clone(), layer.lora_B["a"].grad.clone()
+
+    plain, ckpt = run(False), run(True)
+    for a, b in zip(plain, ckpt):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_merge_unmerge_round_trip(triton_backend, dtype):
     layer = randomize_(FusedLinear(40, 24, device=DEVICE, dtype=dtype))
