@@ -156,7 +156,9 @@ def check_scalar(name: str, value, low: float = -math.inf, high: float = math.in
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value) or value < low or value > high or (high_open and value == high):
+    # value - value == 0 is math.isfinite that torch.compile(dynamic=True) can trace: it
+    # makes Python floats (a layer's scaling, its dropout p) symbols, which math rejects
+    if not value - value == 0 or value < low or value > high or (high_open and value == high):
         bound = f"[{low}, {high})" if high_open else f"[{low}, {high}]"
         raise ValueError(f"{name}: expected a finite number in {bound}, got {value}")
     return value

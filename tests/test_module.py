@@ -247,6 +247,38 @@ def test_torch_compile_fullgraph_no_graph_break(monkeypatch, backend):
     assert rel_err(compiled(x), model(x)) < 1e-6
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_torch_compile_dynamic_shapes_every_adapter_kind(monkeypatch, backend):
+    """torch.compile(dynamic=True) traces Python floats (the layer's scaling, dropout p) as
+    symbols: the argument checks must trace too (math.isfinite broke the graph), and new
+    row counts must not recompile."""
+    import torch._dynamo.testing
+    from fusedlora.sparse import random_indices
+
+    monkeypatch.setenv("FUSEDLORA_BACKEND", backend)
+    torch.manual_seed(0)
+    layer = FusedLinear(32, 24)
+    layer.add_lora("a", r=4, lora_dropout=0.1)
+    nn.init.normal_(layer.lora_B["a"])
+    layer.add_c3a("c", block_size=8, init_weights="gaussian")
+    layer.add_sparse("s", random_indices((24, 32), density=0.05, seed=0))
+    layer.eval()
+    for names in (["a"], ["c"], ["s"], ["a", "c"]):
+        layer.set_adapter(names)
+        layer(torch.randn(1, 32))  # builds the sparse layout cache outside the trace
+        torch._dynamo.reset()
+        counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(layer, backend=counter, fullgraph=True, dynamic=True)
+        frames = []
+        for rows in (3, 5, 9):
+            x = torch.randn(2, rows, 32, requires_grad=True)
+            y = compiled(x)
+            y.sum().backward()
+            assert rel_err(y, layer(x)) < 1e-6, names
+            frames.append(counter.frame_count)
+        assert frames[0] == frames[-1], (names, frames)  # nothing recompiled for new row counts
+
+
 @pytest.mark.gpu
 def test_gpu_inductor_compiles_every_adapter_kind_without_a_graph_break(monkeypatch):
     """torch.compile with Inductor (the default backend) and fullgraph=True on the GPU, in
