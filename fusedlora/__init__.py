@@ -39,13 +39,14 @@ _source_tree_kernels()
 from . import multi, ops, reference  # noqa: E402
 from .backend import backend_info, reset_dispatch, use_backend  # noqa: E402
 from .module import FusedLinear  # noqa: E402
+from .multi_delta import add_multi_lora_  # noqa: E402
 from .patch import patch_model, set_adapter  # noqa: E402
 from .peft_convert import from_peft  # noqa: E402
 from .peft_io import load_peft_adapter, save_peft_adapter  # noqa: E402
 from .routing import adapter_id, adapter_ids, use_adapters  # noqa: E402
 
 __all__ = [
-    "FusedLinear", "adapter_id", "adapter_ids", "backend_info", "from_peft", "load_peft_adapter", "multi", "ops",
+    "FusedLinear", "add_multi_lora_", "adapter_id", "adapter_ids", "backend_info", "from_peft", "load_peft_adapter", "multi", "ops",
     "patch_model", "reference", "reset_dispatch", "save_peft_adapter", "set_adapter", "use_adapters",
     "use_backend",
 ]

@@ -479,10 +479,17 @@ register_autograd(_multi_forward, _multi_autograd, _multi_setup_context)
 
 def check_multi_args(x, weight, bias, row_slot, pool_A, pool_BT, slot_off, slot_rank, slot_scale,
                      slot_drop=None) -> None:
-    from .ops import _check_same, _check_tensor, check_linear_args
+    from .ops import check_linear_args
 
     check_linear_args(x, weight, bias)
-    N, K = weight.shape
+    check_pools_and_tables(x, weight.shape[0], row_slot, pool_A, pool_BT, slot_off, slot_rank, slot_scale, slot_drop)
+
+
+def check_pools_and_tables(x, N, row_slot, pool_A, pool_BT, slot_off, slot_rank, slot_scale, slot_drop=None) -> None:
+    """The pools' shapes, dtypes and devices against 2-D x and N output features, and the tables'."""
+    from .ops import _check_same, _check_tensor
+
+    K = x.shape[1]
     for name, t, cols in (("pool_A", pool_A, K), ("pool_BT", pool_BT, N)):
         _check_tensor(name, t, 2)
         _check_same(name, t, x)

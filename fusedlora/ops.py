@@ -67,7 +67,7 @@ def autocast_inputs(x, *tensors):
 
 
 # ------------------------------------------------------------- op plumbing
-def fused_op(name: str):
+def fused_op(name: str, mutates_args=()):
     """``torch.library.custom_op(name)`` that keeps the plain function as ``.direct``. Its body
     runs without autocast (the first argument's device): the op's dtypes are its contract
     (the fake implementations say so), and the torch compositions and references inside
@@ -78,7 +78,7 @@ def fused_op(name: str):
             with no_autocast(args[0].device.type):
                 return fn(*args)
 
-        op = torch.library.custom_op(name, mutates_args=())(body)
+        op = torch.library.custom_op(name, mutates_args=mutates_args)(body)
         op.direct = body
         return op
     return wrap

@@ -252,7 +252,7 @@ def multi_matmul_kernel(
     HAS_BIAS: tl.constexpr, DROP_EPI: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     SORTED: tl.constexpr, SEG_DOT_MAX: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, ADD_C: tl.constexpr = False,
 ):
     """C[m] = A[m] @ B + bias + u[m, :rank[s]] @ Q[off[s] : off[s] + rank[s]], s = slot[m].
 
@@ -265,6 +265,8 @@ def multi_matmul_kernel(
     per-row gather instead of one dot per segment (small tiles only: the
     gather's BLOCK_M x BLOCK_N pointer tiles would spill at 128 x 256); 0:
     always one dot per segment (no gather code in the kernel).
+    ADD_C (SPLIT_K = 1): C += that, read and written once per tile: with K = 0 this is the
+    delta-only expand into a base output computed elsewhere (fusedlora.multi_delta).
     """
     pid_m, pid_n = swizzle_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
@@ -319,6 +321,10 @@ def multi_matmul_kernel(
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
             acc += bias.to(tl.float32)[None, :]
+        if ADD_C:
+            c_old = tl.load(c_ptr + rows[:, None].to(tl.int64) * stride_cm + offs_n[None, :].to(tl.int64) * stride_cn,
+                            mask=pos_ok[:, None] & n_ok, other=0.0)
+            acc += c_old.to(tl.float32)
 
     store_rows(c_ptr, rows, pos_ok, offs_n, stride_cm, stride_cn, N, acc, SPLIT_K)
 

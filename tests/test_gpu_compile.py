@@ -252,6 +252,13 @@ def variants():
         "multi-sm90-bf16-decode-bgmv": (multi_matmul_kernel, 90, "bf16", "fp32",
                                         gemm(HAS_BIAS=True, DROP_EPI=False, SORTED=False, SEG_DOT_MAX=8, BLOCK_R=16,
                                              SPLIT_K=4, **decode), 4, 3, "mma"),
+        # delta-only expand into y (fusedlora.add_multi_lora_): an empty K loop, the epilogue reads y's tile
+        "multi-sm90-bf16-delta-sgmv": (multi_matmul_kernel, 90, "bf16", "bf16",
+                                       gemm(HAS_BIAS=False, DROP_EPI=False, SORTED=True, SEG_DOT_MAX=0, BLOCK_R=16,
+                                            BLOCK_M=64, BLOCK_K=16, ADD_C=True), 4, 3, "mma"),
+        "multi-sm90-bf16-delta-bgmv": (multi_matmul_kernel, 90, "bf16", "bf16",
+                                       gemm(HAS_BIAS=False, DROP_EPI=False, SORTED=False, SEG_DOT_MAX=0, BLOCK_R=16,
+                                            BLOCK_M=16, BLOCK_K=16, ADD_C=True), 4, 3, None),
         # BGMV decode pair: per-row shrink programs and W's split-K tiles in one grid, then the
         # finishing sum with the per-row expand gathered in 3-D rank chunks
         "multi-sm90-bf16-decode-pair": (multi_decode_kernel, 90, "bf16", "fp32",
@@ -298,7 +305,7 @@ def spill_bytes(ptx: str, arch: int) -> int:
 
 
 # The decode pairs are latency-bound launches of a few microseconds: no register spills.
-NO_SPILLS = ("decode-pair", "decode-finish")
+NO_SPILLS = ("decode-pair", "decode-finish", "delta-")
 
 
 def main() -> None:
@@ -332,7 +339,8 @@ NAMES = ["lora-sm90-bf16-decode-pair", "lora-sm80-fp32-decode-pair", "lora-sm90-
          "sparse-sm80-fp16-rows-add-1row", "sparse-sm90-bf16-decode-finish", "sparse-sm90-bf16-densify", "sparse-sm90-bf16-gather", "c3a-sm90-bf16-circulant",
          "c3a-sm90-bf16-diagonal-sums", "multi-sm90-bf16-forward-sgmv",
          "multi-sm90-bf16-decode-bgmv", "multi-sm90-bf16-decode-pair", "multi-sm90-bf16-decode-finish", "multi-sm80-fp16-grad-x-sgmv", "multi-sm90-bf16-shrink-sgmv",
-         "multi-sm90-bf16-shrink-bgmv", "multi-sm90-bf16-grad-grouped"]
+         "multi-sm90-bf16-shrink-bgmv", "multi-sm90-bf16-grad-grouped", "multi-sm90-bf16-delta-sgmv",
+         "multi-sm90-bf16-delta-bgmv"]
 
 
 @pytest.mark.parametrize("name", NAMES + PLAN_NAMES)

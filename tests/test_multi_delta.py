@@ -1,0 +1,148 @@
+"""fusedlora.add_multi_lora_: the delta-only multi-adapter LoRA, added in place into a base
+output computed elsewhere, against the float64 reference."""
+import pytest
+import torch
+
+import fusedlora
+from conftest import DEVICE, TOL, dispatched, rel_err
+from fusedlora import multi, reference
+from fusedlora.routing import pack_loras
+
+K, N = 40, 36
+RANKS = (3, 0, 17, 8)   # a rank-0 slot (a C3A/sparse adapter's slot does no LoRA work), a rank past 16
+
+
+def _adapters(dtype):
+    As = [torch.randn(r, K, device=DEVICE, dtype=dtype) / K ** 0.5 if r else None for r in RANKS]
+    Bs = [torch.randn(N, r, device=DEVICE, dtype=dtype) * 0.5 if r else None for r in RANKS]
+    return As, Bs, [0.5, 1.0, 2.0, -1.5]
+
+
+def _expected(y0, x, slots, As, Bs, scales):
+    """float64: y0 + each row's adapter term (slot -1 and rank 0: nothing)."""
+    live = [i for i, r in enumerate(RANKS) if r]
+    W = torch.zeros(N, K, dtype=torch.float64, device=x.device)
+    row = torch.tensor([live.index(s) if s in live else -1 for s in slots.tolist()], device=x.device)
+    delta = reference.multi_lora_linear(x.double(), W, None, row, [As[i].double() for i in live],
+                                        [Bs[i].double() for i in live], [scales[i] for i in live])
+    return y0.double() + delta
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M", [1, 5, 40])   # 40 > multi.sort_min_rows() under the interpreter: SGMV
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_adds_each_rows_adapter_in_place(monkeypatch, backend, M, dtype):
+    monkeypatch.setenv("FUSEDLORA_BACKEND", backend)
+    fusedlora.reset_dispatch()
+    torch.manual_seed(M)
+    As, Bs, scales = _adapters(dtype)
+    pool_A, pool_BT, off, rank, scale, r_max = pack_loras(As, Bs, scales)
+    slots = torch.randint(-1, len(RANKS), (M,), device=DEVICE, dtype=torch.int32)
+    x = torch.randn(M, K + 3, device=DEVICE, dtype=dtype)[:, 2:K + 2]   # strided rows
+    y = torch.randn(M, N, device=DEVICE, dtype=dtype)
+    y0, ptr = y.clone(), y.data_ptr()
+    out = fusedlora.add_multi_lora_(y, x, slots, pool_A, pool_BT, off, rank, scale, r_max)
+    assert out is y and y.data_ptr() == ptr
+    assert rel_err(y, _expected(y0, x, slots, As, Bs, scales)) < TOL[dtype]
+    base = slots == -1
+    assert torch.equal(y[base], y0[base])   # -1 rows untouched, bit for bit
+    variant = {"torch": "torch:grouped", "triton": f"triton:{'sgmv' if M > multi.sort_min_rows() else 'bgmv'}"}
+    assert dispatched("multi.delta:") == {f"multi.delta:{variant[backend]}": 1}
+
+
+def test_equals_the_fused_layer_minus_its_base(triton_backend):
+    """The delta-only form plus F.linear is multi_lora_linear (same pool, same rows)."""
+    torch.manual_seed(0)
+    As, Bs, scales = _adapters(torch.float32)
+    pool = pack_loras(As, Bs, scales)
+    x, W, b = torch.randn(24, K, device=DEVICE), torch.randn(N, K, device=DEVICE) / K ** 0.5, torch.randn(N, device=DEVICE)
+    slots = torch.randint(-1, len(RANKS), (24,), device=DEVICE, dtype=torch.int32)
+    fused = multi.multi_lora_linear(x, W, b, slots, *pool)
+    y = fusedlora.add_multi_lora_(torch.nn.functional.linear(x, W, b), x, slots, *pool)
+    assert rel_err(y, fused) < TOL[torch.float32]
+
+
+def test_3d_rows_strided_output_and_no_rows(triton_backend):
+    torch.manual_seed(1)
+    As, Bs, scales = _adapters(torch.float32)
+    pool = pack_loras(As, Bs, scales)
+    x = torch.randn(2, 3, K, device=DEVICE)
+    big = torch.randn(2, 3, N + 5, device=DEVICE)
+    y = big[..., 5:]                          # rows of y strided inside a wider buffer
+    y0, rest = y.clone(), big[..., :5].clone()
+    slots = torch.tensor([0, 2, -1, 3, 2, 0], dtype=torch.int32, device=DEVICE)
+    fusedlora.add_multi_lora_(y, x, slots, *pool)
+    assert rel_err(y.reshape(6, N), _expected(y0.reshape(6, N), x.reshape(6, K), slots, As, Bs, scales)) < 1e-5
+    assert torch.equal(big[..., :5], rest)    # nothing written outside y
+    empty = torch.zeros(0, N, device=DEVICE)
+    fusedlora.add_multi_lora_(empty, torch.zeros(0, K, device=DEVICE), slots[:0], *pool)
+
+
+def test_validate_false_needs_max_rank_and_syncs_nothing(triton_backend, monkeypatch):
+    torch.manual_seed(2)
+    As, Bs, scales = _adapters(torch.float32)
+    pool_A, pool_BT, off, rank, scale, r_max = pack_loras(As, Bs, scales)
+    x, y = torch.randn(4, K, device=DEVICE), torch.zeros(4, N, device=DEVICE)
+    slots = torch.tensor([3, -1, 0, 2], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="max_rank: validate=False needs"):
+        fusedlora.add_multi_lora_(y, x, slots, pool_A, pool_BT, off, rank, scale, validate=False)
+    def no_sync(*a, **k):
+        raise AssertionError("a host sync on the validate=False path")
+    monkeypatch.setattr(multi, "_check_table_values", no_sync)
+    monkeypatch.setattr("fusedlora.multi_delta._check_table_values", no_sync)
+    fusedlora.add_multi_lora_(y, x, slots, pool_A, pool_BT, off, rank, scale, r_max, validate=False)
+    assert rel_err(y, _expected(torch.zeros_like(y), x, slots, As, Bs, scales)) < 1e-5
+
+
+def _bad_cases():
+    As, Bs, scales = _adapters(torch.float32)
+    pool_A, pool_BT, off, rank, scale, r_max = pack_loras(As, Bs, scales)
+    x, y = torch.randn(4, K, device=DEVICE), torch.zeros(4, N, device=DEVICE)
+    slots = torch.tensor([3, -1, 0, 2], dtype=torch.int32, device=DEVICE)
+    good = dict(y=y, x=x, row_slot=slots, pool_A=pool_A, pool_BT=pool_BT, slot_off=off, slot_rank=rank,
+                slot_scale=scale)
+    return good, [
+        (dict(y=torch.zeros(3, N, device=DEVICE)), ValueError, "y: expected the leading shape of x"),
+        (dict(y=torch.zeros(4, N, device=DEVICE, dtype=torch.float16)), TypeError, "y: dtype torch.float16"),
+        (dict(y=torch.zeros(2, 2, N, device=DEVICE).transpose(0, 1), x=x.view(2, 2, K)), ValueError,
+         "y: its rows must be addressable"),
+        (dict(pool_BT=pool_BT[:, :-1]), ValueError, "pool_BT: expected shape (R_total, 36)"),
+        (dict(row_slot=slots.long()), TypeError, "row_slot: expected a 1-D torch.int32"),
+        (dict(row_slot=torch.tensor([4, 0, 0, 0], dtype=torch.int32, device=DEVICE)), ValueError,
+         "row_slot: expected slots in -1 .. 3"),
+        (dict(x=x.clone().requires_grad_()), ValueError, "inference only"),
+        (dict(y=[0.0]), TypeError, "y: expected a torch.Tensor"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_cases()[1])))
+def test_bad_arguments_raise_before_any_launch(triton_backend, case):
+    good, bad = _bad_cases()
+    change, exc, msg = bad[case]
+    y_before = good["y"].clone()
+    fusedlora.reset_dispatch()
+    with pytest.raises(exc, match=msg.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        fusedlora.add_multi_lora_(**{**good, **change})
+    assert dispatched() == {} and torch.equal(good["y"], y_before)
+
+
+def test_torch_compile_fullgraph_sees_the_mutation(torch_backend):
+    torch.manual_seed(3)
+    As, Bs, scales = _adapters(torch.float32)
+    pool = pack_loras(As, Bs, scales)
+    x = torch.randn(5, K, device=DEVICE)
+    W = torch.randn(N, K, device=DEVICE) / K ** 0.5
+    slots = torch.tensor([0, -1, 2, 3, 0], dtype=torch.int32, device=DEVICE)
+
+    def layer(x, slots):
+        y = torch.nn.functional.linear(x, W)
+        fusedlora.add_multi_lora_(y, x, slots, *pool, validate=False)
+        return torch.tanh(y)
+
+    torch._dynamo.reset()
+    eager = layer(x, slots)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)(x, slots)
+    assert rel_err(compiled, eager) < 1e-6
+    result = torch.library.opcheck(fusedlora.multi_delta._add_multi_lora,
+                                   (torch.zeros(5, N, device=DEVICE), x, pool[0], pool[1], slots, *pool[2:5], pool[5]))
+    assert set(result.values()) == {"SUCCESS"}, result
