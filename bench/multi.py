@@ -7,6 +7,8 @@ adapters of the row's ranks; B random, not PEFT's zeros):
   single   fusedlora.ops.lora_linear with ONE adapter of the batch's mean rank for every
            row: the roofline of this problem (what a batch of one adapter costs)
   base     F.linear(x, W, b) alone
+  delta    F.linear, then fusedlora.add_multi_lora_ into its output: the delta-only form for a
+           base computed elsewhere (quantized GEMMs), inference only
   gather   the eager gather + bmm baseline: adapters padded to the largest rank and
            stacked, A[ids] and B[ids] gathered per row, two bmm (skipped above 4 GiB)
   peft     peft.tuners.lora.Linear with the A adapters, mixed batch (adapter_names=):
@@ -29,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusedlora import FusedLinear, ops
+from fusedlora import FusedLinear, add_multi_lora_, ops
 
 from .harness import frozen_linear, Case, Options, Skip, base_thunk, elem_size, grad_thunk, matmul_flops, numel_bytes
 
@@ -136,6 +138,25 @@ def _multi(i):
     return grad_thunk(lambda: layer(i["x"], adapter_ids=ids, validate=False), i, wrt)
 
 
+def _delta(i):
+    """F.linear, then fusedlora.add_multi_lora_ into its output: the delta-only form a serving
+    engine with its own (quantized) base GEMM would call (inference only)."""
+    if "gy" in i:
+        raise Skip("add_multi_lora_ is inference-only")
+    from fusedlora.routing import pack_loras
+
+    ad = i["adapters"]
+    pool_A, pool_BT, off, rank, scale, r_max = pack_loras(ad["A"], ad["B"], [SCALING] * len(ad["A"]))
+    slots = torch.tensor(ad["slots"], dtype=torch.int32, device=i["x"].device)
+
+    @torch.no_grad()
+    def fwd():
+        y = F.linear(i["x"], i["W"], i["b"])
+        return add_multi_lora_(y, i["x"], slots, pool_A, pool_BT, off, rank, scale, r_max, validate=False)
+
+    return fwd
+
+
 def _single(i):
     ranks = i["adapters"]["ranks"]
     r = max(1, round(sum(ranks[a] for a in i["adapters"]["slots"]) / max(1, len(i["adapters"]["slots"]))))
@@ -214,5 +235,6 @@ def cases(opts: Options):
                 numel_bytes(elem, (s["T"], s["K"]), (s["N"], s["K"]), (s["N"],), (s["T"], s["N"])))
         yield Case(path=PATH, variant=variant, shape=s, dtype=opts.dtype, device=opts.device,
                    make_inputs=lambda s=s, v=variant: _inputs(s, v, opts.device, opts.dtype, next(seeds)),
-                   impls={"multi": _multi, "single": _single, "base": base_thunk, "gather": _gather, "peft": _peft},
+                   impls={"multi": _multi, "single": _single, "base": base_thunk, "delta": _delta, "gather": _gather,
+                          "peft": _peft},
                    work={"*": (flops, nbytes), "base": base}, ref="single", roof_impls=("multi", "single"))
