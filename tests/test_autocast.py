@@ -52,23 +52,33 @@ def _cases():
 
 @pytest.mark.parametrize("path", ["lora", "c3a", "sparse", "multi"])
 def test_fused_ops_follow_autocast_like_f_linear(triton_backend, path):
+    _check_autocast(path, AMP)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["lora", "c3a", "sparse", "multi"])
+def test_gpu_bf16_autocast(triton_backend, path):
+    _check_autocast(path, torch.bfloat16)
+
+
+def _check_autocast(path, amp):
     torch.manual_seed(0)
     fused, ref, leaves, n_cast = _cases()[path]
-    with torch.autocast(DEVICE, dtype=AMP):
+    with torch.autocast(DEVICE, dtype=amp):
         y = fused()
-        assert y.dtype == F.linear(leaves[0], leaves[1]).dtype == AMP
+        assert y.dtype == F.linear(leaves[0], leaves[1]).dtype == amp
     assert any(k.split(":")[1] == "triton" for k in dispatched(f"{path}.forward")), dispatched()
     # float64 on what autocast makes of the leaves (the first n_cast rounded to 16 bits)
-    exact = [(t.detach().to(AMP) if i < n_cast else t.detach()).double().requires_grad_()
+    exact = [(t.detach().to(amp) if i < n_cast else t.detach()).double().requires_grad_()
              for i, t in enumerate(leaves)]
     y_ref = ref(*exact)
-    assert rel_err(y, y_ref) < TOL[AMP]
+    assert rel_err(y, y_ref) < TOL[amp]
     g = torch.randn_like(y_ref)
     (y.float() * g.to(y.device).float()).sum().backward()
     (y_ref * g).sum().backward()
     for t, e in zip(leaves, exact):  # the casts carry the gradients back to the float32 leaves
         assert t.grad is not None and t.grad.dtype == torch.float32
-        assert rel_err(t.grad, e.grad) < 2 * TOL[AMP]
+        assert rel_err(t.grad, e.grad) < 2 * TOL[amp]
 
 
 @pytest.mark.parametrize("path", ["lora", "c3a", "sparse", "multi"])

@@ -50,6 +50,29 @@ def test_adds_each_rows_adapter_in_place(monkeypatch, backend, M, dtype):
     assert dispatched("multi.delta:") == {f"multi.delta:{variant[backend]}": 1}
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 16, 300])
+def test_gpu_bf16_decode_and_prefill_rows(triton_backend, M):
+    """bf16 on the GPU's tile sizes (BGMV up to 64 rows, SGMV above), K and N off the tiles."""
+    torch.manual_seed(M)
+    K2, N2 = 1000, 777
+    ranks = (8, 64, 0, 16)
+    As = [torch.randn(r, K2, device=DEVICE, dtype=torch.bfloat16) / K2 ** 0.5 if r else None for r in ranks]
+    Bs = [torch.randn(N2, r, device=DEVICE, dtype=torch.bfloat16) * 0.3 if r else None for r in ranks]
+    pool = pack_loras(As, Bs, [2.0, 0.5, 1.0, 1.5])
+    x = torch.randn(M, K2, device=DEVICE, dtype=torch.bfloat16)
+    y0 = torch.randn(M, N2, device=DEVICE, dtype=torch.bfloat16)
+    slots = torch.randint(-1, len(ranks), (M,), device=DEVICE, dtype=torch.int32)
+    y = fusedlora.add_multi_lora_(y0.clone(), x, slots, *pool, validate=False)
+    live = [i for i, r in enumerate(ranks) if r]
+    row = torch.tensor([live.index(s) if s in live else -1 for s in slots.tolist()], device=DEVICE)
+    delta = reference.multi_lora_linear(x.double(), torch.zeros(N2, K2, dtype=torch.float64, device=DEVICE), None,
+                                        row, [As[i].double() for i in live], [Bs[i].double() for i in live],
+                                        [[2.0, 0.5, 1.0, 1.5][i] for i in live])
+    assert rel_err(y.double() - y0.double(), delta) < 3e-2   # the delta alone, beside y's bf16 rounding
+    assert rel_err(y, y0.double() + delta) < TOL[torch.bfloat16]
+
+
 def test_equals_the_fused_layer_minus_its_base(triton_backend):
     """The delta-only form plus F.linear is multi_lora_linear (same pool, same rows)."""
     torch.manual_seed(0)
