@@ -13,12 +13,26 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import reference
 from .backend import record, select_backend
 from .derived import outside_inference_mode, version
 from .multi import _INT_DTYPES, _multi_forward
 
+# Optimizer steps taken in this process (every torch.optim.Optimizer, through its global
+# step hook). A fused optimizer step (``AdamW(fused=True)``, the default of some trainers)
+# writes the parameters in place without bumping their version counter, so the pool's
+# fingerprint also carries this count: a step anywhere makes the next routed serving
+# call copy the layer's adapters again (O(their size), once per step).
+_OPT_STEPS = [0]
+
+
+def _count_step(optimizer, args, kwargs) -> None:
+    _OPT_STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_step)
 
 
 # ------------------------------------------------------------------ global ids
@@ -100,9 +114,11 @@ class Tables:
 
 def _param_key(A: Tensor, B: Tensor) -> tuple:
     # The parameters themselves (compared by identity: a replaced parameter is
-    # a new object) and their in-place version counters (inference tensors have
-    # none: a fresh object, equal to nothing, so that they are copied every sync).
-    return (A, version(A, object()), B, version(B, object()))
+    # a new object), their storage (``p.data = t`` keeps the object and its
+    # version), their in-place version counters (inference tensors have none: a
+    # fresh object, equal to nothing, so that they are copied every sync) and the
+    # optimizer steps so far (a fused step bumps no version).
+    return (A, version(A, object()), A.data_ptr(), B, version(B, object()), B.data_ptr(), _OPT_STEPS[0])
 
 
 def _same_key(a: tuple, b: tuple) -> bool:
@@ -275,7 +291,7 @@ def expand_ids(ids, x: Tensor) -> Tensor:
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"adapter_ids: expected an integer torch.Tensor, got {type(ids).__name__}")
     if ids.dtype not in _INT_DTYPES:
-        raise TypeError(f"adapter_ids: expected an integer dtype (int32 or int64), got {ids.dtype}")
+        raise TypeError(f"adapter_ids: expected an integer dtype (int64, int32, int16, int8 or uint8), got {ids.dtype}")
     if ids.device != x.device:
         raise ValueError(f"adapter_ids: device {ids.device} does not match x's device {x.device}")
     lead = tuple(x.shape[:-1])
@@ -284,8 +300,9 @@ def expand_ids(ids, x: Tensor) -> Tensor:
     elif x.dim() >= 2 and ids.dim() == 1 and ids.shape[0] == x.shape[0]:
         rows = ids.reshape((-1,) + (1,) * (len(lead) - 1)).expand(lead).reshape(-1)
     else:
-        raise ValueError(f"adapter_ids: expected one id per sample (shape ({x.shape[0] if x.dim() > 1 else ''},)) "
-                         f"or per row (shape {lead}) of x of shape {tuple(x.shape)}, got {tuple(ids.shape)}")
+        per_sample = f"one id per sample (shape ({x.shape[0]},)) or " if x.dim() > 1 else ""
+        raise ValueError(f"adapter_ids: expected {per_sample}one id per row (shape {lead}) of x of shape "
+                         f"{tuple(x.shape)}, got {tuple(ids.shape)}")
     return rows.long()
 
 
@@ -302,14 +319,15 @@ def _bad_ids_error(layer, row_ids: Tensor, row_slot: Tensor, tables: Tables) -> 
 def _fingerprint(layer, params) -> tuple:
     """What the cached pool and tables of a layer depend on, read at C speed where it can:
     adapter adds/deletes (the layer's counter), parameter identity (a replaced parameter),
-    in-place versions (optimizer steps, copy_, load_state_dict), scalings, requires_grad,
-    grad mode, the weight's dtype and device."""
+    storage (``p.data = t``), in-place versions (copy_, load_state_dict, optimizer steps),
+    optimizer steps (fused ones bump no version), scalings, requires_grad, grad mode, the
+    weight's dtype and device."""
     W = layer.weight
     grad = torch.is_grad_enabled()
-    return (layer._multi_struct, grad, W.dtype, W.device,
+    return (layer._multi_struct, grad, W.dtype, W.device, _OPT_STEPS[0],
             tuple(map(id, layer.lora_A._parameters.values())), tuple(map(id, layer.lora_B._parameters.values())),
             tuple(layer.scaling.values()), tuple(layer.lora_dropout.values()),
-            tuple([version(p, object()) for p in params]),
+            tuple([version(p, object()) for p in params]), tuple([p.data_ptr() for p in params]),
             # requires_grad only matters with grad mode on (inference skips reading it)
             tuple([p.requires_grad for p in params]) if grad else None)
 
@@ -472,11 +490,42 @@ def _sparse_delta(layer, name: str, x2: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------- use_adapters
-@dataclass
 class _Route:
-    ids: Tensor
-    validate: bool
-    present: Optional[frozenset]
+    """The ids of a use_adapters scope, as its FusedLinears read them (``route.ids``,
+    ``route.present``). ``present``: the global ids of the batch (narrows the C3A /
+    sparse deltas to the adapters in it), or None when not validated. The ids were
+    checked at entry; if they are then changed in place (a serving loop reusing its
+    ids buffer: the tensor's version moves), the first forward that sees it checks them
+    again (one sync per change, not per layer), so that neither the check nor the
+    narrowing goes stale. Inference tensors keep no version: changes to them in place
+    are not seen (use a normal tensor, or validate=False)."""
+
+    def __init__(self, ids: Tensor, validate: bool, layers: list):
+        self.ids, self.validate, self._layers = ids, validate, layers
+        self._present = _check_model_ids(layers, ids) if validate else None
+        self._version = version(ids)
+
+    @property
+    def present(self) -> Optional[frozenset]:
+        if self._present is None or _compiling() or version(self.ids) == self._version:
+            return self._present
+        self._present = _check_model_ids(self._layers, self.ids)
+        self._version = version(self.ids)
+        return self._present
+
+
+def _check_model_ids(layers, ids: Tensor) -> frozenset:
+    """The ids of the batch (one sync); raise if one is neither -1 nor an adapter of some layer."""
+    known = {REGISTRY.id_for(n) for m in layers for n in m._kind}
+    present = frozenset(int(i) for i in torch.unique(ids).tolist())
+    bad = sorted(i for i in present if i != -1 and i not in known)
+    if bad:
+        names = REGISTRY.names()
+        described = [f"{i} ({names[i]!r})" if i in names else str(i) for i in bad[:8]]
+        have = {n: REGISTRY.id_for(n) for n in sorted({n for m in layers for n in m._kind})}
+        raise ValueError(f"ids: {', '.join(described)} name no adapter of any FusedLinear in the model; "
+                         f"its adapters are {have} (-1 = base)")
+    return present
 
 
 def adapter_ids(names, device=None) -> Tensor:
@@ -500,7 +549,8 @@ def use_adapters(model: torch.nn.Module, ids: Tensor, validate: bool = True):
     ``ids``: one global adapter id per sample (x.shape[0] of every layer's
     input) or per row; -1 = base only. Works with an unmodified model (the
     ids never pass through forward signatures). With ``validate`` the ids are
-    checked once here (one host sync): each must be -1 or name an adapter of
+    checked here (one host sync, and again if ``ids`` is changed in place
+    within the scope): each must be -1 or name an adapter of
     some FusedLinear of the model. A layer that lacks a row's adapter serves
     that row with its base weights, as PEFT does for layers outside
     ``target_modules``. ``validate=False``: no check and no sync (CUDA-graph
@@ -513,18 +563,7 @@ def use_adapters(model: torch.nn.Module, ids: Tensor, validate: bool = True):
     if not isinstance(ids, torch.Tensor) or ids.dtype not in _INT_DTYPES:
         raise TypeError(f"ids: expected an integer torch.Tensor, got {getattr(ids, 'dtype', type(ids).__name__)}")
     layers = [m for m in model.modules() if isinstance(m, FusedLinear)]
-    present = None
-    if validate:
-        known = {REGISTRY.id_for(n) for m in layers for n in m._kind}
-        present = frozenset(int(i) for i in torch.unique(ids).tolist())
-        bad = sorted(i for i in present if i != -1 and i not in known)
-        if bad:
-            names = REGISTRY.names()
-            described = [f"{i} ({names[i]!r})" if i in names else str(i) for i in bad[:8]]
-            have = {n: REGISTRY.id_for(n) for n in sorted({n for m in layers for n in m._kind})}
-            raise ValueError(f"ids: {', '.join(described)} name no adapter of any FusedLinear in the model; "
-                             f"its adapters are {have} (-1 = base)")
-    route_ = _Route(ids, validate, present)
+    route_ = _Route(ids, validate, layers)
     saved = [(m, m._multi_route) for m in layers]
     for m in layers:
         m._multi_route = route_

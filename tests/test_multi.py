@@ -249,6 +249,31 @@ def test_pool_growth_delete_and_sync_are_amortised(triton_backend):
     assert pool.copied_rows == before + layer.r[names[1]] + 6
 
 
+def test_pool_resyncs_after_fused_optimizer_steps_and_data_assignment(torch_backend):
+    """The serving pool is a copy of the parameters: writes that bump no version counter (a
+    fused optimizer step, ``p.data = t``) must not leave it stale."""
+    layer, names = make_layer(16, 12, [2, 3])
+    layer.weight.requires_grad_(False)
+    layer.bias.requires_grad_(False)
+    x = torch.randn(4, 16, device=DEVICE)
+    ids = torch.tensor([layer.adapter_id(names[0]), -1, layer.adapter_id(names[1]), layer.adapter_id(names[0])],
+                       device=DEVICE)
+
+    def check():
+        with torch.no_grad():
+            assert rel_err(layer(x, adapter_ids=ids), rowwise_single(layer, x, ids)) < TOL[torch.float32]
+
+    check()                                     # builds the pool
+    opt = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=0.1, fused=True)
+    layer(x, adapter_ids=ids).square().sum().backward()
+    versions = [p._version for p in layer.parameters()]
+    opt.step()
+    assert [p._version for p in layer.parameters()] == versions   # the step bumped no version
+    check()
+    layer.lora_B[names[1]].data = torch.randn(12, 3, device=DEVICE)
+    check()
+
+
 def test_bad_ids_raise_and_validate_false_skips(triton_backend):
     layer, names = make_layer(16, 12, [2])
     other = FusedLinear(4, 4)
@@ -438,6 +463,25 @@ def test_use_adapters_nested_exception_and_deleted_ids(torch_backend):
             pass
     with pytest.raises(ValueError, match=r"'ua_a', not in this layer"):
         model[0](x[:1], adapter_ids=torch.tensor([id_a], device=DEVICE))
+
+
+def test_use_adapters_ids_changed_in_place_are_checked_again(torch_backend):
+    """A serving loop that reuses its ids buffer inside one scope: the ids checked at entry
+    must not narrow the C3A / sparse deltas to the old batch, nor let an unknown id through."""
+    model = _model()
+    model[2].add_c3a("ua_c", block_size=4, init_weights="gaussian")
+    x = torch.randn(3, 16, device=DEVICE)
+    names = ["ua_a", None, "ua_b"]
+    ids = torch.tensor([fusedlora.adapter_id(n) if n else -1 for n in names], device=DEVICE)
+    with torch.no_grad(), fusedlora.use_adapters(model, ids):
+        y0 = model(x)
+        ids[1] = fusedlora.adapter_id("ua_c")   # the next step's batch, in place
+        y1 = model(x)
+        ids[0] = 10**6
+        with pytest.raises(ValueError, match="no adapter of any FusedLinear"):
+            model(x)
+    assert rel_err(y0, _per_sample(model, x, names)) < 1e-6
+    assert rel_err(y1, _per_sample(model, x, ["ua_a", "ua_c", "ua_b"])) < 1e-6
 
 
 def test_use_adapters_tiny_llama(triton_backend, monkeypatch):
@@ -734,3 +778,25 @@ def test_multi_lora_linear_strided_tables_bias_and_pools(triton_backend, M):
     assert rel_err(y, y_ref) < TOL[torch.float32]
     for n in leaves:
         assert rel_err(leaves[n].grad, ref[n].grad) < TOL[torch.float32], n
+
+
+# ------------------------------------------------------------------ serve-demo
+def test_serve_demo_verdict_catches_a_misrouted_row_in_bf16(monkeypatch, capsys):
+    """serve-demo's verdict must notice one request served by the wrong adapter also at a
+    16-bit tolerance (the GPU's default): each request is checked against its adapter alone,
+    and every adapter is far enough from the others and the base for that to be conclusive."""
+    from fusedlora import serve_demo
+    import re
+
+    monkeypatch.delenv("FUSEDLORA_BACKEND", raising=False)
+    args = ["--requests", "5", "--prompt-len", "3", "--new-tokens", "2", "--adapters", "4", "--dim", "16",
+            "--layers", "1", "--vocab", "32", "--dtype", "bfloat16"]
+    assert serve_demo.main(args) == 0
+    ratio = r"worst err/separation (\S+) "
+    assert float(re.search(ratio, capsys.readouterr().out).group(1)) < 0.5
+    real = routing._kind_delta
+    monkeypatch.setattr(routing, "_kind_delta",   # C3A rows served by the base in the batched run
+                        lambda layer, name, kind, x2: real(layer, name, kind, x2) * (kind != "c3a"))
+    assert serve_demo.main(args) == 1
+    out = capsys.readouterr().out
+    assert "MISMATCH" in out and float(re.search(ratio, out).group(1)) >= 0.5
