@@ -23,9 +23,10 @@ Pieces (docs/multi.md has the design note):
   give each adapter slot its pool offset, rank and scale.
 * Source of truth: ``lora_A[name]`` / ``lora_B[name]`` stay the parameters.
   The pool is a copy, re-synchronised lazily at each multi-adapter forward
-  from the parameters' identity, shape and in-place version counter
-  (``Tensor._version``, bumped by optimizer steps, ``copy_``,
-  ``load_state_dict``): only the adapters that changed are copied again.
+  from the parameters' identity, storage, shape and in-place version counter
+  (``Tensor._version``, bumped by ``copy_``, ``load_state_dict`` and unfused
+  optimizer steps), and the process's optimizer-step count (fused steps bump
+  no version): only the adapters that changed are copied again.
   When gradients must reach the parameters (grad mode on and some LoRA
   parameter requires grad) or under torch.compile, the pool is instead the
   differentiable ``torch.cat`` of the parameters, built per call.

@@ -370,7 +370,7 @@ def layer_forward(layer, x: Tensor, ids: Tensor, validate: bool = True, strict: 
     ``present`` (global ids of the batch, known to use_adapters) narrows the
     C3A / sparse deltas to the adapters in the batch.
     """
-    from .ops import check_linear_args
+    from .ops import autocast_inputs, check_linear_args
 
     if layer.merged:
         raise ValueError(f"adapter_ids: adapters {layer.merged_adapters} are merged into the weight; unmerge() "
@@ -403,7 +403,8 @@ def layer_forward(layer, x: Tensor, ids: Tensor, validate: bool = True, strict: 
                 raise _bad_ids_error(layer, row_ids, row_slot, tables)
 
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    # under torch.autocast: x, W and b as F.linear would see them (the pools follow below)
+    x2, W, b = autocast_inputs(x.reshape(-1, x.shape[-1]), layer.weight, layer.bias)
     if loras:
         if differentiable:
             for n in loras:
@@ -413,12 +414,14 @@ def layer_forward(layer, x: Tensor, ids: Tensor, validate: bool = True, strict: 
         from .ops import draw_seed, pick
 
         p_max = tables.max_drop if layer.training else 0.0
-        op = pick(_multi_forward, x2, layer.weight, layer.bias, pool_A, pool_BT)
-        y, _ = op(x2, layer.weight, layer.bias, pool_A, pool_BT, row_slot,
+        if pool_A.dtype != x2.dtype:  # autocast cast x (the pools are in W's dtype otherwise)
+            pool_A, pool_BT = pool_A.to(x2.dtype), pool_BT.to(x2.dtype)
+        op = pick(_multi_forward, x2, W, b, pool_A, pool_BT)
+        y, _ = op(x2, W, b, pool_A, pool_BT, row_slot,
                   tables.slot_off, tables.slot_rank, tables.slot_scale, tables.slot_drop, tables.max_rank,
                   p_max > 0, draw_seed(p_max))
     else:
-        y = F.linear(x2, layer.weight, layer.bias)
+        y = F.linear(x2, W, b)
         record("multi.base", "torch", "linear")
     # C3A and sparse rows: each such adapter's delta, added to its rows only. When the
     # validation sync brought the rows per slot to the host, the rows of a slot are a
@@ -453,7 +456,7 @@ def layer_forward(layer, x: Tensor, ids: Tensor, validate: bool = True, strict: 
             delta = _kind_delta(layer, name, kind, x2)
             mask = (row_slot == slot)[:, None]
             y = (y.to(delta.dtype) + torch.where(mask, delta, torch.zeros((), dtype=delta.dtype, device=y.device))
-                 ).to(x.dtype)
+                 ).to(x2.dtype)
             record(f"multi.{kind}_delta", "torch", "masked")
     return y.reshape(*lead, layer.out_features)
 

@@ -171,3 +171,33 @@ def test_autocast_under_torch_compile(torch_backend):
     compiled = torch.compile(run, fullgraph=True)(x)
     assert eager.dtype == compiled.dtype == torch.bfloat16
     assert rel_err(compiled, eager) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("rows", [5, 40])   # BGMV and, above multi.sort_min_rows(), SGMV
+def test_routed_rows_under_autocast_equal_their_single_adapter_forward(triton_backend, rows):
+    """adapter_ids (and use_adapters) under AMP: each row is what its own adapter's forward
+    gives under the same autocast, in the autocast dtype."""
+    _, layer = _layers()
+    layer.add_lora("a", r=4)
+    torch.nn.init.normal_(layer.lora_B["a"], std=0.3)
+    layer.add_lora("b", r=6)
+    torch.nn.init.normal_(layer.lora_B["b"], std=0.3)
+    layer.add_c3a("c", block_size=8, init_weights="gaussian")
+    idx = random_indices((N, K), density=0.05, seed=4)
+    layer.add_sparse("s", idx.to(DEVICE), torch.randn(idx.shape[1], device=DEVICE) * 0.3)
+    names = ["a", "b", "c", "s", None]
+    torch.manual_seed(5)
+    pick = torch.randint(0, len(names), (rows,)).tolist()
+    ids = torch.tensor([layer.adapter_id(names[i]) if names[i] else -1 for i in pick], device=DEVICE)
+    x = torch.randn(rows, K, device=DEVICE)
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=AMP):
+        y = layer(x, adapter_ids=ids)
+        with fusedlora.use_adapters(torch.nn.Sequential(layer), ids):
+            y_scope = layer(x)
+        single = {}
+        for n in names:
+            layer.set_adapter(n)
+            single[n] = layer(x)
+    assert y.dtype == y_scope.dtype == AMP
+    expected = torch.stack([single[names[i]][r] for r, i in enumerate(pick)])
+    assert rel_err(y, expected) < TOL[AMP] and rel_err(y_scope, expected) < TOL[AMP]
