@@ -14,11 +14,13 @@ import re
 import warnings
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
+import torch
 from torch import nn
 
 from .module import FusedLinear
 
 ALL_LINEAR = "all-linear"
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what FusedLinear runs
 TargetModules = Union[None, str, Sequence[str]]
 
 # Hook tables a replaced layer hands to its FusedLinear (the same dict objects,
@@ -48,8 +50,8 @@ def adapter_names(model: nn.Module) -> List[str]:
 def check_target_modules(target_modules: TargetModules):
     """Normalise ``target_modules``: None (all linears but the output layer), a regex
     string (``re.fullmatch`` on the module name, as PEFT) or suffixes (as PEFT's list)."""
-    if target_modules is None or target_modules == ALL_LINEAR:
-        return None
+    if target_modules is None or (isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR):
+        return None  # PEFT compares "all-linear" case-insensitively
     if isinstance(target_modules, str):
         try:
             re.compile(target_modules)
@@ -103,6 +105,13 @@ def check_replaceable(name: str, linear: nn.Module) -> None:
         raise ValueError(f"{name}: this nn.Linear has a replaced forward (e.g. an accelerate hook from "
                          "device_map/offloading) that FusedLinear cannot carry over; patch the model "
                          "before dispatching it")
+    # A quantized weight (an integer or float8 dtype, or a tensor subclass such as torchao's)
+    # runs in nn.Linear through F.linear's dispatch, never in FusedLinear's kernels.
+    weight = getattr(linear, "weight", None)
+    kind = type(weight.detach()) if isinstance(weight, torch.Tensor) else None
+    if kind is not None and (kind is not torch.Tensor or weight.dtype not in _FLOAT_DTYPES):
+        raise ValueError(f"{name}: its weight is a {kind.__name__} of dtype {weight.dtype} "
+                         f"(a quantized layer?); FusedLinear runs plain {list(_FLOAT_DTYPES)} weights only")
 
 
 def replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> List[str]:

@@ -13,7 +13,7 @@ from typing import List, Optional, Tuple
 
 from torch import nn
 
-from .patch import check_replaceable, replace_module, to_fused
+from .patch import _HOOK_TABLES, check_replaceable, replace_module, to_fused
 from .peft_io import _add, _check_layer_spec, _remember, _Spec, check_config
 
 
@@ -70,9 +70,10 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
 
     Every adapter is kept, with its weights (cast to the base layer's dtype; C3A kernels
     stay float32), scale (``set_scale`` changes too), dropout, trainability, each
-    layer's active adapters and merged state. Refused before anything changes: PEFT
-    layers other than LoRA / C3A / SHiRA on a plain ``nn.Linear``, DoRA and other LoRA
-    variants, LoRA biases, modules_to_save / trainable tokens, disabled adapters.
+    layer's active adapters and merged state, and the hooks of each PEFT layer. Refused
+    before anything changes: PEFT layers other than LoRA / C3A / SHiRA on a plain
+    ``nn.Linear``, DoRA and other LoRA variants, LoRA biases, modules_to_save / trainable
+    tokens, disabled adapters, base layers with hooks or a replaced forward (accelerate's).
     """
     try:
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -109,8 +110,15 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
             continue
         try:
             check_replaceable(module, m)
+            check_replaceable(f"{module}.base_layer", linear)  # e.g. accelerate's hook, which PEFT runs
         except ValueError as e:
             errors.append(str(e))
+            continue
+        hooked = [t.strip("_") for t in _HOOK_TABLES if getattr(linear, t, None)]
+        if hooked:  # PEFT runs them on the base path alone; the FusedLinear replacing both has no such point
+            errors.append(f"{module}.base_layer: has hooks ({', '.join(hooked)}) that would no longer run once the "
+                          "PEFT layer and its base layer become one FusedLinear; remove them, or register them on "
+                          f"{module} itself, first")
             continue
         specs, errs = _specs_from_layer(module, m, kind)
         errors += errs

@@ -16,6 +16,10 @@ to the base model, the one PEFT wrapped):
     base_model.model.<module>.shira_weight    (nnz,)         -> <module>.sparse_values[name]
     base_model.model.<module>.shira_indices   (2, nnz) int32 -> <module>.sparse_indices[name]
 
+Base-model weights PEFT saves beside the adapter (``<module>.base_layer.weight`` of a
+targeted lm_head / embedding, see PEFT's ``save_embedding_layers``) load when they equal
+the model's own and are refused otherwise: fusedlora never overwrites base weights.
+
 Everything is checked before the model changes: an adapter either loads whole
 or not at all (ValueError naming what is wrong).
 """
@@ -86,7 +90,8 @@ def check_config(config: dict, where: str) -> str:
         raise ValueError(f"{where}: bias={bias!r} (trained biases) is not supported; only bias='none' loads")
     bad = {k: v for k, v in config.items() if k not in _ALLOWED_KEYS[peft_type] and v}
     if bad:
-        reasons = [_REASONS.get(k, f"option {k}={v!r} is not supported") for k, v in sorted(bad.items())]
+        reasons = [_REASONS[k] + ("" if f"{k}=" in _REASONS[k] else f" ({k}={v!r})") if k in _REASONS
+                   else f"option {k}={v!r} is not supported" for k, v in sorted(bad.items())]
         raise ValueError(f"{where}: cannot load this {peft_type} adapter: " + "; ".join(reasons))
     if peft_type == "LORA":
         _positive_int(config.get("r", 8), f"{where}: r")
@@ -118,11 +123,13 @@ def _lora_pattern(pattern: Optional[dict], name: str, default):
 
 
 def _c3a_pattern(pattern: Optional[dict], name: str, default):
-    """PEFT's C3A block_size_pattern lookup: first key k with re.match(r'.*\\.k$', name)."""
-    for key, value in (pattern or {}).items():
+    """PEFT's C3A block_size_pattern lookup: first key k with re.match(r'.*\\.k$', name), else
+    the key equal to the whole name (PEFT's ``pattern.get(name, default)``)."""
+    pattern = pattern or {}
+    for key, value in pattern.items():
         if re.match(rf".*\.{key}$", name):
             return value
-    return default
+    return pattern.get(name, default)
 
 
 # ------------------------------------------------------------------- specs
@@ -204,6 +211,10 @@ def _check_layer_spec(spec: _Spec, layer: nn.Linear) -> Optional[str]:
     return None
 
 
+_NOT_LINEAR_HINTS = {"Conv1D": " (transformers' Conv1D, GPT-2 style, which PEFT adapts with fan_in_fan_out=True, "
+                               "is not supported)"}
+
+
 def _validate_and_apply(model: nn.Module, name: str, specs: List[_Spec], trainable: bool, where: str) -> None:
     """Check every spec against ``model``, then add them all (patching nn.Linear targets),
     or change nothing."""
@@ -216,13 +227,20 @@ def _validate_and_apply(model: nn.Module, name: str, specs: List[_Spec], trainab
         raise ValueError(f"{where}: the adapter has no weights")
     modules = dict(model.named_modules(remove_duplicate=False))
     unmatched, errors = [], []
+    seen: Dict[int, str] = {}
     for spec in specs:
         m = modules.get(spec.module)
         if m is None:
             unmatched.append(spec.module)
+        elif id(m) in seen:
+            errors.append(f"{spec.module}: is the same layer as {seen[id(m)]} (one module under two names); "
+                          "it can hold one adapter of a name, and PEFT adapts a shared module once")
         elif not (isinstance(m, FusedLinear) or type(m) is nn.Linear):
-            errors.append(f"{spec.module}: is a {type(m).__name__}, not an nn.Linear / FusedLinear")
+            errors.append(f"{spec.module}: is a {type(m).__name__}, not an nn.Linear / FusedLinear"
+                          + _NOT_LINEAR_HINTS.get(type(m).__name__, " (a subclass of nn.Linear, e.g. a quantized "
+                                                  "layer, is not supported)" if isinstance(m, nn.Linear) else ""))
         else:
+            seen[id(m)] = spec.module
             if not isinstance(m, FusedLinear):
                 try:
                     check_replaceable(spec.module, m)
@@ -311,7 +329,41 @@ _HINTS = (("lora_magnitude_vector", "DoRA magnitudes"), ("lora_B.bias", "a LoRA 
           ("lora_embedding", "LoRA on an embedding"), ("modules_to_save", "modules_to_save copies"))
 
 
-def _group(state: Dict[str, torch.Tensor], peft_type: str, where: str) -> Dict[str, Dict[str, torch.Tensor]]:
+def _same_values(saved: torch.Tensor, p: torch.Tensor) -> bool:
+    """Whether ``saved`` holds the values of parameter ``p`` (compared in the narrower of the two dtypes)."""
+    if tuple(saved.shape) != tuple(p.shape) or p.device.type == "meta" or not saved.is_floating_point():
+        return False
+    p = p.detach()
+    return torch.equal(saved.to(device=p.device, dtype=p.dtype), p) or torch.equal(p.to("cpu", saved.dtype), saved)
+
+
+def _base_weights(model: nn.Module, state: Dict[str, torch.Tensor], keys: List[str], where: str) -> List[str]:
+    """The keys of ``keys`` that are not the model's own weights.
+
+    PEFT saves the weights of a targeted embedding / LM head beside the adapter
+    (``save_embedding_layers="auto"`` does whenever target_modules names ``embed_tokens``
+    or ``lm_head``): ``<module>.base_layer.weight``, or ``<module>.weight`` after a vocabulary
+    resize. PEFT's load copies them into the model; those equal to the model's change
+    nothing and are skipped; others are refused (fusedlora does not overwrite base weights)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    rest, differ = [], []
+    for key in keys:
+        k = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        p = params.get(k.replace(".base_layer.", ".", 1))
+        if p is None:
+            rest.append(key)
+        elif not _same_values(state[key], p):
+            differ.append(f"{key} {tuple(state[key].shape)} vs the model's {tuple(p.shape)}")
+    if differ:
+        raise ValueError(f"{where}: {len(differ)} base-model weight(s) saved with the adapter (PEFT's "
+                         f"save_embedding_layers: a targeted embedding / lm_head, or a resized vocabulary) differ "
+                         f"from the model's, e.g. {differ[:3]}; fusedlora does not overwrite base weights: load "
+                         "into a model that has these weights. Nothing was loaded")
+    return rest
+
+
+def _group(state: Dict[str, torch.Tensor], peft_type: str, where: str,
+           model: Optional[nn.Module] = None) -> Dict[str, Dict[str, torch.Tensor]]:
     groups: Dict[str, Dict[str, torch.Tensor]] = {}
     foreign = []
     for key, tensor in state.items():
@@ -322,6 +374,8 @@ def _group(state: Dict[str, torch.Tensor], peft_type: str, where: str) -> Dict[s
                 break
         else:
             foreign.append(key)
+    if foreign and model is not None:
+        foreign = _base_weights(model, state, foreign, where)
     if foreign:
         hints = sorted({h for key in foreign for s, h in _HINTS if s in key})
         raise ValueError(f"{where}: {len(foreign)} key(s) are not {peft_type} weights of a linear layer"
@@ -331,15 +385,15 @@ def _group(state: Dict[str, torch.Tensor], peft_type: str, where: str) -> Dict[s
 
 
 def _specs_from_checkpoint(config: dict, state: Dict[str, torch.Tensor], peft_type: str,
-                           where: str) -> List[_Spec]:
+                           where: str, model: Optional[nn.Module] = None) -> List[_Spec]:
     specs = []
-    for module, tensors in _group(state, peft_type, where).items():
+    for module, tensors in _group(state, peft_type, where, model).items():
         if peft_type == "LORA":
             r = _lora_pattern(config.get("rank_pattern"), module, config.get("r", 8))
             alpha = _lora_pattern(config.get("alpha_pattern"), module, config.get("lora_alpha", 8))
             _positive_int(r, f"{where}: rank of {module}")
-            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-                raise ValueError(f"{where}: lora_alpha of {module} must be a number, got {alpha!r}")
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+                raise ValueError(f"{where}: lora_alpha of {module} must be a finite number, got {alpha!r}")
             specs.append(_Spec(module, "lora", tensors, r=r, alpha=float(alpha),
                                dropout=float(config.get("lora_dropout") or 0.0),
                                rslora=bool(config.get("use_rslora", False))))
@@ -366,7 +420,9 @@ def load_peft_adapter(model: nn.Module, path: str, adapter_name: str = "default"
     a trained bias, modules_to_save and other options fusedlora cannot run, keys
     that are not the tuner's weights, modules the model does not have or that are not
     linear, shapes that do not match the layer or the config's rank / block size,
-    invalid SHiRA indices, and a name the model already uses.
+    invalid SHiRA indices, base-model weights saved with the adapter that differ from
+    the model's (equal ones, as PEFT saves for a targeted lm_head, are skipped), and a
+    name the model already uses.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -374,7 +430,7 @@ def load_peft_adapter(model: nn.Module, path: str, adapter_name: str = "default"
     config, state = read_peft_adapter(path)
     where = os.path.join(os.fspath(path), CONFIG_NAME)
     peft_type = check_config(config, where)
-    specs = _specs_from_checkpoint(config, state, peft_type, os.fspath(path))
+    specs = _specs_from_checkpoint(config, state, peft_type, os.fspath(path), model)
     _validate_and_apply(model, adapter_name, specs, is_trainable, os.fspath(path))
     _remember(model, adapter_name, config)
     return model

@@ -371,6 +371,133 @@ def test_from_peft_refuses_and_changes_nothing(base):
         fusedlora.patch_model(pm)
 
 
+# ------------------------------------------------- PEFT semantics, from review
+def test_c3a_block_size_pattern_key_naming_the_whole_module(base, base_logits, tmp_path):
+    """PEFT's C3A lookup falls back to ``block_size_pattern.get(full_name)``: a key that is the
+    whole module name (no '.' before it to match ``.*\\.key$``) still sets that layer's block."""
+    config = dict(block_size=16, target_modules=LINEARS, block_size_pattern={"model.layers.0.mlp.up_proj": 8})
+    pm = make_peft(base, peft.C3AConfig(**config), std=3.0)
+    model, _ = _round_trip(base, base_logits, pm, tmp_path)
+    assert model.model.layers[0].mlp.up_proj.c3a_kernel["task"].shape == (8, 4, 8)
+    assert model.model.layers[1].mlp.up_proj.c3a_kernel["task"].shape == (4, 2, 16)
+
+
+def test_lora_on_lm_head_loads_the_base_weight_peft_saves_beside_it(base, base_logits, tmp_path):
+    """A LoRA on lm_head: PEFT's save_embedding_layers="auto" writes lm_head.base_layer.weight too.
+    Equal to the model's, it is skipped; different (a changed base), it is refused, nothing loaded."""
+    pm = make_peft(base, peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    pm.save_pretrained(tmp_path / "peft")
+    key = "base_model.model.lm_head.base_layer.weight"
+    assert key in load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    _round_trip(base, base_logits, pm, tmp_path)
+    assert peft_layers(pm).keys() >= {"lm_head"}
+
+    _edit(tmp_path / "peft", lambda s: s[key].add_(1.0))
+    model = fusedlora.patch_model(fresh(base))
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"base-model weight\(s\) saved with the adapter .* differ .*lm_head"):
+        fusedlora.load_peft_adapter(model, tmp_path / "peft", "x")
+    assert_untouched(model, snap)
+
+
+def _tiny_gpt2():
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64,
+                                  bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def test_refusals_name_the_option_and_its_value(base, tmp_path):
+    gpt2 = _tiny_gpt2()
+    pm = make_peft(gpt2, peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+    pm.save_pretrained(tmp_path / "gpt2")
+    model = fresh(gpt2)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"transformer\.h\.0\.attn\.c_attn: is a Conv1D.*fan_in_fan_out=True"):
+        fusedlora.load_peft_adapter(model, tmp_path / "gpt2", "x")
+    assert_untouched(model, snap)
+    for config, match in ((dict(modules_to_save=["lm_head"]), r"modules_to_save=\['lm_head'\]"),
+                          (dict(trainable_token_indices=[1, 2]), r"trainable_token_indices=\[1, 2\]")):
+        path = _saved(base, tmp_path, peft.LoraConfig(r=2, target_modules=["q_proj"], **config), name=str(config))
+        with pytest.raises(ValueError, match=match):
+            fusedlora.load_peft_adapter(fresh(base), path, "x")
+
+
+def test_patch_model_refuses_quantized_weights_and_reads_all_linear_as_peft(base):
+    for weight in (torch.zeros(4, 4, dtype=torch.int8), torch.zeros(4, 4).to(torch.float8_e4m3fn)):
+        model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+        model[1].weight = nn.Parameter(weight, requires_grad=False)
+        with pytest.raises(ValueError, match=rf"^1: its weight is a Tensor of dtype {weight.dtype}"):
+            fusedlora.patch_model(model)
+        assert type(model[0]) is nn.Linear and type(model[1]) is nn.Linear  # all or nothing
+    upper = fusedlora.patch_model(fresh(base), "ALL-LINEAR")  # PEFT lower-cases "all-linear"
+    assert sorted(dict(fused_layers(upper))) == sorted(dict(fused_layers(fusedlora.patch_model(fresh(base)))))
+
+
+def test_load_is_all_or_nothing_when_a_layer_fails_half_way(base, tmp_path, monkeypatch):
+    """A failure while adding (after every check passed) undoes the layers already done."""
+    path = _saved(base, tmp_path, peft.LoraConfig(r=2, target_modules=LINEARS))
+    model = fresh(base)
+    fusedlora.patch_model(model, ["q_proj", "k_proj"])
+    model.model.layers[0].self_attn.q_proj.add_lora("other", r=2)
+    snap = snapshot(model)
+    calls, add_lora = [], FusedLinear.add_lora
+
+    def failing(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 9:
+            raise RuntimeError("out of memory (simulated)")
+        return add_lora(self, *a, **k)
+
+    monkeypatch.setattr(FusedLinear, "add_lora", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        fusedlora.load_peft_adapter(model, path, "x")
+    assert len(calls) == 9
+    assert_untouched(model, snap)
+    assert model.model.layers[0].self_attn.q_proj.active_adapters == ["other"] and adapter_names(model) == ["other"]
+
+    # checks that used to fail only while adding: a NaN alpha, a module shared under two names
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg["alpha_pattern"] = {"layers.1.self_attn.v_proj": float("nan")}
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"lora_alpha of model\.layers\.1\.self_attn\.v_proj must be a finite"):
+        fusedlora.load_peft_adapter(model, path, "x")
+    shared = nn.Sequential(nn.Linear(4, 4))
+    shared.add_module("again", shared[0])
+    p = tmp_path / "shared"
+    p.mkdir()
+    (p / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 1, "target_modules": ["0"]}))
+    save_file({f"base_model.model.{n}.lora_{ab}.weight": torch.ones(shape)
+               for n in ("0", "again") for ab, shape in (("A", (1, 4)), ("B", (4, 1)))}, p / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="again: is the same layer as 0"):
+        fusedlora.load_peft_adapter(shared, p, "x")
+    assert type(shared[0]) is nn.Linear
+
+
+def test_from_peft_refuses_what_runs_on_the_base_layer_alone(base):
+    """A hook or a replaced forward (accelerate's) on the linear PEFT wrapped runs in PEFT's
+    forward; converting silently dropped them. Refused, nothing changed; a hook on the PEFT
+    layer itself moves to the FusedLinear."""
+    for how in ("hook", "forward"):
+        model = fresh(base)
+        q = model.model.layers[0].self_attn.q_proj
+        if how == "hook":
+            q.register_forward_hook(lambda *a: None)
+        else:
+            q.forward = lambda x, _f=q.forward: _f(x)
+        pm = make_peft(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+        snap = snapshot(pm)
+        match = "has hooks" if how == "hook" else "replaced forward"
+        with pytest.raises(ValueError, match=rf"model\.layers\.0\.self_attn\.q_proj\.base_layer: .*{match}"):
+            fusedlora.from_peft(pm)
+        assert_untouched(pm, snap)
+    pm = make_peft(base, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    calls = []
+    pm.base_model.model.model.layers[1].self_attn.q_proj.register_forward_hook(lambda *a: calls.append(1))
+    logits(fusedlora.from_peft(pm))
+    assert calls == [1]
+
+
 # --------------------------------------------------------- compile and kernels
 def _mixed_model(base, stacked=False):
     """Patched tiny Llama with LoRA (attention), C3A (gate, up) and sparse (down) adapters,
