@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from .module import FusedLinear
+from .ops import _FLOAT_DTYPES  # what FusedLinear runs
 
 ALL_LINEAR = "all-linear"
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what FusedLinear runs
 TargetModules = Union[None, str, Sequence[str]]
 
 # Hook tables a replaced layer hands to its FusedLinear (the same dict objects,
