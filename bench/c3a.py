@@ -52,8 +52,12 @@ def work(s: dict, variant: str, elem: int):
 
     The delta costs no matmul FLOPs when folded into W's tiles; its minimal
     traffic is the float32 kernel, (N/b)(K/b)b = NK/b values. The backward
-    adds dx = gy (W + dW) and the kernel gradient, each an M x N x K
-    reduction (dw[m, n, u] sums M * b products for each of the NK/b values)."""
+    adds dx = gy (W + dW) (an M x N x K GEMM) and the kernel gradient. The dense
+    form pays another 2MNK for the latter, but the floor is what the spectral
+    form (``spectral`` below) does: for each of the b/2 + 1 frequencies of a
+    real DFT, a complex (N/b) x (K/b) product summed over the M rows, 8 real
+    FLOPs per complex multiply-add (the DFTs themselves, O(M (N + K) log b), are
+    left out). Counting 2MNK there would put the floor 1.5x too high."""
     M, K, N, b = s["M"], s["K"], s["N"], s["b"]
     kernel_bytes = 4.0 * N * K // b
     base_flops = matmul_flops((M, N, K))
@@ -61,7 +65,7 @@ def work(s: dict, variant: str, elem: int):
     flops, nbytes = base_flops, base_bytes + kernel_bytes
     if variant == "fwd":
         return (flops, nbytes), (base_flops, base_bytes)
-    flops += 2 * matmul_flops((M, K, N))                 # dx, d kernel
+    flops += matmul_flops((M, K, N)) + 8.0 * M * (N // b) * (K // b) * (b // 2 + 1)   # dx, d kernel
     nbytes += numel_bytes(elem, (M, N), (M, K)) + kernel_bytes   # read gy, write dx and d kernel
     base_flops += matmul_flops((M, K, N))                # dx = gy W only
     base_bytes += numel_bytes(elem, (M, N), (M, K))
@@ -75,6 +79,11 @@ def _inputs(s: dict, variant: str, device, dtype):
 
     train = variant != "fwd"
     kernel = init_c3a_kernel(torch.empty(N // b, K // b, b, device=device, dtype=torch.float32), "gaussian")
+    # PEFT's N(0, 1) kernel makes the delta (circulant / K) K^-1/2 of the base output, 1.6 % at
+    # K = 4096: under the bf16 tolerance of the harness's cross-check, which could then not tell
+    # a missing delta from a right one. Scaled by K^1/2 the delta is as large as x W^T; the
+    # timing does not depend on the values.
+    kernel.mul_(K ** 0.5)
     inp = {"x": rnd(M, K).requires_grad_(train), "W": rnd(N, K, std=K ** -0.5), "b": rnd(N, std=0.1),
            "kernel": kernel.requires_grad_(train)}  # PEFT's gaussian init, not its zeros
     if train:
@@ -136,7 +145,19 @@ def _peft(i):
     # Share the case's kernel (no copy): every implementation sees the same data.
     pk = nn.Parameter(kernel.detach(), requires_grad=kernel.requires_grad)
     layer.c3a_kernel["default"] = pk
-    return grad_thunk(lambda: layer(i["x"]), i, [i["x"], pk])
+    thunk = grad_thunk(lambda: layer(i["x"]), i, [i["x"], pk])
+    if "gy" in i:
+        thunk = _known(thunk, "PEFT's BlockCircularConvolution.backward returns a wrong x gradient for the delta "
+                              "(it fails torch.autograd.gradcheck in peft 0.21.2; the kernel gradient is right); "
+                              "it does the same work")
+    return thunk
+
+
+def _known(thunk, reason: str):
+    def run():
+        return thunk()
+    run.known_mismatch = reason
+    return run
 
 
 def cases(opts: Options):

@@ -96,6 +96,8 @@ def _layer(i, variant: str) -> FusedLinear:
         layer.set_adapter("decode_0")
     elif variant.startswith("c3a"):
         layer.add_c3a("decode_c3a", block_size=_block(variant), init_weights="gaussian")
+        with torch.no_grad():  # as in bench/c3a.py: a delta as large as x W^T, which the cross-check can see
+            layer.c3a_kernel["decode_c3a"].mul_(K ** 0.5)
         layer.set_adapter("decode_c3a")
     else:
         idx = random_indices((N, K), density=DENSITY, seed=int(i["seed"]), device=W.device)
@@ -195,7 +197,8 @@ def cases(opts: Options):
                           "auto": _forward("auto"),
                           "base": _base, "eager": _eager,
                           "cublas-rows": _cublas_rows},
-                   work={"*": adapter, "base": base}, ref="cuda", roof_impls=("cuda", "cuda-mma", "triton", "triton-splitk", "base"))
+                   work={"*": adapter, "base": base}, ref="cuda", roof_impls=("cuda", "cuda-mma", "triton", "triton-splitk", "base"),
+                   check=("eager", "cuda", "cuda-mma", "triton", "triton-splitk", "auto", "cublas-rows"))
 
 
 def _by_shape(rows, variant: str) -> dict:

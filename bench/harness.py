@@ -12,6 +12,7 @@ import datetime as _dt
 import itertools
 import json
 import math
+import os
 import platform
 import re
 import subprocess
@@ -76,6 +77,11 @@ class Case:
     # otherwise be measured instead of the kernels. A thunk with a ``no_graph``
     # attribute (the reason) is known not to be capturable.
     graph: Optional[bool] = None
+    # Cross-check before timing (METHOD.md, "Correct first"): the first name is the reference
+    # (the simplest implementation), each other name must compute the same function; one whose
+    # output differs by more than CHECK_RTOL (relative, on input set 0) is not timed. Empty: no
+    # check (implementations that compute different things, or that only mutate state).
+    check: Tuple[str, ...] = ()
 
     def work_of(self, impl: str) -> Tuple[float, float]:
         return self.work.get(impl, self.work["*"])
@@ -165,10 +171,11 @@ def base_thunk(inputs: Dict[str, Any]) -> Callable[[], Any]:
 def adapter_case(path: str, variant: str, shape: Dict[str, int], opts: "Options", make_inputs, impls: dict,
                  work: Tuple[Tuple[float, float], Tuple[float, float]]) -> "Case":
     """A row of a single-adapter path (LoRA, C3A, sparse): ``work`` = (the fused op's,
-    the base layer's) (flops, bytes); ratios against ``fused``, roofline of fused and base."""
+    the base layer's) (flops, bytes); ratios against ``fused``, roofline of fused and base.
+    Every implementation but ``base`` is checked against ``eager`` before it is timed."""
     return Case(path=path, variant=variant, shape=shape, dtype=opts.dtype, device=opts.device,
                 make_inputs=make_inputs, impls=impls, work={"*": work[0], "base": work[1]}, ref="fused",
-                roof_impls=("fused", "base"))
+                roof_impls=("fused", "base"), check=("eager",) + tuple(i for i in impls if i not in ("eager", "base")))
 
 
 def on_backend(name: str, thunk: Callable[[], Any]) -> Callable[[], Any]:
@@ -215,6 +222,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# At least this many timed calls per median on CUDA (METHOD.md: "repeat many times").
+MIN_SAMPLES = 10
+
+
 def time_thunks(thunks: Sequence[Callable[[], Any]], device: torch.device,
                 warmup_ms: float = 25, rep_ms: float = 100) -> dict:
     """Median (and spread) of one call, cycling through ``thunks`` (one per input set).
@@ -234,8 +245,11 @@ def time_thunks(thunks: Sequence[Callable[[], Any]], device: torch.device,
         # do_bench: CUDA events around each call, L2 flushed before each one.
         from triton.testing import do_bench
 
-        times = do_bench(step, warmup=warmup_ms, rep=rep_ms, return_mode="all")
-        return _summary(list(times))
+        times = list(do_bench(step, warmup=warmup_ms, rep=rep_ms, return_mode="all"))
+        if len(times) < MIN_SAMPLES:  # slow calls: do_bench sizes its repeats to rep_ms, maybe one
+            more = MIN_SAMPLES * max(times) * 1.5
+            times += do_bench(step, warmup=0, rep=more, return_mode="all")
+        return _summary(times)
     # CPU: wall clock per call; a short budget keeps the smoke run quick.
     times, deadline = [], time.perf_counter() + rep_ms * 1e-3
     while len(times) < 5 or (time.perf_counter() < deadline and len(times) < 1000):
@@ -272,33 +286,44 @@ def time_graph(thunks: Sequence[Callable[[], Any]], device: torch.device, rep_ms
     calls = list(itertools.islice(itertools.cycle(thunks), GRAPH_CALLS))
     with torch.cuda.graph(graph):
         outs = [t() for t in calls]  # kept alive: the graph's outputs live in its pool
-    times = do_bench(graph.replay, warmup=25, rep=rep_ms, return_mode="all")
+    times = list(do_bench(graph.replay, warmup=25, rep=rep_ms, return_mode="all"))
+    if len(times) < MIN_SAMPLES:
+        times += do_bench(graph.replay, warmup=0, rep=MIN_SAMPLES * max(times) * 1.5, return_mode="all")
     del outs, graph
     return _summary([t / len(calls) for t in times])
 
 
-def measure_ceilings(device: torch.device, dtype: torch.dtype, small: bool = False) -> dict:
+def measure_ceilings(device: torch.device, dtype: torch.dtype, small: bool = False,
+                     bandwidth_of: Optional[dict] = None) -> dict:
     """The two roofline ceilings, measured once per run on this device:
-    bandwidth from a large device-to-device copy, FLOP/s from a large matmul.
-    ``small`` (smoke runs): tiny sizes that only check the code."""
+    bandwidth from a large device-to-device copy, FLOP/s from a large matmul in
+    ``dtype`` (the peak of that dtype: a float32 row must not be held to the bf16
+    peak). ``small`` (smoke runs): tiny sizes that only check the code.
+    ``bandwidth_of``: the ceilings of another dtype of this run, whose copy is reused
+    (bandwidth does not depend on the dtype; one measurement keeps the rows comparable)."""
     if small:
         copy_bytes, n = 16 * 2**20, 256
     elif device.type == "cuda":
         copy_bytes, n = 2**30, 8192
     else:  # CPU: past the last-level cache, and a matmul a few cores finish in a fraction of a second
         copy_bytes, n = 256 * 2**20, 2048
-    src = torch.randn(copy_bytes // 4, device=device)  # float32 elements
-    dst = torch.empty_like(src)
-    copy_t = time_thunks([lambda: dst.copy_(src)], device)
-    del src, dst
+    if bandwidth_of is None:
+        src = torch.randn(copy_bytes // 4, device=device)  # float32 elements
+        dst = torch.empty_like(src)
+        copy_t = time_thunks([lambda: dst.copy_(src)], device)
+        del src, dst
+        moved = 2 * copy_bytes  # read + write
+        copy = {"bytes_moved": moved, **copy_t}
+        bytes_per_s = moved / (copy_t["median_ms"] * 1e-3)
+    else:
+        copy, bytes_per_s = bandwidth_of["copy"], bandwidth_of["bytes_per_s"]
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     mm_t = time_thunks([lambda: torch.matmul(a, b)], device)
     del a, b
-    moved = 2 * copy_bytes  # read + write
-    return {"bytes_per_s": moved / (copy_t["median_ms"] * 1e-3),
+    return {"bytes_per_s": bytes_per_s,
             "flops_per_s": 2 * n**3 / (mm_t["median_ms"] * 1e-3),
-            "copy": {"bytes_moved": moved, **copy_t},
+            "copy": copy,
             "matmul": {"n": n, "dtype": str(dtype).replace("torch.", ""), **mm_t}}
 
 
@@ -323,12 +348,55 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:200] if text else ''}".rstrip(": ")
 
 
+# Largest relative error ||out - ref|| / ||ref|| between two implementations of one row
+# (METHOD.md: float32 far under 1e-3, tf32 near 3e-4, bf16 operands 1e-3..1e-2 against an
+# exact reference; two implementations each that far off can differ by twice as much).
+CHECK_RTOL = {torch.float64: 1e-9, torch.float32: 2e-3, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+
+
+def _outputs(out: Any) -> Optional[List[torch.Tensor]]:
+    """The tensors a thunk returned (one, or the gradients of a tuple), detached; None: nothing to compare."""
+    if isinstance(out, torch.Tensor):
+        return [out.detach().clone()]
+    if isinstance(out, (tuple, list)) and out and all(isinstance(t, torch.Tensor) for t in out):
+        return [t.detach().clone() for t in out]
+    return None
+
+
+def rel_err(out: List[torch.Tensor], ref: List[torch.Tensor]) -> float:
+    """max over the output tensors of ||out - ref|| / ||ref|| (float32 norms); inf for a shape or
+    count mismatch, NaN when either side has NaN (NaN never passes a check)."""
+    if len(out) != len(ref) or any(o.shape != r.shape for o, r in zip(out, ref)):
+        return math.inf
+    worst = 0.0
+    for o, r in zip(out, ref):
+        num = torch.linalg.vector_norm(o.float() - r.float()).item()
+        den = torch.linalg.vector_norm(r.float()).item()
+        e = num / den if den > 0 else (0.0 if num == 0 else math.inf)
+        if not math.isfinite(e) or not math.isfinite(num):
+            return math.nan if (math.isnan(num) or math.isnan(den)) else math.inf
+        worst = max(worst, e)
+    return worst
+
+
 def run_case(case: Case, ceilings: dict) -> List[dict]:
     """Time every implementation of ``case``; one JSON-ready row each. A failing
-    implementation is recorded with its reason and the run goes on."""
+    implementation is recorded with its reason and the run goes on. The
+    implementations of ``case.check`` are first compared, on input set 0, with the
+    first of them that ran; one that computes something else is recorded as
+    ``mismatch`` and not timed, unless its thunk names the discrepancy as a known bug of
+    that peer (``known_mismatch``, a reason): then it is timed and the reason recorded."""
     sets = _input_sets(case)
-    rows = []
-    for impl, setup in case.impls.items():
+    rows: Dict[str, dict] = {}
+    check_ref: Optional[Tuple[str, List[torch.Tensor]]] = None
+    order = list(case.impls)
+    if case.check and case.check[0] in order:  # the reference first: each other one is checked as it runs
+        order.remove(case.check[0])
+        order.insert(0, case.check[0])
+    tol = CHECK_RTOL.get(case.dtype, 2e-2)
+    set_bytes = sum(t.numel() * t.element_size() for t in _tensors(sets[0]))
+    for impl in order:
+        setup = case.impls[impl]
         flops, nbytes = case.work_of(impl)
         row = {"path": case.path, "variant": case.variant, "shape": dict(case.shape),
                "dtype": str(case.dtype).replace("torch.", ""), "device": str(case.device), "impl": impl,
@@ -338,12 +406,35 @@ def run_case(case: Case, ceilings: dict) -> List[dict]:
         thunks = None
         try:
             thunks = [setup(s) for s in sets]
-            row.update(time_thunks(thunks, case.device, **(case.timing or {})))
-            if case.timed_by_graph():
+            if impl in case.check:
+                out = _outputs(thunks[0]())  # untimed: also the first (compiling, autotuning) call
+                if out is not None and check_ref is None:
+                    check_ref = (impl, out)
+                    row["check"] = {"reference": True}
+                elif out is not None:
+                    err = rel_err(out, check_ref[1])
+                    row["check"] = {"vs": check_ref[0], "rel_err": err, "tol": tol}
+                    known = getattr(thunks[0], "known_mismatch", None)  # a peer's own bug, timed anyway
+                    if not err <= tol and known:
+                        row["check"]["known_mismatch"] = known
+                        row["reason"] = f"rel. error {err:.3g} against {check_ref[0]}, timed anyway: {known}"
+                    elif not err <= tol:
+                        row.update(status="mismatch", reason=f"rel. error {err:.3g} against {check_ref[0]} "
+                                                              f"(tolerance {tol:g}): not timed")
+                del out
+            if row["status"] == "ok":
+                row.update(time_thunks(thunks, case.device, **(case.timing or {})))
+            if row["status"] == "ok" and case.timed_by_graph():
                 why_not = getattr(thunks[0], "no_graph", None)  # known to sync with the host
                 if why_not is None:
                     try:
-                        row["graph_ms"] = time_graph(thunks, case.device)["median_ms"]
+                        g = time_graph(thunks, case.device)
+                        row["graph_ms"] = g["median_ms"]
+                        row["graph"] = g  # per call: quantiles and sample count of the replays
+                        l2 = getattr(torch.cuda.get_device_properties(case.device), "L2_cache_size", 0)
+                        if (len(sets) - 1) * set_bytes <= l2:  # time_graph's rotation assumes more
+                            row["graph_warning"] = (f"{len(sets)} input sets of {set_bytes} B: a set may still "
+                                                    f"be in L2 ({l2} B) when a replay reuses it")
                     except Exception as e:  # a host sync inside: events time only
                         why_not = _reason(e)
                         torch.cuda.synchronize(case.device)
@@ -363,8 +454,9 @@ def run_case(case: Case, ceilings: dict) -> List[dict]:
             row["tflops"] = flops / (ms * 1e-3) / 1e12
             row["gbps"] = nbytes / (ms * 1e-3) / 1e9
             row["roofline_pct"], row["bound"] = roofline(flops, nbytes, ms, ceilings)
-        rows.append(row)
-    return rows
+            row["ceilings_dtype"] = ceilings["matmul"]["dtype"]  # whose FLOP/s peak the roofline used
+        rows[impl] = row
+    return [rows[i] for i in case.impls]  # the case's order, not the check's
 
 
 # --------------------------------------------------------------- environment
@@ -386,14 +478,50 @@ def environment(device: torch.device) -> dict:
            "git_commit": _git("rev-parse", "HEAD"), "git_dirty": None, "argv": sys.argv}
     status = _git("status", "--porcelain", "--untracked-files=no")
     env["git_dirty"] = None if status is None else bool(status)
+    env["peft"] = _version("peft")
+    # Settings that change what runs: fusedlora's environment knobs (autotuning, GEMV, ...), TF32.
+    env["fusedlora_env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("FUSEDLORA_")}
+    env["allow_tf32"] = {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         env["gpu"] = {"capability": f"{p.major}.{p.minor}", "sms": p.multi_processor_count,
                       "memory_gib": round(p.total_memory / 2**30, 1),
                       "l2_bytes": getattr(p, "L2_cache_size", None)}
+        env["gpu_state"] = _gpu_state(p)
     else:
         env["cpu_threads"] = torch.get_num_threads()
     return env
+
+
+def _version(dist: str) -> Optional[str]:
+    try:
+        from importlib.metadata import version
+        return version(dist)
+    except Exception:
+        return None
+
+
+_GPU_QUERY = ("driver_version,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.draw,power.limit,"
+              "temperature.gpu,clocks_event_reasons.active,persistence_mode,compute_mode,mig.mode.current")
+
+
+def _gpu_state(p) -> Optional[dict]:
+    """The card as found (METHOD.md: measure it as you find it, say so if its state looks wrong):
+    driver, current and maximum clocks, power, temperature, throttle reasons. A read-only
+    ``nvidia-smi --query-gpu``; None where it is missing or fails."""
+    uuid = str(getattr(p, "uuid", "") or "")
+    target = ["--id=" + (uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}")] if uuid else []
+    for args in (target, []) if target else ([],):
+        try:
+            out = subprocess.run(["nvidia-smi", *args, f"--query-gpu={_GPU_QUERY}", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        if out.returncode == 0 and out.stdout.strip():
+            keys = _GPU_QUERY.split(",")
+            gpus = [dict(zip(keys, (v.strip() for v in line.split(",")))) for line in out.stdout.strip().splitlines()]
+            return gpus[0] if len(gpus) == 1 else {"all_gpus": gpus}
+    return None
 
 
 # ------------------------------------------------------------------- reports
@@ -425,7 +553,12 @@ def markdown(rows: List[dict], env: dict, ceilings: dict, title: str = "fusedlor
              "(> 1: ref is faster); %roof is the roofline time over the measured time. Where a "
              "'graph µs' column is shown (decode-sized rows), ratios and %roof use the CUDA-graph "
              "replay time, the device time without launch gaps; * marks a ratio of a graph time "
-             "to an eager one (that implementation cannot be captured).", ""]
+             "to an eager one (that implementation cannot be captured). Before timing, each "
+             "implementation's output was compared with the row's reference implementation "
+             "(relative error in the JSON, `check`); one that disagreed is listed under 'Not timed'.", ""]
+    for name, other in ceilings.get("other_dtypes", {}).items():
+        lines[-1:-1] = [f"{name} rows: {_rate(other['flops_per_s'], 'FLOP/s')} ({name} matmul "
+                        f"{other['matmul']['n']}³), the same copy bandwidth.", ""]
     if env["device"].startswith("cpu"):
         lines += ["CPU wall-clock timings: a check of the harness, not a measurement." if smoke else
                   f"CPU wall-clock timings (median of time.perf_counter per call, "
@@ -434,6 +567,7 @@ def markdown(rows: List[dict], env: dict, ceilings: dict, title: str = "fusedlor
     for r in rows:
         groups.setdefault((r["path"], r["variant"], r["dtype"]), []).append(r)
     notes: Dict[str, None] = {}
+    caveats: Dict[str, None] = {}
     for (path, variant, _), grp in groups.items():
         ref, roof_impls = grp[0].get("ref", "fused"), grp[0].get("roof_impls", ("fused",))
         impls = list(dict.fromkeys(r["impl"] for r in grp))
@@ -449,6 +583,8 @@ def markdown(rows: List[dict], env: dict, ceilings: dict, title: str = "fusedlor
             by_shape.setdefault(tuple(r["shape"].values()), {})[r["impl"]] = r
             if r["status"] != "ok":
                 notes[f"{path} {variant} {r['impl']}: {r['status']}: {r['reason']}"] = None
+            elif r.get("reason"):  # timed, with a caveat (a known mismatch of a peer)
+                caveats[f"{path} {variant} {r['impl']}: {r['reason']}"] = None
         for shape, by_impl in by_shape.items():
             ms = {i: by_impl[i].get("median_ms") if i in by_impl else None for i in impls}
             cells = [str(v) for v in shape] + [_us(ms[i]) for i in impls]
@@ -467,6 +603,8 @@ def markdown(rows: List[dict], env: dict, ceilings: dict, title: str = "fusedlor
         lines.append("")
     dispatch = sorted({d for r in rows for d in r.get("dispatch", [])})
     lines.append(f"fusedlora dispatch (op:backend:variant): {', '.join(dispatch) or 'none'}")
+    if caveats:
+        lines += ["", "Timed, but not equal to the reference:"] + [f"- {n}" for n in caveats]
     if notes:
         lines += ["", "Not timed:"] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"

@@ -144,6 +144,12 @@ def main(argv=None) -> int:
     env = harness.environment(device)
     ceilings = harness.measure_ceilings(device, opts.dtype, small=args.smoke)
     cases = [case for mod in mods for case in mod.cases(opts)]
+    # A row in another dtype (switch's float32 rows on the GPU) is held to that dtype's FLOP/s peak.
+    per_dtype = {opts.dtype: ceilings}
+    for dt in dict.fromkeys(c.dtype for c in cases):
+        if dt not in per_dtype:
+            per_dtype[dt] = harness.measure_ceilings(device, dt, small=args.smoke, bandwidth_of=ceilings)
+            ceilings.setdefault("other_dtypes", {})[str(dt).replace("torch.", "")] = per_dtype[dt]
     if args.first:
         cases.sort(key=lambda c: not any(re.search(rx, case_label(c)) for rx in args.first))  # stable
     progress, rows, left = Progress(len(cases), bar=args.report), [], []
@@ -155,7 +161,7 @@ def main(argv=None) -> int:
                 left = cases[n:]
                 break
             try:
-                new = harness.run_case(case, ceilings)
+                new = harness.run_case(case, per_dtype[case.dtype])
             except _Stopped:
                 left = cases[n:]
                 break

@@ -239,3 +239,35 @@ def test_decode_plan_sweep_refuses_without_a_gpu():
     run = subprocess.run([sys.executable, "bench/decode_plans.py"], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 2 and "needs a CUDA device" in run.stderr
+
+
+def test_implementations_are_checked_against_the_reference_before_timing():
+    """METHOD.md, "Correct first": an implementation that computes something else (or NaN) is
+    recorded as a mismatch with its error and not timed; the others are timed as usual."""
+    sys.path.insert(0, str(ROOT))
+    from bench import harness
+
+    def make_inputs():
+        return {"x": torch.randn(4, 8), "W": torch.randn(8, 8)}
+
+    def impl(scale=1.0, nan=False):
+        def setup(i):
+            def run():
+                y = (i["x"] @ i["W"].T) * scale
+                return y.fill_(float("nan")) if nan else y
+            return run
+        return setup
+
+    case = harness.Case(path="p", variant="v", shape={"M": 4}, dtype=torch.float32, device=torch.device("cpu"),
+                        make_inputs=make_inputs, work={"*": (1.0, 1.0)}, ref="good",
+                        impls={"good": impl(), "wrong": impl(1.01), "nan": impl(nan=True), "ref": impl(),
+                               "other": impl(2.0)},
+                        check=("ref", "good", "wrong", "nan"))
+    ceil = {"bytes_per_s": 1e9, "flops_per_s": 1e9, "matmul": {"dtype": "float32"}}
+    rows = {r["impl"]: r for r in harness.run_case(case, ceil)}
+    assert list(rows) == ["good", "wrong", "nan", "ref", "other"]          # the case's order
+    assert rows["ref"]["check"] == {"reference": True} and rows["ref"]["status"] == "ok"
+    assert rows["good"]["status"] == "ok" and rows["good"]["check"]["rel_err"] == 0.0
+    for bad in ("wrong", "nan"):
+        assert rows[bad]["status"] == "mismatch" and "median_ms" not in rows[bad], rows[bad]
+    assert rows["other"]["status"] == "ok" and "check" not in rows["other"]   # not in case.check
