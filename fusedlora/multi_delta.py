@@ -20,6 +20,7 @@ form); asking for gradients through it is an error.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -28,7 +29,32 @@ from torch import Tensor
 from .backend import interpreting, record, select_backend
 from .multi import (_check_table_values, _groups, _meta, _seg_dot_max, _shrink, _Slots, check_pools_and_tables,
                     route, sort_min_rows)
-from .ops import _check_same, _check_tensor, fused_op, pick, triton_dtype_ok
+from .ops import _check_same, _check_tensor, autocast_inputs, fused_op, pick, triton_dtype_ok
+
+# The kernels form (column index) * (column stride) in int32 (rows are offset in int64):
+# an operand whose last column lies 2**31 elements or more from its first, at a column
+# stride below 2**31 (Triton passes larger ones as int64), would be addressed out of bounds.
+_INT32_SPAN = 2**31
+
+
+def _int32_addressable(t: Tensor) -> bool:
+    n, stride = t.shape[1], t.stride(1)
+    return n <= 1 or stride >= _INT32_SPAN or n * stride < _INT32_SPAN
+
+
+def _overlaps_itself(t: Tensor) -> bool:
+    """Whether two elements of the 2-D t share memory: a stride 0 along a dimension of 2 or
+    more, or (i, j) != (i', j') with i sm + j sn = i' sm + j' sn, which holds exactly when
+    sn / g < m and sm / g < n for g = gcd(sm, sn) (traced by torch.compile: the stride-0 test only)."""
+    (m, n), (sm, sn) = t.shape, t.stride()
+    if m == 0 or n == 0:
+        return False
+    if (m > 1 and sm == 0) or (n > 1 and sn == 0):
+        return True
+    if m <= 1 or n <= 1 or torch.compiler.is_compiling():
+        return False
+    g = math.gcd(sm, sn)
+    return sn // g < m and sm // g < n
 
 
 def _expand_into(y: Tensor, x: Tensor, u: Tensor, pool_BT: Tensor, row_slot: Tensor, sl: _Slots,
@@ -63,22 +89,28 @@ def _expand_into(y: Tensor, x: Tensor, u: Tensor, pool_BT: Tensor, row_slot: Ten
 def _add_multi_lora(y: Tensor, x: Tensor, pool_A: Tensor, pool_BT: Tensor, row_slot: Tensor, slot_off: Tensor,
                     slot_rank: Tensor, slot_scale: Tensor, max_rank: int) -> None:
     """2-D y (M, N) += each row's adapter term for 2-D x (M, K), in place."""
-    if x.shape[0] == 0 or max_rank == 0 or pool_A.shape[0] == 0:
+    if x.shape[0] == 0 or x.shape[1] == 0 or y.shape[1] == 0 or max_rank == 0 or pool_A.shape[0] == 0:
         return
     sl = _Slots(slot_off, slot_rank, slot_scale, torch.zeros_like(slot_scale), False, 0)
     if select_backend(x.device, "multi.delta", x.shape[0]) == "torch":
         acc = torch.promote_types(x.dtype, torch.float32)
-        for rows, off, rank, scale, _ in _groups(row_slot, sl):
-            u = scale * (x.index_select(0, rows).to(acc) @ pool_A[off:off + rank].to(acc).t())
-            y.index_add_(0, rows, (u @ pool_BT[off:off + rank].to(acc)).to(y.dtype))
+        # every term before the first write: y may share memory with x
+        terms = [(rows, scale * (x.index_select(0, rows).to(acc) @ pool_A[off:off + rank].to(acc).t())
+                  @ pool_BT[off:off + rank].to(acc)) for rows, off, rank, scale, _ in _groups(row_slot, sl)]
+        for rows, term in terms:
+            y.index_add_(0, rows, term.to(y.dtype))
         record("multi.delta", "torch", "grouped")
         return
     # The extension and the eager compositions have no delta-only form: Triton serves
     # every other backend, and the dispatch table says so.
     triton_dtype_ok(x)
+    x, pool_A, pool_BT = (t if _int32_addressable(t) else t.contiguous() for t in (x, pool_A, pool_BT))
+    out = y if _int32_addressable(y) else y.contiguous()
     routing = route(row_slot, slot_rank.shape[0], bounds=False) if x.shape[0] > sort_min_rows() else None
     u = _shrink(x, pool_A, row_slot, sl, max_rank, routing, False, "multi.delta_shrink")
-    _expand_into(y, x, u, pool_BT, row_slot, sl, routing)
+    _expand_into(out, x, u, pool_BT, row_slot, sl, routing)
+    if out is not y:
+        y.copy_(out)
 
 
 @_add_multi_lora.register_fake
@@ -94,20 +126,29 @@ def add_multi_lora_(y: Tensor, x: Tensor, row_slot: Tensor, pool_A: Tensor, pool
     device; the pool and tables are those of ``multi_lora_linear`` (``routing.pack_loras``
     builds them). ``validate=False`` skips the checks of the tables' values (one host sync)
     for CUDA-graph capture: ``max_rank`` is then required and out-of-range slots are the
-    caller's to prevent. Inference only (no autograd)."""
+    caller's to prevent. Inference only (no autograd). Under ``torch.autocast``, when y is in
+    the autocast dtype (the output of an autocast ``F.linear``), x and the pools are cast to it
+    as that ``F.linear``'s operands were; a y in another dtype takes them as given."""
     _check_tensor("y", y)
     _check_tensor("x", x)
     if x.dim() < 1 or y.dim() != x.dim() or y.shape[:-1] != x.shape[:-1]:
         raise ValueError(f"y: expected the leading shape of x {tuple(x.shape[:-1])} and N columns, got "
                          f"y {tuple(y.shape)} for x {tuple(x.shape)}")
+    if torch.is_autocast_enabled(x.device.type) and y.dtype == torch.get_autocast_dtype(x.device.type):
+        # y from an F.linear under autocast: the adapters' operands as that F.linear saw its own
+        x, pool_A, pool_BT = autocast_inputs(x, pool_A, pool_BT)
     _check_same("y", y, x)
     K, N = x.shape[-1], y.shape[-1]
+    M = math.prod(x.shape[:-1])   # not view(-1, N): ambiguous when N or K is 0
     try:
-        y2 = y.view(-1, N)
+        y2 = y.view(M, N)
     except RuntimeError:
         raise ValueError(f"y: its rows must be addressable as one (rows, N) view to be added into in place; got "
                          f"strides {y.stride()} for shape {tuple(y.shape)}") from None
-    x2 = x.reshape(-1, K)
+    if _overlaps_itself(y2):
+        raise ValueError(f"y: elements of y share memory (strides {y.stride()} for shape {tuple(y.shape)}); "
+                         "clone() it before adding into it in place")
+    x2 = x.reshape(M, K)
     check_pools_and_tables(x2, N, row_slot, pool_A, pool_BT, slot_off, slot_rank, slot_scale)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (y, x, pool_A, pool_BT)):
         raise ValueError("add_multi_lora_ is inference only: y, x, pool_A and pool_BT must not require grad "
@@ -118,5 +159,13 @@ def add_multi_lora_(y: Tensor, x: Tensor, row_slot: Tensor, pool_A: Tensor, pool
     elif max_rank is None or isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 0:
         raise ValueError(f"max_rank: validate=False needs the largest slot rank as an int >= 0, got {max_rank!r}")
     op = pick(_add_multi_lora, y2, x2, pool_A, pool_BT)
+    if op is _add_multi_lora.direct and y.is_inference() and not torch.is_inference_mode_enabled():
+        # (the custom op's dispatch refuses this itself; the direct call must say it too)
+        raise RuntimeError("y: an inference tensor cannot be updated in place outside torch.inference_mode(), "
+                           "as no in-place op can")
     op(y2, x2, pool_A, pool_BT, row_slot, slot_off, slot_rank, slot_scale, int(max_rank))
+    if op is _add_multi_lora.direct:
+        # the kernels wrote y through its pointer: tell autograd, as the custom op's dispatch does
+        # (a graph that saved y must refuse to run backward on the changed values)
+        torch.autograd.graph.increment_version(y)
     return y

@@ -135,6 +135,10 @@ def _bad_cases():
          "row_slot: expected slots in -1 .. 3"),
         (dict(x=x.clone().requires_grad_()), ValueError, "inference only"),
         (dict(y=[0.0]), TypeError, "y: expected a torch.Tensor"),
+        # one memory location for several elements: the kernel's tiles would race on it
+        (dict(y=torch.zeros(1, N, device=DEVICE).expand(4, N)), ValueError, "y: elements of y share memory"),
+        (dict(y=torch.zeros(N + 3, device=DEVICE).as_strided((4, N), (1, 1))), ValueError,
+         "y: elements of y share memory"),
     ]
 
 
@@ -169,3 +173,125 @@ def test_torch_compile_fullgraph_sees_the_mutation(torch_backend):
     result = torch.library.opcheck(fusedlora.multi_delta._add_multi_lora,
                                    (torch.zeros(5, N, device=DEVICE), x, pool[0], pool[1], slots, *pool[2:5], pool[5]))
     assert set(result.values()) == {"SUCCESS"}, result
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_no_output_or_input_features_is_a_no_op(monkeypatch, backend):
+    """N = 0 (an empty shard) or K = 0: nothing to add, no error (view(-1, 0) is ambiguous)."""
+    monkeypatch.setenv("FUSEDLORA_BACKEND", backend)
+    for k, n in ((K, 0), (0, N)):
+        pool = pack_loras([torch.randn(2, k, device=DEVICE), torch.randn(3, k, device=DEVICE)],
+                          [torch.randn(n, 2, device=DEVICE), torch.randn(n, 3, device=DEVICE)], [1.0, 2.0])
+        y = torch.randn(3, n, device=DEVICE)
+        y0 = y.clone()
+        slots = torch.tensor([0, -1, 1], dtype=torch.int32, device=DEVICE)
+        assert fusedlora.add_multi_lora_(y, torch.randn(3, k, device=DEVICE), slots, *pool) is y
+        assert torch.equal(y, y0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_y_overlapping_x_adds_the_terms_of_x_as_given(monkeypatch, backend):
+    """y and x views of one buffer, rows shifted: every row's term is of x before any write
+    (the torch path wrote a group's rows of y, then read them as x for the next group)."""
+    monkeypatch.setenv("FUSEDLORA_BACKEND", backend)
+    torch.manual_seed(4)
+    As = [torch.randn(r, N, device=DEVICE) / N ** 0.5 for r in (3, 5)]
+    Bs = [torch.randn(N, r, device=DEVICE) * 0.5 for r in (3, 5)]
+    pool = pack_loras(As, Bs, [0.5, 2.0])
+    buf = torch.randn(6, N, device=DEVICE)
+    x, y = buf[:-1], buf[1:]
+    x0, y0 = x.clone(), y.clone()
+    slots = torch.tensor([1, 0, 1, 0, 1], dtype=torch.int32, device=DEVICE)
+    fusedlora.add_multi_lora_(y, x, slots, *pool)
+    expected = y0.double() + torch.stack([[0.5, 2.0][s] * (x0[m].double() @ As[s].double().t()) @ Bs[s].double().t()
+                                          for m, s in enumerate(slots.tolist())])
+    assert rel_err(y, expected) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_in_place_write_is_seen_by_autograd(monkeypatch, backend):
+    """The Triton kernels write y through its pointer: y's version must move as an in-place
+    op's does, so a graph that saved y refuses its backward (it computed silently wrong
+    gradients with the new values) and caches keyed on the version see the change."""
+    monkeypatch.setenv("FUSEDLORA_BACKEND", backend)
+    As, Bs, scales = _adapters(torch.float32)
+    pool = pack_loras(As, Bs, scales)
+    x = torch.randn(4, K, device=DEVICE)
+    slots = torch.tensor([0, 2, 3, -1], dtype=torch.int32, device=DEVICE)
+    w = torch.ones(N, device=DEVICE, requires_grad=True)
+    y = torch.randn(4, N, device=DEVICE)
+    loss = (w * y).sum()             # saves y for the gradient of w
+    version = y._version
+    fusedlora.add_multi_lora_(y, x, slots, *pool)
+    assert y._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_inference_tensor_outside_inference_mode_is_refused(monkeypatch, backend):
+    """As every in-place op: an inference tensor is updated in inference mode only."""
+    monkeypatch.setenv("FUSEDLORA_BACKEND", backend)
+    As, Bs, scales = _adapters(torch.float32)
+    pool = pack_loras(As, Bs, scales)
+    x = torch.randn(4, K, device=DEVICE)
+    slots = torch.tensor([0, 2, 3, -1], dtype=torch.int32, device=DEVICE)
+    with torch.inference_mode():
+        y = torch.randn(4, N, device=DEVICE)
+        y0 = y.clone()
+        fusedlora.add_multi_lora_(y, x, slots, *pool)   # inside: fine
+    assert rel_err(y, _expected(y0, x, slots, As, Bs, scales)) < TOL[torch.float32]
+    before = y.clone()
+    with pytest.raises(RuntimeError, match="inference tensor"):
+        fusedlora.add_multi_lora_(y, x, slots, *pool)
+    assert torch.equal(y, before)
+
+
+_WIDE_STRIDES = r"""
+import sys, torch, fusedlora
+from fusedlora.routing import pack_loras
+dev, which = sys.argv[1], sys.argv[2]
+S, M, K, N = 2**30, 4, 3, 3          # column j at j * S: the last column at 2**31 elements
+torch.manual_seed(0)
+As = [torch.randn(2, K, device=dev, dtype=torch.float16), torch.randn(3, K, device=dev, dtype=torch.float16)]
+Bs = [torch.randn(N, 2, device=dev, dtype=torch.float16), torch.randn(N, 3, device=dev, dtype=torch.float16)]
+pool_A, pool_BT, off, rank, scale, r_max = pack_loras(As, Bs, [0.5, 2.0])
+def wide(t):  # t's values in a tensor of the same shape whose columns are S elements apart (lazily allocated)
+    w = torch.empty(S * (t.shape[1] - 1) + t.shape[0] + 64, device=dev, dtype=t.dtype)[64:]
+    w = w.as_strided(t.shape, (1, S))
+    w.copy_(t)
+    return w
+x = torch.randn(M, K, device=dev, dtype=torch.float16)
+y = torch.randn(M, N, device=dev, dtype=torch.float16)
+slots = torch.tensor([0, 1, -1, 1], dtype=torch.int32, device=dev)
+expected = y.double().clone()
+for m, s in enumerate(slots.tolist()):
+    if s >= 0:
+        expected[m] += [0.5, 2.0][s] * (x[m].double() @ As[s].double().t()) @ Bs[s].double().t()
+args = dict(y=y, x=x, pool_A=pool_A, pool_BT=pool_BT)
+args[which] = wide(args[which])
+out = fusedlora.add_multi_lora_(args["y"], args["x"], slots, args["pool_A"], args["pool_BT"], off, rank, scale, r_max)
+err = ((out.double() - expected).norm() / expected.norm()).item()
+assert err < 1e-2, err
+print("ok", err)
+"""
+
+
+@pytest.mark.parametrize("which", ["y", "x", "pool_A", "pool_BT"])
+def test_columns_2_31_elements_apart_are_addressed_in_int64(triton_backend, which, tmp_path):
+    """The kernels form column * column stride in int32: an operand whose columns span 2**31
+    elements (a transposed output, M * N >= 2**31) was written or read out of bounds (a
+    segfault on y). 4 GiB of address space, a few pages touched; in a subprocess, as a
+    failure here is a crash."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "wide.py"
+    script.write_text(_WIDE_STRIDES)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, FUSEDLORA_BACKEND="triton",
+               PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    run = subprocess.run([sys.executable, str(script), DEVICE, which], env=env, capture_output=True, text=True,
+                         timeout=300, cwd=root)
+    assert run.returncode == 0 and "ok" in run.stdout, (run.returncode, run.stdout[-500:], run.stderr[-2000:])
