@@ -158,6 +158,8 @@ def add_multi_lora_(y: Tensor, x: Tensor, row_slot: Tensor, pool_A: Tensor, pool
         max_rank = _check_table_values(row_slot, slot_off, slot_rank, None, pool_A.shape[0], max_rank)
     elif max_rank is None or isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 0:
         raise ValueError(f"max_rank: validate=False needs the largest slot rank as an int >= 0, got {max_rank!r}")
+    else:  # u is max_rank wide: a larger slot rank would write past it (one tiny launch, no sync)
+        slot_rank = slot_rank.clamp(max=max_rank)
     op = pick(_add_multi_lora, y2, x2, pool_A, pool_BT)
     if op is _add_multi_lora.direct and y.is_inference() and not torch.is_inference_mode_enabled():
         # (the custom op's dispatch refuses this itself; the direct call must say it too)

@@ -375,7 +375,10 @@ def layer_forward(layer, x: Tensor, ids: Tensor, validate: bool = True, strict: 
     if layer.merged:
         raise ValueError(f"adapter_ids: adapters {layer.merged_adapters} are merged into the weight; unmerge() "
                          "before routing rows to adapters")
-    check_linear_args(x, layer.weight, layer.bias)
+    # under torch.autocast: x, W and b as F.linear would see them (the pools follow below);
+    # checked after the casts, as a 16-bit x from the layer before meets float32 W here
+    x, W, b = autocast_inputs(x, layer.weight, layer.bias)
+    check_linear_args(x, W, b)
     row_ids = expand_ids(ids, x)
     kinds = layer._kind
     compiling = _compiling()
@@ -403,8 +406,7 @@ def layer_forward(layer, x: Tensor, ids: Tensor, validate: bool = True, strict: 
                 raise _bad_ids_error(layer, row_ids, row_slot, tables)
 
     lead = x.shape[:-1]
-    # under torch.autocast: x, W and b as F.linear would see them (the pools follow below)
-    x2, W, b = autocast_inputs(x.reshape(-1, x.shape[-1]), layer.weight, layer.bias)
+    x2 = x.reshape(-1, x.shape[-1])
     if loras:
         if differentiable:
             for n in loras:

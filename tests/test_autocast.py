@@ -239,8 +239,6 @@ def test_add_multi_lora_into_an_autocast_base_output(monkeypatch, backend):
     assert rel_err(y32, expected(y32_0, False)) < TOL[torch.float32]
 
 
-@pytest.mark.xfail(strict=True, reason="routing.layer_forward checks x against W before autocast casts "
-                   "them: the second routed layer of an AMP model gets a 16-bit x and a float32 W (lead's file)")
 def test_routed_rows_of_a_second_layer_under_autocast(torch_backend):
     """Two FusedLinear layers of a float32 model, routed (adapter_ids / use_adapters), under
     AMP: the first layer's output is 16-bit, as nn.Linear's is, and the second layer must

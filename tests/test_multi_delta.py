@@ -295,3 +295,16 @@ def test_columns_2_31_elements_apart_are_addressed_in_int64(triton_backend, whic
     run = subprocess.run([sys.executable, str(script), DEVICE, which], env=env, capture_output=True, text=True,
                          timeout=300, cwd=root)
     assert run.returncode == 0 and "ok" in run.stdout, (run.returncode, run.stdout[-500:], run.stderr[-2000:])
+
+
+def test_validate_false_with_too_small_max_rank_stays_inside_u(triton_backend):
+    """validate=False trusts the caller's max_rank; one below a slot's rank must not write past
+    u (max_rank wide): the ranks are clamped to it, so that slot's term is cut, never memory."""
+    torch.manual_seed(4)
+    As, Bs, scales = _adapters(torch.float32)
+    pool_A, pool_BT, off, rank, scale, r_max = pack_loras(As, Bs, scales)
+    x, y = torch.randn(6, K, device=DEVICE), torch.zeros(6, N, device=DEVICE)
+    slots = torch.tensor([2, 2, 0, 3, -1, 2], dtype=torch.int32, device=DEVICE)   # slot 2: rank 17
+    fusedlora.add_multi_lora_(y, x, slots, pool_A, pool_BT, off, rank, scale, 2, validate=False)
+    cut = [A[:2] if A is not None else None for A in As], [B[:, :2] if B is not None else None for B in Bs]
+    assert rel_err(y, _expected(torch.zeros_like(y), x, slots, *cut, scales)) < 1e-5
