@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Iterable, List, Optional, Union
 
 import torch
@@ -30,6 +31,12 @@ class _BufferDict(nn.Module):
 
     def __contains__(self, name: str) -> bool:
         return name in self._buffers
+
+
+# Names that the adapter containers (nn.ParameterDict, _BufferDict) already use as
+# attributes: an adapter of such a name would be refused by them half-way through an
+# add ("to", "update"), or would silently replace one ("training": then .eval() fails).
+_RESERVED_NAMES = frozenset(dir(nn.ParameterDict())) | frozenset(dir(_BufferDict()))
 
 
 class FusedLinear(nn.Linear):
@@ -98,6 +105,9 @@ class FusedLinear(nn.Linear):
             raise ValueError(f"adapter name: unknown adapter {name!r}; this layer has {self.adapter_names}")
         if not must_exist and name in self._kind:
             raise ValueError(f"adapter name: {name!r} already exists; delete_adapter it first")
+        if not must_exist and name in _RESERVED_NAMES:
+            raise ValueError(f"adapter name: {name!r} is an attribute of the adapter containers "
+                             "(nn.ParameterDict); choose another name")
         return name
 
     def add_lora(self, name: str, r: int, lora_alpha: Optional[float] = None, lora_dropout: float = 0.0,
@@ -158,16 +168,18 @@ class FusedLinear(nn.Linear):
             raise ValueError(f"values: expected a floating tensor of shape ({nnz},), got "
                              f"{getattr(values, 'dtype', type(values).__name__)} {tuple(getattr(values, 'shape', ()))}")
         indices = torch.stack([rows, cols]).to(self.weight.device)
-        self.sparse_scaling[name] = ops.check_scalar("scaling", scaling)
+        scaling = ops.check_scalar("scaling", scaling)
+        values = nn.Parameter(values.detach().clone().to(self.weight.device))
+        self.sparse_values[name] = values
         self.sparse_indices[name] = indices
-        self.sparse_values[name] = nn.Parameter(values.detach().clone().to(self.weight.device))
+        self.sparse_scaling[name] = scaling
         self._added(name, "sparse")
 
     def _added(self, name: str, kind: str) -> None:
         self._kind[name] = kind
         self._multi_struct += 1
         routing.REGISTRY.id_for(name)  # ids in order of first addition, process-wide
-        if not self._active:
+        if len(self._kind) == 1:  # the layer's first adapter; later ones wait for set_adapter
             self._active = [name]
 
     def _layout(self, name: str):
@@ -209,6 +221,8 @@ class FusedLinear(nn.Linear):
         self._active = names
 
     def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` (not while merged). If it was active, the other active ones
+        stay; if none is left, the first remaining name in sorted order becomes active (PEFT)."""
         self._check_name(name, must_exist=True)
         if name in self.merged_adapters:
             raise ValueError(f"adapter name: {name!r} is merged into the weight; unmerge() first")
@@ -219,7 +233,16 @@ class FusedLinear(nn.Linear):
                 del table[name]
         del self._kind[name]
         self._multi_struct += 1
-        self._active = [n for n in self._active if n != name]
+        if name in self._active:
+            # PEFT's rule (BaseTunerLayer.delete_adapter): the other active adapters stay
+            # active; if none is left, the first remaining adapter in sorted order (the same
+            # on every layer) becomes active, with a warning.
+            self._active = [n for n in self._active if n != name]
+            if not self._active and self._kind:
+                new = sorted(self._kind)[0]
+                warnings.warn(f"Adapter {name} was active which is now deleted. Setting active adapter to {new}.",
+                              stacklevel=2)
+                self._active = [new]
 
     # ---------------------------------------------------------------- merge
     def _delta_weight(self, name: str) -> torch.Tensor:
@@ -242,6 +265,8 @@ class FusedLinear(nn.Linear):
                 self._sparse_saved[name] = sparse_ops.merge_saving_(self.weight, self._flat_index(name), values,
                                                                     scaling)
             else:
+                if sign > 0:
+                    self._flat_index(name)  # checks the indices (cached): the scatter below does not
                 sparse_ops.scatter_merge_(self.weight, self.sparse_indices[name], values, scaling,
                                           sign=int(sign), validate=False)
             return
@@ -258,12 +283,24 @@ class FusedLinear(nn.Linear):
         its indices are unchanged: a switch then launches no index arithmetic."""
         idx = self.sparse_indices[name]
         device = self.weight.device
-        return self._sparse_flat.get_or_build(
-            name, (idx,), lambda: idx[0].long().to(device) * self.in_features + idx[1].long().to(device), extra=device)
 
-    def merge(self, adapter_names: Optional[Iterable[str]] = None) -> None:
-        """Add s * B A of each adapter (default: the active ones; a name or a list of names)
-        into the weight."""
+        def build():
+            # checked again (range, duplicates) whenever the indices change, as the layout
+            # is: load_state_dict copies unchecked ones in place, and a scatter with an
+            # out-of-range column would write into the next row, a duplicate drop a value
+            rows, cols = sparse_ops.check_indices(idx, tuple(self.weight.shape))
+            return rows.long().to(device) * self.in_features + cols.long().to(device)
+
+        return self._sparse_flat.get_or_build(name, (idx,), build, extra=device)
+
+    def merge(self, adapter_names: Optional[Iterable[str]] = None, *, safe_merge: bool = False) -> None:
+        """Add s * B A of each adapter (default: the active ones; a name or a list of names,
+        active or not, as PEFT) into the weight. Every name is checked before anything is
+        merged. ``safe_merge=True`` (PEFT's) first checks that the merged weight would be
+        finite and raises, leaving the weight as it is, for an adapter that would make it not."""
+        if isinstance(adapter_names, bool):
+            raise TypeError("adapter_names: expected a name, a list of names or None, got a bool; PEFT's first "
+                            "positional argument is safe_merge: pass it by keyword (merge(safe_merge=True))")
         if adapter_names is None:
             names = self.active_adapters
         elif isinstance(adapter_names, str):
@@ -272,9 +309,30 @@ class FusedLinear(nn.Linear):
             names = list(adapter_names)
         for n in names:
             self._check_name(n, must_exist=True)
+        for n in names:
             if n not in self.merged_adapters:
+                if safe_merge:
+                    self._check_merge_finite(n)
                 self._add_delta(n, 1.0)
                 self.merged_adapters.append(n)
+
+    @torch.no_grad()
+    def _check_merge_finite(self, name: str) -> None:
+        """PEFT's safe_merge check: W merged with adapter ``name`` (computed aside, rounded
+        to W's dtype as merging rounds it) is finite everywhere."""
+        W = self.weight
+        if self._kind[name] == "sparse":
+            values, scaling = self.sparse_values[name], self.sparse_scaling[name]
+            dt = torch.promote_types(values.dtype, torch.float32)
+            merged = (W.reshape(-1)[self._flat_index(name)].to(dt)
+                      + values.to(device=W.device, dtype=dt) * scaling).to(W.dtype)
+            finite = bool(torch.isfinite(merged).all()) and bool(torch.isfinite(W).all())
+        else:
+            delta = self._delta_weight(name).to(W.device)
+            finite = bool(torch.isfinite((W.to(delta.dtype) + delta).to(W.dtype)).all())
+        if not finite:
+            raise ValueError(f"merge: NaNs detected in the merged weights. The adapter {name!r} seems to be broken "
+                             "(safe_merge: it was not merged; adapters merged before it stay merged, as in PEFT)")
 
     def unmerge(self) -> None:
         """Subtract every merged adapter again, last merged first."""

@@ -105,8 +105,9 @@ def test_several_active_adapters_sum(triton_backend):
     layer.set_adapter(None)
     assert torch.equal(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
     layer.set_adapter("b")
-    layer.delete_adapter("b")
-    assert layer.active_adapters == [] and layer.adapter_names == ["a"]
+    with pytest.warns(UserWarning, match="Setting active adapter to a"):
+        layer.delete_adapter("b")  # PEFT's rule: the first remaining adapter becomes active
+    assert layer.active_adapters == ["a"] and layer.adapter_names == ["a"]
 
 
 def test_several_adapters_with_dropout_in_training():
@@ -218,6 +219,103 @@ def test_matches_peft_lora_layer_forward_and_grads():
     y.sum().backward()
     assert rel_err(layer.lora_A["task"].grad, pl.lora_A["default"].weight.grad) < 1e-6
     assert rel_err(layer.lora_B["task"].grad, pl.lora_B["default"].weight.grad) < 1e-6
+
+
+def test_delete_active_adapter_activates_as_peft():
+    """Deleting an active adapter keeps the other active ones; with none left, PEFT's layer
+    activates the first remaining adapter in sorted order (the same on every layer)."""
+    peft = pytest.importorskip("peft")
+    import warnings
+
+    torch.manual_seed(0)
+    names = ["zeta", "beta", "alpha", "gamma"]
+    cfg = peft.LoraConfig(r=2, lora_alpha=2)
+    pl = peft.tuners.lora.Linear(nn.Linear(8, 6), names[0], cfg, r=2, lora_alpha=2)
+    layer = FusedLinear(8, 6)
+    for n in names:
+        if n != names[0]:
+            pl.update_layer(n, r=2, lora_alpha=2, config=cfg)
+        layer.add_lora(n, r=2)
+    for active, deleted in ([["zeta"], "zeta"], [["beta", "gamma"], "gamma"], [["beta"], "beta"]):
+        pl.set_adapter(active)
+        layer.set_adapter(active)
+        with warnings.catch_warnings(record=True) as peft_warned:
+            warnings.simplefilter("always")
+            pl.delete_adapter(deleted)
+        with warnings.catch_warnings(record=True) as ours_warned:
+            warnings.simplefilter("always")
+            layer.delete_adapter(deleted)
+        assert layer.active_adapters == list(pl.active_adapters), (active, deleted)
+        assert len(ours_warned) == len(peft_warned)
+    assert layer.active_adapters == ["alpha"] and layer.adapter_names == ["alpha"]
+    layer.delete_adapter("alpha")  # the last one: nothing left to activate
+    assert layer.active_adapters == [] and layer.adapter_names == []
+
+
+def test_only_the_first_adapter_is_activated_by_adding():
+    """README: the first adapter added becomes active, later ones wait for set_adapter, also
+    after set_adapter(None) chose the base layer."""
+    layer = FusedLinear(8, 6)
+    layer.add_lora("a", r=2)
+    assert layer.active_adapters == ["a"]
+    layer.set_adapter(None)
+    layer.add_lora("b", r=2)
+    layer.add_c3a("c", block_size=2)
+    assert layer.active_adapters == []
+    x = torch.randn(3, 8)
+    assert torch.equal(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+    for n in ("a", "b", "c"):
+        layer.delete_adapter(n)
+    layer.add_lora("d", r=2)  # the first adapter of an empty layer again
+    assert layer.active_adapters == ["d"]
+
+
+@pytest.mark.parametrize("name", ["to", "update", "training", "forward", "_parameters", "keys", "__class__"])
+def test_adapter_names_that_are_container_attributes_are_refused(name):
+    """nn.ParameterDict keys become attributes: 'to' or 'update' used to fail half-way through
+    add_sparse (leaving its indices in the state_dict), 'training' replaced the dict's flag
+    (then layer.eval() raised), '_parameters' broke state_dict(). Refused up front, as '.'."""
+    from fusedlora.sparse import random_indices
+
+    layer = FusedLinear(8, 6)
+    idx = random_indices((6, 8), density=0.25, seed=0)
+    for add in (lambda: layer.add_lora(name, r=2), lambda: layer.add_c3a(name, block_size=2),
+                lambda: layer.add_sparse(name, idx)):
+        with pytest.raises(ValueError, match="adapter name"):
+            add()
+    assert layer.adapter_names == [] and list(layer.state_dict()) == ["weight", "bias"]
+    layer.eval()
+    layer.add_lora("weight", r=2)  # not an attribute of the containers: fine, as in PEFT
+    layer.train()
+    assert "lora_A.weight" in layer.state_dict()
+
+
+def test_merge_checks_every_name_first_and_safe_merge():
+    """merge(adapter_names) merges nothing if one name is unknown; safe_merge=True (PEFT's
+    keyword) refuses an adapter that would make the weight non-finite and leaves W as it was;
+    merge(True), PEFT's positional safe_merge, is refused, not taken as a list."""
+    layer = randomize_(FusedLinear(8, 6))
+    layer.add_lora("a", r=2, init_lora_weights=False)
+    layer.add_lora("b", r=2, init_lora_weights=False)
+    w0 = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="unknown adapter 'zz'"):
+        layer.merge(["a", "zz"])
+    assert layer.merged_adapters == [] and torch.equal(layer.weight, w0)
+    with pytest.raises(TypeError, match="safe_merge"):
+        layer.merge(True)
+    with torch.no_grad():
+        layer.lora_B["b"][1, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaNs detected in the merged weights. The adapter 'b'"):
+        layer.merge(["b"], safe_merge=True)
+    assert layer.merged_adapters == [] and torch.equal(layer.weight, w0)
+    layer.merge(["a"], safe_merge=True)  # inactive adapters too, as PEFT's adapter_names
+    assert layer.merged_adapters == ["a"] and layer.active_adapters == ["a"]
+    layer.unmerge()
+    half = FusedLinear(8, 6, dtype=torch.float16)
+    half.add_lora("big", r=2, lora_alpha=1e7, init_lora_weights=False)  # finite in float32, inf in float16
+    with pytest.raises(ValueError, match="NaNs detected"):
+        half.merge(safe_merge=True)
+    assert not half.merged and torch.isfinite(half.weight).all()
 
 
 def _tiny_model():

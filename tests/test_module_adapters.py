@@ -77,8 +77,10 @@ def test_sparse_adapter_forward_grads_switch_state_dict(triton_backend):
     assert torch.equal(other.sparse_values["s1"], layer.sparse_values["s1"])
     other.sparse_scaling["s1"] = 0.5
     assert rel_err(other(x), layer(x)) < 1e-6
-    layer.delete_adapter("s1")
+    with pytest.warns(UserWarning, match="Setting active adapter to s2"):  # PEFT's rule
+        layer.delete_adapter("s1")
     assert "sparse_indices.s1" not in layer.state_dict() and layer.adapter_names == ["s2"]
+    assert layer.active_adapters == ["s2"]
 
 
 def test_mixed_lora_c3a_sparse_adapters_sum(triton_backend):
@@ -339,3 +341,53 @@ def test_layer_built_under_inference_mode_routes_and_switches():
         layer.switch_merged("l")
         layer.unmerge()
         assert (layer.weight - w0).abs().max() <= 1e-6
+
+
+def test_merge_checks_sparse_indices_loaded_in_place():
+    """load_state_dict copies unchecked indices into the buffer; the forward checks them when it
+    rebuilds the layout, and merging must too: an out-of-range column used to land in the next
+    row of W, a duplicate pair to drop one of its values, both silently."""
+    layer = make_layer(16, 8)
+    layer.add_sparse("s", torch.tensor([[0, 1], [0, 1]]), torch.tensor([1.0, 2.0]))
+    w0 = layer.weight.detach().clone()
+    for bad, msg in (([[0, 0], [16, 17]], "out of range"), ([[3, 3], [4, 4]], "duplicate")):
+        sd = layer.state_dict()
+        sd["sparse_indices.s"] = torch.tensor(bad)
+        layer.load_state_dict(sd)
+        for merge in (layer.merge, lambda: layer.switch_merged("s"), lambda: layer.merge(safe_merge=True)):
+            with pytest.raises(ValueError, match=msg):
+                merge()
+            assert torch.equal(layer.weight, w0) and not layer.merged
+    sd["sparse_indices.s"] = torch.tensor([[2, 5], [3, 7]])
+    layer.load_state_dict(sd)
+    layer.merge()
+    assert rel_err(layer.weight, w0 + reference.sparse_delta_weight(sd["sparse_indices.s"], sd["sparse_values.s"],
+                                                                     1.0, (8, 16))) < 1e-7
+    layer.unmerge()
+    assert torch.equal(layer.weight, w0)
+
+
+def test_safe_merge_of_every_adapter_kind():
+    """safe_merge=True as PEFT's C3A and SHiRA layers: a NaN in the kernel or in a value is
+    refused before the weight changes; a finite adapter merges as without it."""
+    layer, idx = _mixed_layer(torch.float32)
+    w0 = layer.weight.detach().clone()
+    layer.merge(["l", "c", "s"], safe_merge=True)
+    merged = layer.weight.detach().clone()
+    layer.unmerge()
+    with torch.no_grad():
+        layer.weight.copy_(w0)
+    layer.merge(["l", "c", "s"])
+    assert torch.equal(layer.weight, merged)
+    layer.unmerge()
+    with torch.no_grad():
+        layer.weight.copy_(w0)
+    for name, param in (("c", layer.c3a_kernel["c"]), ("s", layer.sparse_values["s"])):
+        with torch.no_grad():
+            saved = param.detach().clone()
+            param.view(-1)[0] = float("nan")
+        with pytest.raises(ValueError, match=f"The adapter '{name}' seems to be broken"):
+            layer.merge([name], safe_merge=True)
+        assert not layer.merged and torch.equal(layer.weight, w0)
+        with torch.no_grad():
+            param.copy_(saved)
