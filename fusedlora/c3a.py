@@ -28,8 +28,8 @@ from torch import Tensor
 from . import reference
 from .backend import dispatch, interpreting, record, select_backend
 from .c3a_spectral import _spectral_delta_, _spectral_grads
-from .ops import (autocast_inputs, bias_grad, check_linear_args, fused_op, pick, register_autograd, triton_dtype_ok,
-                   triton_serves)
+from .ops import (autocast_inputs, bias_grad, check_linear_args, fused_op, pick, register_autograd, rows_of,
+                  triton_dtype_ok, triton_serves)
 
 _INIT_CHOICES = (True, False, "gaussian", "xavier_uniform", "kaiming_uniform")
 # Reduction length rows * b of the kernel-gradient GEMM stays in int32.
@@ -434,7 +434,7 @@ def c3a_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], c3a_kernel: Te
     check_c3a_args(x, weight, bias, c3a_kernel)
     lead = x.shape[:-1]
     op = pick(_c3a_forward, x, weight, bias, c3a_kernel)
-    y = op(x.reshape(-1, x.shape[-1]), weight, bias, c3a_kernel)
+    y = op(rows_of(x), weight, bias, c3a_kernel)
     return y.reshape(*lead, weight.shape[0])
 
 

@@ -117,7 +117,7 @@ def _input_precision(dot_dtype: torch.dtype) -> str:
 def split_k(tiles: int, k_tiles: int, device: torch.device) -> int:
     """How many programs share the reduction so that ``tiles`` output tiles fill the GPU."""
     target = _target_programs(device)
-    if tiles >= target:
+    if tiles >= target or k_tiles < 1:  # K = 0: nothing to split
         return 1
     split = min(k_tiles, triton.cdiv(target, tiles))
     return triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))  # no split without a K tile

@@ -45,8 +45,9 @@ def bias_grad(grad_y: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def no_autocast(device_type: str):
-    """A scope without autocast; entering a disabled autocast costs ~3 us, so only when it is on."""
-    if torch.is_autocast_enabled(device_type):
+    """A scope without autocast; entering a disabled autocast costs ~3 us, so only when it is on.
+    (The meta device has no autocast state: nothing to turn off.)"""
+    if device_type != "meta" and torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 
@@ -59,7 +60,8 @@ def autocast_inputs(x, *tensors):
     The public ops pass only what F.linear's autocast would cast (activations, W, b, LoRA
     factors, pools); C3A's kernel and sparse values keep their own dtype (PEFT computes
     both deltas at their parameters' precision). Outside autocast: returned as given."""
-    if not isinstance(x, Tensor) or not torch.is_autocast_enabled(x.device.type):
+    # (the meta device has no autocast state to ask: shape-only tracing, nothing is cast)
+    if not isinstance(x, Tensor) or x.device.type == "meta" or not torch.is_autocast_enabled(x.device.type):
         return (x, *tensors)
     dtype = torch.get_autocast_dtype(x.device.type)
     return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
@@ -150,6 +152,11 @@ def check_linear_args(x, weight, bias) -> None:
         _check_same("bias", bias, x)
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+
+
+def rows_of(x: Tensor) -> Tensor:
+    """x (..., K) as 2-D rows; reshape(-1, K) cannot infer the row count when K = 0."""
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
 def check_scalar(name: str, value, low: float = -math.inf, high: float = math.inf, high_open=False) -> float:
@@ -322,7 +329,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
     scaling, dropout_p = check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     lead = x.shape[:-1]
     op = pick(_lora_forward, x, weight, bias, lora_A, lora_B)
-    y, _ = op(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scaling, dropout_p, draw_seed(dropout_p))
+    y, _ = op(rows_of(x), weight, bias, lora_A, lora_B, scaling, dropout_p, draw_seed(dropout_p))
     return y.reshape(*lead, weight.shape[0])
 
 

@@ -370,7 +370,7 @@ def layer_forward(layer, x: Tensor, ids: Tensor, validate: bool = True, strict: 
     ``present`` (global ids of the batch, known to use_adapters) narrows the
     C3A / sparse deltas to the adapters in the batch.
     """
-    from .ops import autocast_inputs, check_linear_args
+    from .ops import autocast_inputs, check_linear_args, rows_of
 
     if layer.merged:
         raise ValueError(f"adapter_ids: adapters {layer.merged_adapters} are merged into the weight; unmerge() "
@@ -406,7 +406,7 @@ def layer_forward(layer, x: Tensor, ids: Tensor, validate: bool = True, strict: 
                 raise _bad_ids_error(layer, row_ids, row_slot, tables)
 
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = rows_of(x)
     if loras:
         if differentiable:
             for n in loras:

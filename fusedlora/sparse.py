@@ -20,7 +20,7 @@ from torch import Tensor
 from . import reference
 from .backend import interpreting, record, requested_backend, select_backend
 from .ops import (autocast_inputs, bias_grad, check_linear_args, check_scalar, fused_op, pick, register_autograd,
-                   triton_dtype_ok, triton_serves)
+                  rows_of, triton_dtype_ok, triton_serves)
 from .derived import DerivedCache, version
 from .sparse_layout import SparseLayout, _user_indices, build_layout, check_indices
 # the public mask builders, where users of fusedlora.sparse look for them
@@ -396,7 +396,7 @@ def sparse_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], indices: Op
         layout = build_layout(indices, tuple(weight.shape), device=x.device)
     lead = x.shape[:-1]
     op = pick(_sparse_forward, x, weight, bias, values)
-    y = op(x.reshape(-1, x.shape[-1]), weight, bias, values, *layout.tensors(), scaling, layout.tile)
+    y = op(rows_of(x), weight, bias, values, *layout.tensors(), scaling, layout.tile)
     return y.reshape(*lead, weight.shape[0])
 
 

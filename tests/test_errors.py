@@ -96,3 +96,32 @@ def test_module_rejects_bad_adapters():
         layer(torch.randn(3, 5))
     with pytest.raises(TypeError, match="nn.Linear"):
         fusedlora.FusedLinear.from_linear(torch.nn.Conv1d(2, 2, 1))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("rows", [3, 0])
+def test_layers_with_no_input_features_are_their_bias(monkeypatch, backend, rows):
+    """K = 0: F.linear gives the bias; so must every path (x.reshape(-1, 0) cannot infer the
+    row count, and a K split of no K tiles divided by zero)."""
+    from fusedlora.sparse import sparse_linear
+
+    monkeypatch.setenv("FUSEDLORA_BACKEND", backend)
+    x, W, b = torch.randn(2, rows, 0), torch.randn(4, 0), torch.randn(4)
+    want = torch.nn.functional.linear(x, W, b)
+    assert torch.equal(ops.lora_linear(x, W, b, torch.randn(1, 0), torch.randn(4, 1), 1.0), want)
+    assert torch.equal(sparse_linear(x, W, b, torch.zeros(2, 0, dtype=torch.long), torch.zeros(0), 1.0), want)
+    with pytest.warns(UserWarning, match="zero-element"):
+        layer = fusedlora.FusedLinear.from_linear(torch.nn.Linear(0, 4))
+        layer.add_lora("a", r=2)
+    want = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert torch.equal(layer(x), want)
+    assert torch.equal(layer(x, adapter_ids=torch.tensor([layer.adapter_id("a"), -1])), want)
+
+
+def test_meta_device_traces_shapes():
+    """Shape-only tracing on the meta device (deferred init, FSDP's meta-init): nn.Linear
+    works there, so must a layer with adapters (no autocast state to ask on meta)."""
+    with torch.device("meta"):
+        layer = fusedlora.FusedLinear(16, 8)
+        layer.add_lora("a", r=2)
+        assert layer(torch.randn(5, 3, 16)).shape == (5, 3, 8)
