@@ -31,17 +31,6 @@ from .multi import (_check_table_values, _groups, _meta, _seg_dot_max, _shrink, 
                     route, sort_min_rows)
 from .ops import _check_same, _check_tensor, autocast_inputs, fused_op, pick, triton_dtype_ok
 
-# The kernels form (column index) * (column stride) in int32 (rows are offset in int64):
-# an operand whose last column lies 2**31 elements or more from its first, at a column
-# stride below 2**31 (Triton passes larger ones as int64), would be addressed out of bounds.
-_INT32_SPAN = 2**31
-
-
-def _int32_addressable(t: Tensor) -> bool:
-    n, stride = t.shape[1], t.stride(1)
-    return n <= 1 or stride >= _INT32_SPAN or n * stride < _INT32_SPAN
-
-
 def _overlaps_itself(t: Tensor) -> bool:
     """Whether two elements of the 2-D t share memory: a stride 0 along a dimension of 2 or
     more, or (i, j) != (i', j') with i sm + j sn = i' sm + j' sn, which holds exactly when
@@ -104,13 +93,9 @@ def _add_multi_lora(y: Tensor, x: Tensor, pool_A: Tensor, pool_BT: Tensor, row_s
     # The extension and the eager compositions have no delta-only form: Triton serves
     # every other backend, and the dispatch table says so.
     triton_dtype_ok(x)
-    x, pool_A, pool_BT = (t if _int32_addressable(t) else t.contiguous() for t in (x, pool_A, pool_BT))
-    out = y if _int32_addressable(y) else y.contiguous()
     routing = route(row_slot, slot_rank.shape[0], bounds=False) if x.shape[0] > sort_min_rows() else None
     u = _shrink(x, pool_A, row_slot, sl, max_rank, routing, False, "multi.delta_shrink")
-    _expand_into(out, x, u, pool_BT, row_slot, sl, routing)
-    if out is not y:
-        y.copy_(out)
+    _expand_into(y, x, u, pool_BT, row_slot, sl, routing)
 
 
 @_add_multi_lora.register_fake

@@ -72,10 +72,11 @@ def _shrink_row(x_ptr, p_ptr, u_ptr, slot_ptr, off_ptr, rank_ptr, scale_ptr, dro
             acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
             for t in range(0, k_tiles):
                 k_ok = offs_k < K
-                xv = tl.load(x_row + offs_k * stride_xk, mask=k_ok, other=0.0).to(tl.float32)
+                xv = tl.load(x_row + offs_k.to(tl.int64) * stride_xk, mask=k_ok, other=0.0).to(tl.float32)
                 if DROPOUT:
                     xv = tl.where(dropout_keep(seed, row, offs_k, p), xv / (1.0 - p), 0.0)
-                pv = tl.load(p_rows + offs_k[None, :] * stride_pk, mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+                pv = tl.load(p_rows + offs_k[None, :].to(tl.int64) * stride_pk, mask=r_ok[:, None] & k_ok[None, :],
+                             other=0.0)
                 acc += tl.sum(pv.to(tl.float32) * xv[None, :], axis=1)
                 offs_k += BLOCK_K
             acc = acc * tl.load(scale_ptr + slot)
@@ -128,8 +129,10 @@ def multi_shrink_kernel(
                         offs_r = r0 + tl.arange(0, BLOCK_R)
                         r_ok = offs_r < rank
                         offs_k = k_first + tl.arange(0, BLOCK_K)
-                        x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
-                        p_ptrs = p_ptr + (off + offs_r)[None, :].to(tl.int64) * stride_pr + offs_k[:, None] * stride_pk
+                        x_ptrs = (x_ptr + rows[:, None].to(tl.int64) * stride_xm
+                                  + offs_k[None, :].to(tl.int64) * stride_xk)
+                        p_ptrs = (p_ptr + (off + offs_r)[None, :].to(tl.int64) * stride_pr
+                                  + offs_k[:, None].to(tl.int64) * stride_pk)
                         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
                         for t in range(0, k_tiles):
                             k_ok = offs_k < K
@@ -175,7 +178,7 @@ def _gather_expand(acc, u_ptr, q_ptr, slot_ptr, off_ptr, rank_ptr, drop_ptr, see
     off = tl.load(off_ptr + s, mask=has, other=0)
     n_ok = offs_n[None, :] < N
     u_rows = u_ptr + rows.to(tl.int64) * stride_um
-    q_rows = q_ptr + off.to(tl.int64)[:, None] * stride_qr + offs_n[None, :] * stride_qn
+    q_rows = q_ptr + off.to(tl.int64)[:, None] * stride_qr + offs_n[None, :].to(tl.int64) * stride_qn
     if DROP_EPI:
         # dropout applies to the whole low-rank term of a row: sum it apart first
         low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -214,7 +217,7 @@ def _segment_dots(acc, u_ptr, q_ptr, slot_ptr, perm_ptr, segid_ptr, segstart_ptr
             off = tl.load(off_ptr + slot)
             seg_ok = pos_ok & (offs_p >= start) & (offs_p < end)
             u_rows = u_ptr + rows[:, None].to(tl.int64) * stride_um
-            q_rows = q_ptr + off.to(tl.int64) * stride_qr + offs_n[None, :] * stride_qn
+            q_rows = q_ptr + off.to(tl.int64) * stride_qr + offs_n[None, :].to(tl.int64) * stride_qn
             if DROP_EPI:
                 # dropout applies to the segment's whole low-rank term: sum it apart first
                 low = _rank_dots(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), u_rows, q_rows, rank, seg_ok, n_ok,

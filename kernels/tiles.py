@@ -60,7 +60,7 @@ def store_rows(c_ptr, rows, row_ok, offs_n, stride_cm, stride_cn, N, acc, SPLIT_
     or, when the reduction is split over programs, add it atomically into a
     zeroed fp32 C."""
     mask = row_ok[:, None] & (offs_n[None, :] < N)
-    c_ptrs = c_ptr + rows[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
+    c_ptrs = c_ptr + rows[:, None].to(tl.int64) * stride_cm + offs_n[None, :].to(tl.int64) * stride_cn
     if SPLIT_K == 1:
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
     else:

@@ -279,9 +279,9 @@ print("ok", err)
 
 @pytest.mark.parametrize("which", ["y", "x", "pool_A", "pool_BT"])
 def test_columns_2_31_elements_apart_are_addressed_in_int64(triton_backend, which, tmp_path):
-    """The kernels form column * column stride in int32: an operand whose columns span 2**31
-    elements (a transposed output, M * N >= 2**31) was written or read out of bounds (a
-    segfault on y). 4 GiB of address space, a few pages touched; in a subprocess, as a
+    """Column offsets in int64 in the kernels (the shrink's x and pool reads, the expand's pool
+    reads and store_rows' writes): an operand whose columns span 2**31 elements (a transposed
+    output, M * N >= 2**31) was written or read out of bounds in int32 (a segfault on y). 4 GiB of address space, a few pages touched; in a subprocess, as a
     failure here is a crash."""
     import os
     import subprocess
