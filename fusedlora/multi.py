@@ -518,8 +518,22 @@ def check_pools_and_tables(x, N, row_slot, pool_A, pool_BT, slot_off, slot_rank,
 def _check_table_values(row_slot, slot_off, slot_rank, slot_drop, pool_rows: int, max_rank) -> int:
     """Values of caller-built tables (one host sync): the kernels index the pools
     and size their buffers by them, so an entry out of range would read or write
-    out of bounds. Returns max_rank."""
+    out of bounds. Returns max_rank. Under torch.compile the same checks run as device-side
+    asserts (no sync, no graph break), and max_rank, which sizes buffers, must be given."""
     S = slot_off.shape[0]
+    if torch.compiler.is_compiling():
+        if max_rank is None:
+            raise ValueError("max_rank: under torch.compile pass the largest slot rank (an int): reading it "
+                             "from slot_rank would synchronise with the host")
+        if row_slot.numel():
+            torch._assert_async(((row_slot >= -1) & (row_slot < S)).all(), "row_slot: a slot out of range")
+        if S:
+            ok = (slot_rank >= 0) & (slot_off >= 0) & (slot_off.long() + slot_rank.long() <= pool_rows)
+            torch._assert_async((ok & (slot_rank <= max_rank)).all(),
+                                "slot_off, slot_rank: a slot outside the pool, or above max_rank")
+        if slot_drop is not None and S:
+            torch._assert_async(((slot_drop >= 0) & (slot_drop < 1)).all(), "slot_drop: expected [0, 1)")
+        return int(max_rank)
     if row_slot.numel() and (int(row_slot.min()) < -1 or int(row_slot.max()) >= S):
         raise ValueError(f"row_slot: expected slots in -1 .. {S - 1}, got {int(row_slot.min())} .. "
                          f"{int(row_slot.max())}")
@@ -560,9 +574,12 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], row_slo
     max_rank = _check_table_values(row_slot, slot_off, slot_rank, slot_drop, pool_A.shape[0], max_rank)
     from .ops import draw_seed
 
+    if torch.compiler.is_compiling():  # whether any slot drops is data: traced as "maybe" (p = 0 keeps all)
+        p_max = 0.5 if slot_drop is not None else 0.0
+    else:
+        p_max = float(slot_drop.max()) if slot_drop is not None and slot_drop.numel() else 0.0
     if slot_drop is None:
         slot_drop = torch.zeros_like(slot_scale)
-    p_max = float(slot_drop.max()) if slot_drop.numel() else 0.0
     op = pick(_multi_forward, x, weight, bias, pool_A, pool_BT)
     y, _ = op(x, weight, bias, pool_A, pool_BT, row_slot, slot_off, slot_rank, slot_scale, slot_drop,
               int(max_rank), p_max > 0, draw_seed(p_max))

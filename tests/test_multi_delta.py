@@ -308,3 +308,28 @@ def test_validate_false_with_too_small_max_rank_stays_inside_u(triton_backend):
     fusedlora.add_multi_lora_(y, x, slots, pool_A, pool_BT, off, rank, scale, 2, validate=False)
     cut = [A[:2] if A is not None else None for A in As], [B[:, :2] if B is not None else None for B in Bs]
     assert rel_err(y, _expected(torch.zeros_like(y), x, slots, *cut, scales)) < 1e-5
+
+
+def test_validated_calls_compile_fullgraph(torch_backend):
+    """validate=True under torch.compile(fullgraph=True): the table checks become device-side
+    asserts instead of a data-dependent guard error; multi_lora_linear likewise (max_rank given)."""
+    torch.manual_seed(6)
+    As, Bs, scales = _adapters(torch.float32)
+    pool = pack_loras(As, Bs, scales)
+    x = torch.randn(5, K, device=DEVICE)
+    W = torch.randn(N, K, device=DEVICE) / K ** 0.5
+    slots = torch.tensor([0, -1, 2, 3, 0], dtype=torch.int32, device=DEVICE)
+
+    def both(x, slots):
+        y = torch.nn.functional.linear(x, W)
+        fusedlora.add_multi_lora_(y, x, slots, *pool)
+        return y, multi.multi_lora_linear(x, W, None, slots, *pool)
+
+    torch._dynamo.reset()
+    eager = both(x, slots)
+    compiled = torch.compile(both, backend="aot_eager", fullgraph=True)(x, slots)
+    for a, b in zip(compiled, eager):
+        assert rel_err(a, b) < 1e-6
+    with pytest.raises(Exception, match="max_rank: under torch.compile"):
+        torch.compile(lambda x, s: multi.multi_lora_linear(x, W, None, s, *pool[:5]), backend="aot_eager",
+                      fullgraph=True)(x, slots)
