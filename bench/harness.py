@@ -293,6 +293,26 @@ def time_graph(thunks: Sequence[Callable[[], Any]], device: torch.device, rep_ms
     return _summary([t / len(calls) for t in times])
 
 
+LOOP_CALLS = 200
+
+
+def time_loop(thunks: Sequence[Callable[[], Any]], device: torch.device, calls: int = LOOP_CALLS) -> float:
+    """Milliseconds per call of ``calls`` back-to-back eager calls (cycling the input sets),
+    events around the whole loop, no L2 flush between calls: what an eager decode loop costs.
+    do_bench's per-call flush (a 256 MB memset, ~60-85 us on an H100/H200) lets the host queue
+    the next call meanwhile, so a host-bound call's medians hide up to that much launch time."""
+    for t in thunks:
+        t()
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for t in itertools.islice(itertools.cycle(thunks), calls):
+        t()
+    end.record()
+    torch.cuda.synchronize(device)
+    return start.elapsed_time(end) / calls
+
+
 def measure_ceilings(device: torch.device, dtype: torch.dtype, small: bool = False,
                      bandwidth_of: Optional[dict] = None) -> dict:
     """The two roofline ceilings, measured once per run on this device:
@@ -425,6 +445,7 @@ def run_case(case: Case, ceilings: dict) -> List[dict]:
             if row["status"] == "ok":
                 row.update(time_thunks(thunks, case.device, **(case.timing or {})))
             if row["status"] == "ok" and case.timed_by_graph():
+                row["loop_ms"] = time_loop(thunks, case.device)  # eager, back to back: host cost included
                 why_not = getattr(thunks[0], "no_graph", None)  # known to sync with the host
                 if why_not is None:
                     try:
