@@ -445,7 +445,11 @@ def run_case(case: Case, ceilings: dict) -> List[dict]:
             if row["status"] == "ok":
                 row.update(time_thunks(thunks, case.device, **(case.timing or {})))
             if row["status"] == "ok" and case.timed_by_graph():
-                row["loop_ms"] = time_loop(thunks, case.device)  # eager, back to back: host cost included
+                try:
+                    row["loop_ms"] = time_loop(thunks, case.device)  # eager, back to back: host cost included
+                except Exception as e:  # an extra number: its failure must not lose the row
+                    row["loop_error"] = _reason(e)
+                    torch.cuda.synchronize(case.device)
                 why_not = getattr(thunks[0], "no_graph", None)  # known to sync with the host
                 if why_not is None:
                     try:
