@@ -89,9 +89,9 @@ def work(s: dict, ranks, slot_of_row, train: bool, elem: int):
     ad_elems = sum(ranks[a] * (K + N) for a in used)
     flops = matmul_flops((T, N, K)) + 2.0 * row_r * (K + N)
     nbytes = numel_bytes(elem, (T, K), (N, K), (N,), (T, N)) + elem * ad_elems + 8 * T
-    if train:
+    if train:  # gy read and dx written once, each adapter's gradient written once
         flops += matmul_flops((T, K, N)) + 2 * 2.0 * row_r * (K + N)
-        nbytes += numel_bytes(elem, (T, N), (T, K)) + 2 * elem * ad_elems
+        nbytes += numel_bytes(elem, (T, N), (T, K)) + elem * ad_elems
     return flops, nbytes
 
 
@@ -130,7 +130,8 @@ def _multi(i):
         layer.lora_B[n] = nn.Parameter(B, requires_grad=train)
     layer.eval()
     ids = torch.tensor([layer.adapter_id(names[a]) for a in ad["slots"]], device=W.device)
-    wrt = [i["x"]] + [p for n in names for p in (layer.lora_A[n], layer.lora_B[n])]
+    # the gradients in gather's order (x, every A, every B): the row's check compares them
+    wrt = [i["x"]] + [layer.lora_A[n] for n in names] + [layer.lora_B[n] for n in names]
     if not train:
         with torch.no_grad():
             layer(i["x"], adapter_ids=ids, validate=False)   # builds the pool outside the timing
@@ -233,8 +234,14 @@ def cases(opts: Options):
         flops, nbytes = work(s, probe["ranks"], probe["slots"], variant == "fwd+bwd", elem)
         base = (matmul_flops((s["T"], s["N"], s["K"])),
                 numel_bytes(elem, (s["T"], s["K"]), (s["N"], s["K"]), (s["N"],), (s["T"], s["N"])))
+        if variant == "fwd+bwd":  # base_thunk also takes dx = gy W (W frozen): gy read, dx written
+            base = (2 * base[0], base[1] + numel_bytes(elem, (s["T"], s["N"]), (s["T"], s["K"])))
+        # every implementation that computes the layer's own function is checked against gather
+        # (single runs one adapter of the mean rank: another function; PEFT has no backward)
+        check = ("gather", "multi", "delta", "peft") if variant != "fwd+bwd" else ("gather", "multi")
         yield Case(path=PATH, variant=variant, shape=s, dtype=opts.dtype, device=opts.device,
                    make_inputs=lambda s=s, v=variant: _inputs(s, v, opts.device, opts.dtype, next(seeds)),
                    impls={"multi": _multi, "single": _single, "base": base_thunk, "delta": _delta, "gather": _gather,
                           "peft": _peft},
-                   work={"*": (flops, nbytes), "base": base}, ref="single", roof_impls=("multi", "single"))
+                   work={"*": (flops, nbytes), "base": base}, ref="single", roof_impls=("multi", "single"),
+                   check=check)
