@@ -68,16 +68,27 @@ def autocast_inputs(x, *tensors):
                  for t in (x, *tensors))
 
 
+def on_device(device: torch.device):
+    """A scope whose current CUDA device is ``device``: Triton launches on the current device
+    (and its stream), not on its arguments' one, so a layer on cuda:1 called while cuda:0 is
+    current (pipeline-parallel or device_map models) would run its kernels on the wrong GPU."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device.index)
+    return contextlib.nullcontext()
+
+
 # ------------------------------------------------------------- op plumbing
 def fused_op(name: str, mutates_args=()):
     """``torch.library.custom_op(name)`` that keeps the plain function as ``.direct``. Its body
     runs without autocast (the first argument's device): the op's dtypes are its contract
     (the fake implementations say so), and the torch compositions and references inside
-    must not have their matmuls recast where the Triton kernels are not."""
+    must not have their matmuls recast where the Triton kernels are not. It also runs with
+    the first argument's GPU as the current device (``on_device``)."""
     def wrap(fn):
         @functools.wraps(fn)
         def body(*args):
-            with no_autocast(args[0].device.type):
+            device = args[0].device
+            with no_autocast(device.type), on_device(device):
                 return fn(*args)
 
         op = torch.library.custom_op(name, mutates_args=mutates_args)(body)

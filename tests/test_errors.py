@@ -125,3 +125,30 @@ def test_meta_device_traces_shapes():
         layer = fusedlora.FusedLinear(16, 8)
         layer.add_lora("a", r=2)
         assert layer(torch.randn(5, 3, 16)).shape == (5, 3, 8)
+
+
+def test_ops_run_on_their_arguments_gpu(monkeypatch):
+    """Triton launches on the current CUDA device: an op whose tensors live on cuda:1 while
+    cuda:0 is current must switch to cuda:1 for its body (checked here with the device
+    calls stubbed: no GPU needed), and not switch when the device is already current."""
+    from fusedlora.ops import on_device
+
+    entered = []
+
+    class Device:
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            entered.append(self.index)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    with on_device(torch.device("cuda", 1)):
+        pass
+    with on_device(torch.device("cuda", 0)), on_device(torch.device("cpu")):
+        pass
+    assert entered == [1]
