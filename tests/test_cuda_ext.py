@@ -28,7 +28,24 @@ def ext():
 def test_extension_compiles_links_and_is_reported(ext):
     assert ext.max_decode_rows == 16 and callable(ext.lora_decode)
     info = fusedlora.backend_info()["cuda_extension"]
-    assert info["available"] is True and info["path"]
+    assert info["available"] is True and info["path"] and info["built"] in ("jit", "ahead-of-time")
+
+
+def test_the_arch_list_reaches_nvcc(ext):
+    """The compile-on-first-use build passes nvcc machine code for every arch of the list
+    (default 8.0, 9.0 and compute_90 PTX for newer GPUs): read from its build.ninja."""
+    if cuda_ext._state["built"] != "jit":
+        pytest.skip("the extension was built ahead of time by setup.py")
+    ninja = (cuda_ext._build_dir() / "build.ninja").read_text()
+    cuda_flags = next(line for line in ninja.splitlines() if line.startswith("cuda_cflags"))
+    archs = cuda_ext.arch_list().split(";")
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        assert archs == ["8.0", "9.0+PTX"]
+    for arch in archs:
+        num = arch.replace("+PTX", "").replace(".", "")
+        assert f"-gencode=arch=compute_{num},code=sm_{num}" in cuda_flags, (arch, cuda_flags)
+        if arch.endswith("+PTX"):
+            assert f"-gencode=arch=compute_{num},code=compute_{num}" in cuda_flags
 
 
 def args(M=2, K=8, N=6, r=2, dtype=torch.float32, device="cpu"):
@@ -417,7 +434,7 @@ def test_auto_bgmv_leaves_strided_operands_to_triton(ext, monkeypatch):
         assert rel_err(y, ref) < TOL[torch.float32]
 
 
-def test_auto_never_builds_and_a_failed_build_is_not_retried(monkeypatch):
+def test_auto_never_builds_and_a_failed_build_is_not_retried(monkeypatch, tmp_path):
     """auto only uses an extension that is already loaded (no nvcc stall inside a decode
     step), and load() does not build again after a failure in the same process."""
     from torch.utils import cpp_extension
@@ -431,6 +448,7 @@ def test_auto_never_builds_and_a_failed_build_is_not_retried(monkeypatch):
         raise RuntimeError("nvcc: simulated failure")
 
     monkeypatch.delenv("FUSEDLORA_BACKEND", raising=False)
+    monkeypatch.setenv("FUSEDLORA_EXT_DIR", str(tmp_path))  # no finished build of an earlier test to find
     monkeypatch.setattr(cpp_extension, "load", failing_build)
     monkeypatch.setattr(cuda_ext, "_cannot_build", lambda: None)
     monkeypatch.setitem(cuda_ext._state, "module", None)
@@ -508,12 +526,243 @@ def test_extension_works_when_the_compiler_links_libstdcxx_statically(tmp_path, 
 
     # no GPU to read an architecture from: one target, as cuda_ext.load would default to
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
-    monkeypatch.setenv("CUDA_HOME", os.environ.get("CUDA_HOME", "/usr/local/cuda"))
+    monkeypatch.setenv("CUDA_HOME", str(cuda_ext.nvcc_home()))
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(cuda_ext.nvcc_home()))  # fixed when torch imported it
     module = cpp_extension.load(name="fusedlora_static_cxx", sources=cuda_ext._sources(), build_directory=str(tmp_path),
-                                extra_cflags=["-O3"], extra_ldflags=["-static-libstdc++"] + cuda_ext.LINK_FLAGS)
+                                extra_cflags=["-O3"], extra_ldflags=["-static-libstdc++", *cuda_ext.LINK_FLAGS])
     with pytest.raises(ValueError) as info:
         module.lora_decode(**{**args(), "x": torch.randn(8)})
     assert str(info.value).endswith("got shape [8]")
     # readelf ships with the linker (binutils) that just built the module: no silent pass
     dynamic = subprocess.run(["readelf", "-d", module.__file__], capture_output=True, text=True, check=True).stdout
     assert "[libstdc++.so.6]" in dynamic
+
+
+# ---- building: settings, setup.py, compile on first use (tiny sources: seconds, not a minute)
+
+TINY = '#include <pybind11/pybind11.h>\nPYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.attr("answer") = %d; }\n'
+
+
+def setup_py_module(monkeypatch):
+    """setup.py's helpers, imported without running setup() or a build."""
+    import importlib.util
+
+    import setuptools
+
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: None)
+    monkeypatch.setenv("FUSEDLORA_BUILD_EXT", "0")
+    spec = importlib.util.spec_from_file_location("fusedlora_setup_py", cuda_ext._CSRC.parent / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.delenv("FUSEDLORA_BUILD_EXT")
+    return module
+
+
+def test_build_settings_are_checked_alike_by_setup_py_and_cuda_ext(monkeypatch):
+    """FUSEDLORA_BUILD_EXT and TORCH_CUDA_ARCH_LIST: the same answers and the same clear
+    errors from setup.py (install) and cuda_ext (first use); torch takes every list kept."""
+    from torch.utils import cpp_extension
+
+    from fusedlora import build_config
+
+    setup_py = setup_py_module(monkeypatch)
+    # one source for both: setup.py loads fusedlora/build_config.py by path
+    for name in ("build_mode", "arch_list", "nvcc_home", "source_digest"):
+        assert getattr(setup_py, name).__code__.co_filename == build_config.__file__, name
+    assert setup_py.build_config.DEFAULT_ARCH_LIST == cuda_ext.DEFAULT_ARCH_LIST == "8.0;9.0+PTX"
+    assert setup_py.source_digest(cuda_ext._CSRC) == cuda_ext.source_digest()
+    for raw, want in (("", "8.0;9.0+PTX"), ("8.0;9.0+PTX", "8.0;9.0+PTX"), ("9.0a", "9.0a"),
+                      (" 8.0  9.0 ", "8.0;9.0"), ("8.0,8.6;", "8.0;8.6"), ("Hopper", "Hopper"), ("10.0a+PTX", "10.0a+PTX")):
+        assert cuda_ext.arch_list(raw) == setup_py.arch_list(raw) == want, raw
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", want)
+        assert cpp_extension._get_cuda_arch_flags(), want  # torch's own parser takes it
+    for raw in ("sm_90", "9", "8.0;abc", "9.0+ptx"):
+        for module in (cuda_ext, setup_py):
+            with pytest.raises(ValueError, match=r"TORCH_CUDA_ARCH_LIST=.*is not a CUDA arch"):
+                module.arch_list(raw)
+    for raw, want in (("0", "0"), ("off", "0"), ("1", "1"), ("TRUE", "1"), ("auto", "auto"), ("", "auto")):
+        monkeypatch.setenv("FUSEDLORA_BUILD_EXT", raw)
+        assert cuda_ext.build_mode() == setup_py.build_mode() == want
+    monkeypatch.delenv("FUSEDLORA_BUILD_EXT")
+    assert cuda_ext.build_mode() == setup_py.build_mode() == "auto"
+    # garbage: a clear error from an explicit load(), a reason in backend_info, never a build
+    monkeypatch.setenv("FUSEDLORA_BUILD_EXT", "2")
+    for module in (cuda_ext, setup_py):
+        with pytest.raises(ValueError, match="FUSEDLORA_BUILD_EXT='2': expected 0"):
+            module.build_mode()
+    monkeypatch.setitem(sys.modules, "fusedlora._C", None)
+    monkeypatch.setitem(cuda_ext._state, "module", None)
+    monkeypatch.setitem(cuda_ext._state, "error", None)
+    assert "FUSEDLORA_BUILD_EXT='2'" in fusedlora.backend_info()["cuda_extension"]["reason"]
+    with pytest.raises(ValueError, match="FUSEDLORA_BUILD_EXT='2'"):
+        cuda_ext.load()
+    monkeypatch.setenv("FUSEDLORA_BUILD_EXT", "0")
+    monkeypatch.setitem(cuda_ext._state, "error", None)
+    assert cuda_ext.status() == {"available": False, "arch_list": "8.0;9.0+PTX" if not os.environ.get(
+        "TORCH_CUDA_ARCH_LIST") else cuda_ext.arch_list(), "reason": "FUSEDLORA_BUILD_EXT=0 forbids building the extension"}
+
+
+@pytest.mark.skipif(not CAN_BUILD, reason="no CUDA build of torch or no nvcc here")
+def test_setup_py_builds_records_and_skips_as_documented(tmp_path):
+    """setup.py on a tree whose csrc/ is one tiny module: built in place with its record,
+    which cuda_ext checks before importing a prebuilt module (other sources, torch or
+    Python: not imported); a compile error leaves no module, and fails the install only
+    with FUSEDLORA_BUILD_EXT=1; a bad FUSEDLORA_BUILD_EXT fails it."""
+    import json
+    import subprocess
+
+    for d in ("fusedlora", "kernels", "csrc"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "fusedlora" / "__init__.py").write_text("")
+    (tmp_path / "kernels" / "__init__.py").write_text("")
+    shutil.copy(cuda_ext._CSRC.parent / "setup.py", tmp_path)
+    shutil.copy(cuda_ext._CSRC.parent / "fusedlora" / "build_config.py", tmp_path / "fusedlora")
+    (tmp_path / "csrc" / "tiny.cpp").write_text(TINY % 42)
+
+    def setup_py(**env):
+        env = {**os.environ, "CUDA_HOME": str(cuda_ext.nvcc_home()), **env}
+        return subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    built = setup_py()
+    assert built.returncode == 0, built.stderr[-3000:]
+    (so,) = (tmp_path / "fusedlora").glob("_C*.so")
+    record = json.loads((tmp_path / "fusedlora" / cuda_ext.PREBUILT_RECORD).read_text())
+    assert record["torch"] == torch.__version__ and record["arch_list"] == "8.0;9.0+PTX"
+    csrc = tmp_path / "csrc"
+    assert cuda_ext.prebuilt_problem(str(so), csrc) is None
+    (csrc / "tiny.cpp").write_text(TINY % 43)  # an edit after the in-place build
+    assert "other sources" in cuda_ext.prebuilt_problem(str(so), csrc)
+    (csrc / "tiny.cpp").write_text(TINY % 42)
+    (tmp_path / "fusedlora" / cuda_ext.PREBUILT_RECORD).write_text(json.dumps({**record, "torch": "2.4.0"}))
+    assert "built for torch 2.4.0" in cuda_ext.prebuilt_problem(str(so), csrc)
+    (tmp_path / "fusedlora" / cuda_ext.PREBUILT_RECORD).unlink()
+    assert "no _C.build.json" in cuda_ext.prebuilt_problem(str(so), csrc)
+    assert cuda_ext.prebuilt_problem(str(so), tmp_path / "no-sources") is None  # an installed wheel's
+
+    so.unlink()
+    (csrc / "tiny.cpp").write_text("this is not C++;\n")
+    failed = setup_py()
+    assert failed.returncode == 0 and "building the CUDA extension failed" in failed.stderr, failed.stderr[-3000:]
+    assert not list((tmp_path / "fusedlora").glob("_C*.so"))
+    forced = setup_py(FUSEDLORA_BUILD_EXT="1")
+    assert forced.returncode != 0 and not list((tmp_path / "fusedlora").glob("_C*.so"))
+    garbage = setup_py(FUSEDLORA_BUILD_EXT="maybe")
+    assert garbage.returncode != 0 and "FUSEDLORA_BUILD_EXT='maybe': expected 0" in garbage.stderr
+    skipped = setup_py(FUSEDLORA_BUILD_EXT="0")
+    assert skipped.returncode == 0 and "building the CUDA extension" not in skipped.stderr
+
+
+@pytest.fixture
+def tiny_tree(tmp_path, monkeypatch):
+    """cuda_ext pointed at a csrc/ of its own and a fresh cache, no prebuilt module."""
+    if not CAN_BUILD:
+        pytest.skip("no CUDA build of torch or no nvcc here")
+    csrc = tmp_path / "csrc"
+    csrc.mkdir()
+    monkeypatch.setattr(cuda_ext, "_CSRC", csrc)
+    monkeypatch.setenv("FUSEDLORA_EXT_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("FUSEDLORA_BUILD_EXT", raising=False)
+    monkeypatch.setitem(sys.modules, "fusedlora._C", None)
+    for key in cuda_ext._state:
+        monkeypatch.setitem(cuda_ext._state, key, None)
+    return csrc
+
+
+def test_first_use_build_failure_is_reported_and_cache_keyed(tiny_tree, monkeypatch):
+    """A compile error: load() gives None, backend_info carries the compiler's own words,
+    and the cache folder holds no module a later process would import. The fixed sources
+    build under another key (as an arch list does); a new process imports that finished
+    build without compiling (what auto's load(build=False) does)."""
+    from torch.utils import cpp_extension
+
+    (tiny_tree / "tiny.cpp").write_text("int main() { return undeclared_name_xyz; }\n")
+    broken_dir = cuda_ext._build_dir()
+    assert cuda_ext.load() is None
+    info = fusedlora.backend_info()["cuda_extension"]
+    assert info["available"] is False and info["reason"].startswith("build failed")
+    assert "undeclared_name_xyz" in info["reason"]  # the compiler's error tail
+    assert not list(broken_dir.glob("*.so")) and not (broken_dir / "fusedlora_C.ok").exists()
+
+    (tiny_tree / "tiny.cpp").write_text(TINY % 7)
+    assert cuda_ext._build_dir() != broken_dir
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    arch_90_dir = cuda_ext._build_dir()
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    good_dir = cuda_ext._build_dir()
+    assert good_dir != arch_90_dir
+    monkeypatch.setitem(cuda_ext._state, "error", None)  # a new process: the failure is not remembered
+    module = cuda_ext.load()
+    assert module is not None and module.answer == 7
+    info = cuda_ext.status()
+    assert info["built"] == "jit" and info["path"].startswith(str(good_dir))
+    assert os.environ.get("TORCH_CUDA_ARCH_LIST") is None  # set for the build only
+
+    for key in cuda_ext._state:  # a new process: imports the finished build, compiles nothing
+        monkeypatch.setitem(cuda_ext._state, key, None)
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: pytest.fail("built again"))
+    assert cuda_ext.load(build=False).answer == 7 and cuda_ext.status()["built"] == "jit"
+    monkeypatch.setitem(cuda_ext._state, "module", None)
+    monkeypatch.setenv("FUSEDLORA_BUILD_EXT", "0")  # 0: nothing compiled on first use is loaded either
+    monkeypatch.setitem(cuda_ext._state, "error", None)
+    assert cuda_ext.load(build=False) is None
+
+
+def test_two_processes_building_at_once_build_once(tiny_tree):
+    """Two first uses at the same time: one compiles under the lock, the other waits and
+    imports the finished module; both get it."""
+    import subprocess
+
+    (tiny_tree / "tiny.cpp").write_text(TINY % 5)
+    script = f"""
+import sys
+from fusedlora import cuda_ext
+cuda_ext._CSRC = __import__("pathlib").Path({str(tiny_tree)!r})
+sys.modules["fusedlora._C"] = None
+build = cuda_ext._build
+def counted(d):
+    print("COMPILED", flush=True)
+    return build(d)
+cuda_ext._build = counted
+m = cuda_ext.load()
+print("ANSWER", m.answer if m is not None else cuda_ext.status())
+"""
+    env = {**os.environ, "FUSEDLORA_EXT_DIR": os.environ["FUSEDLORA_EXT_DIR"]}
+    env.pop("FUSEDLORA_BUILD_EXT", None)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fusedlora.__file__)))  # this checkout's fusedlora
+    procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=root) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    stdout = "".join(o for o, _ in outs)
+    assert stdout.count("ANSWER 5") == 2, outs
+    assert stdout.count("COMPILED") == 1, outs
+
+
+def test_nvcc_home_is_a_toolkit_not_a_wrapper(monkeypatch, tmp_path):
+    """An nvcc wrapper script on PATH (this machine's /usr/local/bin/nvcc) has no headers
+    beside it: torch's own guess (/usr/local) then failed on cuda_runtime.h. The toolkit
+    is the folder holding both bin/nvcc and include/cuda_runtime.h."""
+    from fusedlora import build_config
+
+    kit = tmp_path / "kit"
+    (kit / "bin").mkdir(parents=True)
+    (kit / "include").mkdir()
+    (kit / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    (kit / "bin" / "nvcc").chmod(0o755)
+    (kit / "include" / "cuda_runtime.h").write_text("")
+    link = tmp_path / "links"
+    link.mkdir()
+    (link / "nvcc").symlink_to(kit / "bin" / "nvcc")
+    wrapper = tmp_path / "wrapper"
+    wrapper.mkdir()
+    (wrapper / "nvcc").write_text("#!/bin/sh\nexec /somewhere/nvcc \"$@\"\n")
+    (wrapper / "nvcc").chmod(0o755)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", str(link))
+    assert build_config.nvcc_home() == kit             # a symlinked nvcc: its real toolkit
+    monkeypatch.setenv("PATH", str(wrapper))
+    home = build_config.nvcc_home()                    # a wrapper: never its own folder
+    assert home != tmp_path and (home is None or (home / "include" / "cuda_runtime.h").exists())
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "missing"))
+    assert build_config.nvcc_home() is None            # a CUDA_HOME without nvcc is not guessed past
