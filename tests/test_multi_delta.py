@@ -153,28 +153,6 @@ def test_bad_arguments_raise_before_any_launch(triton_backend, case):
     assert dispatched() == {} and torch.equal(good["y"], y_before)
 
 
-def test_torch_compile_fullgraph_sees_the_mutation(torch_backend):
-    torch.manual_seed(3)
-    As, Bs, scales = _adapters(torch.float32)
-    pool = pack_loras(As, Bs, scales)
-    x = torch.randn(5, K, device=DEVICE)
-    W = torch.randn(N, K, device=DEVICE) / K ** 0.5
-    slots = torch.tensor([0, -1, 2, 3, 0], dtype=torch.int32, device=DEVICE)
-
-    def layer(x, slots):
-        y = torch.nn.functional.linear(x, W)
-        fusedlora.add_multi_lora_(y, x, slots, *pool, validate=False)
-        return torch.tanh(y)
-
-    torch._dynamo.reset()
-    eager = layer(x, slots)
-    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)(x, slots)
-    assert rel_err(compiled, eager) < 1e-6
-    result = torch.library.opcheck(fusedlora.multi_delta._add_multi_lora,
-                                   (torch.zeros(5, N, device=DEVICE), x, pool[0], pool[1], slots, *pool[2:5], pool[5]))
-    assert set(result.values()) == {"SUCCESS"}, result
-
-
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_no_output_or_input_features_is_a_no_op(monkeypatch, backend):
     """N = 0 (an empty shard) or K = 0: nothing to add, no error (view(-1, 0) is ambiguous)."""
@@ -310,10 +288,12 @@ def test_validate_false_with_too_small_max_rank_stays_inside_u(triton_backend):
     assert rel_err(y, _expected(torch.zeros_like(y), x, slots, *cut, scales)) < 1e-5
 
 
-def test_validated_calls_compile_fullgraph(torch_backend):
-    """validate=True under torch.compile(fullgraph=True): the table checks become device-side
-    asserts instead of a data-dependent guard error; multi_lora_linear likewise (max_rank given)."""
-    torch.manual_seed(6)
+@pytest.mark.parametrize("validate", [False, True])
+def test_torch_compile_fullgraph_sees_the_mutation(torch_backend, validate):
+    """The mutating custom op in a fullgraph compile; with validate=True the table checks
+    become device-side asserts instead of a data-dependent guard error, and so do
+    multi_lora_linear's (max_rank given)."""
+    torch.manual_seed(3)
     As, Bs, scales = _adapters(torch.float32)
     pool = pack_loras(As, Bs, scales)
     x = torch.randn(5, K, device=DEVICE)
@@ -322,14 +302,20 @@ def test_validated_calls_compile_fullgraph(torch_backend):
 
     def both(x, slots):
         y = torch.nn.functional.linear(x, W)
-        fusedlora.add_multi_lora_(y, x, slots, *pool)
-        return y, multi.multi_lora_linear(x, W, None, slots, *pool)
+        fusedlora.add_multi_lora_(y, x, slots, *pool, validate=validate)
+        return torch.tanh(y), multi.multi_lora_linear(x, W, None, slots, *pool)
 
     torch._dynamo.reset()
     eager = both(x, slots)
     compiled = torch.compile(both, backend="aot_eager", fullgraph=True)(x, slots)
     for a, b in zip(compiled, eager):
         assert rel_err(a, b) < 1e-6
-    with pytest.raises(Exception, match="max_rank: under torch.compile"):
-        torch.compile(lambda x, s: multi.multi_lora_linear(x, W, None, s, *pool[:5]), backend="aot_eager",
-                      fullgraph=True)(x, slots)
+    if validate:
+        with pytest.raises(Exception, match="max_rank: under torch.compile"):
+            torch.compile(lambda x, s: multi.multi_lora_linear(x, W, None, s, *pool[:5]), backend="aot_eager",
+                          fullgraph=True)(x, slots)
+    else:
+        result = torch.library.opcheck(fusedlora.multi_delta._add_multi_lora,
+                                       (torch.zeros(5, N, device=DEVICE), x, pool[0], pool[1], slots, *pool[2:5],
+                                        pool[5]))
+        assert set(result.values()) == {"SUCCESS"}, result
