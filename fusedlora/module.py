@@ -111,16 +111,23 @@ class FusedLinear(nn.Linear):
         return name
 
     def add_lora(self, name: str, r: int, lora_alpha: Optional[float] = None, lora_dropout: float = 0.0,
-                 use_rslora: bool = False, init_lora_weights: Union[bool, str] = True) -> None:
-        """Add a LoRA adapter ``name``: A (r, in_features), B (out_features, r), as PEFT."""
+                 use_rslora: bool = False, init_lora_weights: Union[bool, str] = True,
+                 dtype: Optional[torch.dtype] = None) -> None:
+        """Add a LoRA adapter ``name``: A (r, in_features), B (out_features, r), as PEFT.
+        ``dtype``: of A and B, default the weight's; float32 beside a 16-bit weight keeps the
+        trained factors (and their optimizer updates) in float32, as PEFT's
+        ``autocast_adapter_dtype`` does: each forward then casts them to the weight's dtype
+        (r x (in + out) elements; the gradients reach the float32 parameters)."""
         self._check_name(name, must_exist=False)
+        if dtype is not None and dtype not in ops._FLOAT_DTYPES:
+            raise TypeError(f"dtype: expected None or one of {ops._FLOAT_DTYPES}, got {dtype!r}")
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise ValueError(f"r: expected a positive int, got {r!r}")
         lora_alpha = ops.check_scalar("lora_alpha", r if lora_alpha is None else lora_alpha)
         lora_dropout = ops.check_scalar("lora_dropout", lora_dropout, 0.0, 1.0, high_open=True)
         if init_lora_weights not in (True, False, "gaussian"):
             raise ValueError(f"init_lora_weights: expected True, False or 'gaussian', got {init_lora_weights!r}")
-        kw = dict(device=self.weight.device, dtype=self.weight.dtype)
+        kw = dict(device=self.weight.device, dtype=dtype or self.weight.dtype)
         A = torch.empty(r, self.in_features, **kw)
         B = torch.empty(self.out_features, r, **kw)
         with torch.no_grad():
@@ -392,24 +399,30 @@ class FusedLinear(nn.Linear):
                                                  self.sparse_scaling[name], tuple(self.weight.shape))
         return self._delta_weight(name)
 
+    def factors(self, name: str):
+        """(A, B) of LoRA adapter ``name`` in the weight's dtype, as the kernels read them: cast
+        (differentiably) when the adapter is kept in another dtype (add_lora(dtype=...))."""
+        A, B, dt = self.lora_A[name], self.lora_B[name], self.weight.dtype
+        return (A if A.dtype == dt else A.to(dt)), (B if B.dtype == dt else B.to(dt))
+
     def _lora_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
         p = self.lora_dropout[name] if self.training else 0.0
-        return self.scaling[name] * F.linear(F.linear(F.dropout(x, p, True), self.lora_A[name]), self.lora_B[name])
+        A, B = self.factors(name)
+        return self.scaling[name] * F.linear(F.linear(F.dropout(x, p, True), A), B)
 
     def _lora_forward(self, x: torch.Tensor, names: List[str]) -> torch.Tensor:
         p = [self.lora_dropout[n] if self.training else 0.0 for n in names]
-        A = [self.lora_A[n] for n in names]
+        A, B = zip(*[self.factors(n) for n in names])
         if len(names) == 1:
-            return ops.lora_linear(x, self.weight, self.bias, A[0], self.lora_B[names[0]],
-                                   self.scaling[names[0]], p[0])
+            return ops.lora_linear(x, self.weight, self.bias, A[0], B[0], self.scaling[names[0]], p[0])
         if not any(p):
             # Several adapters without dropout are one adapter of rank sum(r):
             # stack them (scales folded into B) and run a single fused pass.
-            B = torch.cat([self.lora_B[n] * self.scaling[n] for n in names], dim=1)
+            B = torch.cat([b * self.scaling[n] for n, b in zip(names, B)], dim=1)
             return ops.lora_linear(x, self.weight, self.bias, torch.cat(A, dim=0), B, 1.0, 0.0)
         # Dropout draws an independent mask per adapter (as PEFT does): the
         # first adapter runs fused with the base GEMM, the others eagerly.
-        y = ops.lora_linear(x, self.weight, self.bias, A[0], self.lora_B[names[0]], self.scaling[names[0]], p[0])
+        y = ops.lora_linear(x, self.weight, self.bias, A[0], B[0], self.scaling[names[0]], p[0])
         for n in names[1:]:
             record("lora.extra_adapter", "torch", "eager")
             y = y + self._lora_delta(x, n)

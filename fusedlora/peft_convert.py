@@ -137,8 +137,8 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     built = []
     for module, m, linear, specs in plan:
         fused = to_fused(linear, hooks_from=m)  # hooks set on the PEFT layer move to its replacement
-        for n, spec in specs:
-            _add(fused, n, spec, True)
+        for n, spec in specs:  # LoRA factors keep PEFT's dtype (float32 beside a 16-bit base, by default)
+            _add(fused, n, spec, True, spec.tensors["A"].dtype if spec.kind == "lora" else None)
         fused.set_adapter([n for n in m.active_adapters if n in fused.adapter_names])
         fused.train(m.training)
         built.append((m, fused, list(m.merged_adapters)))

@@ -149,10 +149,11 @@ class _Spec:
     trainable: Optional[Dict[str, bool]] = None
 
 
-def _add(layer: FusedLinear, name: str, spec: _Spec, trainable: bool) -> None:
+def _add(layer: FusedLinear, name: str, spec: _Spec, trainable: bool, lora_dtype=None) -> None:
     t = spec.tensors
     if spec.kind == "lora":
-        layer.add_lora(name, r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, use_rslora=spec.rslora)
+        layer.add_lora(name, r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, use_rslora=spec.rslora,
+                       dtype=lora_dtype)
         params = {"A": layer.lora_A[name], "B": layer.lora_B[name]}
         if spec.scaling is not None:
             layer.scaling[name] = float(spec.scaling)
@@ -272,7 +273,10 @@ def _validate_and_apply(model: nn.Module, name: str, specs: List[_Spec], trainab
                 layer = patched[id(layer)][1]
             before = layer.active_adapters
             added.append((layer, before))
-            _add(layer, name, spec, trainable)
+            # trainable LoRA factors of a 16-bit layer in float32, as PEFT's autocast_adapter_dtype
+            # (their optimizer updates would round away in 16 bits); inference: the weight's dtype
+            sixteen = layer.weight.dtype in (torch.float16, torch.bfloat16)
+            _add(layer, name, spec, trainable, torch.float32 if trainable and sixteen else None)
             layer.set_adapter(before)  # loading does not activate
     except BaseException:
         for layer, before in reversed(added):
@@ -414,7 +418,9 @@ def load_peft_adapter(model: nn.Module, path: str, adapter_name: str = "default"
     patched or not: each ``nn.Linear`` the adapter targets becomes a FusedLinear
     sharing its parameters. The adapter is added inactive (as PEFT's
     ``load_adapter``): activate it with ``fusedlora.set_adapter(model, adapter_name)``.
-    Its parameters require grad only with ``is_trainable=True`` (as PEFT).
+    Its parameters require grad only with ``is_trainable=True`` (as PEFT); then the LoRA
+    factors of 16-bit layers are kept in float32, as PEFT's ``autocast_adapter_dtype`` keeps
+    them (each forward reads them in the weight's dtype), else in the weight's dtype.
 
     Refused with a ValueError before anything changes: an unknown peft_type, DoRA,
     a trained bias, modules_to_save and other options fusedlora cannot run, keys

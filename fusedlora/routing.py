@@ -271,11 +271,13 @@ def _build_tables(names, kinds, ranks, scales, drops, offs, ids, device) -> Tabl
 
 
 def _check_adapter_dtype(layer, name: str, A: Tensor, B: Tensor) -> None:
+    """The pool holds adapters in the weight's dtype (one kept in another float dtype,
+    add_lora(dtype=...), is cast as it is pooled); on another device they cannot be pooled."""
     W = layer.weight
     for pname, t in ((f"lora_A[{name!r}]", A), (f"lora_B[{name!r}]", B)):
-        if t.dtype != W.dtype or t.device != W.device:
+        if t.device != W.device or not t.is_floating_point():
             raise TypeError(f"{pname}: dtype/device {t.dtype}/{t.device} does not match the layer's weight "
-                            f"{W.dtype}/{W.device}; the multi-adapter path pools adapters in the weight's dtype")
+                            f"{W.dtype}/{W.device}; the multi-adapter path pools adapters beside the weight")
 
 
 # ------------------------------------------------------------ layer forward
@@ -411,8 +413,9 @@ def layer_forward(layer, x: Tensor, ids: Tensor, validate: bool = True, strict: 
         if differentiable:
             for n in loras:
                 _check_adapter_dtype(layer, n, layer.lora_A[n], layer.lora_B[n])
-            pool_A = torch.cat([layer.lora_A[n] for n in loras])
-            pool_BT = torch.cat([layer.lora_B[n].t() for n in loras])
+            factors = [layer.factors(n) for n in loras]  # in W's dtype, differentiably
+            pool_A = torch.cat([A for A, _ in factors])
+            pool_BT = torch.cat([B.t() for _, B in factors])
         from .ops import draw_seed, pick
 
         p_max = tables.max_drop if layer.training else 0.0

@@ -391,3 +391,53 @@ def test_safe_merge_of_every_adapter_kind():
         assert not layer.merged and torch.equal(layer.weight, w0)
         with torch.no_grad():
             param.copy_(saved)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_float32_adapters_beside_a_16bit_weight(monkeypatch, backend):
+    """add_lora(dtype=torch.float32) on a float16 layer (PEFT's autocast_adapter_dtype): the
+    factors and their optimizer updates stay float32, each forward reads them in the weight's
+    dtype (fused, stacked with another adapter, routed by ids, merged), gradients arrive in
+    float32."""
+    from conftest import TOL, rel_err
+    from fusedlora import reference
+
+    monkeypatch.setenv("FUSEDLORA_BACKEND", backend)
+    torch.manual_seed(0)
+    layer = fusedlora.FusedLinear(40, 24, dtype=torch.float16)
+    layer.add_lora("a", r=4, dtype=torch.float32)
+    layer.add_lora("b", r=2)                       # the weight's dtype, beside it
+    for n in ("a", "b"):
+        torch.nn.init.normal_(layer.lora_B[n], std=0.3)
+    assert layer.lora_A["a"].dtype == layer.lora_B["a"].dtype == torch.float32
+    assert layer.lora_A["b"].dtype == torch.float16
+    x = torch.randn(5, 40, dtype=torch.float16)
+    W, b = layer.weight.double(), layer.bias.double()
+
+    def ref(names, rows=x):
+        y = torch.nn.functional.linear(rows.double(), W, b)
+        for n in names:
+            A, B = (t.detach().half().double() for t in layer.factors(n))
+            y = y + reference.lora_linear(rows.double(), torch.zeros_like(W), None, A, B, layer.scaling[n])
+        return y
+
+    y = layer(x)
+    assert y.dtype == torch.float16 and rel_err(y, ref(["a"])) < TOL[torch.float16]
+    (y.float() * torch.linspace(-1, 1, 24)).sum().backward()
+    A32 = layer.lora_A["a"]
+    assert A32.grad.dtype == torch.float32 and torch.isfinite(A32.grad).all()
+    before = A32.detach().clone()
+    torch.optim.SGD([A32], lr=1e-3).step()          # a float32 update: below float16's step here
+    assert torch.allclose(A32.detach(), before - 1e-3 * A32.grad, rtol=0, atol=1e-8)
+    layer.set_adapter(["a", "b"])
+    assert rel_err(layer(x), ref(["a", "b"])) < TOL[torch.float16]
+    ids = torch.tensor([layer.adapter_id("a"), -1, layer.adapter_id("b"), layer.adapter_id("a"), -1])
+    routed = layer(x, adapter_ids=ids)
+    want = torch.stack([ref(["a"])[0], ref([])[1], ref(["b"])[2], ref(["a"])[3], ref([])[4]])
+    assert rel_err(routed, want) < TOL[torch.float16]
+    with torch.no_grad():
+        layer.merge(["a"])
+        assert rel_err(torch.nn.functional.linear(x, layer.weight, layer.bias), ref(["a"])) < TOL[torch.float16]
+        layer.unmerge()
+    with pytest.raises(TypeError, match="dtype: expected None or one of"):
+        layer.add_lora("c", r=2, dtype=torch.int8)

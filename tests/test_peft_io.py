@@ -576,3 +576,26 @@ def test_from_peft_mixed_batch_adapter_names_via_ids(base):
         assert rel_err(got[row], logits(model, ids3[row:row + 1])[0]) < TOL
     with pytest.raises(ValueError, match="no adapter named 'nope'"):
         fusedlora.adapter_ids(["nope"])
+
+
+def test_trainable_lora_of_a_16bit_model_keeps_float32_factors_as_peft(base, tmp_path):
+    """PEFT keeps LoRA factors in float32 beside a 16-bit base (autocast_adapter_dtype): a
+    trainable load does the same (an optimizer step below the 16-bit step survives),
+    an inference load keeps the weight's dtype, and from_peft keeps PEFT's own dtype; the
+    16-bit forwards match PEFT's within 16-bit tolerance."""
+    path = _saved(base, tmp_path, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    half = fresh(base).half()
+    train = fusedlora.load_peft_adapter(fresh(half), path, "t", is_trainable=True)
+    infer = fusedlora.load_peft_adapter(fresh(half), path, "t")
+    layer = train.model.layers[0].self_attn.q_proj
+    assert layer.weight.dtype == torch.float16 and layer.lora_A["t"].dtype == torch.float32
+    assert infer.model.layers[0].self_attn.q_proj.lora_A["t"].dtype == torch.float16
+    pm = peft.PeftModel.from_pretrained(fresh(half), path)
+    ref = logits(pm).double()
+    for model in (train, infer):
+        fusedlora.set_adapter(model, "t")
+        assert rel_err(logits(model), ref) < 1e-2
+    pm_layer = pm.base_model.model.model.layers[0].self_attn.q_proj
+    assert pm_layer.lora_A["default"].weight.dtype == torch.float32  # PEFT's default
+    converted = fusedlora.from_peft(pm)
+    assert converted.model.layers[0].self_attn.q_proj.lora_A["default"].dtype == pm_layer.lora_A["default"].weight.dtype
