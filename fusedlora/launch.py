@@ -297,9 +297,12 @@ def dropout_mask(shape, p: float, seed: int, device) -> torch.Tensor:
     M, N = shape
     out = torch.empty((M, N), device=device, dtype=torch.float32)
     if M and N:
+        from .ops import on_device
+
         grid = (triton.cdiv(M, 32), triton.cdiv(N, 32))
-        dropout_materialize_kernel[grid](out, M, N, out.stride(0), out.stride(1), float(p), int(seed),
-                                         BLOCK_M=32, BLOCK_N=32)
+        with on_device(out.device):  # called outside any fused op's body (ops.dropout_keep_mask)
+            dropout_materialize_kernel[grid](out, M, N, out.stride(0), out.stride(1), float(p), int(seed),
+                                             BLOCK_M=32, BLOCK_N=32)
     return out
 
 

@@ -276,8 +276,8 @@ def _check_adapter_dtype(layer, name: str, A: Tensor, B: Tensor) -> None:
     W = layer.weight
     for pname, t in ((f"lora_A[{name!r}]", A), (f"lora_B[{name!r}]", B)):
         if t.device != W.device or not t.is_floating_point():
-            raise TypeError(f"{pname}: dtype/device {t.dtype}/{t.device} does not match the layer's weight "
-                            f"{W.dtype}/{W.device}; the multi-adapter path pools adapters beside the weight")
+            raise TypeError(f"{pname}: a {t.dtype} tensor on {t.device}; the multi-adapter path pools floating "
+                            f"adapters on the weight's device ({W.device})")
 
 
 # ------------------------------------------------------------ layer forward

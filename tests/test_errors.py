@@ -152,3 +152,28 @@ def test_ops_run_on_their_arguments_gpu(monkeypatch):
     with on_device(torch.device("cuda", 0)), on_device(torch.device("cpu")):
         pass
     assert entered == [1]
+
+
+def test_dropout_keep_mask_launches_on_its_devices_gpu(monkeypatch):
+    """ops.dropout_keep_mask runs its Triton kernel outside any fused op's body (which switch
+    devices): its launcher must switch to the mask's GPU itself (stubbed: no GPU needed)."""
+    import contextlib
+
+    from fusedlora import launch
+
+    state = {"in": None, "launched_in": []}
+
+    @contextlib.contextmanager
+    def fake_on_device(device):
+        state["in"] = device
+        yield
+        state["in"] = None
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *a, **k: state["launched_in"].append(state["in"])
+
+    monkeypatch.setattr(ops, "on_device", fake_on_device)
+    monkeypatch.setattr(launch, "dropout_materialize_kernel", Kernel())
+    launch.dropout_mask((4, 8), 0.5, 1, torch.device("cpu"))
+    assert state["launched_in"] == [torch.device("cpu")]
