@@ -403,6 +403,8 @@ class FusedLinear(nn.Linear):
         """(A, B) of LoRA adapter ``name`` in the weight's dtype, as the kernels read them: cast
         (differentiably) when the adapter is kept in another dtype (add_lora(dtype=...))."""
         A, B, dt = self.lora_A[name], self.lora_B[name], self.weight.dtype
+        if ops.autocasting(self.weight.device):
+            return A, B  # autocast casts them once, straight to its own dtype
         return (A if A.dtype == dt else A.to(dt)), (B if B.dtype == dt else B.to(dt))
 
     def _lora_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:

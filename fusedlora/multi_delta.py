@@ -29,7 +29,7 @@ from torch import Tensor
 from .backend import interpreting, record, select_backend
 from .multi import (_check_table_values, _groups, _meta, _seg_dot_max, _shrink, _Slots, check_pools_and_tables,
                     route, sort_min_rows)
-from .ops import _check_same, _check_tensor, autocast_inputs, fused_op, pick, triton_dtype_ok
+from .ops import _check_same, _check_tensor, autocast_inputs, autocasting, fused_op, pick, triton_dtype_ok
 
 def _overlaps_itself(t: Tensor) -> bool:
     """Whether two elements of the 2-D t share memory: a stride 0 along a dimension of 2 or
@@ -119,7 +119,7 @@ def add_multi_lora_(y: Tensor, x: Tensor, row_slot: Tensor, pool_A: Tensor, pool
     if x.dim() < 1 or y.dim() != x.dim() or y.shape[:-1] != x.shape[:-1]:
         raise ValueError(f"y: expected the leading shape of x {tuple(x.shape[:-1])} and N columns, got "
                          f"y {tuple(y.shape)} for x {tuple(x.shape)}")
-    if torch.is_autocast_enabled(x.device.type) and y.dtype == torch.get_autocast_dtype(x.device.type):
+    if autocasting(x.device) and y.dtype == torch.get_autocast_dtype(x.device.type):
         # y from an F.linear under autocast: the adapters' operands as that F.linear saw its own
         x, pool_A, pool_BT = autocast_inputs(x, pool_A, pool_BT)
     _check_same("y", y, x)

@@ -47,9 +47,14 @@ def bias_grad(grad_y: Tensor, dtype: torch.dtype) -> Tensor:
 def no_autocast(device_type: str):
     """A scope without autocast; entering a disabled autocast costs ~3 us, so only when it is on.
     (The meta device has no autocast state: nothing to turn off.)"""
-    if device_type != "meta" and torch.is_autocast_enabled(device_type):
+    if autocasting(torch.device(device_type)):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
+
+
+def autocasting(device: torch.device) -> bool:
+    """Whether torch.autocast is on for ``device`` (the meta device has no autocast state)."""
+    return device.type != "meta" and torch.is_autocast_enabled(device.type)
 
 
 def autocast_inputs(x, *tensors):
@@ -61,7 +66,7 @@ def autocast_inputs(x, *tensors):
     factors, pools); C3A's kernel and sparse values keep their own dtype (PEFT computes
     both deltas at their parameters' precision). Outside autocast: returned as given."""
     # (the meta device has no autocast state to ask: shape-only tracing, nothing is cast)
-    if not isinstance(x, Tensor) or x.device.type == "meta" or not torch.is_autocast_enabled(x.device.type):
+    if not isinstance(x, Tensor) or not autocasting(x.device):
         return (x, *tensors)
     dtype = torch.get_autocast_dtype(x.device.type)
     return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t

@@ -259,3 +259,19 @@ def test_routed_rows_of_a_second_layer_under_autocast(torch_backend):
         plain = model(x)                      # every row through "a" (rows 0 and 2 compared)
     assert y.dtype == AMP
     assert rel_err(y[[0, 2]], plain[[0, 2]]) < TOL[AMP]
+
+
+def test_float32_factors_of_a_16bit_layer_are_cast_once_under_autocast(torch_backend):
+    """fp32 LoRA factors (add_lora(dtype=...)) of a float16 layer under bfloat16 autocast go
+    straight to bfloat16, as F.linear's autocast casts them, not through float16 first
+    (a factor beyond float16's range became inf there)."""
+    torch.manual_seed(7)
+    layer = fusedlora.FusedLinear(K, N, dtype=torch.float16)
+    layer.add_lora("a", r=2, dtype=torch.float32)
+    with torch.no_grad():
+        layer.lora_A["a"].fill_(1.0 / K)
+        layer.lora_B["a"].fill_(7e4)         # beyond float16's range (65504), not bfloat16's
+    x = torch.randn(3, K, dtype=torch.float16) * 1e-3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
