@@ -95,9 +95,10 @@ def _cuda_extension():
                         (path.parent / PREBUILT_RECORD).write_text(record + "\n")
             self.inplace = inplace
 
-    # libstdc++ shared, as torch uses it (why: fusedlora/cuda_ext.py, LINK_FLAGS)
-    ext = CUDAExtension("fusedlora._C", sources, extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
-                        extra_link_args=["-l:libstdc++.so.6"])
+    # the flags of the first-use build too (libstdc++ shared, as torch uses it: build_config)
+    ext = CUDAExtension("fusedlora._C", sources,
+                        extra_compile_args={"cxx": list(build_config.CFLAGS), "nvcc": list(build_config.CUDA_CFLAGS)},
+                        extra_link_args=list(build_config.LINK_FLAGS))
     _say(f"building the CUDA extension for TORCH_CUDA_ARCH_LIST={archs} with {home}/bin/nvcc")
     return [ext], {"build_ext": Build}
 

@@ -16,6 +16,13 @@ from typing import Optional
 # (Blackwell runs no sm_90 code).
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 PREBUILT_RECORD = "_C.build.json"  # written by setup.py beside fusedlora/_C*.so
+# libstdc++ as the shared library that torch itself uses, named before the compiler's own
+# link line: a g++ that links it statically (the H200 image's did) would otherwise put a
+# second libstdc++ inside the module, whose iostreams broke against the process's one
+# (a segfault at the first `<<`; csrc/bindings.cpp no longer streams either).
+LINK_FLAGS = ("-l:libstdc++.so.6",)
+CFLAGS = ("-O3",)
+CUDA_CFLAGS = ("-O3",)
 _MODES = {"": "auto", "auto": "auto", "0": "0", "false": "0", "no": "0", "off": "0",
           "1": "1", "true": "1", "yes": "1", "on": "1"}
 _ARCH = re.compile(r"^\d+\.\d+[af]?(\+PTX)?$")

@@ -96,7 +96,7 @@ def _c3a_matmul(a: Tensor, b: Tensor, w: Tensor, *, reduce_in: bool, in_features
     """C = a @ (b + circ) + bias, circ the C3A delta laid out like b:
     b = W^T (reduce_in, forward) or b = W (dx)."""
     from .kernels.c3a import c3a_matmul_kernel
-    from .launch import _input_precision, _pow2_at_least, _tl_dtype, gemm_output, launch_gemm
+    from .launch import _input_precision, _pow2_at_least, _tl_dtype, bias_arg, gemm_output, launch_gemm
 
     M, K = a.shape
     N = b.shape[1]
@@ -107,7 +107,7 @@ def _c3a_matmul(a: Tensor, b: Tensor, w: Tensor, *, reduce_in: bool, in_features
     plan = matmul_plan(M, N, K, a.device, a.dtype.itemsize)
     c = gemm_output(M, N, plan, out_dtype, a.device)
     args = (
-        a, b, c, bias.contiguous() if bias is not None else c, w,  # bias read with unit stride
+        a, b, c, bias_arg(bias, c), w,
         M, N, K, int(w.shape[2]), _pow2_at_least(M, 1),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         w.stride(0), w.stride(1), w.stride(2), 1.0 / in_features,
@@ -125,7 +125,7 @@ def _decode_pair(x: Tensor, weight: Tensor, bias: Optional[Tensor], c3a_kernel: 
     import triton
 
     from .kernels.c3a import c3a_decode_finish_kernel, c3a_decode_kernel
-    from .launch import _input_precision, _pow2_at_least, _tl_dtype, decode_plan
+    from .launch import _input_precision, _pow2_at_least, _tl_dtype, bias_arg, decode_plan
 
     M, K = x.shape
     N, b = weight.shape[0], int(c3a_kernel.shape[2])
@@ -146,7 +146,7 @@ def _decode_pair(x: Tensor, weight: Tensor, bias: Optional[Tensor], c3a_kernel: 
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     warps = {k: plan[k] for k in ("num_warps",) if k in plan}
     c3a_decode_finish_kernel[(n_tiles,)](
-        part, bias.contiguous() if bias is not None else y, y, M, N, part.stride(0), part.stride(1),
+        part, bias_arg(bias, y), y, M, N, part.stride(0), part.stride(1),
         y.stride(0), y.stride(1), HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK_M=plan["BLOCK_M"],
         BLOCK_N=plan["BLOCK_N"], **warps)
     record("c3a.forward", "triton", "decode")

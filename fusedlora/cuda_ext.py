@@ -34,17 +34,10 @@ import torch
 
 from . import build_config
 from .backend import Choice, record
-from .build_config import DEFAULT_ARCH_LIST, PREBUILT_RECORD, arch_list, build_mode, nvcc_home  # noqa: F401
+from .build_config import (CFLAGS, CUDA_CFLAGS, DEFAULT_ARCH_LIST, LINK_FLAGS, PREBUILT_RECORD,  # noqa: F401
+                           arch_list, build_mode, nvcc_home)
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
-# libstdc++ as the shared library that torch itself uses, named before the compiler's own
-# link line: a g++ that links it statically (the H200 image's did) would otherwise put a
-# second libstdc++ inside the module, whose iostreams broke against the process's one
-# (a segfault at the first `<<`; csrc/bindings.cpp no longer streams either). setup.py
-# passes the same flag.
-LINK_FLAGS = ("-l:libstdc++.so.6",)
-CFLAGS = ("-O3",)
-CUDA_CFLAGS = ("-O3",)
 NAME = "fusedlora_C"
 _lock = threading.Lock()
 _state = {"module": None, "error": None, "built": None, "prebuilt_ignored": None}

@@ -114,6 +114,12 @@ def _input_precision(dot_dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def bias_arg(bias: Optional[torch.Tensor], absent: torch.Tensor) -> torch.Tensor:
+    """The bias pointer of a launch: the kernels read bias with unit stride (a strided one
+    is copied), and ``absent`` (any tensor, never read: HAS_BIAS=False) stands for none."""
+    return bias.contiguous() if bias is not None else absent
+
+
 def split_k(tiles: int, k_tiles: int, device: torch.device) -> int:
     """How many programs share the reduction so that ``tiles`` output tiles fill the GPU."""
     target = _target_programs(device)
@@ -200,8 +206,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, out_dtype: torch.dtype, dot_dtyp
     p = dropout.p if dropout is not None else 0.0
     drop_at = dropout.where if (dropout is not None and p > 0.0) else None
     args = (
-        # the kernels read bias with unit stride
-        a, b, c, bias.contiguous() if bias is not None else c, u if u is not None else c, v if v is not None else c,
+        a, b, c, bias_arg(bias, c), u if u is not None else c, v if v is not None else c,
         M, N, K, R, _pow2_at_least(M, 1),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         u.stride(0) if u is not None else 0, u.stride(1) if u is not None else 0,
@@ -284,7 +289,7 @@ def lora_decode(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     bn = plan["BLOCK_N"] if block_r < 128 else 32  # a 128+ x 64 tile of B spills in fp32
     warps = {k: plan[k] for k in ("num_warps",) if k in plan}
     lora_decode_finish_kernel[(triton.cdiv(N, bn),)](
-        part, lora_B, bias.contiguous() if bias is not None else y, u, y, M, N, R, r_cols,
+        part, lora_B, bias_arg(bias, y), u, y, M, N, R, r_cols,
         part.stride(0), part.stride(1), lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), float(scaling),
         HAS_BIAS=bias is not None, DOT_DTYPE=_tl_dtype(x.dtype), INPUT_PRECISION=_input_precision(x.dtype),
         SPLIT_K=plan["SPLIT_K"], BLOCK_M=plan["BLOCK_M"], BLOCK_N=bn, BLOCK_R=block_r, **warps)

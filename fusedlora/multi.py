@@ -192,7 +192,7 @@ def _matmul(a: Tensor, b: Tensor, bias: Optional[Tensor], u: Tensor, q: Tensor, 
     import triton
 
     from .kernels.multi import multi_matmul_kernel
-    from .launch import _input_precision, _pow2_at_least, _small_plan, _tl_dtype
+    from .launch import _input_precision, _pow2_at_least, _small_plan, _tl_dtype, bias_arg
 
     M, K = a.shape
     N = b.shape[1]
@@ -205,7 +205,7 @@ def _matmul(a: Tensor, b: Tensor, bias: Optional[Tensor], u: Tensor, q: Tensor, 
     c = (torch.zeros if split > 1 else torch.empty)(
         (M, N), device=a.device, dtype=torch.float32 if split > 1 else out_dtype)
     perm, segid, segstart = _meta(routing, row_slot)
-    args = (a, b, c, bias.contiguous() if bias is not None else c, u, q,  # bias: unit stride
+    args = (a, b, c, bias_arg(bias, c), u, q,
             row_slot, perm, segid, segstart, sl.off, sl.rank,
             sl.drop, M, N, K, _pow2_at_least(M, 1), _pow2_at_least(u.shape[1], 1),
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
@@ -231,7 +231,7 @@ def _decode_pair(x: Tensor, weight: Tensor, bias: Optional[Tensor], pool_A: Tens
     import triton
 
     from .kernels.multi import multi_decode_finish_kernel, multi_decode_kernel
-    from .launch import _input_precision, _tl_dtype, decode_plan
+    from .launch import _input_precision, _tl_dtype, bias_arg, decode_plan
 
     M, K = x.shape
     N = weight.shape[0]
@@ -248,7 +248,7 @@ def _decode_pair(x: Tensor, weight: Tensor, bias: Optional[Tensor], pool_A: Tens
         part.stride(0), part.stride(1), DOT_DTYPE=_tl_dtype(x.dtype), INPUT_PRECISION=_input_precision(x.dtype),
         **plan, BLOCK_R=16, SHRINK_BLOCK_K=shrink_k)
     multi_decode_finish_kernel[(triton.cdiv(N, finish_n),)](
-        part, pool_BT, bias.contiguous() if bias is not None else y, u, y, row_slot, sl.off, sl.rank,
+        part, pool_BT, bias_arg(bias, y), u, y, row_slot, sl.off, sl.rank,
         M, N, max_rank, max_rank, part.stride(0), part.stride(1), pool_BT.stride(0), pool_BT.stride(1),
         u.stride(0), y.stride(0), y.stride(1), HAS_BIAS=bias is not None, SPLIT_K=split,
         BLOCK_M=plan["BLOCK_M"], BLOCK_N=finish_n, BLOCK_R=finish_r, num_warps=4)

@@ -29,7 +29,8 @@ from torch import Tensor
 from .backend import interpreting, record, select_backend
 from .multi import (_check_table_values, _groups, _meta, _seg_dot_max, _shrink, _Slots, check_pools_and_tables,
                     route, sort_min_rows)
-from .ops import _check_same, _check_tensor, autocast_inputs, autocasting, fused_op, pick, triton_dtype_ok
+from .ops import _check_same, _check_tensor, autocast_inputs, autocasting, fused_op, pick, rows_of, triton_dtype_ok
+
 
 def _overlaps_itself(t: Tensor) -> bool:
     """Whether two elements of the 2-D t share memory: a stride 0 along a dimension of 2 or
@@ -123,17 +124,16 @@ def add_multi_lora_(y: Tensor, x: Tensor, row_slot: Tensor, pool_A: Tensor, pool
         # y from an F.linear under autocast: the adapters' operands as that F.linear saw its own
         x, pool_A, pool_BT = autocast_inputs(x, pool_A, pool_BT)
     _check_same("y", y, x)
-    K, N = x.shape[-1], y.shape[-1]
-    M = math.prod(x.shape[:-1])   # not view(-1, N): ambiguous when N or K is 0
+    x2 = rows_of(x)
+    M, N = x2.shape[0], y.shape[-1]
     try:
-        y2 = y.view(M, N)
+        y2 = y.view(M, N)   # not view(-1, N): ambiguous when N is 0
     except RuntimeError:
         raise ValueError(f"y: its rows must be addressable as one (rows, N) view to be added into in place; got "
                          f"strides {y.stride()} for shape {tuple(y.shape)}") from None
     if _overlaps_itself(y2):
         raise ValueError(f"y: elements of y share memory (strides {y.stride()} for shape {tuple(y.shape)}); "
                          "clone() it before adding into it in place")
-    x2 = x.reshape(M, K)
     check_pools_and_tables(x2, N, row_slot, pool_A, pool_BT, slot_off, slot_rank, slot_scale)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (y, x, pool_A, pool_BT)):
         raise ValueError("add_multi_lora_ is inference only: y, x, pool_A and pool_BT must not require grad "

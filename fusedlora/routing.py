@@ -213,7 +213,7 @@ class AdapterPool:
             e = self.entries.get(name)
             key = _param_key(A, B)
             if e is None or not _same_key(e.key, key):
-                _check_adapter_dtype(layer, name, A, B)
+                _check_poolable(layer, name, A, B)
                 self._write(name, A.detach(), B.detach(), key)
 
     # ---- tables
@@ -270,7 +270,7 @@ def _build_tables(names, kinds, ranks, scales, drops, offs, ids, device) -> Tabl
                   max(drops, default=0.0), tuple(names), tuple(kinds))
 
 
-def _check_adapter_dtype(layer, name: str, A: Tensor, B: Tensor) -> None:
+def _check_poolable(layer, name: str, A: Tensor, B: Tensor) -> None:
     """The pool holds adapters in the weight's dtype (one kept in another float dtype,
     add_lora(dtype=...), is cast as it is pooled); on another device they cannot be pooled."""
     W = layer.weight
@@ -412,7 +412,7 @@ def layer_forward(layer, x: Tensor, ids: Tensor, validate: bool = True, strict: 
     if loras:
         if differentiable:
             for n in loras:
-                _check_adapter_dtype(layer, n, layer.lora_A[n], layer.lora_B[n])
+                _check_poolable(layer, n, layer.lora_A[n], layer.lora_B[n])
             factors = [layer.factors(n) for n in loras]  # in W's dtype, differentiably
             pool_A = torch.cat([A for A, _ in factors])
             pool_BT = torch.cat([B.t() for _, B in factors])

@@ -110,7 +110,7 @@ def _sparse_matmul(a: Tensor, b: Tensor, layout: Tuple[Tensor, Tensor, Tensor, T
     """C = a @ (b + scaling * D) (+ bias). Forward (transposed=False): b = W^T, D = S^T;
     dx (transposed=True): b = W, D = S. ``layout`` = (offsets, rows, cols, perm)."""
     from .kernels.sparse import sparse_matmul_kernel
-    from .launch import _input_precision, _pow2_at_least, _tl_dtype, gemm_output, launch_gemm
+    from .launch import _input_precision, _pow2_at_least, _tl_dtype, bias_arg, gemm_output, launch_gemm
 
     M, K = a.shape
     N = b.shape[1]
@@ -127,7 +127,7 @@ def _sparse_matmul(a: Tensor, b: Tensor, layout: Tuple[Tensor, Tensor, Tensor, T
     c = gemm_output(M, N, plan, out_dtype, a.device)
     dummy = c
     args = (
-        a, b, c, bias.contiguous() if bias is not None else dummy,  # bias read with unit stride
+        a, b, c, bias_arg(bias, dummy),
         offsets if has_delta else dummy, red_idx if has_delta else dummy, out_idx if has_delta else dummy,
         perm if has_delta else dummy, values if has_delta else dummy,
         M, N, K, _pow2_at_least(M, 1), num_tn, num_tk,
@@ -198,7 +198,7 @@ def _rows_decode(x: Tensor, weight: Tensor, bias: Optional[Tensor], values: Tens
     import triton
 
     from .kernels.sparse import sparse_decode_finish_kernel, sparse_rows_add_kernel
-    from .launch import _pow2_at_least, decode_pair_serves, decode_partials, matmul
+    from .launch import _pow2_at_least, bias_arg, decode_pair_serves, decode_partials, matmul
 
     M, N = x.shape[0], weight.shape[0]
     row_ptr, col, order = _row_csr(rows, cols, perm, N)
@@ -207,7 +207,7 @@ def _rows_decode(x: Tensor, weight: Tensor, bias: Optional[Tensor], values: Tens
         part, plan, r_cols = decode_partials(x, weight)
         y = torch.empty((M, N), device=x.device, dtype=x.dtype)
         sparse_decode_finish_kernel[(triton.cdiv(N, block_n),)](
-            part, x, row_ptr, col, values.contiguous(), order, bias.contiguous() if bias is not None else y, y,
+            part, x, row_ptr, col, values.contiguous(), order, bias_arg(bias, y), y,
             M, N, r_cols, part.stride(0), part.stride(1), x.stride(0), x.stride(1), y.stride(0), y.stride(1),
             float(scaling), HAS_BIAS=bias is not None, SPLIT_K=plan["SPLIT_K"], BLOCK_M=_pow2_at_least(M, 1),
             BLOCK_N=block_n, BLOCK_E=16)
