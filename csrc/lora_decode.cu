@@ -391,9 +391,12 @@ __global__ void lora_finish(const LoraDecodeArgs p, int k_blocks) {
   for (int s = 0; s < k_blocks; ++s) acc += *partial_at(p, s, m, n);
   if (p.bias != nullptr) acc += to_float(static_cast<const T*>(p.bias)[n]);
   const Slot sl = p.R > 0 ? slot_of(m, p) : Slot{0, 0, 0.f};
-  if (sl.rank > 0) {
-    const T* b_row = static_cast<const T*>(p.b) + n * p.stride_bn + sl.off * p.stride_bj;
-    for (int j = 0; j < sl.rank; ++j) acc += p.u[m * p.R + j] * to_float(b_row[j * p.stride_bj]);
+  // A slot's rank above R (a caller's max_rank, unchecked under validate=False) would
+  // read u past row m: only the R columns the shrink wrote count.
+  const int rank = min(sl.rank, p.R);
+  if (rank > 0) {
+    const T* b_row = static_cast<const T*>(p.b) + n * p.stride_bn + static_cast<int64_t>(sl.off) * p.stride_bj;
+    for (int j = 0; j < rank; ++j) acc += p.u[m * p.R + j] * to_float(b_row[j * p.stride_bj]);
   }
   const WeightDelta& d = p.delta;
   if (d.sp_row_ptr != nullptr) {
