@@ -46,7 +46,7 @@ try:
 except ValueError as e:
     print('extension call ok:', e)" > /tmp/ext_probe.txt 2>&1 & probe=$!
 # what no GPU has run yet goes first, then the rest (one junit file each would pass the 8-file limit)
-NEW="warm_up_then_capture or spectral or cuda_graphs or decode_pair or shrink or two_kernels or autocast or delta or values_through"
+NEW="warm_up_then_capture or spectral or cuda_graphs or decode_pair or shrink or two_kernels or autocast or delta or values_through or weight_delta_rows"
 FUSEDLORA_AUTOTUNE=0 timeout -s INT "${NEW_S:-90}" $PYTEST -m gpu $PAR -k "$NEW" \
   --ignore tests/test_cuda_ext.py >> "$LOG" 2>&1
 echo "new gpu tests rc=$?" | tee -a "$LOG"; summary 10
@@ -76,6 +76,6 @@ left=$(( ${END:-430} - SECONDS ))
 step "quick benchmark (${left}s)"
 [ "$left" -gt 60 ] && timeout "$left" python -m fusedlora bench --quick --report --budget $((left - 30)) --out "$OUT" \
   --first "^decode (lora|multi) r16" --first "^decode (c3a|sparse)" --first "^(c3a|sparse) fwd.*M=4096" \
-  --first "^multi fwd r(8|64|8\+64)" --first "^switch" \
-  --paths "${PATHS:-decode,c3a,sparse,multi,switch}" 2>> "$LOG" | tee -a "$LOG" | tail -30
+  --first "^multi fwd r(8|64|8\+64)" --first "^switch" --first "^lora fwd.*M=4096" \
+  --paths "${PATHS:-decode,c3a,sparse,multi,switch,lora}" 2>> "$LOG" | tee -a "$LOG" | tail -30
 step "done"

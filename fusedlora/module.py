@@ -73,6 +73,7 @@ class FusedLinear(nn.Linear):
         self._multi_route = None  # set by fusedlora.use_adapters for the forwards in its scope
         self._multi_cache = None  # routing._prepare's answer and what it depends on
         self._multi_struct = 0    # bumped by every add / delete of an adapter
+        self._delta_rows = None   # weight_delta_rows' slot table and what it depends on
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "FusedLinear":

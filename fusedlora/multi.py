@@ -35,12 +35,14 @@ Pieces (docs/multi.md has the design note):
   base GEMM's epilogue; a grouped gradient kernel; each adapter's own
   lora_dropout in training; no host synchronisation.
 * C3A and sparse adapters in a mixed batch: the LoRA kernel serves their rows
-  with the base (their slot has rank 0), and their delta is added per adapter
-  in PyTorch (C3A by FFT, O(rows * N * K / b); sparse by a weighted
-  embedding_bag, O(rows * nnz)); differentiable by autograd. The rows: a slice
-  of one device sort when validation counted them on the host
-  (``multi.c3a_delta:torch:sorted``), else all rows masked (no sync: ``:masked``;
-  the torch backend picks them with nonzero: ``:gathered``). docs/multi.md.
+  with the base (their slot has rank 0), and their delta is added after. For
+  inference on decode-sized batches, one Triton launch adds every such row's
+  delta (fusedlora.weight_delta_rows). Otherwise per adapter in PyTorch (C3A by
+  FFT, O(rows * N * K / b); sparse by a weighted embedding_bag, O(rows * nnz));
+  differentiable by autograd. The rows: a slice of one device sort when
+  validation counted them on the host (``multi.c3a_delta:torch:sorted``), else
+  all rows masked (no sync: ``:masked``; the torch backend picks them with
+  nonzero: ``:gathered``). docs/multi.md.
 """
 from __future__ import annotations
 

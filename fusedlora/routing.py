@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from . import reference
+from . import reference, weight_delta_rows
 from .backend import record, select_backend
 from .derived import outside_inference_mode, version
 from .multi import _INT_DTYPES, _multi_forward
@@ -428,11 +428,18 @@ def layer_forward(layer, x: Tensor, ids: Tensor, validate: bool = True, strict: 
     else:
         y = F.linear(x2, W, b)
         record("multi.base", "torch", "linear")
-    # C3A and sparse rows: each such adapter's delta, added to its rows only. When the
-    # validation sync brought the rows per slot to the host, the rows of a slot are a
-    # slice of one device sort (no further sync); the torch backend selects them with
-    # nonzero (syncs are fine there). Otherwise (validate=False, CUDA graphs, and
+    # C3A and sparse rows. For inference on decode-sized batches: every such row's delta in
+    # one launch (weight_delta_rows; skipped when validation counted no such row; y is
+    # fresh and in no graph). Otherwise each adapter's delta, added to its rows only,
+    # differentiably: when the validation sync brought the rows per slot to the host, the
+    # rows of a slot are a slice of one device sort (no further sync); the torch backend
+    # selects them with nonzero (syncs are fine there); else (validate=False, CUDA graphs,
     # torch.compile) the delta is computed for all rows and masked: no host sync.
+    weight_rows = any(k != "lora" and (counts is None or c) for k, c in zip(tables.kinds, counts or tables.kinds))
+    if weight_rows and not compiling and not y.requires_grad and \
+            weight_delta_rows.serves(layer, x2, tables.names, tables.kinds) and \
+            weight_delta_rows.add_rows_(layer, y, x2, row_slot, tables.names, tables.kinds):
+        return y.reshape(*lead, layer.out_features)
     sorted_rows = counts is not None  # counted only by an eager validation
     gather = sorted_rows or (not compiling and select_backend(x.device) == "torch")
     order = None

@@ -49,7 +49,7 @@ optionally split over SPLIT_M programs that add fp32 partials atomically.
 import triton
 import triton.language as tl
 
-from .tiles import add_bias, dropout_keep, split_dot_store, split_sum, store_rows, swizzle_tile
+from .tiles import add_bias, csr_rows_dot, dropout_keep, split_dot_store, split_sum, store_rows, swizzle_tile
 
 
 @triton.jit
@@ -462,3 +462,87 @@ def multi_decode_finish_kernel(
         acc = add_bias(acc, bias_ptr, offs_n, N)
     c = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+# ------------------------------------------------- C3A and sparse rows of a routed batch
+# One launch adds every C3A and sparse row's delta into y, whichever adapter each row
+# uses: the adapters stay where they are (their parameters, the sparse layouts' CSR
+# rows) and a per-slot table of int64 addresses (fusedlora.weight_delta_rows) says
+# where. Row table entries: [kind, a0, a1, a2, a3, a4]
+#   kind 1 (C3A):    a0 = kernel (N/b, K/b, b) float32, a1 = b, a2..a4 = its strides
+#   kind 2 (sparse): a0 = CSR row_ptr int32 (N + 1), a1 = col int32, a2 = order int64
+#                    (CSR position -> index of the value), a3 = values, a4 = their dtype
+#                    (0 float32, 1 float16, 2 bfloat16); the scale is scale[slot]
+TABLE_WIDTH = tl.constexpr(6)
+
+
+@triton.jit
+def _as_ptr(address, dtype: tl.constexpr):
+    return address.to(tl.pointer_type(dtype), bitcast=True)
+
+
+@triton.jit
+def _c3a_row(x_row, w, bs, s0, s1, s2, offs_n, n_ok, K, stride_xk, BLOCK_K: tl.constexpr):
+    """sum_k C[n, k] x[k] for the tile's outputs n, C[n, k] = w[n // b, k // b, (k % b - n % b) mod b]
+    (unscaled), float32: the circulant gathered per K tile (it stays in cache)."""
+    ob = offs_n // bs
+    w_rows = w + ob.to(tl.int64) * s0
+    s = offs_n - ob * bs
+    acc = tl.zeros((offs_n.shape[0],), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        xv = tl.load(x_row + offs_k.to(tl.int64) * stride_xk, mask=k_ok, other=0.0).to(tl.float32)
+        ib = offs_k // bs
+        d = (offs_k - ib * bs)[None, :] - s[:, None]
+        d = tl.where(d < 0, d + bs, d)
+        circ = tl.load(w_rows[:, None] + ib[None, :].to(tl.int64) * s1 + d.to(tl.int64) * s2,
+                       mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += tl.sum(circ * xv[None, :], axis=1)
+    return acc
+
+
+@triton.jit
+def multi_weight_delta_rows_kernel(
+    c_ptr, x_ptr, slot_ptr, table_ptr, scale_ptr,
+    N, K, inv_k, stride_cm, stride_cn, stride_xm, stride_xk,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    """C[m, tile] += the delta of row m's C3A or sparse adapter (x[m] dW^T / K, or
+    scale * x[m] S^T), rounded once with C; rows of other slots (LoRA, -1) return at once."""
+    m = tl.program_id(1)
+    slot = tl.load(slot_ptr + m)
+    if slot >= 0:
+        row = table_ptr + slot * TABLE_WIDTH
+        kind = tl.load(row)
+        if kind != 0:
+            offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < N
+            x_row = x_ptr + m.to(tl.int64) * stride_xm
+            a0 = tl.load(row + 1)
+            a1 = tl.load(row + 2)
+            a2 = tl.load(row + 3)
+            a3 = tl.load(row + 4)
+            a4 = tl.load(row + 5)
+            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            if kind == 1:
+                acc = _c3a_row(x_row, _as_ptr(a0, tl.float32), a1.to(tl.int32), a2, a3, a4, offs_n, n_ok, K,
+                               stride_xk, BLOCK_K) * inv_k
+            else:
+                row_ptr = _as_ptr(a0, tl.int32)
+                col = _as_ptr(a1, tl.int32)
+                order = _as_ptr(a2, tl.int64)
+                one = tl.arange(0, 1)
+                if a4 == 0:
+                    part = csr_rows_dot(x_row, row_ptr, col, _as_ptr(a3, tl.float32), order, one, one < 1,
+                                          offs_n, n_ok, 0, stride_xk, 1, BLOCK_N, BLOCK_E)
+                elif a4 == 1:
+                    part = csr_rows_dot(x_row, row_ptr, col, _as_ptr(a3, tl.float16), order, one, one < 1,
+                                          offs_n, n_ok, 0, stride_xk, 1, BLOCK_N, BLOCK_E)
+                else:
+                    part = csr_rows_dot(x_row, row_ptr, col, _as_ptr(a3, tl.bfloat16), order, one, one < 1,
+                                          offs_n, n_ok, 0, stride_xk, 1, BLOCK_N, BLOCK_E)
+                acc = tl.sum(part, axis=0) * tl.load(scale_ptr + slot)
+            c = c_ptr + m.to(tl.int64) * stride_cm + offs_n.to(tl.int64) * stride_cn
+            tl.store(c, (tl.load(c, mask=n_ok, other=0.0).to(tl.float32) + acc).to(c_ptr.dtype.element_ty),
+                     mask=n_ok)

@@ -32,7 +32,7 @@ strides, (NUM_TK, 1) forward and (1, NUM_TK) for dx.
 import triton
 import triton.language as tl
 
-from .tiles import add_bias, split_k_range, split_sum, store_tile, swizzle_tile
+from .tiles import add_bias, csr_rows_dot, split_k_range, split_sum, store_tile, swizzle_tile
 
 
 @triton.jit
@@ -146,28 +146,6 @@ def sddmm_kernel(
 
 
 @triton.jit
-def _rows_nonzeros(x_ptr, row_ptr, col_ptr, val_ptr, order_ptr, offs_m, m_ok, offs_n, n_ok, stride_xm, stride_xk,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
-    """sum_i val[order[i]] x[m, col[i]] over output feature n's nonzeros (CSR rows), float32
-    (BLOCK_M x BLOCK_N): only those features' nonzeros are read, and x (a few KB) from cache.
-    The values stay in the user's order and dtype (no per-call gather; the order load runs
-    beside the column's, so the chain of dependent loads is no longer)."""
-    start = tl.load(row_ptr + offs_n, mask=n_ok, other=0)
-    end = tl.load(row_ptr + offs_n + 1, mask=n_ok, other=0)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    longest = tl.max(end - start, axis=0)
-    for e in range(0, longest, BLOCK_E):
-        idx = start[:, None] + e + tl.arange(0, BLOCK_E)[None, :]            # (BLOCK_N, BLOCK_E)
-        ok = idx < end[:, None]
-        col = tl.load(col_ptr + idx, mask=ok, other=0)
-        val = tl.load(val_ptr + tl.load(order_ptr + idx, mask=ok, other=0), mask=ok, other=0.0).to(tl.float32)
-        xg = tl.load(x_ptr + offs_m[:, None, None].to(tl.int64) * stride_xm + col[None, :, :] * stride_xk,
-                     mask=m_ok[:, None, None] & ok[None, :, :], other=0.0)
-        acc += tl.sum(xg.to(tl.float32) * val[None, :, :], axis=2)
-    return acc
-
-
-@triton.jit
 def sparse_rows_add_kernel(
     y_ptr, x_ptr, row_ptr, col_ptr, val_ptr, order_ptr,
     M, N, stride_ym, stride_yn, stride_xm, stride_xk, scaling,
@@ -179,7 +157,7 @@ def sparse_rows_add_kernel(
     n_ok = offs_n < N
     offs_m = tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
-    acc = _rows_nonzeros(x_ptr, row_ptr, col_ptr, val_ptr, order_ptr, offs_m, m_ok, offs_n, n_ok, stride_xm,
+    acc = csr_rows_dot(x_ptr, row_ptr, col_ptr, val_ptr, order_ptr, offs_m, m_ok, offs_n, n_ok, stride_xm,
                          stride_xk, BLOCK_M, BLOCK_N, BLOCK_E)
     ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
     mask = m_ok[:, None] & n_ok[None, :]
@@ -201,7 +179,7 @@ def sparse_decode_finish_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
     mask = m_ok[:, None] & n_ok[None, :]
-    acc = scaling * _rows_nonzeros(x_ptr, row_ptr, col_ptr, val_ptr, order_ptr, offs_m, m_ok, offs_n, n_ok,
+    acc = scaling * csr_rows_dot(x_ptr, row_ptr, col_ptr, val_ptr, order_ptr, offs_m, m_ok, offs_n, n_ok,
                                    stride_xm, stride_xk, BLOCK_M, BLOCK_N, BLOCK_E)
     acc += split_sum(part_ptr, offs_m, (R_COLS + offs_n)[None, :], mask, stride_ps, stride_pm, SPLIT_K)
     if HAS_BIAS:

@@ -126,3 +126,25 @@ def dropout_materialize_kernel(out_ptr, M, N, stride_m, stride_n, p, seed,
     mask = (rows[:, None] < M) & (cols[None, :] < N)
     ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_m + cols[None, :] * stride_n
     tl.store(ptrs, keep.to(tl.float32), mask=mask)
+
+
+@triton.jit
+def csr_rows_dot(x_ptr, row_ptr, col_ptr, val_ptr, order_ptr, offs_m, m_ok, offs_n, n_ok, stride_xm, stride_xk,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+    """sum_i val[order[i]] x[m, col[i]] over output feature n's nonzeros (CSR rows), float32
+    (BLOCK_M x BLOCK_N): only those features' nonzeros are read, and x (a few KB) from cache.
+    The values stay in the user's order and dtype (no per-call gather; the order load runs
+    beside the column's, so the chain of dependent loads is no longer)."""
+    start = tl.load(row_ptr + offs_n, mask=n_ok, other=0)
+    end = tl.load(row_ptr + offs_n + 1, mask=n_ok, other=0)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    longest = tl.max(end - start, axis=0)
+    for e in range(0, longest, BLOCK_E):
+        idx = start[:, None] + e + tl.arange(0, BLOCK_E)[None, :]            # (BLOCK_N, BLOCK_E)
+        ok = idx < end[:, None]
+        col = tl.load(col_ptr + idx, mask=ok, other=0)
+        val = tl.load(val_ptr + tl.load(order_ptr + idx, mask=ok, other=0), mask=ok, other=0.0).to(tl.float32)
+        xg = tl.load(x_ptr + offs_m[:, None, None].to(tl.int64) * stride_xm + col[None, :, :] * stride_xk,
+                     mask=m_ok[:, None, None] & ok[None, :, :], other=0.0)
+        acc += tl.sum(xg.to(tl.float32) * val[None, :, :], axis=2)
+    return acc

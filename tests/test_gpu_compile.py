@@ -48,7 +48,7 @@ def compile_variant(kernel, arch, dtype, out, consts, num_warps, num_stages, uni
             sig[name] = f"*{out}"
         elif name in _INT_POINTERS:
             sig[name] = "*i32"
-        elif name == "order_ptr":  # int64 positions (torch.sort's indices)
+        elif name in ("order_ptr", "table_ptr"):  # int64 positions (torch.sort's indices), addresses
             sig[name] = "*i64"
         elif name in _FP32_POINTERS:
             sig[name] = "*fp32"
@@ -144,7 +144,7 @@ def variants():
                                        c3a_diagonal_sums_kernel, c3a_kernel_grad_kernel, c3a_matmul_kernel)
     from fusedlora.kernels.lora import lora_decode_finish_kernel, lora_decode_kernel, lora_matmul_kernel
     from fusedlora.kernels.multi import (multi_decode_finish_kernel, multi_decode_kernel, multi_grad_kernel,
-                                         multi_matmul_kernel, multi_shrink_kernel)
+                                         multi_matmul_kernel, multi_shrink_kernel, multi_weight_delta_rows_kernel)
     from fusedlora.kernels.sparse import (sddmm_kernel, sparse_decode_finish_kernel, sparse_densify_kernel,
                                           sparse_gather_kernel, sparse_matmul_kernel, sparse_rows_add_kernel)
 
@@ -282,6 +282,11 @@ def variants():
                                         dict(DOT_DTYPE=tl.bfloat16, INPUT_PRECISION="tf32", SORTED=False, DROPOUT=False,
                                              SEG_DOT_MAX=8, SPLIT_K=4, BLOCK_M=1, BLOCK_R=16, BLOCK_K=256),
                                         4, 1, None),
+        # C3A and sparse rows of a routed batch: addresses from a table, one program per (tile, row)
+        "multi-sm90-bf16-weight-delta-rows": (multi_weight_delta_rows_kernel, 90, "bf16", "bf16",
+                                              dict(BLOCK_N=64, BLOCK_K=64, BLOCK_E=16), 4, 1, None),
+        "multi-sm80-fp16-weight-delta-rows": (multi_weight_delta_rows_kernel, 80, "fp16", "fp16",
+                                              dict(BLOCK_N=64, BLOCK_K=64, BLOCK_E=16), 4, 1, None),
         "multi-sm90-bf16-grad-grouped": (multi_grad_kernel, 90, "bf16", "fp32",
                                          dict(DROP_R=True, DOT_DTYPE=tl.bfloat16, INPUT_PRECISION="tf32", SPLIT_M=4,
                                               BLOCK_M=64, BLOCK_N=128, BLOCK_R=16), 4, 3, "mma"),
@@ -305,7 +310,7 @@ def spill_bytes(ptx: str, arch: int) -> int:
 
 
 # The decode pairs are latency-bound launches of a few microseconds: no register spills.
-NO_SPILLS = ("decode-pair", "decode-finish", "delta-")
+NO_SPILLS = ("decode-pair", "decode-finish", "delta-", "weight-delta-rows")
 
 
 def main() -> None:
@@ -340,7 +345,7 @@ NAMES = ["lora-sm90-bf16-decode-pair", "lora-sm80-fp32-decode-pair", "lora-sm90-
          "c3a-sm90-bf16-diagonal-sums", "multi-sm90-bf16-forward-sgmv",
          "multi-sm90-bf16-decode-bgmv", "multi-sm90-bf16-decode-pair", "multi-sm90-bf16-decode-finish", "multi-sm80-fp16-grad-x-sgmv", "multi-sm90-bf16-shrink-sgmv",
          "multi-sm90-bf16-shrink-bgmv", "multi-sm90-bf16-grad-grouped", "multi-sm90-bf16-delta-sgmv",
-         "multi-sm90-bf16-delta-bgmv"]
+         "multi-sm90-bf16-delta-bgmv", "multi-sm90-bf16-weight-delta-rows", "multi-sm80-fp16-weight-delta-rows"]
 
 
 @pytest.mark.parametrize("name", NAMES + PLAN_NAMES)

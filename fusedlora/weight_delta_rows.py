@@ -1,0 +1,147 @@
+"""The C3A and sparse rows of a routed batch, in one Triton launch.
+
+In a batch routed by ``adapter_ids``, LoRA rows run in the multi-adapter kernels; a
+row of a C3A or sparse adapter gets the base there (its slot has rank 0) and its
+adapter's delta added after. Done per adapter with PyTorch ops, that is a handful of
+launches for every such adapter in the layer and, without the host sync of validation
+(``validate=False``, CUDA graphs), each adapter's delta computed for every row and
+masked: O(adapters x rows). ``multi_weight_delta_rows_kernel`` adds every row's delta
+in one launch whatever the mix: a program per (row, output tile); rows of LoRA
+adapters and base rows return at once. The adapters are read where they are (the C3A
+kernels and sparse values are the parameters themselves; the sparse nonzeros the
+CSR rows of their layout, built once), through a per-slot table of addresses, so
+nothing is copied per call and no host sync is needed: CUDA-graph capturable.
+
+Served for inference (no gradient asked of x or of the C3A / sparse parameters),
+eager calls (torch.compile traces the PyTorch form), batches of up to
+``multi.sort_min_rows()`` rows (decode: each row gathers its adapter, C3A's circulant
+N x K per row from cache, where a prefill batch is better served by one FFT per
+adapter over its rows). Recorded as ``multi.c3a_delta:triton:rows`` and
+``multi.sparse_delta:triton:rows``.
+
+The table caches raw addresses: it is rebuilt when an adapter is added or deleted or a
+parameter or index buffer is replaced, moved or changed in place (their identity,
+address and version), in place when its shape allows, so that a captured CUDA graph
+reads the current one. Like any captured graph, one captured before a parameter's
+storage is replaced reads the old storage.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+from torch import Tensor
+
+from .backend import interpreting, record, select_backend
+from .derived import outside_inference_mode, version
+from .ops import on_device, triton_serves
+
+_VALUE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _fingerprint(layer, names: Sequence[str], kinds: Sequence[str], device: torch.device) -> tuple:
+    """What the table depends on, read at C speed: see the module docstring."""
+    fp: list = [layer._multi_struct, device]
+    for name, kind in zip(names, kinds):
+        if kind == "c3a":
+            k = layer.c3a_kernel[name]
+            fp += (id(k), k.data_ptr(), k.dtype, k.device, k.stride())
+        elif kind == "sparse":
+            v, i = layer.sparse_values[name], layer.sparse_indices[name]
+            fp += (id(v), v.data_ptr(), v.dtype, v.device, id(i), i.data_ptr(), version(i, object()),
+                   layer.sparse_scaling[name])
+    return tuple(fp)
+
+
+def _entries(layer, names: Sequence[str], kinds: Sequence[str], device: torch.device):
+    """(rows of the slot table, scales, tensors the addresses point into), or None when an
+    adapter is not on ``device`` or not in a dtype the kernel reads."""
+    from .sparse import _row_csr
+
+    rows: List[List[int]] = []
+    scales: List[float] = []
+    keep: List[Tensor] = []
+    for name, kind in zip(names, kinds):
+        if kind == "c3a":
+            k = layer.c3a_kernel[name]
+            if k.device != device or k.dtype != torch.float32:
+                return None
+            rows.append([1, k.data_ptr(), k.shape[2], *k.stride()])
+            scales.append(0.0)
+        elif kind == "sparse":
+            v = layer.sparse_values[name]
+            if v.device != device or v.dtype not in _VALUE_CODES:
+                return None
+            layout = layer._layout(name)
+            row_ptr, col, order = _row_csr(layout.rows, layout.cols, layout.perm, layer.out_features)
+            keep += [row_ptr, col, order]
+            rows.append([2, row_ptr.data_ptr(), col.data_ptr(), order.data_ptr(), v.data_ptr(), _VALUE_CODES[v.dtype]])
+            scales.append(float(layer.sparse_scaling[name]))
+        else:
+            rows.append([0] * 6)
+            scales.append(0.0)
+    return rows, scales, keep
+
+
+def _table(layer, names: Sequence[str], kinds: Sequence[str], device: torch.device):
+    """(table int64 (S, 6), scale float32 (S,)) for the layer's slots, or None (see _entries)."""
+    fp = _fingerprint(layer, names, kinds, device)
+    cached = layer._delta_rows
+    if cached is not None and cached[0] == fp:
+        return cached[1], cached[2]
+    with outside_inference_mode():  # kept across calls, also by calls outside inference mode
+        built = _entries(layer, names, kinds, device)
+        if built is None:
+            return None
+        rows, scales, keep = built
+        table = torch.tensor(rows, dtype=torch.int64).to(device)
+        scale = torch.tensor(scales, dtype=torch.float32).to(device)
+        if cached is not None and cached[1].shape == table.shape and cached[1].device == device:
+            cached[1].copy_(table)  # in place: a captured CUDA graph reads the new addresses
+            cached[2].copy_(scale)
+            table, scale = cached[1], cached[2]
+    layer._delta_rows = (fp, table, scale, keep)
+    return table, scale
+
+
+def serves(layer, x2: Tensor, names: Sequence[str], kinds: Sequence[str]) -> bool:
+    """Whether add_rows_ takes this call (see the module docstring); False sends the rows
+    to the per-adapter PyTorch form."""
+    from .multi import sort_min_rows
+
+    M, K = x2.shape
+    if not (0 < M <= sort_min_rows() and K > 0 and layer.out_features > 0):
+        return False
+    if not triton_serves(x2.device, x2.dtype) or select_backend(x2.device, "multi.weight_delta", M) not in (
+            "triton", "cuda"):
+        return False
+    if torch.is_grad_enabled():
+        params = [layer.c3a_kernel[n] if k == "c3a" else layer.sparse_values[n]
+                  for n, k in zip(names, kinds) if k != "lora"]
+        if x2.requires_grad or any(p.requires_grad for p in params):
+            return False
+    return True
+
+
+def add_rows_(layer, y: Tensor, x2: Tensor, row_slot: Tensor, names: Sequence[str], kinds: Sequence[str]) -> bool:
+    """y[m] += the delta of row m's C3A or sparse adapter, for every row, in one launch
+    (in place; y is the fresh output of the LoRA / base step). False when an adapter's
+    tensors are not on x's device or not in a dtype the kernel reads: nothing was done."""
+    import triton
+
+    from .kernels.multi import multi_weight_delta_rows_kernel
+
+    got = _table(layer, names, kinds, x2.device)
+    if got is None:
+        return False
+    table, scale = got
+    (M, K), N = x2.shape, layer.out_features
+    block_n, block_k = (32, 32) if interpreting() else (64, 64)
+    with on_device(x2.device):  # Triton launches on the current device
+        multi_weight_delta_rows_kernel[(triton.cdiv(N, block_n), M)](
+            y, x2, row_slot, table, scale, N, K, 1.0 / K, y.stride(0), y.stride(1), x2.stride(0), x2.stride(1),
+            BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_E=16)
+    for kind in sorted(set(kinds) - {"lora"}):
+        record(f"multi.{kind}_delta", "triton", "rows")
+    return True
+
