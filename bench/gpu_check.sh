@@ -76,6 +76,6 @@ left=$(( ${END:-430} - SECONDS ))
 step "quick benchmark (${left}s)"
 [ "$left" -gt 60 ] && timeout "$left" python -m fusedlora bench --quick --report --budget $((left - 30)) --out "$OUT" \
   --first "^decode (lora|multi) r16" --first "^decode (c3a|sparse)" --first "^(c3a|sparse) fwd.*M=4096" \
-  --first "^multi fwd r(8|64|8\+64)" --first "^switch" --first "^lora fwd.*M=4096" \
-  --paths "${PATHS:-decode,c3a,sparse,multi,switch,lora}" 2>> "$LOG" | tee -a "$LOG" | tail -30
+  --first "^multi fwd r(8|64|8\+64)" --first "^switch" --first "^kinds" --first "^lora fwd.*M=4096" \
+  --paths "${PATHS:-decode,c3a,sparse,multi,kinds,switch,lora}" 2>> "$LOG" | tee -a "$LOG" | tail -30
 step "done"

@@ -27,6 +27,7 @@ storage is replaced reads the old storage.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import List, Sequence
 
 import torch
@@ -37,6 +38,18 @@ from .derived import outside_inference_mode, version
 from .ops import on_device, triton_serves
 
 _VALUE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+ONE_LAUNCH = True  # off: the per-adapter PyTorch form serves (bench/kinds.py times both)
+
+
+@contextlib.contextmanager
+def use_one_launch(on: bool):
+    """ONE_LAUNCH for the calls in this scope (process-wide, like backend.use_backend)."""
+    global ONE_LAUNCH
+    before, ONE_LAUNCH = ONE_LAUNCH, bool(on)
+    try:
+        yield
+    finally:
+        ONE_LAUNCH = before
 
 
 def _fingerprint(layer, names: Sequence[str], kinds: Sequence[str], device: torch.device) -> tuple:
@@ -110,7 +123,7 @@ def serves(layer, x2: Tensor, names: Sequence[str], kinds: Sequence[str]) -> boo
     from .multi import sort_min_rows
 
     M, K = x2.shape
-    if not (0 < M <= sort_min_rows() and K > 0 and layer.out_features > 0):
+    if not (ONE_LAUNCH and 0 < M <= sort_min_rows() and K > 0 and layer.out_features > 0):
         return False
     if not triton_serves(x2.device, x2.dtype) or select_backend(x2.device, "multi.weight_delta", M) not in (
             "triton", "cuda"):

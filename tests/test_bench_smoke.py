@@ -13,6 +13,7 @@ PATHS = {  # path -> implementations every row of it must have
     "c3a": ("fused", "auto", "base", "eager", "compile", "peft"),
     "sparse": ("fused", "auto", "base", "eager", "compile", "peft"),
     "switch": ("sparse", "sparse-module", "index_add", "lora", "lora-module", "peft-lora", "peft-shira"),
+    "kinds": ("rows", "per-adapter", "validated", "base"),
 }
 
 
