@@ -33,6 +33,21 @@ _dispatch = collections.Counter()
 _lock = threading.Lock()
 
 
+@contextlib.contextmanager
+def scoped_setting(module_name: str, attr: str, value):
+    """``module.attr = value`` for the calls in this scope, then back (process-wide, like
+    ``use_backend``): the switches the benchmarks time both sides of."""
+    import sys
+
+    module = sys.modules[module_name]
+    before = getattr(module, attr)
+    setattr(module, attr, value)
+    try:
+        yield
+    finally:
+        setattr(module, attr, before)
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

@@ -16,7 +16,6 @@ its own forward; fusedlora does not copy that.)
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from typing import List, Optional, Union
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
-from .backend import dispatch, interpreting, record, select_backend
+from .backend import dispatch, interpreting, record, scoped_setting, select_backend
 from .c3a_spectral import _spectral_delta_, _spectral_grads
 from .ops import (autocast_inputs, bias_grad, check_linear_args, fused_op, pick, register_autograd, rows_of,
                   triton_dtype_ok, triton_serves)
@@ -214,16 +213,10 @@ FFT_ROWS = 16
 SPECTRAL_MIN_BLOCK: Optional[int] = None
 
 
-@contextlib.contextmanager
 def use_spectral(min_block: Optional[int] = 16):
     """The eager spectral form for block sizes from ``min_block`` (None: off) in this scope
     (process-wide); the benchmarks time it this way."""
-    global SPECTRAL_MIN_BLOCK
-    before, SPECTRAL_MIN_BLOCK = SPECTRAL_MIN_BLOCK, min_block
-    try:
-        yield
-    finally:
-        SPECTRAL_MIN_BLOCK = before
+    return scoped_setting(__name__, "SPECTRAL_MIN_BLOCK", min_block)
 
 
 def _spectral(c3a_kernel: Tensor) -> bool:

@@ -5,7 +5,6 @@ matrix product onto ``lora_matmul_kernel`` and picks its tiles.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .backend import interpreting, record
+from .backend import interpreting, record, scoped_setting
 
 import triton  # noqa: E402  (imported after backend so TRITON_INTERPRET is read)
 import triton.language as tl  # noqa: E402
@@ -230,15 +229,9 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, out_dtype: torch.dtype, dot_dtyp
 DECODE_PAIR = True
 
 
-@contextlib.contextmanager
 def use_decode_pair(on: bool):
     """DECODE_PAIR for the calls in this scope (process-wide, like backend.use_backend)."""
-    global DECODE_PAIR
-    before, DECODE_PAIR = DECODE_PAIR, bool(on)
-    try:
-        yield
-    finally:
-        DECODE_PAIR = before
+    return scoped_setting(__name__, "DECODE_PAIR", bool(on))
 
 
 def decode_pair_serves(x: torch.Tensor, weight: torch.Tensor, dropout: bool) -> bool:

@@ -27,13 +27,12 @@ storage is replaced reads the old storage.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import List, Sequence
 
 import torch
 from torch import Tensor
 
-from .backend import interpreting, record, select_backend
+from .backend import interpreting, record, scoped_setting, select_backend
 from .derived import outside_inference_mode, version
 from .ops import on_device, triton_serves
 
@@ -41,15 +40,9 @@ _VALUE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 ONE_LAUNCH = True  # off: the per-adapter PyTorch form serves (bench/kinds.py times both)
 
 
-@contextlib.contextmanager
 def use_one_launch(on: bool):
     """ONE_LAUNCH for the calls in this scope (process-wide, like backend.use_backend)."""
-    global ONE_LAUNCH
-    before, ONE_LAUNCH = ONE_LAUNCH, bool(on)
-    try:
-        yield
-    finally:
-        ONE_LAUNCH = before
+    return scoped_setting(__name__, "ONE_LAUNCH", bool(on))
 
 
 def _fingerprint(layer, names: Sequence[str], kinds: Sequence[str], device: torch.device) -> tuple:
