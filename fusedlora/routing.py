@@ -138,6 +138,7 @@ class AdapterPool:
         self.copied_rows = 0                # rows written since creation (tests check amortisation)
         self.sparse_order: Dict[str, tuple] = {}  # sparse adapters' nonzeros sorted by output row
         self._tables: Dict[tuple, Tables] = {}
+        self._cast: Optional[tuple] = None  # (what it was cast from, A, BT) in another dtype
 
     # ---- rows
     def _reset(self, K: int, N: int, device, dtype) -> None:
@@ -215,6 +216,16 @@ class AdapterPool:
             if e is None or not _same_key(e.key, key):
                 _check_poolable(layer, name, A, B)
                 self._write(name, A.detach(), B.detach(), key)
+
+    def cast(self, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+        """The live rows of A and BT in ``dtype`` (a float32 model's pool under autocast), cast
+        once and kept until the pool's rows change (a sync's copy bumps their versions)."""
+        key = (dtype, self.used, self.A.data_ptr(), version(self.A, object()), self.BT.data_ptr(),
+               version(self.BT, object()))
+        if self._cast is None or not _same_key(self._cast[0], key):
+            with outside_inference_mode():
+                self._cast = (key, self.A[:self.used].to(dtype), self.BT[:self.used].to(dtype))
+        return self._cast[1], self._cast[2]
 
     # ---- tables
     def tables(self, layer, pooled: bool) -> Tables:
@@ -420,7 +431,10 @@ def layer_forward(layer, x: Tensor, ids: Tensor, validate: bool = True, strict: 
 
         p_max = tables.max_drop if layer.training else 0.0
         if pool_A.dtype != x2.dtype:  # autocast cast x (the pools are in W's dtype otherwise)
-            pool_A, pool_BT = pool_A.to(x2.dtype), pool_BT.to(x2.dtype)
+            if differentiable:  # the torch.cat of the parameters, made for this call
+                pool_A, pool_BT = pool_A.to(x2.dtype), pool_BT.to(x2.dtype)
+            else:  # the synchronised pool: cast once, not at every call of a serving loop
+                pool_A, pool_BT = layer._multi_pool.cast(x2.dtype)
         op = pick(_multi_forward, x2, W, b, pool_A, pool_BT)
         y, _ = op(x2, W, b, pool_A, pool_BT, row_slot,
                   tables.slot_off, tables.slot_rank, tables.slot_scale, tables.slot_drop, tables.max_rank,

@@ -275,3 +275,34 @@ def test_float32_factors_of_a_16bit_layer_are_cast_once_under_autocast(torch_bac
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
     assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+
+
+def test_routed_pool_is_cast_once_until_an_adapter_changes(triton_backend):
+    """A float32 model's serving pool under autocast: cast to the autocast dtype at the first
+    routed call and kept (not O(pool) per call), cast again once an adapter changes."""
+    _, layer = _layers()
+    for n, r in (("pa", 4), ("pb", 6)):
+        layer.add_lora(n, r=r)
+        torch.nn.init.normal_(layer.lora_B[n], std=0.3)
+    ids = torch.tensor([layer.adapter_id("pa"), -1, layer.adapter_id("pb")], device=DEVICE)
+    x = torch.randn(3, K, device=DEVICE)
+
+    def routed_and_single():
+        with torch.no_grad(), torch.autocast(DEVICE, dtype=AMP):
+            y = layer(x, adapter_ids=ids)
+            single = []
+            for r, n in enumerate(("pa", None, "pb")):
+                layer.set_adapter(n)
+                single.append(layer(x[r:r + 1])[0])
+        return y, torch.stack(single)
+
+    y, expected = routed_and_single()
+    assert y.dtype == AMP and rel_err(y, expected) < TOL[AMP]
+    cast = layer._multi_pool._cast
+    assert cast is not None and cast[1].dtype == AMP
+    routed_and_single()
+    assert layer._multi_pool._cast is cast  # the second call reused it
+    with torch.no_grad():
+        layer.lora_B["pb"].mul_(-3.0)
+    y, expected = routed_and_single()
+    assert layer._multi_pool._cast is not cast and rel_err(y, expected) < TOL[AMP]
