@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The prepared call for a lent GPU machine: 15 minutes of device time per session, starts
-# (~50 s each) included, 10 minutes per command, the machine given back after 30 s idle.
+# (~50-120 s each) included, 10 minutes per command, the machine given back after 30 s idle:
+# one call of at most ~560 s leaves room for the start and nothing else.
 # What the leases so far taught: pytest killed by `timeout` prints nothing (use SIGINT);
 # seven autotune configs make a C3A test take 30-67 s to compile (FUSEDLORA_AUTOTUNE=0
 # keeps one); build and probe the CUDA extension in a subprocess before anything loads it
 # (it segfaulted in every process that called it until the libstdc++ fix, docs/cuda.md).
 #
-#   END=430 bash bench/gpu_check.sh      (timeout_s END + 30)
+#   END=560 OUT=$OUT bash bench/gpu_check.sh      (timeout_s END + 30)
 #     1. the extension's build and probe (background) while `pytest -m gpu` runs: first the
 #        tests no GPU has run yet (NEW_S), then the rest (TEST_S)
 #     2. if the probe passed: the extension's tests, then compute-sanitizer memcheck over the
@@ -47,21 +48,21 @@ except ValueError as e:
     print('extension call ok:', e)" > /tmp/ext_probe.txt 2>&1 & probe=$!
 # what no GPU has run yet goes first, then the rest (one junit file each would pass the 8-file limit)
 NEW="warm_up_then_capture or spectral or cuda_graphs or decode_pair or shrink or two_kernels or autocast or delta or values_through or weight_delta_rows"
-FUSEDLORA_AUTOTUNE=0 timeout -s INT "${NEW_S:-90}" $PYTEST -m gpu $PAR -k "$NEW" \
+FUSEDLORA_AUTOTUNE=0 timeout -s INT "${NEW_S:-80}" $PYTEST -m gpu $PAR -k "$NEW" \
   --ignore tests/test_cuda_ext.py >> "$LOG" 2>&1
 echo "new gpu tests rc=$?" | tee -a "$LOG"; summary 10
-FUSEDLORA_AUTOTUNE=0 timeout -s INT "${TEST_S:-130}" $PYTEST -m gpu $PAR --durations=10 -k "not ($NEW)" \
+FUSEDLORA_AUTOTUNE=0 timeout -s INT "${TEST_S:-120}" $PYTEST -m gpu $PAR --durations=10 -k "not ($NEW)" \
   --ignore tests/test_cuda_ext.py --junitxml="$OUT/gpu_tests.xml" >> "$LOG" 2>&1
 echo "gpu tests rc=$?" | tee -a "$LOG"; summary 25
 wait $probe; echo "probe rc=$?" >> "$LOG"; tail -c 3000 /tmp/ext_probe.txt | tee -a "$LOG" | tail -3
 if grep -q "extension call ok" /tmp/ext_probe.txt; then
   step "extension tests"
-  timeout -s INT 120 $PYTEST $PAR tests/test_cuda_ext.py --junitxml="$OUT/ext_tests.xml" >> "$LOG" 2>&1
+  timeout -s INT "${EXT_S:-90}" $PYTEST $PAR tests/test_cuda_ext.py --junitxml="$OUT/ext_tests.xml" >> "$LOG" 2>&1
   echo "extension tests rc=$?" | tee -a "$LOG"; summary 8
   # every kernel changed since the H200's memcheck (two-launch form, tensor-core GEMV): the
   # tests of uninitialised outputs first (u, splits), then the reference matches, both GEMVs
   step "compute-sanitizer memcheck (extension kernels)"
-  PATH="$CUDA_HOME/bin:$PATH" timeout -s INT "${MEMCHECK_S:-60}" compute-sanitizer --tool memcheck --error-exitcode 3 \
+  PATH="$CUDA_HOME/bin:$PATH" timeout -s INT "${MEMCHECK_S:-45}" compute-sanitizer --tool memcheck --error-exitcode 3 \
     $PYTEST -x tests/test_cuda_ext.py -k "shrink or zeroes or matches_reference" >> "$LOG" 2>&1
   echo "memcheck rc=$?" | tee -a "$LOG"; tail -4 "$LOG"
 else
@@ -70,9 +71,9 @@ else
 fi
 if [ "${PROFILE:-1}" = 1 ]; then
   step "host and device time of a training step"
-  timeout 60 python -m bench.profile_step 4096 >> "$LOG" 2>&1; tail -24 "$LOG"
+  timeout "${PROFILE_S:-40}" python -m bench.profile_step 4096 >> "$LOG" 2>&1; tail -24 "$LOG"
 fi
-left=$(( ${END:-430} - SECONDS ))
+left=$(( ${END:-560} - SECONDS ))
 step "quick benchmark (${left}s)"
 [ "$left" -gt 60 ] && timeout "$left" python -m fusedlora bench --quick --report --budget $((left - 30)) --out "$OUT" \
   --first "^decode (lora|multi) r16" --first "^decode (c3a|sparse)" --first "^(c3a|sparse) fwd.*M=4096" \
