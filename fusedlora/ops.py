@@ -130,6 +130,8 @@ def pick(op, *tensors):
         return op
     if not all(t is None or type(t) in (Tensor, torch.nn.Parameter) for t in tensors):
         return op
+    if any(t is not None and t.is_meta for t in tensors):
+        return op  # the dispatcher sends meta tensors to the op's fake: shapes only
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return getattr(op, "autograd", op)  # backward ops have no formula: the op says so
     return op.direct

@@ -401,7 +401,7 @@ def layer_forward(layer, x: Tensor, ids: Tensor, validate: bool = True, strict: 
     row_slot = table[row_ids.clamp(-1, table.shape[0] - 1)]  # two launches, int32 out: decode pays per launch
 
     counts = None
-    if validate:
+    if validate and x.device.type != "meta":  # meta tensors hold no ids to check: shapes only
         bad = (row_slot < 0) & (row_ids != -1) if strict else None
         if compiling:
             if bad is not None:
@@ -455,7 +455,7 @@ def layer_forward(layer, x: Tensor, ids: Tensor, validate: bool = True, strict: 
             weight_delta_rows.add_rows_(layer, y, x2, row_slot, tables.names, tables.kinds):
         return y.reshape(*lead, layer.out_features)
     sorted_rows = counts is not None  # counted only by an eager validation
-    gather = sorted_rows or (not compiling and select_backend(x.device) == "torch")
+    gather = sorted_rows or (not compiling and select_backend(x.device) == "torch" and not x.is_meta)
     order = None
     for slot, (name, kind) in enumerate(zip(tables.names, tables.kinds)):
         if kind == "lora" or x2.shape[0] == 0:  # no rows: no delta (and no FFT of 0 rows)
@@ -531,7 +531,8 @@ class _Route:
 
     def __init__(self, ids: Tensor, validate: bool, layers: list):
         self.ids, self.validate, self._layers = ids, validate, layers
-        self._present = _check_model_ids(layers, ids) if validate else None
+        # meta ids hold no values to check: shapes only
+        self._present = _check_model_ids(layers, ids) if validate and not ids.is_meta else None
         self._version = version(ids)
 
     @property

@@ -200,6 +200,25 @@ def test_zero_rows_and_all_base(triton_backend):
 
 
 # ----------------------------------------------------------- ids and pool
+def test_routed_forward_on_the_meta_device_traces_shapes():
+    """A model built on the meta device (init_empty_weights, shape tracing): routed rows give
+    meta outputs of the right shape, with or without validation (no values to check) and
+    through use_adapters; the graph is recorded when a parameter needs grad."""
+    layer = FusedLinear(16, 8, device="meta")
+    layer.add_lora("meta_a", r=2)
+    layer.add_c3a("meta_c", block_size=4)
+    layer.add_sparse("meta_s", random_indices((8, 16), density=0.1, seed=0))
+    ids = torch.tensor([layer.adapter_id("meta_a"), -1, layer.adapter_id("meta_c")], device="meta")
+    x = torch.randn(3, 5, 16, device="meta")
+    for validate in (True, False):
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad):
+                y = layer(x, adapter_ids=ids, validate=validate)
+            assert y.shape == (3, 5, 8) and y.is_meta and y.requires_grad == grad
+    with fusedlora.use_adapters(nn.Sequential(layer), ids):
+        assert layer(x).shape == (3, 5, 8)
+
+
 def test_global_ids_stable_across_layers_and_deletes(triton_backend):
     l1 = FusedLinear(16, 8, device=DEVICE)
     l2 = FusedLinear(8, 16, device=DEVICE)
