@@ -15,6 +15,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from . import reference
 from .backend import dispatch, interpreting, record, select_backend
@@ -132,6 +133,11 @@ def pick(op, *tensors):
         return op
     if any(t is not None and t.is_meta for t in tensors):
         return op  # the dispatcher sends meta tensors to the op's fake: shapes only
+    if forward_ad._current_level >= 0 and any(t is not None and forward_ad.unpack_dual(t).tangent is not None
+                                              for t in tensors):
+        # neither the kernels nor the custom ops carry tangents: they would be dropped
+        raise NotImplementedError(f"{getattr(op, '_qualname', op)}: forward-mode AD (dual tensors, "
+                                  "torch.func.jvp) is not supported by fusedlora's fused ops; use reverse mode")
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return getattr(op, "autograd", op)  # backward ops have no formula: the op says so
     return op.direct

@@ -449,10 +449,10 @@ def layer_forward(layer, x: Tensor, ids: Tensor, validate: bool = True, strict: 
     # rows of a slot are a slice of one device sort (no further sync); the torch backend
     # selects them with nonzero (syncs are fine there); else (validate=False, CUDA graphs,
     # torch.compile) the delta is computed for all rows and masked: no host sync.
-    weight_rows = any(k != "lora" and (counts is None or c) for k, c in zip(tables.kinds, counts or tables.kinds))
-    if weight_rows and not compiling and not y.requires_grad and \
+    with_rows = [k for k, c in zip(tables.kinds, counts or tables.kinds) if k != "lora" and (counts is None or c)]
+    if with_rows and not compiling and not y.requires_grad and \
             weight_delta_rows.serves(layer, x2, tables.names, tables.kinds) and \
-            weight_delta_rows.add_rows_(layer, y, x2, row_slot, tables.names, tables.kinds):
+            weight_delta_rows.add_rows_(layer, y, x2, row_slot, tables.names, tables.kinds, with_rows):
         return y.reshape(*lead, layer.out_features)
     sorted_rows = counts is not None  # counted only by an eager validation
     gather = sorted_rows or (not compiling and select_backend(x.device) == "torch" and not x.is_meta)

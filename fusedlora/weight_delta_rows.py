@@ -31,6 +31,7 @@ from typing import List, Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from .backend import interpreting, record, scoped_setting, select_backend
 from .derived import outside_inference_mode, version
@@ -46,40 +47,54 @@ def use_one_launch(on: bool):
 
 
 def _fingerprint(layer, names: Sequence[str], kinds: Sequence[str], device: torch.device) -> tuple:
-    """What the table depends on, read at C speed: see the module docstring."""
+    """What the table depends on, read at C speed: each C3A kernel, sparse value and index
+    tensor itself (held, so none of them can be freed and its id and address handed to a
+    new one while the table is kept: compared by identity), its address, shape, strides and
+    dtype, the indices' version, the scalings, the device and the layer's adds / deletes."""
     fp: list = [layer._multi_struct, device]
     for name, kind in zip(names, kinds):
         if kind == "c3a":
             k = layer.c3a_kernel[name]
-            fp += (id(k), k.data_ptr(), k.dtype, k.device, k.stride())
+            fp += (k, k.data_ptr(), k.shape, k.stride(), k.dtype, k.device)
         elif kind == "sparse":
             v, i = layer.sparse_values[name], layer.sparse_indices[name]
-            fp += (id(v), v.data_ptr(), v.dtype, v.device, id(i), i.data_ptr(), version(i, object()),
-                   layer.sparse_scaling[name])
+            fp += (v, v.data_ptr(), v.shape, v.stride(), v.dtype, v.device, i, i.data_ptr(), i.device,
+                   version(i, object()), layer.sparse_scaling[name])
     return tuple(fp)
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(x is y if isinstance(x, Tensor) else x == y for x, y in zip(a, b))
 
 
 def _entries(layer, names: Sequence[str], kinds: Sequence[str], device: torch.device):
     """(rows of the slot table, scales, tensors the addresses point into), or None when an
-    adapter is not on ``device`` or not in a dtype the kernel reads."""
+    adapter's tensors are not where and what the kernel reads (on ``device``; a float32 C3A
+    kernel of shape (N/b, K/b, b); sparse values of the layout's length, one stride): the
+    PyTorch form then serves (and raises where it must)."""
     from .sparse import _row_csr
 
+    N, K = layer.out_features, layer.in_features
     rows: List[List[int]] = []
     scales: List[float] = []
     keep: List[Tensor] = []
     for name, kind in zip(names, kinds):
         if kind == "c3a":
             k = layer.c3a_kernel[name]
-            if k.device != device or k.dtype != torch.float32:
+            if k.device != device or k.dtype != torch.float32 or k.dim() != 3 or k.shape[2] < 1 or \
+                    k.shape[0] * k.shape[2] != N or k.shape[1] * k.shape[2] != K:
                 return None
             rows.append([1, k.data_ptr(), k.shape[2], *k.stride()])
             scales.append(0.0)
         elif kind == "sparse":
             v = layer.sparse_values[name]
-            if v.device != device or v.dtype not in _VALUE_CODES:
+            if v.device != device or v.dtype not in _VALUE_CODES or v.dim() != 1 or not v.is_contiguous() or \
+                    layer.sparse_indices[name].device != device:
                 return None
             layout = layer._layout(name)
-            row_ptr, col, order = _row_csr(layout.rows, layout.cols, layout.perm, layer.out_features)
+            if v.shape[0] != layout.nnz:
+                return None
+            row_ptr, col, order = _row_csr(layout.rows, layout.cols, layout.perm, N)
             keep += [row_ptr, col, order]
             rows.append([2, row_ptr.data_ptr(), col.data_ptr(), order.data_ptr(), v.data_ptr(), _VALUE_CODES[v.dtype]])
             scales.append(float(layer.sparse_scaling[name]))
@@ -93,7 +108,7 @@ def _table(layer, names: Sequence[str], kinds: Sequence[str], device: torch.devi
     """(table int64 (S, 6), scale float32 (S,)) for the layer's slots, or None (see _entries)."""
     fp = _fingerprint(layer, names, kinds, device)
     cached = layer._delta_rows
-    if cached is not None and cached[0] == fp:
+    if cached is not None and _same(cached[0], fp):
         return cached[1], cached[2]
     with outside_inference_mode():  # kept across calls, also by calls outside inference mode
         built = _entries(layer, names, kinds, device)
@@ -121,6 +136,8 @@ def serves(layer, x2: Tensor, names: Sequence[str], kinds: Sequence[str]) -> boo
     if not triton_serves(x2.device, x2.dtype) or select_backend(x2.device, "multi.weight_delta", M) not in (
             "triton", "cuda"):
         return False
+    if forward_ad._current_level >= 0:
+        return False  # forward-mode AD: x may carry a tangent the kernel would not see
     if torch.is_grad_enabled():
         params = [layer.c3a_kernel[n] if k == "c3a" else layer.sparse_values[n]
                   for n, k in zip(names, kinds) if k != "lora"]
@@ -129,10 +146,13 @@ def serves(layer, x2: Tensor, names: Sequence[str], kinds: Sequence[str]) -> boo
     return True
 
 
-def add_rows_(layer, y: Tensor, x2: Tensor, row_slot: Tensor, names: Sequence[str], kinds: Sequence[str]) -> bool:
+def add_rows_(layer, y: Tensor, x2: Tensor, row_slot: Tensor, names: Sequence[str], kinds: Sequence[str],
+              kinds_in_batch: Sequence[str]) -> bool:
     """y[m] += the delta of row m's C3A or sparse adapter, for every row, in one launch
     (in place; y is the fresh output of the LoRA / base step). False when an adapter's
-    tensors are not on x's device or not in a dtype the kernel reads: nothing was done."""
+    tensors are not where and what the kernel reads (see _entries): nothing was done.
+    ``kinds_in_batch``: the kinds recorded as served (those with rows, when validation
+    counted them; else every C3A / sparse kind of the layer, whose rows may be there)."""
     import triton
 
     from .kernels.multi import multi_weight_delta_rows_kernel
@@ -147,7 +167,7 @@ def add_rows_(layer, y: Tensor, x2: Tensor, row_slot: Tensor, names: Sequence[st
         multi_weight_delta_rows_kernel[(triton.cdiv(N, block_n), M)](
             y, x2, row_slot, table, scale, N, K, 1.0 / K, y.stride(0), y.stride(1), x2.stride(0), x2.stride(1),
             BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_E=16)
-    for kind in sorted(set(kinds) - {"lora"}):
+    for kind in sorted(set(kinds_in_batch) - {"lora"}):
         record(f"multi.{kind}_delta", "triton", "rows")
     return True
 

@@ -96,6 +96,7 @@ def test_rows_of_other_kinds_only_and_zero_rows(triton_backend):
     with torch.no_grad():
         y = layer(x, adapter_ids=ids, validate=False)  # no host count: the launch runs, every row returns
         assert rel_err(y, oracle(layer, x, ids)) < TOL[torch.float32]
+        assert dispatched("multi.c3a_delta:triton:rows") and dispatched("multi.sparse_delta:triton:rows")
         fusedlora.reset_dispatch()
         layer(x, adapter_ids=ids)  # validated: no C3A or sparse row counted, no launch
         assert not dispatched("multi.c3a_delta") and not dispatched("multi.sparse_delta")
@@ -172,6 +173,71 @@ def test_frozen_adapters_take_it_with_grad_mode_on(triton_backend):
     y = layer(x, adapter_ids=ids)
     assert rel_err(y, oracle(layer, x, ids)) < TOL[torch.float32]
     assert dispatched("multi.sparse_delta:triton:rows")
+
+
+def test_replaced_index_buffers_are_never_mistaken_for_the_old_ones(triton_backend):
+    """A serving loop swapping a sparse adapter's mask by assignment (twice between forwards:
+    the freed buffer's id and address can come back for the new one at version 0): every
+    forward uses the current mask."""
+    layer = mixed_layer()
+    ids = ids_for(layer, ["wd_s32", "wd_s32", "wd_c6"], [-1])
+    x = torch.randn(4, K, device=DEVICE)
+    masks = [random_indices((N, K), density=0.08, seed=100 + s).to(DEVICE) for s in range(12)]
+    for step in range(1, 12):
+        with torch.no_grad():
+            layer(x, adapter_ids=ids)
+        layer.sparse_indices["wd_s32"] = masks[step - 1].clone()
+        layer.sparse_indices["wd_s32"] = masks[step].clone()
+        with torch.no_grad():
+            y = layer(x, adapter_ids=ids)
+        assert rel_err(y, oracle(layer, x, ids)) < TOL[torch.float32], step
+
+
+def test_values_and_kernels_the_kernel_cannot_read_go_to_the_torch_form(triton_backend):
+    """Strided or expanded sparse values are served right (by the PyTorch form, recorded);
+    values or a C3A kernel of the wrong size raise there instead of being read out of bounds."""
+    layer = mixed_layer()
+    ids = ids_for(layer, ["wd_s32", "wd_c6"], [-1])
+    x = torch.randn(3, K, device=DEVICE)
+    v = layer.sparse_values["wd_s32"]
+    v.data = torch.stack([v.data, torch.full_like(v.data, 1e30)], 1).reshape(-1)[::2]  # stride 2
+    with torch.no_grad():
+        y = layer(x, adapter_ids=ids)
+    assert rel_err(y, oracle(layer, x, ids)) < TOL[torch.float32]
+    assert dispatched("multi.sparse_delta:torch") and not dispatched("multi.sparse_delta:triton")
+    v.data = v.data[:-1].contiguous()  # one value short of the layout
+    with torch.no_grad(), pytest.raises((IndexError, RuntimeError, ValueError)):
+        layer(x, adapter_ids=ids)
+    layer.delete_adapter("wd_s32")
+    k = layer.c3a_kernel["wd_c6"]
+    k.data = k.data[:, :-1]  # (N/b, K/b - 1, b): a kernel for another in_features
+    with torch.no_grad(), pytest.raises((IndexError, RuntimeError, ValueError)):
+        layer(x, adapter_ids=ids_for(layer, ["wd_c6"], [-1, -1]))
+
+
+def test_forward_mode_ad_gets_its_tangent_or_a_clear_error(triton_backend):
+    """Under forward-mode AD the C3A rows' deltas carry x's tangent (the PyTorch form serves,
+    not the one launch); a fused op (here the LoRA rows' multi-adapter op), which carries
+    no tangents, raises instead of dropping them."""
+    import torch.autograd.forward_ad as fwAD
+
+    layer = FusedLinear(K, N, device=DEVICE)
+    layer.add_c3a("wd_fc6", block_size=6, init_weights="gaussian")
+    layer.add_c3a("wd_fc12", block_size=12, init_weights="gaussian")
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    ids = ids_for(layer, ["wd_fc6", "wd_fc12"], [-1])
+    x, t = torch.randn(3, K, device=DEVICE), torch.randn(3, K, device=DEVICE)
+    with fwAD.dual_level():
+        y = layer(fwAD.make_dual(x, t), adapter_ids=ids)
+        primal, tangent = fwAD.unpack_dual(y)
+    assert rel_err(primal, oracle(layer, x, ids)) < TOL[torch.float32]
+    # the layer is affine in x: its tangent is the layer without bias at t
+    assert rel_err(tangent, oracle(layer, t, ids) - layer.bias.detach().double()) < 1e-5
+    assert not dispatched("multi.c3a_delta:triton")
+    layer.add_lora("wd_fl", r=2)
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward-mode AD"):
+        layer(fwAD.make_dual(x, t), adapter_ids=ids_for(layer, ["wd_fl", "wd_fc6"], [-1]))
 
 
 @pytest.mark.gpu
