@@ -22,8 +22,8 @@ adapter over its rows). Recorded as ``multi.c3a_delta:triton:rows`` and
 The table caches raw addresses: it is rebuilt when an adapter is added or deleted or a
 parameter or index buffer is replaced, moved or changed in place (their identity,
 address and version), in place when its shape allows, so that a captured CUDA graph
-reads the current one. Like any captured graph, one captured before a parameter's
-storage is replaced reads the old storage.
+reads the current one. Like any captured graph, one captured before an adapter is
+added, deleted or replaced reads the old tables and storage: capture again (docs/multi.md).
 """
 from __future__ import annotations
 
