@@ -17,8 +17,8 @@ Implementations, all timed on the same random input sets:
   peft     peft.tuners.shira.layer.Linear wrapping an nn.Linear, given the same
            indices and values (its own r only sizes its init; see _peft)
   inplace  forward only, a bound and not a fusedlora path: the nonzeros merged into W in
-           place around F.linear and put back bit for bit (sparse.merge_saving_ /
-           unmerge_saved_), no copy of W; unsafe where another stream or thread reads W
+           place around F.linear and put back bit for bit (sparse.merge_saving_, then the
+           saved entries written back), no copy of W; unsafe where another stream or thread reads W
            meanwhile, which is why the default path copies W
 Variants: fwd; fwd+bwd with W frozen (grads of x and the values; the base: of x only).
 Densities are fractions of W's N*K entries; the mask is uniformly random
@@ -133,19 +133,17 @@ def _eager(i, fn=None):
 def _inplace(i):
     if "gy" in i:
         raise Skip("forward only: a bound for the forward's copy of W")
-    from fusedlora.sparse import merge_saving_, unmerge_saved_
+    from fusedlora.sparse import _write_entries, merge_saving_
 
     x, W, b, idx, values = i["x"], i["W"], i["b"], i["indices"], i["values"].detach()
-    if not W.is_contiguous():
-        raise Skip("W is not contiguous: no flat view")
-    flat = idx[0] * W.shape[1] + idx[1]  # once per adapter, as a layout
+    rows, cols = idx[0].long(), idx[1].long()  # once per adapter, as a layout
 
     def run():
-        saved = merge_saving_(W, flat, values, SCALING)
+        saved = merge_saving_(W, rows, cols, values, SCALING)
         try:
             return F.linear(x, W, b)
-        finally:
-            unmerge_saved_(W, saved, values, SCALING)
+        finally:  # put back unconditionally: unmerge_saved_'s per-position check would sync
+            _write_entries(W, rows, cols, saved.saved)
     return run
 
 

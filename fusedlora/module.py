@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Iterable, List, Optional, Union
+from typing import Iterable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +65,7 @@ class FusedLinear(nn.Linear):
         self.sparse_scaling: dict = {}
         self._sparse_layout = DerivedCache()  # name -> layout of its indices as they are
         self._sparse_saved: dict = {}   # name -> sparse.SavedEntries while merged
-        self._sparse_flat = DerivedCache()    # name -> flat indices into W
+        self._sparse_flat = DerivedCache()    # name -> (rows, cols) of its nonzeros in W
         self._kind: dict = {}  # name -> "lora" | "c3a" | "sparse", in the order added
         self._active: List[str] = []
         self.merged_adapters: List[str] = []
@@ -257,26 +257,26 @@ class FusedLinear(nn.Linear):
         """The dense update of a LoRA or C3A adapter, in float32 or wider."""
         if self._kind[name] == "lora":
             return reference.lora_delta_weight(self.lora_A[name], self.lora_B[name], self.scaling[name])
-        return reference.c3a_delta_weight(self.c3a_kernel[name], self.in_features, self.out_features)
+        return reference.c3a_delta_weight(self.c3a_kernel[name], self.in_features, self.out_features,
+                                          self.weight.dtype)
 
     @torch.no_grad()
     def _add_delta(self, name: str, sign: float) -> None:
         if self._kind[name] == "sparse":  # O(nnz) in place: no dense delta
             values, scaling = self.sparse_values[name], self.sparse_scaling[name]
-            saved = self._sparse_saved.pop(name, None)
+            saved = self._sparse_saved.get(name)
             if sign < 0 and saved is not None:
                 exact = sparse_ops.unmerge_saved_(self.weight, saved, values, scaling)
+                del self._sparse_saved[name]
                 record("sparse.unmerge", "torch", "restore" if exact else "subtract")
-            elif sign > 0 and self.weight.is_contiguous():
+            elif sign > 0:
                 # The overwritten entries are kept (nnz of them), so that unmerging
                 # restores W bit for bit: no drift over any number of switches.
-                self._sparse_saved[name] = sparse_ops.merge_saving_(self.weight, self._flat_index(name), values,
+                self._sparse_saved[name] = sparse_ops.merge_saving_(self.weight, *self._positions(name), values,
                                                                     scaling)
-            else:
-                if sign > 0:
-                    self._flat_index(name)  # checks the indices (cached): the scatter below does not
-                sparse_ops.scatter_merge_(self.weight, self.sparse_indices[name], values, scaling,
-                                          sign=int(sign), validate=False)
+            else:  # merged before this layer kept entries (an older pickle): subtract
+                sparse_ops.scatter_merge_(self.weight, self.sparse_indices[name], values, scaling, sign=-1,
+                                          validate=False)
             return
         A, B = (self.lora_A[name], self.lora_B[name]) if self._kind[name] == "lora" else (None, None)
         if A is not None and A.dtype == B.dtype == self.weight.dtype and A.device == self.weight.device:
@@ -284,11 +284,12 @@ class FusedLinear(nn.Linear):
             self.weight.addmm_(B, A, alpha=sign * self.scaling[name])
             return
         delta = sign * self._delta_weight(name)
-        self.weight.copy_((self.weight.to(delta.dtype) + delta.to(self.weight.device)).to(self.weight.dtype))
+        dt = torch.promote_types(delta.dtype, self.weight.dtype)  # a float64 W is not rounded to float32
+        self.weight.copy_((self.weight.to(dt) + delta.to(self.weight.device, dt)).to(self.weight.dtype))
 
-    def _flat_index(self, name: str) -> torch.Tensor:
-        """row * in_features + col of a sparse adapter's nonzeros on W's device, kept while
-        its indices are unchanged: a switch then launches no index arithmetic."""
+    def _positions(self, name: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(rows, cols) of a sparse adapter's nonzeros in W, int64 on W's device, kept while
+        its indices are unchanged: a switch then launches no index conversion."""
         idx = self.sparse_indices[name]
         device = self.weight.device
 
@@ -297,7 +298,7 @@ class FusedLinear(nn.Linear):
             # is: load_state_dict copies unchecked ones in place, and a scatter with an
             # out-of-range column would write into the next row, a duplicate drop a value
             rows, cols = sparse_ops.check_indices(idx, tuple(self.weight.shape))
-            return rows.long().to(device) * self.in_features + cols.long().to(device)
+            return rows.long().to(device), cols.long().to(device)
 
         return self._sparse_flat.get_or_build(name, (idx,), build, extra=device)
 
@@ -332,7 +333,7 @@ class FusedLinear(nn.Linear):
         if self._kind[name] == "sparse":
             values, scaling = self.sparse_values[name], self.sparse_scaling[name]
             dt = torch.promote_types(values.dtype, torch.float32)
-            merged = (W.reshape(-1)[self._flat_index(name)].to(dt)
+            merged = (sparse_ops._entries_of(W, *self._positions(name)).to(dt)
                       + values.to(device=W.device, dtype=dt) * scaling).to(W.dtype)
             finite = bool(torch.isfinite(merged).all()) and bool(torch.isfinite(W).all())
         else:
@@ -343,9 +344,11 @@ class FusedLinear(nn.Linear):
                              "(safe_merge: it was not merged; adapters merged before it stay merged, as in PEFT)")
 
     def unmerge(self) -> None:
-        """Subtract every merged adapter again, last merged first."""
+        """Subtract every merged adapter again, last merged first (each one leaves the merged
+        list once it is out of the weight: an error leaves the list true)."""
         while self.merged_adapters:
-            self._add_delta(self.merged_adapters.pop(), -1.0)
+            self._add_delta(self.merged_adapters[-1], -1.0)
+            self.merged_adapters.pop()
 
     def switch_merged(self, name: str) -> None:
         """Serve adapter ``name`` merged: unmerge what is merged, merge ``name``
@@ -382,7 +385,12 @@ class FusedLinear(nn.Linear):
         y = self._fused_forward(x, others[0])
         for n in others[1:]:
             record(f"{self._kind[n]}.extra_adapter", "torch", "eager")
-            y = y + F.linear(x, self._delta_weight_of(n).to(x.dtype))
+            if self._kind[n] == "c3a":  # PEFT's FFT delta in float32: w / K in 16 bits is subnormal
+                y = y + reference.c3a_fft_delta(x, self.c3a_kernel[n]).to(y.dtype)
+            else:
+                dS = reference.sparse_delta_weight(self.sparse_indices[n], self.sparse_values[n],
+                                                   self.sparse_scaling[n], tuple(self.weight.shape))
+                y = y + F.linear(x, dS.to(x.dtype))
         for n in loras:
             record("lora.extra_adapter", "torch", "eager")
             y = y + self._lora_delta(x, n)
@@ -393,12 +401,6 @@ class FusedLinear(nn.Linear):
             return c3a_ops.c3a_linear(x, self.weight, self.bias, self.c3a_kernel[name])
         return sparse_ops.sparse_linear(x, self.weight, self.bias, None, self.sparse_values[name],
                                         self.sparse_scaling[name], layout=self._layout(name))
-
-    def _delta_weight_of(self, name: str) -> torch.Tensor:
-        if self._kind[name] == "sparse":
-            return reference.sparse_delta_weight(self.sparse_indices[name], self.sparse_values[name],
-                                                 self.sparse_scaling[name], tuple(self.weight.shape))
-        return self._delta_weight(name)
 
     def factors(self, name: str):
         """(A, B) of LoRA adapter ``name`` in the weight's dtype, as the kernels read them: cast

@@ -69,19 +69,22 @@ def c3a_circulant(c3a_kernel, dtype) -> torch.Tensor:
     return blocks.permute(0, 2, 1, 3).reshape(nb_out * b, nb_in * b)
 
 
-def c3a_delta_weight(c3a_kernel, in_features: int, out_features: int) -> torch.Tensor:
-    """The dense update that merging adds to W (float32 or wider), as PEFT's
-    ``get_delta_weight``: dW[m*b+s, n*b+t] = w[m, n, (t - s) mod b] / in_features."""
+def c3a_delta_weight(c3a_kernel, in_features: int, out_features: int, dtype=torch.float32) -> torch.Tensor:
+    """The dense update that merging adds to W, as PEFT's ``get_delta_weight``:
+    dW[m*b+s, n*b+t] = w[m, n, (t - s) mod b] / in_features, in float32, or wider when
+    the kernel or ``dtype`` (a float64 layer's) is."""
     _c3a_blocks(c3a_kernel, in_features, out_features)
-    return c3a_circulant(c3a_kernel, torch.promote_types(c3a_kernel.dtype, torch.float32)) / in_features
+    dt = torch.promote_types(torch.promote_types(c3a_kernel.dtype, dtype), torch.float32)
+    return c3a_circulant(c3a_kernel, dt) / in_features
 
 
 def c3a_linear(x, weight, bias, c3a_kernel) -> torch.Tensor:
-    """y = x (W + dW)^T + b in x's dtype; dW merged into W in float32 or wider."""
-    dW = c3a_delta_weight(c3a_kernel, weight.shape[1], weight.shape[0])
-    dt = torch.promote_types(weight.dtype, dW.dtype)
-    w_eff = (weight.to(dt) + dW.to(dt)).to(weight.dtype)
-    return F.linear(x, w_eff, bias)
+    """y = x W^T + b + x dW^T in x's dtype, the delta's product apart in float32 or wider,
+    as PEFT's C3A layer adds its delta to the base output (a 16-bit W + dW would round
+    most of dW away: its entries are w / in_features)."""
+    dW = c3a_delta_weight(c3a_kernel, weight.shape[1], weight.shape[0], x.dtype)
+    y = F.linear(x, weight, bias)
+    return (y.to(dW.dtype) + F.linear(x.to(dW.dtype), dW)).to(y.dtype)
 
 
 def c3a_kernel_grad(grad_y, x, c3a_kernel) -> torch.Tensor:
@@ -103,11 +106,10 @@ def c3a_diagonal_sums(g, c3a_kernel) -> torch.Tensor:
 
 
 def c3a_linear_grads(grad_y, x, weight, c3a_kernel):
-    """Closed-form gradients of ``c3a_linear`` for 2-D x: (dx, dW, db, dw)."""
-    dW_c3a = c3a_delta_weight(c3a_kernel, weight.shape[1], weight.shape[0])
-    dt = torch.promote_types(weight.dtype, dW_c3a.dtype)
-    w_eff = (weight.to(dt) + dW_c3a.to(dt)).to(weight.dtype)
-    dx = grad_y @ w_eff
+    """Closed-form gradients of ``c3a_linear`` for 2-D x: (dx, dW, db, dw); dx's delta
+    product apart, as in the forward."""
+    dW_c3a = c3a_delta_weight(c3a_kernel, weight.shape[1], weight.shape[0], grad_y.dtype)
+    dx = ((grad_y @ weight).to(dW_c3a.dtype) + grad_y.to(dW_c3a.dtype) @ dW_c3a).to(grad_y.dtype)
     dW = grad_y.t() @ x
     db = grad_y.sum(0)
     return dx, dW, db, c3a_kernel_grad(grad_y, x, c3a_kernel)

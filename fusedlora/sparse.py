@@ -21,7 +21,7 @@ from . import reference
 from .backend import interpreting, record, requested_backend, select_backend
 from .ops import (autocast_inputs, bias_grad, check_linear_args, check_scalar, fused_op, pick, register_autograd,
                   rows_of, triton_dtype_ok, triton_serves)
-from .derived import DerivedCache, version
+from .derived import DerivedCache
 from .sparse_layout import SparseLayout, _user_indices, build_layout, check_indices
 # the public mask builders, where users of fusedlora.sparse look for them
 from .sparse_layout import magnitude_indices, mask_to_indices, random_indices, shira_num_nonzeros  # noqa: F401
@@ -242,7 +242,7 @@ def _dense_weight(weight: Tensor, layout: Tuple[Tensor, ...], values: Tensor, sc
         record("sparse.densify", "triton", "tiles")
         return w
     w.copy_(weight.detach())
-    merge_saving_(w, rows.long() * K + cols.long(), values.detach()[perm.long()], scaling)
+    merge_saving_(w, rows.long(), cols.long(), values.detach()[perm.long()], scaling)
     record("sparse.densify", "torch", "index_put")
     return w
 
@@ -428,42 +428,56 @@ def scatter_merge_(weight: Tensor, indices: Tensor, values: Tensor, scaling: flo
 
 
 class SavedEntries(NamedTuple):
-    """What ``merge_saving_`` overwrote: W's entries at the adapter's flat indices, and
-    W's version counter right after the merge (any later in-place change bumps it) and its
-    storage (``.to(dtype)`` / ``.half()`` / a load replace W's data with a new tensor, whose
-    counter may read the same)."""
-    flat: Tensor
-    values: Tensor
-    version: int
-    data_ptr: int = -1
+    """What ``merge_saving_`` overwrote and wrote: W's entries at the adapter's positions
+    before the merge (``saved``) and after it (``written``), in W's dtype, and where."""
+    rows: Tensor
+    cols: Tensor
+    saved: Tensor
+    written: Tensor
+
+
+def _entries_of(weight: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    if weight.is_contiguous():  # one flat gather: several times faster than a 2-D one on the CPU
+        return weight.view(-1)[rows * weight.shape[1] + cols]
+    return weight[rows, cols]
+
+
+def _write_entries(weight: Tensor, rows: Tensor, cols: Tensor, values: Tensor) -> None:
+    if weight.is_contiguous():
+        weight.view(-1).index_put_((rows * weight.shape[1] + cols,), values)
+    else:
+        weight.index_put_((rows, cols), values)
 
 
 @torch.no_grad()
-def merge_saving_(weight: Tensor, flat: Tensor, values: Tensor, scaling: float) -> SavedEntries:
-    """W[i] = round(W[i] + scaling * v) at the flat indices ``flat`` (distinct, in range:
-    checked by the caller), keeping the entries it overwrites. Three O(nnz) kernels
-    (gather, add, scatter), one rounding from float32, no atomics."""
-    w = weight.view(-1)
-    saved = w[flat]
+def merge_saving_(weight: Tensor, rows: Tensor, cols: Tensor, values: Tensor, scaling: float) -> SavedEntries:
+    """W[r, c] = round(W[r, c] + scaling * v) at the positions (rows, cols) (distinct, in
+    range: checked by the caller; any strides of W), keeping the entries it overwrites and
+    the ones it writes. O(nnz): a gather, an add in float32, a scatter; no atomics."""
+    saved = _entries_of(weight, rows, cols)
     dt = torch.promote_types(values.dtype, torch.float32)
-    w.index_put_((flat,), (saved.to(dt) + values.to(dt) * scaling).to(weight.dtype))
-    return SavedEntries(flat, saved, version(weight), weight.data_ptr())
+    written = (saved.to(dt) + values.to(device=weight.device, dtype=dt) * scaling).to(weight.dtype)
+    _write_entries(weight, rows, cols, written)
+    return SavedEntries(rows, cols, saved, written)
 
 
 @torch.no_grad()
 def unmerge_saved_(weight: Tensor, saved: SavedEntries, values: Tensor, scaling: float) -> bool:
-    """Undo ``merge_saving_``: put the saved entries back, bit for bit, when W has not
-    been changed in place since (its version counter says); otherwise subtract the
-    delta, keeping those changes. True when the entries were restored exactly."""
-    w = weight.view(-1)
-    now = version(weight)  # None for an inference tensor: changes cannot be seen, so subtract
-    if (now is not None and now == saved.version and weight.data_ptr() == saved.data_ptr
-            and saved.values.dtype == weight.dtype and saved.values.device == weight.device):
-        w.index_copy_(0, saved.flat, saved.values)
-        return True
+    """Undo ``merge_saving_`` position by position: where W still holds what the merge wrote,
+    the saved entry goes back, bit for bit; where W was changed since (an optimizer step,
+    fused or not, a write through ``.data``, a load: whatever bumped or did not bump its
+    version counter), the delta is subtracted from the new value, keeping the change. So
+    any number of merges and unmerges, in any order, of adapters sharing positions or not,
+    leave the untouched entries exactly as they were. True when every entry was restored."""
+    rows, cols = saved.rows.to(weight.device), saved.cols.to(weight.device)
+    now = _entries_of(weight, rows, cols)
+    written = saved.written.to(device=weight.device, dtype=weight.dtype)
+    same = now == written
     dt = torch.promote_types(values.dtype, torch.float32)
-    w.index_add_(0, saved.flat.to(weight.device), (values.to(dt) * -scaling).to(weight.dtype).to(weight.device))
-    return False
+    subtracted = (now.to(dt) - values.to(device=weight.device, dtype=dt) * scaling).to(weight.dtype)
+    back = torch.where(same, saved.saved.to(device=weight.device, dtype=weight.dtype), subtracted)
+    _write_entries(weight, rows, cols, back)
+    return bool(same.all())
 
 
 def scatter_switch_(weight: Tensor, old: Optional[Sequence], new: Optional[Sequence],

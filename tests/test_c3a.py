@@ -414,6 +414,67 @@ def test_eager_fp16_keeps_the_adapter_term(monkeypatch, rows):
     assert rel_err(y, ref) < TOL[torch.float16]
 
 
+def test_torch_backend_fp16_keeps_the_adapter_term_in_y_and_dx(monkeypatch):
+    """The torch backend (auto's CPU path) adds the delta's product apart in float32, as PEFT
+    does: merged into a 16-bit W it was rounded away (y and dx lost about 2/3 of it)."""
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "torch")
+    inp = cancelling_inputs(4, 2048, 64, 16, torch.float16)
+    x = inp["x"].clone().requires_grad_()
+    y = c3a_linear(x, inp["weight"], inp["bias"], inp["c3a_kernel"])
+    ref = {n: (inp[n].double().requires_grad_() if inp[n] is not None else None) for n in NAMES}
+    y_ref = reference.c3a_linear(*(ref[n] for n in NAMES))
+    assert rel_err(y, y_ref) < TOL[torch.float16]
+    # dx through a W whose product with dy cancels: dx is the delta's part alone
+    gy = torch.randn_like(y)
+    w = inp["weight"]
+    W2 = torch.cat([w[: w.shape[0] // 2], -w[: w.shape[0] // 2]])
+    gy = torch.cat([gy[:, : gy.shape[1] // 2]] * 2, 1)
+    x2 = x.detach().clone().requires_grad_()
+    c3a_linear(x2, W2, None, inp["c3a_kernel"]).backward(gy)
+    xr = x2.detach().double().requires_grad_()
+    reference.c3a_linear(xr, W2.double(), None, inp["c3a_kernel"].double()).backward(gy.double())
+    assert rel_err(x2.grad, xr.grad) < TOL[torch.float16]
+
+
+def test_float64_layer_keeps_float64_accuracy(monkeypatch):
+    """A float64 layer's (float32) C3A kernel: the delta and the merge run in float64."""
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "torch")
+    torch.manual_seed(0)
+    K, N = 24, 12  # 1/K is inexact in float32
+    layer = fusedlora.FusedLinear(K, N, dtype=torch.float64)
+    layer.add_c3a("c", 6, init_weights="gaussian")
+    k64 = layer.c3a_kernel["c"].detach().double()
+    x = torch.randn(5, K, dtype=torch.float64)
+    W0 = layer.weight.detach().clone()
+    dW = reference.c3a_delta_weight(k64, K, N, torch.float64)
+    with torch.no_grad():
+        assert rel_err(layer(x), x @ (W0 + dW).t() + layer.bias) < TOL[torch.float64]
+    layer.merge()
+    assert (layer.weight.detach() - (W0 + dW)).abs().max() < 1e-14
+    layer.unmerge()
+    assert (layer.weight.detach() - W0).abs().max() < 1e-14
+
+
+def test_second_active_c3a_adapter_in_fp16_keeps_its_delta(monkeypatch):
+    """Two C3A adapters active in fp16: the second (the eager extra-adapter term) through
+    PEFT's float32 FFT, not a dense w / K cast to fp16 (subnormal at large K)."""
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "eager")
+    torch.manual_seed(0)
+    M, K, N, b = 4, 8192, 32, 16
+    layer = fusedlora.FusedLinear(K, N, bias=False, dtype=torch.float16)
+    v, w = torch.randn(M, K // 2), torch.randn(N, K // 2) / K**0.5
+    x = torch.cat([v, v], 1).half()
+    with torch.no_grad():
+        layer.weight.copy_(torch.cat([w, -w], 1))  # x W^T = 0: y is the adapters' terms alone
+    layer.add_c3a("c1", b)  # zeros
+    layer.add_c3a("c2", b, init_weights="kaiming_uniform")
+    layer.set_adapter(["c1", "c2"])
+    with torch.no_grad():
+        y = layer(x)
+    ref = reference.c3a_linear(x.double(), layer.weight.double(), None, layer.c3a_kernel["c2"].double())
+    assert rel_err(y, ref) < 5e-3  # the fused path alone: 1.7e-3; the fp16 dense delta gave 2e-2
+
+
 # -------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

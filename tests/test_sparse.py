@@ -293,6 +293,52 @@ def test_module_unmerge_keeps_changes_made_to_a_merged_weight(torch_backend):
     assert dispatched("sparse.unmerge") == {"sparse.unmerge:torch:subtract": 1}
 
 
+@pytest.mark.parametrize("change", ["fused_step", "foreach_step", "data_write"])
+def test_module_unmerge_keeps_changes_no_version_counter_sees(torch_backend, change):
+    """A fused optimizer step and a write through .data bump no version counter: unmerge
+    decides per position from W's content, so the change survives everywhere."""
+    idx = random_indices((16, 24), density=0.3, seed=1)
+    torch.manual_seed(0)
+    layer = fusedlora.FusedLinear(24, 16)
+    layer.add_sparse("a", idx, torch.randn(idx.shape[1]), scaling=0.5)
+    w0 = layer.weight.detach().clone()
+    layer.merge(["a"])
+    if change == "data_write":
+        layer.weight.data.add_(1.0)
+    else:
+        opt = torch.optim.SGD([layer.weight], lr=1.0, **({"fused": True} if change == "fused_step" else
+                                                         {"foreach": True}))
+        layer.weight.grad = -torch.ones_like(layer.weight)  # the step adds 1 everywhere
+        opt.step()
+    layer.unmerge()
+    assert (layer.weight.detach() - (w0 + 1.0)).abs().max() < 1e-6
+    assert dispatched("sparse.unmerge") == {"sparse.unmerge:torch:subtract": 1}
+
+
+def test_module_sparse_adapters_merged_together_and_strided_weights_restore_exactly(torch_backend):
+    """Two sparse adapters sharing positions merged at once, in fp16, and switches on a W that
+    is a transposed view (or becomes one while merged): W comes back bit for bit, every time."""
+    torch.manual_seed(0)
+    N, K = 16, 24
+    layer = fusedlora.FusedLinear(K, N, dtype=torch.float16)
+    w0 = layer.weight.detach().clone()
+    ia, ib = random_indices((N, K), density=0.3, seed=1), random_indices((N, K), density=0.3, seed=2)
+    layer.add_sparse("a", ia, torch.randn(ia.shape[1]) * 0.37, scaling=0.9)
+    layer.add_sparse("b", ib, torch.randn(ib.shape[1]) * 1.3, scaling=2.0)
+    for _ in range(10):
+        layer.merge(["a", "b"])
+        layer.unmerge()
+    assert torch.equal(layer.weight.detach(), w0)
+    layer.weight.data = w0.t().contiguous().t()  # same values, column-major
+    for _ in range(10):
+        layer.switch_merged("a")
+        layer.switch_merged("b")
+    layer.weight.data = layer.weight.data.contiguous().t().contiguous().t()  # strides change while merged
+    layer.unmerge()
+    assert torch.equal(layer.weight.detach(), w0) and not layer.merged_adapters
+    assert set(dispatched("sparse.unmerge")) == {"sparse.unmerge:torch:restore"}
+
+
 # ----------------------------------------------------------------- PEFT
 @pytest.mark.filterwarnings("ignore:Sparse invariant checks")
 def test_matches_peft_shira_layer(triton_backend):
