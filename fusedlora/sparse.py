@@ -408,7 +408,9 @@ def scatter_merge_(weight: Tensor, indices: Tensor, values: Tensor, scaling: flo
 
     sign=+1 merges, sign=-1 unmerges; switching adapters is an unmerge of one
     and a merge of the other (``scatter_switch_``). The delta is formed in
-    float32 (or wider) and rounded once to W's dtype. Returns ``weight``."""
+    float32 (or wider), rounded to W's dtype and added there (two roundings in 16
+    bits, as PEFT's merge; FusedLinear's merge rounds once and unmerges exactly, see
+    merge_saving_). Returns ``weight``."""
     if not isinstance(weight, torch.Tensor) or weight.dtype not in _FLOAT_DTYPES or weight.dim() != 2:
         raise TypeError(f"weight: expected a 2-D floating torch.Tensor, got "
                         f"{getattr(weight, 'dtype', type(weight).__name__)} {tuple(getattr(weight, 'shape', ()))}")

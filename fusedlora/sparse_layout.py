@@ -180,7 +180,8 @@ def _flat_to_indices(flat: Tensor, K: int) -> Tensor:
 def random_indices(shape, *, density: Optional[float] = None, r: Optional[int] = None,
                    seed: Optional[int] = None, device=None) -> Tensor:
     """(2, nnz) int64 indices of a uniformly random mask; for the same seed and nnz
-    exactly the mask of PEFT's ``shira.mask_functions.random_mask``."""
+    exactly the mask of PEFT's ``shira.mask_functions.random_mask``. ``seed=None`` is, as
+    in PEFT, a fresh generator's default seed: the same mask every call, not a new one."""
     N, K = _check_shape(shape)
     nnz = shira_num_nonzeros((N, K), density=density, r=r)
     gen = torch.Generator()

@@ -125,8 +125,9 @@ def sddmm_kernel(
     """
     offs_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     e_ok = offs_e < NNZ
-    rows = tl.load(rows_ptr + offs_e, mask=e_ok, other=0)
-    cols = tl.load(cols_ptr + offs_e, mask=e_ok, other=0)
+    # 64-bit: a transposed dy or x (column stride M) puts rows * stride past 2**31
+    rows = tl.load(rows_ptr + offs_e, mask=e_ok, other=0).to(tl.int64)
+    cols = tl.load(cols_ptr + offs_e, mask=e_ok, other=0).to(tl.int64)
     m_first = tl.program_id(1) * ROWS_PER_SPLIT
     m_end = tl.minimum(m_first + ROWS_PER_SPLIT, M)
     acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
