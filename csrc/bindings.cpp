@@ -89,6 +89,8 @@ fusedlora::LoraDecodeArgs check_base(const at::Tensor& x, const at::Tensor& weig
                                          std::to_string(weight.stride(0)) + ", " + std::to_string(weight.stride(1)) +
                                          ")");
   value_check(N < (1LL << 31) && K < (1LL << 31), "weight: dimensions must fit in int32");
+  value_check(N >= 1 && K >= 1, "weight: the decode kernels need at least one output and one input feature, got " +
+                                    shape_of(weight));
   if (bias.has_value()) {
     same_dtype(*bias, x, "bias");
     value_check(bias->dim() == 1 && bias->size(0) == N,
@@ -191,8 +193,9 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_decode(const at::Tensor& x, const 
   value_check(row_slot.size(0) == args.M, "row_slot: expected one slot per row of x");
   value_check(slot_rank.size(0) == slot_off.size(0) && slot_scale.size(0) == slot_off.size(0),
               "slot_off, slot_rank, slot_scale: expected one entry per slot each");
-  value_check(max_rank >= 0 && max_rank <= pool_A.size(0),
-              "max_rank: expected 0 .. pool rows, got " + std::to_string(max_rank));
+  // any width of u at least the largest rank (the caller's promise, as on Triton); a
+  // shrink block j reads pooled rows only where j is below its row's rank
+  value_check(max_rank >= 0 && max_rank < (1LL << 31), "max_rank: expected >= 0, got " + std::to_string(max_rank));
   on_device_of({&pool_A, &pool_BT, &row_slot, &slot_off, &slot_rank, &slot_scale}, x);
   const at::Tensor slots = row_slot.contiguous(), offs = slot_off.contiguous(), ranks = slot_rank.contiguous(),
                    scales = slot_scale.contiguous();

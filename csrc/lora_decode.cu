@@ -474,6 +474,7 @@ bool mma_serves(const LoraDecodeArgs& p) {
 }
 
 int lora_decode_k_split(const LoraDecodeArgs& p, int num_sms) {
+  if (p.N < 1 || p.K < 1) return 1;  // nothing to split (lora_decode_forward refuses the shape)
   const int chunks = (p.K + kChunk - 1) / kChunk;
   int want;
   if (p.gemv == Gemv::kMma) {

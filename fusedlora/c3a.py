@@ -339,11 +339,12 @@ def _c3a_forward_on(backend: str, x: Tensor, weight: Tensor, bias: Optional[Tens
         return reference.c3a_linear(x, weight, bias, c3a_kernel)
     if backend == "eager":
         return _eager_forward(x, weight, bias, c3a_kernel)
-    if backend == "cuda" and 0 < x.shape[0] <= 16:
-        from .cuda_ext import load
+    if backend == "cuda":
+        from .cuda_ext import decode_serves, load
 
-        record("c3a.forward", "cuda", "decode")
-        return load().c3a_decode(x, weight, bias, c3a_kernel.float())
+        if decode_serves(x, weight):  # else Triton, recorded below
+            record("c3a.forward", "cuda", "decode")
+            return load().c3a_decode(x, weight, bias, c3a_kernel.float())
     triton_dtype_ok(x)
     from .launch import decode_pair_serves
 

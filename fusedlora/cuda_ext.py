@@ -265,6 +265,16 @@ requested_gemv = _GEMV.get
 use_gemv = _GEMV.use  # the decode kernels' GEMV in a scope, as FUSEDLORA_CUDA_GEMV=name would
 
 
+DECODE_ROWS = 16  # csrc's kMaxDecodeRows
+
+
+def decode_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The decode kernels' shape contract (the binding raises outside it; the ops then run
+    Triton, recorded): 1..16 rows, at least one input and one output feature, W unit-stride
+    along in_features."""
+    return 0 < x.shape[0] <= DECODE_ROWS and x.shape[1] > 0 and weight.shape[0] > 0 and weight.stride(1) == 1
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_major(device: torch.device) -> int:
     return torch.cuda.get_device_capability(device)[0]

@@ -55,7 +55,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backend import dispatch, interpreting, record, select_backend
-from .ops import autocast_inputs, bias_grad, fused_op, pick, register_autograd, triton_dtype_ok
+from .ops import (autocast_inputs, backward_backend, bias_grad, fused_op, pick, register_autograd, torch_masks,
+                  triton_dtype_ok)
 
 _INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
@@ -383,9 +384,10 @@ def _multi_forward_on(backend: str, x: Tensor, weight: Tensor, bias: Optional[Te
         record("multi.forward", "eager", "gather")
         return _gather_forward(x, weight, bias, pool_A, pool_BT, row_slot, sl, max_rank)
     if backend == "cuda":
-        # the binding's contract: unit stride along the reduction of W and along the pools' rows
-        unit = weight.stride(1) == 1 and pool_A.stride(1) == 1 and pool_BT.stride(1) == 1
-        if 0 < x.shape[0] <= 16 and not dropout and unit:
+        from .cuda_ext import decode_serves
+
+        # the binding's contract: decode_serves, and unit stride along the pools' rows
+        if decode_serves(x, weight) and not dropout and pool_A.stride(1) == 1 and pool_BT.stride(1) == 1:
             from .cuda_ext import gemv_for, load
 
             gemv = gemv_for("multi.forward", "bgmv", x, weight)
@@ -413,11 +415,12 @@ def _(x, weight, bias, pool_A, pool_BT, row_slot, slot_off, slot_rank, slot_scal
 @fused_op("fusedlora::multi_lora_linear_backward")
 def _multi_backward(grad_y: Tensor, x: Tensor, weight: Tensor, pool_A: Tensor, pool_BT: Tensor, u: Tensor,
                     row_slot: Tensor, slot_off: Tensor, slot_rank: Tensor, slot_scale: Tensor, slot_drop: Tensor,
-                    max_rank: int, dropout: bool, seed: Tensor, needs: List[bool]) -> List[Tensor]:
-    """(dx, dW, db, d pool_A, d pool_BT); an empty tensor stands for a gradient not asked for."""
+                    max_rank: int, dropout: bool, seed: Tensor, torch_mask: bool, needs: List[bool]) -> List[Tensor]:
+    """(dx, dW, db, d pool_A, d pool_BT); an empty tensor stands for a gradient not asked for.
+    ``torch_mask``: the forward drew its dropout from torch's generator (ops.torch_masks)."""
     need_x, need_w, need_b, need_a, need_bb = needs
     sl = _Slots(slot_off, slot_rank, slot_scale, slot_drop, dropout, int(seed.item()) if dropout else 0)
-    backend = select_backend(x.device)
+    backend = backward_backend(x.device, dropout, torch_mask)
     if backend == "torch":
         record("multi.backward", "torch", "grouped")
         grads = _torch_backward(grad_y, x, weight, pool_A, pool_BT, row_slot, sl)
@@ -452,7 +455,7 @@ def _multi_backward(grad_y: Tensor, x: Tensor, weight: Tensor, pool_A: Tensor, p
 
 @_multi_backward.register_fake
 def _(grad_y, x, weight, pool_A, pool_BT, u, row_slot, slot_off, slot_rank, slot_scale, slot_drop, max_rank,
-      dropout, seed, needs):
+      dropout, seed, torch_mask, needs):
     shapes = [x, weight, weight[:, 0], pool_A, pool_BT]
     return [t.new_empty(t.shape) if n else grad_y.new_empty(0) for t, n in zip(shapes, needs)]
 
@@ -463,6 +466,7 @@ def _multi_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, pool_A, pool_BT, output[1], row_slot, slot_off, slot_rank, slot_scale,
                           slot_drop, seed)
     ctx.max_rank, ctx.dropout = max_rank, dropout
+    ctx.torch_mask = dropout and torch_masks(x.device, "multi.forward", x.shape[0])
     ctx.mark_non_differentiable(output[1])
 
 
@@ -472,7 +476,7 @@ def _multi_autograd(ctx, grad_y, grad_u):
     needs = [n[0], n[1], n[2], n[3], n[4]]
     backward = pick(_multi_backward, grad_y, x, weight, pool_A, pool_BT, u)
     grads = backward(grad_y, x, weight, pool_A, pool_BT, u, row_slot, slot_off, slot_rank, slot_scale,
-                     slot_drop, ctx.max_rank, ctx.dropout, seed, needs)
+                     slot_drop, ctx.max_rank, ctx.dropout, seed, ctx.torch_mask, needs)
     dx, dW, db, dA, dBT = (g if need else None for g, need in zip(grads, needs))
     return dx, dW, db, dA, dBT, None, None, None, None, None, None, None, None
 

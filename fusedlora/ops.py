@@ -220,6 +220,23 @@ def draw_seed(dropout_p: float) -> Tensor:
     return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
 
 
+def torch_masks(device: torch.device, op: str, rows: int) -> bool:
+    """Whether the forward of ``op`` draws its dropout from torch's generator (the torch and
+    eager backends) rather than the kernels' Philox. Read where the forward ran (its autograd
+    context) and given to the backward, which must draw the same mask even when the backend
+    asked for has changed by then (a use_backend scope left before .backward())."""
+    return select_backend(device, op, rows) in ("torch", "eager")
+
+
+def backward_backend(device: torch.device, dropout: bool, torch_mask: bool) -> str:
+    """The backward's backend: the one asked for now, unless dropout needs the forward's
+    mask family (torch's generator: the torch backend; Philox: Triton, which the forward ran)."""
+    backend = select_backend(device)
+    if dropout and torch_mask != (backend == "torch"):
+        return "torch" if torch_mask else "triton"
+    return backend
+
+
 def torch_keep_mask(shape, p: float, seed: int, device) -> Optional[Tensor]:
     """The torch backend's dropout mask: a pure function of the seed, so the
     backward pass draws it again instead of storing it."""
@@ -242,7 +259,9 @@ def _lora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Ten
 def _lora_forward_on(backend: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
                      lora_B: Tensor, scaling: float, dropout_p: float, seed: Tensor) -> Tuple[Tensor, Tensor]:
     if backend == "cuda":
-        if x.shape[0] and x.shape[0] <= 16 and dropout_p == 0.0:
+        from .cuda_ext import decode_serves
+
+        if decode_serves(x, weight) and dropout_p == 0.0:
             from .cuda_ext import gemv_for, load
 
             return load().lora_decode(x, weight, bias, lora_A, lora_B, scaling,
@@ -281,10 +300,12 @@ def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
 
 @fused_op("fusedlora::lora_linear_backward")
 def _lora_backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, u: Tensor,
-                   scaling: float, dropout_p: float, seed: Tensor, needs: List[bool]) -> List[Tensor]:
-    """(dx, dW, db, dA, dB); an empty tensor stands for a gradient not asked for."""
+                   scaling: float, dropout_p: float, seed: Tensor, torch_mask: bool,
+                   needs: List[bool]) -> List[Tensor]:
+    """(dx, dW, db, dA, dB); an empty tensor stands for a gradient not asked for.
+    ``torch_mask``: the forward drew its dropout from torch's generator (ops.torch_masks)."""
     need_x, need_w, need_b, need_a, need_bb = needs
-    backend = select_backend(x.device)
+    backend = backward_backend(x.device, dropout_p > 0, torch_mask)
     if backend == "torch":
         mask = torch_keep_mask(x.shape, dropout_p, seed.item(), x.device)
         grads = reference.lora_linear_grads(grad_y, x, weight, lora_A, lora_B, scaling, mask, dropout_p)
@@ -315,7 +336,7 @@ def _lora_backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lo
 
 
 @_lora_backward.register_fake
-def _(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, needs):
+def _(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, torch_mask, needs):
     shapes = [x, weight, weight[:, 0], lora_A, lora_B]
     return [t.new_empty(t.shape) if n else grad_y.new_empty(0) for t, n in zip(shapes, needs)]
 
@@ -324,6 +345,7 @@ def _lora_setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
     ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
     ctx.scaling, ctx.dropout_p = scaling, dropout_p
+    ctx.torch_mask = dropout_p > 0 and torch_masks(x.device, "lora.forward", x.shape[0])
     ctx.mark_non_differentiable(output[1])
 
 
@@ -332,7 +354,7 @@ def _lora_autograd(ctx, grad_y, grad_u):
     n = ctx.needs_input_grad
     needs = [n[0], n[1], n[2], n[3], n[4]]
     backward = pick(_lora_backward, grad_y, x, weight, lora_A, lora_B, u)
-    grads = backward(grad_y, x, weight, lora_A, lora_B, u, ctx.scaling, ctx.dropout_p, seed, needs)
+    grads = backward(grad_y, x, weight, lora_A, lora_B, u, ctx.scaling, ctx.dropout_p, seed, ctx.torch_mask, needs)
     dx, dW, db, dA, dB = (g if need else None for g, need in zip(grads, needs))
     return dx, dW, db, dA, dB, None, None, None
 

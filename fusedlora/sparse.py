@@ -303,12 +303,13 @@ def _sparse_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], values: T
     if backend == "eager":
         record("sparse.forward", "eager", "dense")
         return F.linear(x, _dense_weight(weight, (offsets, rows, cols, perm), values, scaling, tile), bias)
-    if backend == "cuda" and 0 < x.shape[0] <= 16:
-        from .cuda_ext import gemv_for, load
+    if backend == "cuda":
+        from .cuda_ext import decode_serves, gemv_for, load
 
-        row_ptr, col, order = _row_csr(rows, cols, perm, weight.shape[0])
-        return load().sparse_decode(x, weight, bias, row_ptr, col, order, values, scaling,
-                                    gemv=gemv_for("sparse.forward", "decode", x, weight))
+        if decode_serves(x, weight):  # else Triton, recorded below
+            row_ptr, col, order = _row_csr(rows, cols, perm, weight.shape[0])
+            return load().sparse_decode(x, weight, bias, row_ptr, col, order, values, scaling,
+                                        gemv=gemv_for("sparse.forward", "decode", x, weight))
     triton_dtype_ok(x)
     triton_dtype_ok(values, "values")
     if 0 < x.shape[0] <= DECODE_ROWS:

@@ -66,7 +66,21 @@ LORA_BAD = [
     (dict(lora_B=torch.randn(6, 3)), ValueError, "lora_B: expected shape (6, 2)"),
     (dict(bias=torch.randn(5)), ValueError, "bias: expected shape (6,)"),
     (dict(gemv="wmma"), ValueError, "gemv: expected 'fma' or 'mma', got 'wmma'"),
+    # no output or no input feature: refused, not a division by zero in the K-split plan
+    (dict(weight=torch.randn(0, 8), bias=None, lora_B=torch.randn(0, 2)), ValueError, "at least one output"),
+    (dict(x=torch.randn(2, 0), weight=torch.randn(6, 0), lora_A=torch.randn(2, 0)), ValueError,
+     "at least one output and one input"),
 ]
+
+
+def test_decode_serves_sends_what_the_binding_refuses_to_triton():
+    """The ops ask cuda_ext.decode_serves before calling the extension: shapes it would refuse
+    (no rows past 16, no features, W strided along in_features) run Triton, recorded so."""
+    x, W = torch.randn(3, 8), torch.randn(6, 8)
+    assert cuda_ext.decode_serves(x, W)
+    assert not cuda_ext.decode_serves(torch.randn(17, 8), W) and not cuda_ext.decode_serves(x[:0], W)
+    assert not cuda_ext.decode_serves(x, torch.randn(0, 8)) and not cuda_ext.decode_serves(x[:, :0], W[:, :0])
+    assert not cuda_ext.decode_serves(x, torch.randn(8, 6).t())
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the error for CPU tensors")
@@ -232,8 +246,30 @@ MULTI_BAD = [
     (dict(pool_A=torch.randn(7, 9)), ValueError, "pool_A: expected (R_total, 8)"),
     (dict(pool_BT=torch.randn(6, 6)), ValueError, "pool_BT: expected (7, 6)"),
     (dict(row_slot=torch.tensor([0, 1], dtype=torch.int32)), ValueError, "one slot per row"),
-    (dict(max_rank=99), ValueError, "max_rank"),
+    (dict(max_rank=-1), ValueError, "max_rank"),
 ]
+
+
+@pytest.mark.gpu
+def test_cuda_backend_runs_triton_for_shapes_the_extension_refuses(ext, monkeypatch):
+    """FUSEDLORA_BACKEND=cuda with a W strided along in_features, or no output / input feature:
+    Triton serves (recorded), where the binding would raise or divide by zero."""
+    from fusedlora.ops import lora_linear
+    from fusedlora.c3a import c3a_linear
+
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "cuda")
+    x = torch.randn(4, 32, device="cuda")
+    Wt = torch.randn(32, 24, device="cuda").t()  # (24, 32), stride (1, 24)
+    A, B = torch.randn(2, 32, device="cuda"), torch.randn(24, 2, device="cuda")
+    fusedlora.reset_dispatch()
+    with torch.no_grad():
+        y = lora_linear(x, Wt, None, A, B, 1.0)
+        y0 = lora_linear(x, Wt[:0], None, A, B[:0], 1.0)
+        yc = c3a_linear(x, Wt, None, torch.randn(3, 4, 8, device="cuda"))
+    assert y.shape == (4, 24) and y0.shape == (4, 0) and yc.shape == (4, 24)
+    assert rel_err(y, x @ Wt.t() + (x @ A.t()) @ B.t()) < TOL[torch.float32]
+    ran = dispatched("")
+    assert not [k for k in ran if ":cuda:" in k], ran
 
 
 @pytest.mark.gpu

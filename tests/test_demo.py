@@ -42,8 +42,7 @@ def test_serve_demo_runs_and_compares(monkeypatch, capsys):
 
     def wrong_merge(self, name):  # a merged adapter at twice its scale: the check must notice
         real(self, name)
-        with torch.no_grad():
-            self.weight.add_(self._delta_weight_of(name).to(self.weight.dtype))
+        self._add_delta(name, 1.0)
 
     monkeypatch.setattr(FusedLinear, "switch_merged", wrong_merge)
     assert serve_demo.main(SERVE_ARGS) == 1

@@ -283,3 +283,47 @@ def test_host_paths_serve_only_what_they_can(gpu_call):
     assert y.dtype == torch.float32 and dispatched("lora.forward:eager:composition")
     ref = reference.lora_linear(xs.double(), Ws.double(), b.double(), A.double(), B.double(), 1.5)
     assert rel_err(y, ref) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("forward_backend,backward_backend", [("torch", "triton"), ("triton", "torch")])
+def test_dropout_backward_draws_the_forwards_mask_after_a_backend_switch(monkeypatch, forward_backend,
+                                                                         backward_backend):
+    """A forward under one backend (use_backend scope) and .backward() under another: the
+    backward draws the mask family the forward drew (torch's generator or the kernels'
+    Philox), for the LoRA op and the multi-adapter op; the gradients of x and A were wrong."""
+    monkeypatch.setenv("FUSEDLORA_BACKEND", backward_backend)
+    torch.manual_seed(1)
+    M, K, N, r, p = 6, 33, 20, 4, 0.3
+    x = torch.randn(M, K, device=DEVICE, requires_grad=True)
+    W, b = torch.randn(N, K, device=DEVICE), torch.randn(N, device=DEVICE)
+    A = torch.randn(r, K, device=DEVICE, requires_grad=True)
+    B = torch.randn(N, r, device=DEVICE, requires_grad=True)
+    torch.manual_seed(7)
+    with fusedlora.use_backend(forward_backend):
+        y = lora_linear(x, W, b, A, B, 0.7, p)
+    y.backward(torch.ones_like(y))
+    torch.manual_seed(7)
+    seed = int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
+    with fusedlora.use_backend(forward_backend):
+        mask = fusedlora.ops.dropout_keep_mask((M, K), p, seed, DEVICE).double()
+    ref = [t.detach().double().requires_grad_() for t in (x, A, B)]
+    yr = reference.lora_linear(ref[0], W.double(), b.double(), ref[1], ref[2], 0.7, mask, p)
+    yr.backward(torch.ones_like(yr))
+    assert rel_err(y, yr) < TOL[torch.float32]
+    for got, want in zip((x, A, B), ref):
+        assert rel_err(got.grad, want.grad) < TOL[torch.float32]
+    # the multi-adapter op (one slot, the same seed, hence the same mask as lora_linear's):
+    # its dx after the switch against lora_linear's run wholly inside the forward's scope
+    pool_A, pool_BT, off, rank, scale, rmax = pack_loras([A.detach()], [B.detach()], [0.7], device=DEVICE)
+    slot = torch.zeros(M, dtype=torch.int32, device=DEVICE)
+    drop = torch.full((1,), p, device=DEVICE)
+    xm, xl = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+    torch.manual_seed(9)
+    with fusedlora.use_backend(forward_backend):
+        ym = multi_lora_linear(xm, W, b, slot, pool_A, pool_BT, off, rank, scale, max_rank=rmax, slot_drop=drop)
+    ym.backward(torch.ones_like(ym))
+    torch.manual_seed(9)
+    with fusedlora.use_backend(forward_backend):
+        yl = lora_linear(xl, W, b, A.detach(), B.detach(), 0.7, p)
+        yl.backward(torch.ones_like(yl))
+    assert rel_err(ym, yl) < TOL[torch.float32] and rel_err(xm.grad, xl.grad) < TOL[torch.float32]

@@ -416,7 +416,7 @@ def test_custom_ops_pass_opcheck(torch_backend):
         torch.library.opcheck(_lora_forward, args)
     u = torch.randn(5, 2)
     torch.library.opcheck(_lora_backward, (torch.randn(5, 6), x, w, A.detach(), B.detach(), u, 0.5, 0.0,
-                                           draw_seed(0.0), [True, False, True, True, False]))
+                                           draw_seed(0.0), False, [True, False, True, True, False]))
 
 
 def test_inference_calls_skip_the_custom_op_dispatch(monkeypatch):

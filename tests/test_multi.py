@@ -570,7 +570,7 @@ def test_torch_backend_matches_reference_and_opcheck(torch_backend):
         torch.library.opcheck(_multi_forward, args)
         u = torch.randn(9, rmax)
         torch.library.opcheck(_multi_backward, (gy, *args[:2], pool_A.detach(), pool_BT.detach(), u, slot, off, rank,
-                                                scale, drop, rmax, dropout, seed, [True, False, True, True, True]))
+                                                scale, drop, rmax, dropout, seed, True, [True, False, True, True, True]))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
