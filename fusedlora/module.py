@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from typing import Iterable, List, Optional, Tuple, Union
 
@@ -122,8 +123,9 @@ class FusedLinear(nn.Linear):
         self._check_name(name, must_exist=False)
         if dtype is not None and dtype not in ops._FLOAT_DTYPES:
             raise TypeError(f"dtype: expected None or one of {ops._FLOAT_DTYPES}, got {dtype!r}")
-        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r <= 0:
             raise ValueError(f"r: expected a positive int, got {r!r}")
+        r = int(r)  # numpy and tensor-free integers too (a config's values)
         lora_alpha = ops.check_scalar("lora_alpha", r if lora_alpha is None else lora_alpha)
         lora_dropout = ops.check_scalar("lora_dropout", lora_dropout, 0.0, 1.0, high_open=True)
         if init_lora_weights not in (True, False, "gaussian"):
@@ -152,9 +154,11 @@ class FusedLinear(nn.Linear):
         """Add a C3A adapter: ``c3a_kernel[name]`` of shape (out/b, in/b, b), float32, as PEFT."""
         self._check_name(name, must_exist=False)
         b = block_size
-        if isinstance(b, bool) or not isinstance(b, int) or b <= 0 or self.in_features % b or self.out_features % b:
+        if isinstance(b, bool) or not isinstance(b, numbers.Integral) or b <= 0 or self.in_features % b or \
+                self.out_features % b:
             raise ValueError(f"block_size: expected a positive int dividing in_features={self.in_features} and "
                              f"out_features={self.out_features}, got {block_size!r}")
+        b = int(b)
         kernel = torch.empty(self.out_features // b, self.in_features // b, b, device=self.weight.device,
                              dtype=torch.float32)
         with torch.no_grad():

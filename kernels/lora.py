@@ -70,10 +70,14 @@ def lora_matmul_kernel(
     # The epilogue runs once per output tile: in the first split only.
     if pid_k == 0:
         if HAS_LOWRANK:
-            offs_r = tl.arange(0, BLOCK_R)
-            u = load_tile(u_ptr, offs_m, offs_r, stride_um, stride_ur, M, R)
-            v = load_tile(v_ptr, offs_r, offs_n, stride_vr, stride_vn, R, N)
-            low = tl.dot(u.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
+            # BLOCK_R ranks per dot (at most 64): one step for the usual ranks, a loop for
+            # large or stacked ones, whose single tiles would not fit shared memory
+            low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for r0 in range(0, R, BLOCK_R):
+                offs_r = r0 + tl.arange(0, BLOCK_R)
+                u = load_tile(u_ptr, offs_m, offs_r, stride_um, stride_ur, M, R)
+                v = load_tile(v_ptr, offs_r, offs_n, stride_vr, stride_vn, R, N)
+                low = tl.dot(u.to(DOT_DTYPE), v.to(DOT_DTYPE), low, input_precision=INPUT_PRECISION)
             if DROP_EPI:
                 keep = dropout_keep(seed, offs_m[:, None], offs_n[None, :], p)
                 low = tl.where(keep, low * keep_scale, 0.0)
@@ -135,16 +139,17 @@ def lora_decode_finish_kernel(
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, BLOCK_R)
     m_ok = offs_m[:, None] < M
     y_ok = m_ok & (offs_n[None, :] < N)
-    u_ok = m_ok & (offs_r[None, :] < R)
     acc = split_sum(part_ptr, offs_m, (R_COLS + offs_n)[None, :], y_ok, stride_ps, stride_pm, SPLIT_K)
-    u = split_sum(part_ptr, offs_m, offs_r[None, :], u_ok, stride_ps, stride_pm, SPLIT_K) * scaling
-    if pid == 0:
-        tl.store(u_ptr + offs_m[:, None] * R + offs_r[None, :], u, mask=u_ok)
-    v = load_tile(lora_b_ptr, offs_r, offs_n, stride_lora_b_r, stride_lora_b_n, R, N)
-    acc += tl.dot(u.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
+    for r0 in range(0, R, BLOCK_R):  # BLOCK_R ranks at a time: large ranks loop, tiles stay small
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        u_ok = m_ok & (offs_r[None, :] < R)
+        u = split_sum(part_ptr, offs_m, offs_r[None, :], u_ok, stride_ps, stride_pm, SPLIT_K) * scaling
+        if pid == 0:
+            tl.store(u_ptr + offs_m[:, None] * R + offs_r[None, :], u, mask=u_ok)
+        v = load_tile(lora_b_ptr, offs_r, offs_n, stride_lora_b_r, stride_lora_b_n, R, N)
+        acc = tl.dot(u.to(DOT_DTYPE), v.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
     if HAS_BIAS:
         acc = add_bias(acc, bias_ptr, offs_n, N)
     c = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn

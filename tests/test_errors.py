@@ -64,6 +64,15 @@ def test_module_rejects_bad_adapters():
     layer = fusedlora.FusedLinear(8, 6)
     with pytest.raises(ValueError, match="r: expected a positive int"):
         layer.add_lora("a", r=0)
+    with pytest.raises(ValueError, match="r: expected a positive int"):
+        layer.add_lora("a", r=2.0)
+    import numpy as np  # a config's integers (numpy, from a loaded json/yaml) are integers
+
+    layer.add_lora("np_r", r=np.int64(2))
+    layer.add_c3a("np_b", block_size=np.int32(2))
+    assert layer.r["np_r"] == 2 and type(layer.r["np_r"]) is int and layer.c3a_kernel["np_b"].shape == (3, 4, 2)
+    layer.delete_adapter("np_r")
+    layer.delete_adapter("np_b")
     with pytest.raises(ValueError, match="lora_dropout"):
         layer.add_lora("a", r=2, lora_dropout=1.5)
     with pytest.raises(ValueError, match="init_lora_weights"):

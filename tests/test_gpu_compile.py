@@ -179,12 +179,15 @@ def variants():
                                          dict(HAS_BIAS=True, **f32, SPLIT_K=3, BLOCK_M=16, BLOCK_N=64, BLOCK_R=32),
                                          4, 3, None),
         # ranks of 128 and 256: the launcher narrows the finish to 32 columns (64 spilled in fp32)
-        "lora-sm90-fp32-decode-finish-r128": (lora_decode_finish_kernel, 90, "fp32", "fp32",
-                                              dict(HAS_BIAS=True, **f32, SPLIT_K=3, BLOCK_M=16, BLOCK_N=32,
-                                                   BLOCK_R=128), 4, 3, None),
-        "lora-sm90-fp32-decode-finish-r256": (lora_decode_finish_kernel, 90, "fp32", "fp32",
-                                              dict(HAS_BIAS=True, **f32, SPLIT_K=3, BLOCK_M=16, BLOCK_N=32,
-                                                   BLOCK_R=256), 4, 3, None),
+        # any rank: 64 ranks per step (launch.lowrank_block_r), the plan's 64 columns, no spill
+        "lora-sm90-fp32-decode-finish-r64": (lora_decode_finish_kernel, 90, "fp32", "fp32",
+                                             dict(HAS_BIAS=True, **f32, SPLIT_K=3, BLOCK_M=16, BLOCK_N=64,
+                                                  BLOCK_R=64), 4, 3, None),
+        # the rank-r rows plan (16 < M <= 128) in fp32 with a large (stacked) rank: 64 ranks per
+        # epilogue dot keep it inside an A100's shared memory (a single 256-rank dot took 192 KB)
+        "lora-sm80-fp32-forward-rank-rows": (lora_matmul_kernel, 80, "fp32", "fp32",
+                                             lora(**f32, HAS_BIAS=True, HAS_LOWRANK=True, BLOCK_M=128, BLOCK_N=64,
+                                                  BLOCK_K=32, BLOCK_R=64, GROUP_M=1), 4, 3, None),
         "lora-sm90-fp16-shrink": (lora_matmul_kernel, 90, "fp16", "fp32",
                                   lora(**f16, DROP_A=True, SPLIT_K=4, BLOCK_M=64, BLOCK_N=16, BLOCK_K=128,
                                        GROUP_M=1), 4, 3, "mma"),
@@ -339,7 +342,7 @@ NAMES = ["lora-sm90-bf16-decode-pair", "lora-sm80-fp32-decode-pair", "lora-sm90-
          "lora-sm80-fp32-plan-grad-A", "lora-sm80-tf32-plan-shrink", "lora-sm90-bf16-forward", "lora-sm90-bf16-grad-x", "lora-sm90-bf16-decode", "lora-sm90-fp16-shrink",
          "lora-sm80-fp16-forward", "lora-sm80-fp32-ieee-grad-A", "c3a-sm90-bf16-forward", "c3a-sm90-bf16-grad-x",
          "c3a-sm90-bf16-decode", "c3a-sm90-bf16-decode-pair", "c3a-sm90-bf16-decode-pair-b16",
-         "lora-sm90-fp32-decode-finish-r128", "lora-sm90-fp32-decode-finish-r256", "c3a-sm80-fp32-decode-pair", "c3a-sm90-bf16-decode-finish", "c3a-sm90-bf16-grad-kernel", "sparse-sm90-bf16-forward",
+         "lora-sm90-fp32-decode-finish-r64", "lora-sm80-fp32-forward-rank-rows", "c3a-sm80-fp32-decode-pair", "c3a-sm90-bf16-decode-finish", "c3a-sm90-bf16-grad-kernel", "sparse-sm90-bf16-forward",
          "sparse-sm90-bf16-decode", "sparse-sm90-bf16-sddmm", "sparse-sm90-bf16-rows-add",
          "sparse-sm80-fp16-rows-add-1row", "sparse-sm90-bf16-decode-finish", "sparse-sm90-bf16-densify", "sparse-sm90-bf16-gather", "c3a-sm90-bf16-circulant",
          "c3a-sm90-bf16-diagonal-sums", "multi-sm90-bf16-forward-sgmv",

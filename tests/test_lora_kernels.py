@@ -81,6 +81,15 @@ def test_gemm_splitk_and_decode_paths_are_covered(triton_backend):
     assert "lora.shrink:triton:splitk" in dispatched("lora.shrink")
 
 
+@pytest.mark.parametrize("M,r,p", [(37, 100, 0.0), (37, 70, 0.3), (5, 100, 0.0)])
+def test_large_ranks_loop_in_the_epilogue(triton_backend, M, r, p):
+    """Ranks above the epilogue's dot width (16 under the interpreter, 64 on a GPU) loop over
+    rank chunks in the GEMM epilogue and in the decode pair's finish (a single dot of a
+    large or stacked rank did not fit an A100's shared memory); with dropout on the sum."""
+    check_against_reference(make_inputs(M, 40, 24, r, torch.float32), p=p, seed=3)
+    assert launch.lowrank_block_r(r) < r
+
+
 @pytest.mark.parametrize("dtype", DTYPES + [pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("M,K,N,r", [(1, 33, 17, 1), (16, 50, 70, 20), (5, 200, 9, 3)])
 def test_decode_pair_y_u_and_repeatability(triton_backend, M, K, N, r, dtype):
