@@ -257,16 +257,22 @@ def test_scatter_merge_roundtrip_and_switch(triton_backend):
     assert p.requires_grad and (p.detach() - w0).abs().max() > 0
 
 
+def two_sparse_adapters(N, K, dtype, densities, seed):
+    """A layer with sparse adapters "a" (scaling 0.9) and "b" (2.0): (layer, W before, ia, ib)."""
+    torch.manual_seed(seed)
+    layer = fusedlora.FusedLinear(K, N, dtype=dtype)
+    w0 = layer.weight.detach().clone()
+    ia, ib = (random_indices((N, K), density=d, seed=seed + 1 + i) for i, d in enumerate(densities))
+    layer.add_sparse("a", ia, torch.randn(ia.shape[1]) * 0.37, scaling=0.9)
+    layer.add_sparse("b", ib, torch.randn(ib.shape[1]) * 1.3, scaling=2.0)
+    return layer, w0, ia, ib
+
+
 def test_module_switch_restores_the_weight_bit_for_bit(torch_backend):
     """switch_merged keeps the entries a merge overwrites: in bf16, where adding and
     subtracting a delta drifts, W is exactly the original after any number of switches."""
-    torch.manual_seed(12)
     N, K = 40, 56
-    layer = fusedlora.FusedLinear(K, N, dtype=torch.bfloat16)
-    w0 = layer.weight.detach().clone()
-    ia, ib = random_indices((N, K), density=0.05, seed=3), random_indices((N, K), density=0.04, seed=4)
-    layer.add_sparse("a", ia, torch.randn(ia.shape[1]) * 0.37, scaling=0.9)
-    layer.add_sparse("b", ib, torch.randn(ib.shape[1]) * 1.3, scaling=2.0)
+    layer, w0, ia, ib = two_sparse_adapters(N, K, torch.bfloat16, (0.05, 0.04), seed=12)
     for _ in range(25):
         layer.switch_merged("a")
         layer.switch_merged("b")
@@ -318,13 +324,7 @@ def test_module_unmerge_keeps_changes_no_version_counter_sees(torch_backend, cha
 def test_module_sparse_adapters_merged_together_and_strided_weights_restore_exactly(torch_backend):
     """Two sparse adapters sharing positions merged at once, in fp16, and switches on a W that
     is a transposed view (or becomes one while merged): W comes back bit for bit, every time."""
-    torch.manual_seed(0)
-    N, K = 16, 24
-    layer = fusedlora.FusedLinear(K, N, dtype=torch.float16)
-    w0 = layer.weight.detach().clone()
-    ia, ib = random_indices((N, K), density=0.3, seed=1), random_indices((N, K), density=0.3, seed=2)
-    layer.add_sparse("a", ia, torch.randn(ia.shape[1]) * 0.37, scaling=0.9)
-    layer.add_sparse("b", ib, torch.randn(ib.shape[1]) * 1.3, scaling=2.0)
+    layer, w0, _, _ = two_sparse_adapters(16, 24, torch.float16, (0.3, 0.3), seed=0)
     for _ in range(10):
         layer.merge(["a", "b"])
         layer.unmerge()
