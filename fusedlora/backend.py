@@ -96,11 +96,13 @@ use_backend = _BACKEND.use
 
 # Auto mode's use of the CUDA extension, from GPU measurements: op -> the largest
 # row count at which its CUDA kernel beat Triton (bench/results). Ops not listed
-# run on Triton. H200, bf16, CUDA-graph replays (bench/results/2026-11-27_h200_2): the
-# BGMV kernel at 1 row, 29.9 / 42.6 us against Triton's 32.2 / 44.6 us (4096 x 4096 /
-# 4096 x 11008); C3A's kernel also won at 1 row, but EAGER_WINS sends C3A to its FFT
-# composition first (48 / 74 us against 42 / 99 us); every other kernel lost (docs/cuda.md).
-CUDA_WINS: dict = {"multi.forward": 1}
+# run on Triton. H200, bf16, CUDA-graph replays (bench/results/2026-11-28_h200, the
+# extension's two-launch form against Triton's decode pairs): no kernel beat Triton at every
+# shape; the closest, LoRA at 1 row 16.0 / 29.8 us against 14.9 / 27.1 us and the BGMV at 1
+# row 21.4 / 35.4 us against 21.6 / 35.3 us (4096 x 4096 / 4096 x 11008); at 16 rows the
+# FMA GEMV is 2-4x slower (docs/cuda.md). (2026-11-27_h200_2, the five-launch form: BGMV
+# won at 1 row.)
+CUDA_WINS: dict = {}
 
 # Auto mode's use of the eager compositions, from GPU measurements: op -> the row count
 # above which the composition ran faster than the Triton kernels (0: at every row count).
@@ -124,15 +126,15 @@ EAGER_WINS: dict = {"sparse.forward": 16, "sparse.backward": 0, "c3a.forward": 0
 #                 EAGER_WINS keeps the FFT form); "triton-fused" is that one launch, not
 #                 the two-launch decode pair Triton runs otherwise (each Triton launch cost
 #                 that host ~100 us; in a graph the pair is the candidate)
-#   multi.forward the CUDA extension's BGMV 177-293 us, Triton's 466-633 us, and a gather plus
-#                 two bmm 116-164 us without the layer's routing (its composition, where the
-#                 extension is not built)
+#   multi.forward a gather plus two bmm 116-164 us, the CUDA extension's BGMV 177-293 us,
+#                 Triton's 466-633 us; again on 2026-11-28_h200: 102-178 us, 187-374 us and
+#                 373-668 us (the extension first until then: its five-launch form's numbers)
 # A capture (or torch.compile's CUDA graphs) runs the backend select_backend names; dispatch()
 # runs that one too on the first eager call of each signature, so its kernels are compiled,
 # loaded and planned before any capture of the same shapes (the driver forbids loading a
 # module, and cuFFT making a plan, inside one).
 HOST_WINS: dict = {"lora.forward": (16, ("eager",)), "c3a.forward": (16, ("triton-fused",)),
-                   "multi.forward": (16, ("cuda", "eager"))}  # the first one available
+                   "multi.forward": (16, ("eager",))}  # the first one available
 _warmed: set = set()  # signatures whose capture-time backend has run once in this process
 
 

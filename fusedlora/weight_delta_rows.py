@@ -13,10 +13,9 @@ CSR rows of their layout, built once), through a per-slot table of addresses, so
 nothing is copied per call and no host sync is needed: CUDA-graph capturable.
 
 Served for inference (no gradient asked of x or of the C3A / sparse parameters),
-eager calls (torch.compile traces the PyTorch form), batches of up to
-``multi.sort_min_rows()`` rows (decode: each row gathers its adapter, C3A's circulant
-N x K per row from cache, where a prefill batch is better served by one FFT per
-adapter over its rows). Recorded as ``multi.c3a_delta:triton:rows`` and
+eager calls (torch.compile traces the PyTorch form), batches of up to ``max_rows()``
+rows (16: measured, see MAX_ROWS_GPU; each row gathers its adapter, C3A's circulant N x K
+per row from cache, where more rows are better served by one FFT per adapter). Recorded as ``multi.c3a_delta:triton:rows`` and
 ``multi.sparse_delta:triton:rows``.
 
 The table caches raw addresses: it is rebuilt when an adapter is added or deleted or a
@@ -125,13 +124,25 @@ def _table(layer, names: Sequence[str], kinds: Sequence[str], device: torch.devi
     return table, scale
 
 
+# The most rows the one launch takes, from GPU measurements (bench/kinds.py; H200, bf16,
+# 4096 x 4096, 8 adapters, CUDA-graph replays, bench/results/2026-11-28_h200): 16 rows 295 us
+# against 316 us for the per-adapter form, 64 rows 826 us against 557 us (C3A's circulant,
+# gathered per row, is N x K multiply-adds a row where the FFT form does N x K / b).
+MAX_ROWS_GPU = 16
+
+
+def max_rows() -> int:
+    from .multi import sort_min_rows
+
+    return min(MAX_ROWS_GPU, sort_min_rows())
+
+
 def serves(layer, x2: Tensor, names: Sequence[str], kinds: Sequence[str]) -> bool:
     """Whether add_rows_ takes this call (see the module docstring); False sends the rows
     to the per-adapter PyTorch form."""
-    from .multi import sort_min_rows
 
     M, K = x2.shape
-    if not (ONE_LAUNCH and 0 < M <= sort_min_rows() and K > 0 and layer.out_features > 0):
+    if not (ONE_LAUNCH and 0 < M <= max_rows() and K > 0 and layer.out_features > 0):
         return False
     if not triton_serves(x2.device, x2.dtype) or select_backend(x2.device, "multi.weight_delta", M) not in (
             "triton", "cuda"):

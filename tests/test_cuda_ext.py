@@ -130,7 +130,7 @@ def test_cuda_mma_ragged_k_inside_aligned_rows(ext, M):
     """The tensor-core GEMV's element-wise tail: K = 1036 is no multiple of 8, but the rows
     of x and W are views into wider tensors, so their strides (1040) keep them aligned."""
     a = args(M, 1040, 40, 4, torch.bfloat16, "cuda")
-    x, W = a["x"][:, :1036], a["weight"][:, :1036] / 32
+    x, W = a["x"][:, :1036], (a["weight"] / 32)[:, :1036]  # scaled before the slice: a view, stride 1040
     A = a["lora_A"][:, :1036].contiguous() / 32
     assert cuda_ext.mma_serves(x, W)
     y, _ = ext.lora_decode(x, W, a["bias"], A, a["lora_B"], 1.5, gemv="mma")
@@ -434,7 +434,8 @@ def test_auto_uses_the_cuda_kernels_only_where_measured(ext, monkeypatch):
     monkeypatch.delenv("FUSEDLORA_BACKEND", raising=False)
     cuda = torch.device("cuda")  # a device object needs no GPU
     assert backend.select_backend(cuda, "lora.forward", 4) == "triton"
-    assert backend.CUDA_WINS == {"multi.forward": 1}  # bench/results/2026-11-27_h200_2
+    assert backend.CUDA_WINS == {}  # bench/results/2026-11-28_h200: Triton's decode pairs won
+    monkeypatch.setitem(backend.CUDA_WINS, "multi.forward", 1)
     monkeypatch.setitem(backend.CUDA_WINS, "lora.forward", 16)
     assert backend.select_backend(cuda, "lora.forward", 4) == "cuda"
     assert backend.select_backend(cuda, "lora.forward", 17) == "triton"
@@ -455,6 +456,7 @@ def test_auto_bgmv_leaves_strided_operands_to_triton(ext, monkeypatch):
     from fusedlora.routing import pack_loras
 
     monkeypatch.delenv("FUSEDLORA_BACKEND", raising=False)
+    monkeypatch.setitem(fusedlora.backend.CUDA_WINS, "multi.forward", 1)  # as the 2026-11-27 table had it
     torch.manual_seed(0)
     K, N = 256, 192
     As = [torch.randn(r, K, device="cuda") / K ** 0.5 for r in (4, 16)]
@@ -656,7 +658,9 @@ def test_setup_py_builds_records_and_skips_as_documented(tmp_path):
     (tmp_path / "csrc" / "tiny.cpp").write_text(TINY % 42)
 
     def setup_py(**env):
-        env = {**os.environ, "CUDA_HOME": str(cuda_ext.nvcc_home()), **env}
+        # the default arch list is what is checked: a machine's own TORCH_CUDA_ARCH_LIST is dropped
+        base = {k: v for k, v in os.environ.items() if k != "TORCH_CUDA_ARCH_LIST"}
+        env = {**base, "CUDA_HOME": str(cuda_ext.nvcc_home()), **env}
         return subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=300)
 

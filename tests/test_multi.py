@@ -110,7 +110,7 @@ def test_bgmv_decode_pair_u_and_repeatability(triton_backend, dtype):
     sl = multi._Slots(off, rank, scale, torch.zeros(2, device=DEVICE), False, 0)
     y, u = multi._decode_pair(x, W, b, pool_A, pool_BT, row_slot, sl, rmax)
     xd = x.double()
-    u_ref = torch.zeros(7, rmax, dtype=torch.float64)
+    u_ref = torch.zeros(7, rmax, dtype=torch.float64, device=DEVICE)
     y_ref = torch.nn.functional.linear(xd, W.double(), b.double())
     for m, s in enumerate(slots):
         if s >= 0:
