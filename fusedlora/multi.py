@@ -549,6 +549,15 @@ def _check_table_values(row_slot, slot_off, slot_rank, slot_drop, pool_rows: int
                          f"(offsets >= 0, ranks >= 0, offset + rank <= {pool_rows})")
     if slot_drop is not None and S and (float(slot_drop.min()) < 0 or float(slot_drop.max()) >= 1):
         raise ValueError("slot_drop: expected dropout probabilities in [0, 1)")
+    if S > 1:
+        # The pools' gradients are written slot by slot, rows of one slot by one program:
+        # slots sharing pool rows would overwrite each other's (the forward would be right).
+        used = slot_rank > 0
+        off, end = slot_off[used].long(), (slot_off[used] + slot_rank[used]).long()
+        order = torch.argsort(off)
+        if off.numel() > 1 and bool((end[order][:-1] > off[order][1:]).any()):
+            raise ValueError("slot_off, slot_rank: two slots share pool rows; give each slot its own rows "
+                             "(copy an adapter used at two scales)")
     true_max = int(slot_rank.max()) if S else 0
     if max_rank is not None and int(max_rank) < true_max:
         raise ValueError(f"max_rank: {max_rank} is below the largest slot_rank {true_max}")

@@ -182,6 +182,12 @@ class AdapterPool:
         self.layout_version += 1
 
     @torch.no_grad()
+    def _holds(self, e, A: Tensor, B: Tensor) -> bool:
+        """Whether the pool's rows of entry e already hold A and B (as pooled: W's dtype)."""
+        rows = slice(e.off, e.off + e.rank)
+        return torch.equal(self.A[rows], A.to(self.A.dtype)) and torch.equal(self.BT[rows], B.t().to(self.BT.dtype))
+
+    @torch.no_grad()
     def _write(self, name: str, A: Tensor, B: Tensor, key: tuple) -> None:
         r = A.shape[0]
         e = self.entries.get(name)
@@ -215,6 +221,11 @@ class AdapterPool:
             key = _param_key(A, B)
             if e is None or not _same_key(e.key, key):
                 _check_poolable(layer, name, A, B)
+                if e is not None and e.rank == A.shape[0] and self._holds(e, A, B):
+                    # an optimizer step elsewhere moved the key, not these values: no write, so a
+                    # graph that saved the pool for its backward is not invalidated
+                    e.key = key
+                    continue
                 self._write(name, A.detach(), B.detach(), key)
 
     def cast(self, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
@@ -283,8 +294,14 @@ def _build_tables(names, kinds, ranks, scales, drops, offs, ids, device) -> Tabl
 
 def _check_poolable(layer, name: str, A: Tensor, B: Tensor) -> None:
     """The pool holds adapters in the weight's dtype (one kept in another float dtype,
-    add_lora(dtype=...), is cast as it is pooled); on another device they cannot be pooled."""
+    add_lora(dtype=...), is cast as it is pooled); on another device they cannot be pooled.
+    Their shapes must be the layer's record of them: the tables are sized by ``layer.r``."""
     W = layer.weight
+    r = layer.r[name]
+    if tuple(A.shape) != (r, W.shape[1]) or tuple(B.shape) != (W.shape[0], r):
+        raise ValueError(f"lora_A[{name!r}], lora_B[{name!r}]: expected shapes ({r}, {W.shape[1]}) and "
+                         f"({W.shape[0]}, {r}) (rank {r} as added), got {tuple(A.shape)} and {tuple(B.shape)}; "
+                         "replace an adapter by delete_adapter + add_lora")
     for pname, t in ((f"lora_A[{name!r}]", A), (f"lora_B[{name!r}]", B)):
         if t.device != W.device or not t.is_floating_point():
             raise TypeError(f"{pname}: a {t.dtype} tensor on {t.device}; the multi-adapter path pools floating "

@@ -293,6 +293,53 @@ def test_pool_resyncs_after_fused_optimizer_steps_and_data_assignment(torch_back
     check()
 
 
+def test_pool_kept_for_a_backward_survives_an_unrelated_optimizer_step(triton_backend):
+    """Frozen LoRA adapters (the serving pool serves, also in grad mode) and a trained base:
+    an optimizer step elsewhere between a forward and its backward moved the pool's key,
+    and the next routed forward rewrote the pool in place (same values): the first graph's
+    backward then raised. An unchanged adapter is no longer written again."""
+    layer, names = make_layer(16, 12, [2, 3], seed=1)
+    for n in names:
+        layer.lora_A[n].requires_grad_(False)
+        layer.lora_B[n].requires_grad_(False)
+    other = nn.Linear(4, 4)
+    other_opt = torch.optim.SGD(other.parameters(), lr=0.1)
+    ids = torch.tensor([layer.adapter_id(names[i % 2]) for i in range(6)], device=DEVICE)
+    x1, x2 = torch.randn(6, 16, device=DEVICE), torch.randn(6, 16, device=DEVICE)
+    y1 = layer(x1, adapter_ids=ids)
+    other(torch.randn(2, 4)).sum().backward()
+    other_opt.step()
+    copied = layer._multi_pool.copied_rows
+    y2 = layer(x2, adapter_ids=ids)
+    (y1.sum() + y2.sum()).backward()
+    assert layer._multi_pool.copied_rows == copied
+    assert rel_err(layer.weight.grad, torch.ones(6, 12, device=DEVICE).t() @ (x1 + x2)) < TOL[torch.float32]
+
+
+def test_tables_that_would_corrupt_gradients_or_reads_are_refused(triton_backend):
+    """Two slots sharing pool rows (their pool gradients would overwrite each other), and a
+    LoRA factor replaced by one of another rank than the layer recorded (the tables, sized by
+    layer.r, would read past the pool): clear ValueErrors."""
+    from fusedlora.routing import pack_loras
+
+    A, B = torch.randn(4, 8, device=DEVICE), torch.randn(6, 4, device=DEVICE)
+    pool_A, pool_BT, off, rank, scale, rmax = pack_loras([A], [B], [1.0], device=DEVICE)
+    two = dict(slot_off=torch.tensor([0, 0], dtype=torch.int32, device=DEVICE),
+               slot_rank=torch.tensor([4, 2], dtype=torch.int32, device=DEVICE),
+               slot_scale=torch.tensor([1.0, 0.5], device=DEVICE))
+    x = torch.randn(3, 8, device=DEVICE)
+    slot = torch.tensor([0, 1, -1], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="share pool rows"):
+        multi.multi_lora_linear(x, torch.randn(6, 8, device=DEVICE), None, slot, pool_A, pool_BT, **two)
+    layer, names = make_layer(16, 12, [8, 3], seed=2)
+    layer.lora_A[names[0]] = nn.Parameter(torch.randn(2, 16, device=DEVICE))
+    layer.lora_B[names[0]] = nn.Parameter(torch.randn(12, 2, device=DEVICE))
+    ids = torch.tensor([layer.adapter_id(names[0]), -1], device=DEVICE)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), pytest.raises(ValueError, match="rank 8 as added"):
+            layer(torch.randn(2, 16, device=DEVICE), adapter_ids=ids)
+
+
 def test_bad_ids_raise_and_validate_false_skips(triton_backend):
     layer, names = make_layer(16, 12, [2])
     other = FusedLinear(4, 4)
