@@ -136,6 +136,10 @@ def to_fused(linear: nn.Linear, hooks_from: Optional[nn.Module] = None) -> Fused
         hooks = getattr(source, table, None)
         if hooks:
             setattr(fused, table, hooks)
+    # which kind the backward hooks are (register_full_backward_hook sets it): nn.Module runs
+    # the table's hooks only when it is set
+    if getattr(source, "_is_full_backward_hook", None) is not None:
+        fused._is_full_backward_hook = source._is_full_backward_hook
     return fused
 
 

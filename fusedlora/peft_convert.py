@@ -68,8 +68,8 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     """Convert a live ``PeftModel`` with LoRA, C3A or SHiRA adapters to FusedLinear layers
     in place and return its base model (the PeftModel wrapper must not be used after).
 
-    Every adapter is kept, with its weights (cast to the base layer's dtype; C3A kernels
-    stay float32), scale (``set_scale`` changes too), dropout, trainability, each
+    Every adapter is kept, with its weights (LoRA factors and SHiRA values in PEFT's dtype,
+    float32 beside a 16-bit base by default; C3A kernels stay float32), scale (``set_scale`` changes too), dropout, trainability, each
     layer's active adapters and merged state, and the hooks of each PEFT layer. Refused
     before anything changes: PEFT layers other than LoRA / C3A / SHiRA on a plain
     ``nn.Linear``, DoRA and other LoRA variants, LoRA biases, modules_to_save / trainable
@@ -137,8 +137,9 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     built = []
     for module, m, linear, specs in plan:
         fused = to_fused(linear, hooks_from=m)  # hooks set on the PEFT layer move to its replacement
-        for n, spec in specs:  # LoRA factors keep PEFT's dtype (float32 beside a 16-bit base, by default)
-            _add(fused, n, spec, True, spec.tensors["A"].dtype if spec.kind == "lora" else None)
+        for n, spec in specs:  # LoRA factors and SHiRA values keep PEFT's dtype (float32 beside a 16-bit base)
+            kept = {"lora": "A", "sparse": "values"}.get(spec.kind)
+            _add(fused, n, spec, True, spec.tensors[kept].dtype if kept else None)
         fused.set_adapter([n for n in m.active_adapters if n in fused.adapter_names])
         fused.train(m.training)
         built.append((m, fused, list(m.merged_adapters)))

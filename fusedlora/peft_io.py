@@ -149,11 +149,13 @@ class _Spec:
     trainable: Optional[Dict[str, bool]] = None
 
 
-def _add(layer: FusedLinear, name: str, spec: _Spec, trainable: bool, lora_dtype=None) -> None:
+def _add(layer: FusedLinear, name: str, spec: _Spec, trainable: bool, adapter_dtype=None) -> None:
+    """Add ``spec`` to ``layer``; ``adapter_dtype``: of LoRA's factors and SHiRA's values
+    (None: the weight's; C3A kernels are float32 always)."""
     t = spec.tensors
     if spec.kind == "lora":
         layer.add_lora(name, r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, use_rslora=spec.rslora,
-                       dtype=lora_dtype)
+                       dtype=adapter_dtype)
         params = {"A": layer.lora_A[name], "B": layer.lora_B[name]}
         if spec.scaling is not None:
             layer.scaling[name] = float(spec.scaling)
@@ -162,7 +164,7 @@ def _add(layer: FusedLinear, name: str, spec: _Spec, trainable: bool, lora_dtype
         params = {"kernel": layer.c3a_kernel[name]}
     else:
         layer.add_sparse(name, t["indices"].to(layer.weight.device),
-                         t["values"].to(device=layer.weight.device, dtype=layer.weight.dtype),
+                         t["values"].to(device=layer.weight.device, dtype=adapter_dtype or layer.weight.dtype),
                          scaling=1.0 if spec.scaling is None else float(spec.scaling))
         params = {"values": layer.sparse_values[name]}
     with torch.no_grad():
@@ -273,8 +275,9 @@ def _validate_and_apply(model: nn.Module, name: str, specs: List[_Spec], trainab
                 layer = patched[id(layer)][1]
             before = layer.active_adapters
             added.append((layer, before))
-            # trainable LoRA factors of a 16-bit layer in float32, as PEFT's autocast_adapter_dtype
-            # (their optimizer updates would round away in 16 bits); inference: the weight's dtype
+            # trainable LoRA factors and SHiRA values of a 16-bit layer in float32, as PEFT's
+            # autocast_adapter_dtype (their optimizer updates would round away in 16 bits);
+            # inference: the weight's dtype
             sixteen = layer.weight.dtype in (torch.float16, torch.bfloat16)
             _add(layer, name, spec, trainable, torch.float32 if trainable and sixteen else None)
             layer.set_adapter(before)  # loading does not activate

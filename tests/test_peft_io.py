@@ -86,13 +86,18 @@ def test_patch_model_shares_parameters_keeps_outputs_and_is_idempotent(base, bas
     model = fresh(base)
     q = model.model.layers[0].self_attn.q_proj
     calls = []
-    q.register_forward_hook(lambda *a: calls.append(1))
+    q.register_forward_hook(lambda *a: calls.append("forward"))
+    q.register_full_backward_hook(lambda *a: calls.append("backward"))
     assert fusedlora.patch_model(model) is model
     fused = dict(fused_layers(model))
     assert len(fused) == 14 and all(n.rsplit(".", 1)[-1] in LINEARS for n in fused)
     assert type(model.lm_head) is nn.Linear  # the output embedding is left alone unless asked for
     assert fused["model.layers.0.self_attn.q_proj"].weight is q.weight
-    assert torch.equal(logits(model), base_logits) and calls == [1]
+    assert torch.equal(logits(model), base_logits) and calls == ["forward"]
+    calls.clear()
+    model(input_ids=torch.randint(0, 64, (1, 5))).logits.sum().backward()  # full backward hooks run too
+    assert calls == ["forward", "backward"]
+    model.zero_grad(set_to_none=True)
     before = {n: id(m) for n, m in model.named_modules()}
     fusedlora.patch_model(model)
     assert {n: id(m) for n, m in model.named_modules()} == before  # idempotent
@@ -599,3 +604,28 @@ def test_trainable_lora_of_a_16bit_model_keeps_float32_factors_as_peft(base, tmp
     assert pm_layer.lora_A["default"].weight.dtype == torch.float32  # PEFT's default
     converted = fusedlora.from_peft(pm)
     assert converted.model.layers[0].self_attn.q_proj.lora_A["default"].dtype == pm_layer.lora_A["default"].weight.dtype
+
+
+def test_trainable_shira_of_a_16bit_model_keeps_float32_values_as_peft(base, tmp_path):
+    """SHiRA values as LoRA's factors: float32 beside a 16-bit base when loaded trainable (an
+    AdamW step of 1e-4 moved 3 of 256 bf16 values, all of PEFT's float32 ones), the weight's
+    dtype for inference, and PEFT's own dtype through from_peft."""
+    path = _saved(base, tmp_path, peft.ShiraConfig(**SHIRA_CONFIG))
+    half = fresh(base).to(torch.bfloat16)
+    train = fusedlora.load_peft_adapter(fresh(half), path, "t", is_trainable=True)
+    infer = fusedlora.load_peft_adapter(fresh(half), path, "t")
+    assert train.model.layers[0].self_attn.q_proj.sparse_values["t"].dtype == torch.float32
+    assert infer.model.layers[0].self_attn.q_proj.sparse_values["t"].dtype == torch.bfloat16
+    fusedlora.set_adapter(train, "t")
+    values = [p for n, p in train.named_parameters() if "sparse_values" in n]
+    for p in train.parameters():
+        p.requires_grad_(any(p is v for v in values))
+    before = [v.detach().clone() for v in values]
+    ids = torch.randint(0, 64, (2, 8))
+    train(input_ids=ids, labels=ids).loss.backward()
+    torch.optim.AdamW(values, lr=1e-4, weight_decay=0.0).step()
+    assert all(bool((v.detach() != b).all()) for v, b in zip(values, before))
+    pm = peft.PeftModel.from_pretrained(fresh(half), path, is_trainable=True)
+    pm_dtype = pm.base_model.model.model.layers[0].self_attn.q_proj.shira_weight["default"].dtype
+    converted = fusedlora.from_peft(pm)
+    assert converted.model.layers[0].self_attn.q_proj.sparse_values["default"].dtype == pm_dtype
