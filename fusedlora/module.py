@@ -322,6 +322,9 @@ class FusedLinear(nn.Linear):
             names = list(adapter_names)
         for n in names:
             self._check_name(n, must_exist=True)
+        if self.weight.is_meta:
+            raise ValueError("merge: the weight is on the meta device (no values to merge into); load or "
+                             "materialise the weights first (to_empty + load_state_dict)")
         for n in names:
             if n not in self.merged_adapters:
                 if safe_merge:

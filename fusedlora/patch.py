@@ -192,8 +192,10 @@ def set_adapter(model: nn.Module, names: Union[str, Iterable[str], None]) -> Non
         wanted: List[str] = []
     elif isinstance(names, str):
         wanted = [names]
-    else:
+    elif isinstance(names, Iterable):
         wanted = list(names)
+    else:
+        raise TypeError(f"names: expected an adapter name, a list of names or None, got {type(names).__name__}")
     if not all(isinstance(n, str) for n in wanted):
         raise TypeError(f"names: expected a string, a list of strings or None, got {names!r}")
     if len(set(wanted)) != len(wanted):

@@ -115,7 +115,7 @@ def check_indices(indices, shape, *, check_values: bool = True) -> Tuple[Tensor,
     if nnz >= 2**31:
         raise ValueError(f"indices: at most 2^31 - 1 nonzeros are supported, got {nnz}")
     rows, cols = indices[0].long(), indices[1].long()
-    if check_values and nnz:
+    if check_values and nnz and not indices.is_meta:  # meta indices hold no values to check
         bad = (rows < 0) | (rows >= N) | (cols < 0) | (cols >= K)
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])

@@ -60,6 +60,11 @@ def test_cuda_backend_without_cuda_tensors_is_an_error(monkeypatch):
     assert "available" in fusedlora.backend_info()["cuda_extension"]
 
 
+def test_model_set_adapter_names_its_argument():
+    with pytest.raises(TypeError, match="names: expected an adapter name"):
+        fusedlora.set_adapter(torch.nn.Sequential(fusedlora.FusedLinear(4, 4)), 5)
+
+
 def test_module_rejects_bad_adapters():
     layer = fusedlora.FusedLinear(8, 6)
     with pytest.raises(ValueError, match="r: expected a positive int"):

@@ -217,6 +217,11 @@ def test_routed_forward_on_the_meta_device_traces_shapes():
             assert y.shape == (3, 5, 8) and y.is_meta and y.requires_grad == grad
     with fusedlora.use_adapters(nn.Sequential(layer), ids):
         assert layer(x).shape == (3, 5, 8)
+    layer.set_adapter("meta_s")  # the active sparse adapter (its layout from meta indices)
+    assert layer(x).shape == (3, 5, 8)
+    with pytest.raises(ValueError, match="meta device"):
+        layer.merge()
+    assert not layer.merged_adapters
 
 
 def test_global_ids_stable_across_layers_and_deletes(triton_backend):
