@@ -492,6 +492,7 @@ def test_auto_never_builds_and_a_failed_build_is_not_retried(monkeypatch, tmp_pa
     monkeypatch.setitem(cuda_ext._state, "module", None)
     monkeypatch.setitem(cuda_ext._state, "error", None)
     monkeypatch.setitem(sys.modules, "fusedlora._C", None)  # no ahead-of-time build either
+    monkeypatch.setitem(backend.CUDA_WINS, "multi.forward", 1)  # a measured winner (the table is empty now)
     fusedlora.reset_dispatch()
     assert backend.select_backend(torch.device("cuda"), "multi.forward", 1) == "triton"
     assert builds == [] and dispatched() == {"multi.forward:triton:no-cuda-extension": 1}
