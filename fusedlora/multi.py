@@ -521,7 +521,8 @@ def check_pools_and_tables(x, N, row_slot, pool_A, pool_BT, slot_off, slot_rank,
         raise ValueError("slot_off, slot_rank, slot_scale, slot_drop: expected the same length (one entry per slot)")
 
 
-def _check_table_values(row_slot, slot_off, slot_rank, slot_drop, pool_rows: int, max_rank) -> int:
+def _check_table_values(row_slot, slot_off, slot_rank, slot_drop, pool_rows: int, max_rank,
+                        pools_need_grad: bool = False) -> int:
     """Values of caller-built tables (one host sync): the kernels index the pools
     and size their buffers by them, so an entry out of range would read or write
     out of bounds. Returns max_rank. Under torch.compile the same checks run as device-side
@@ -549,9 +550,10 @@ def _check_table_values(row_slot, slot_off, slot_rank, slot_drop, pool_rows: int
                          f"(offsets >= 0, ranks >= 0, offset + rank <= {pool_rows})")
     if slot_drop is not None and S and (float(slot_drop.min()) < 0 or float(slot_drop.max()) >= 1):
         raise ValueError("slot_drop: expected dropout probabilities in [0, 1)")
-    if S > 1:
+    if S > 1 and pools_need_grad:
         # The pools' gradients are written slot by slot, rows of one slot by one program:
-        # slots sharing pool rows would overwrite each other's (the forward would be right).
+        # slots sharing pool rows would overwrite each other's (the forward is right: shared
+        # rows are fine for inference, an adapter at two scales for instance).
         used = slot_rank > 0
         off, end = slot_off[used].long(), (slot_off[used] + slot_rank[used]).long()
         order = torch.argsort(off)
@@ -586,7 +588,8 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], row_slo
     # the kernels (and the CUDA extension) index the tables with unit stride
     row_slot, slot_off, slot_rank, slot_scale = (t.contiguous() for t in (row_slot, slot_off, slot_rank, slot_scale))
     slot_drop = slot_drop.contiguous() if slot_drop is not None else None
-    max_rank = _check_table_values(row_slot, slot_off, slot_rank, slot_drop, pool_A.shape[0], max_rank)
+    max_rank = _check_table_values(row_slot, slot_off, slot_rank, slot_drop, pool_A.shape[0], max_rank,
+                                   torch.is_grad_enabled() and (pool_A.requires_grad or pool_BT.requires_grad))
     from .ops import draw_seed
 
     if torch.compiler.is_compiling():  # whether any slot drops is data: traced as "maybe" (p = 0 keeps all)

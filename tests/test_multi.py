@@ -334,8 +334,15 @@ def test_tables_that_would_corrupt_gradients_or_reads_are_refused(triton_backend
                slot_scale=torch.tensor([1.0, 0.5], device=DEVICE))
     x = torch.randn(3, 8, device=DEVICE)
     slot = torch.tensor([0, 1, -1], dtype=torch.int32, device=DEVICE)
+    W = torch.randn(6, 8, device=DEVICE)
     with pytest.raises(ValueError, match="share pool rows"):
-        multi.multi_lora_linear(x, torch.randn(6, 8, device=DEVICE), None, slot, pool_A, pool_BT, **two)
+        multi.multi_lora_linear(x, W, None, slot, pool_A.requires_grad_(), pool_BT, **two)
+    with torch.no_grad():  # shared rows are fine where no pool gradient is taken: one adapter at two scales
+        y = multi.multi_lora_linear(x, W, None, slot, pool_A, pool_BT, **two)
+    want = x @ W.t()
+    want[0] += (x[0] @ A.t()) @ B.t()
+    want[1] += 0.5 * (x[1] @ A[:2].t()) @ B[:, :2].t()
+    assert rel_err(y, want) < TOL[torch.float32]
     layer, names = make_layer(16, 12, [8, 3], seed=2)
     layer.lora_A[names[0]] = nn.Parameter(torch.randn(2, 16, device=DEVICE))
     layer.lora_B[names[0]] = nn.Parameter(torch.randn(12, 2, device=DEVICE))
