@@ -9,6 +9,7 @@ from typing import Callable, Hashable, Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 
 @contextlib.contextmanager
@@ -22,6 +23,23 @@ def outside_inference_mode():
         return
     with torch.inference_mode(False), torch.no_grad():
         yield
+
+
+# Optimizer steps taken in this process (torch.optim's global post-step hook). A fused step
+# (AdamW(fused=True), ...) writes parameters in place without bumping their version counter:
+# caches of parameter values (the routed pool, a sparse merge's saved entries) also key on it.
+_OPT_STEPS = [0]
+
+
+def _count_step(optimizer, args, kwargs) -> None:
+    _OPT_STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_step)
+
+
+def optimizer_steps() -> int:
+    return _OPT_STEPS[0]
 
 
 def version(t: Tensor, untracked=None):

@@ -269,6 +269,9 @@ class FusedLinear(nn.Linear):
         if self._kind[name] == "sparse":  # O(nnz) in place: no dense delta
             values, scaling = self.sparse_values[name], self.sparse_scaling[name]
             saved = self._sparse_saved.get(name)
+            if saved is not None and not isinstance(saved.saved, torch.Tensor):
+                saved = None  # saved by an older fusedlora (other fields): subtracted below
+                del self._sparse_saved[name]
             if sign < 0 and saved is not None:
                 exact = sparse_ops.unmerge_saved_(self.weight, saved, values, scaling)
                 del self._sparse_saved[name]

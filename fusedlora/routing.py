@@ -13,11 +13,10 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import reference, weight_delta_rows
 from .backend import record, select_backend
-from .derived import outside_inference_mode, version
+from .derived import _OPT_STEPS, outside_inference_mode, version
 from .multi import _INT_DTYPES, _multi_forward
 
 # Optimizer steps taken in this process (every torch.optim.Optimizer, through its global
@@ -25,14 +24,6 @@ from .multi import _INT_DTYPES, _multi_forward
 # writes the parameters in place without bumping their version counter, so the pool's
 # fingerprint also carries this count: a step anywhere makes the next routed serving
 # call copy the layer's adapters again (O(their size), once per step).
-_OPT_STEPS = [0]
-
-
-def _count_step(optimizer, args, kwargs) -> None:
-    _OPT_STEPS[0] += 1
-
-
-register_optimizer_step_post_hook(_count_step)
 
 
 # ------------------------------------------------------------------ global ids
@@ -182,12 +173,6 @@ class AdapterPool:
         self.layout_version += 1
 
     @torch.no_grad()
-    def _holds(self, e, A: Tensor, B: Tensor) -> bool:
-        """Whether the pool's rows of entry e already hold A and B (as pooled: W's dtype)."""
-        rows = slice(e.off, e.off + e.rank)
-        return torch.equal(self.A[rows], A.to(self.A.dtype)) and torch.equal(self.BT[rows], B.t().to(self.BT.dtype))
-
-    @torch.no_grad()
     def _write(self, name: str, A: Tensor, B: Tensor, key: tuple) -> None:
         r = A.shape[0]
         e = self.entries.get(name)
@@ -221,9 +206,10 @@ class AdapterPool:
             key = _param_key(A, B)
             if e is None or not _same_key(e.key, key):
                 _check_poolable(layer, name, A, B)
-                if e is not None and e.rank == A.shape[0] and self._holds(e, A, B):
-                    # an optimizer step elsewhere moved the key, not these values: no write, so a
-                    # graph that saved the pool for its backward is not invalidated
+                if e is not None and _same_key(e.key[:-1], key[:-1]) and not (A.requires_grad or B.requires_grad):
+                    # only an optimizer step moved the key, and no optimizer steps frozen
+                    # parameters: no write, so a graph that saved the pool for its backward
+                    # stays valid (and no copy, no compare)
                     e.key = key
                     continue
                 self._write(name, A.detach(), B.detach(), key)

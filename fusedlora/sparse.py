@@ -21,7 +21,7 @@ from . import reference
 from .backend import interpreting, record, requested_backend, select_backend
 from .ops import (autocast_inputs, bias_grad, check_linear_args, check_scalar, fused_op, pick, register_autograd,
                   rows_of, triton_dtype_ok, triton_serves)
-from .derived import DerivedCache
+from .derived import DerivedCache, optimizer_steps, version
 from .sparse_layout import SparseLayout, _user_indices, build_layout, check_indices
 # the public mask builders, where users of fusedlora.sparse look for them
 from .sparse_layout import magnitude_indices, mask_to_indices, random_indices, shira_num_nonzeros  # noqa: F401
@@ -432,11 +432,15 @@ def scatter_merge_(weight: Tensor, indices: Tensor, values: Tensor, scaling: flo
 
 class SavedEntries(NamedTuple):
     """What ``merge_saving_`` overwrote and wrote: W's entries at the adapter's positions
-    before the merge (``saved``) and after it (``written``), in W's dtype, and where."""
+    before the merge (``saved``) and after it (``written``), in W's dtype, and where; W's
+    version counter, storage and the process's optimizer steps right after the merge."""
     rows: Tensor
     cols: Tensor
     saved: Tensor
     written: Tensor
+    version: Optional[int] = None
+    data_ptr: int = -1
+    steps: int = -1
 
 
 def _entries_of(weight: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
@@ -461,21 +465,30 @@ def merge_saving_(weight: Tensor, rows: Tensor, cols: Tensor, values: Tensor, sc
     dt = torch.promote_types(values.dtype, torch.float32)
     written = (saved.to(dt) + values.to(device=weight.device, dtype=dt) * scaling).to(weight.dtype)
     _write_entries(weight, rows, cols, written)
-    return SavedEntries(rows, cols, saved, written)
+    return SavedEntries(rows, cols, saved, written, version(weight), weight.data_ptr(), optimizer_steps())
 
 
 @torch.no_grad()
 def unmerge_saved_(weight: Tensor, saved: SavedEntries, values: Tensor, scaling: float) -> bool:
-    """Undo ``merge_saving_`` position by position: where W still holds what the merge wrote,
-    the saved entry goes back, bit for bit; where W was changed since (an optimizer step,
-    fused or not, a write through ``.data``, a load: whatever bumped or did not bump its
-    version counter), the delta is subtracted from the new value, keeping the change. So
-    any number of merges and unmerges, in any order, of adapters sharing positions or not,
-    leave the untouched entries exactly as they were. True when every entry was restored."""
+    """Undo ``merge_saving_``. When no write to W since the merge shows (its version counter,
+    storage and the optimizer steps are as they were), the saved entries go back, bit for
+    bit, without a host sync. Otherwise position by position: where W still holds what the
+    merge wrote, the saved entry goes back; where it was changed (an optimizer step, fused or
+    not, a load, another merge), the delta is subtracted from the new value, keeping the
+    change. Any number of merges and unmerges, in any order, of adapters sharing positions
+    or not, leave untouched entries exactly as they were. A write through ``.data`` bumps
+    nothing and is not seen by the fast path. True when every entry was restored."""
     rows, cols = saved.rows.to(weight.device), saved.cols.to(weight.device)
+    now_version = version(weight)
+    if (now_version is not None and now_version == saved.version and weight.data_ptr() == saved.data_ptr
+            and optimizer_steps() == saved.steps and saved.saved.dtype == weight.dtype):
+        # nothing wrote W since the merge that a counter sees (a fused step bumps only the
+        # steps): the saved entries back, no compare and no host sync (a switch's fast path)
+        _write_entries(weight, rows, cols, saved.saved.to(weight.device))
+        return True
     now = _entries_of(weight, rows, cols)
     written = saved.written.to(device=weight.device, dtype=weight.dtype)
-    same = now == written
+    same = (now == written) | (now.isnan() & written.isnan())  # a NaN value merged is still "what was written"
     dt = torch.promote_types(values.dtype, torch.float32)
     subtracted = (now.to(dt) - values.to(device=weight.device, dtype=dt) * scaling).to(weight.dtype)
     back = torch.where(same, saved.saved.to(device=weight.device, dtype=weight.dtype), subtracted)

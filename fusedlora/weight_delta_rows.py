@@ -57,8 +57,9 @@ def _fingerprint(layer, names: Sequence[str], kinds: Sequence[str], device: torc
             fp += (k, k.data_ptr(), k.shape, k.stride(), k.dtype, k.device)
         elif kind == "sparse":
             v, i = layer.sparse_values[name], layer.sparse_indices[name]
+            # an inference tensor keeps no version: taken as unchanged, as the layouts' cache takes it
             fp += (v, v.data_ptr(), v.shape, v.stride(), v.dtype, v.device, i, i.data_ptr(), i.device,
-                   version(i, object()), layer.sparse_scaling[name])
+                   version(i), layer.sparse_scaling[name])
     return tuple(fp)
 
 

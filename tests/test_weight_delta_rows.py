@@ -263,3 +263,23 @@ def test_gpu_bf16_rowwise_and_cuda_graph_capture(triton_backend):
         graph.replay()
         torch.cuda.synchronize()
         assert rel_err(out, oracle(layer, x, ids)) < TOL[torch.bfloat16]
+
+
+def test_table_of_adapters_added_under_inference_mode_is_built_once(triton_backend, monkeypatch):
+    """Index buffers made under torch.inference_mode keep no version counter: the table takes
+    them as unchanged (as the layouts' cache does) instead of rebuilding, with a host copy,
+    at every call (which a CUDA-graph capture could not take)."""
+    from fusedlora import weight_delta_rows
+
+    with torch.inference_mode():
+        layer = mixed_layer()
+    builds = []
+    real = weight_delta_rows._entries
+    monkeypatch.setattr(weight_delta_rows, "_entries", lambda *a: builds.append(1) or real(*a))
+    ids = ids_for(layer, ["wd_c6", "wd_s32", "wd_sbf"], [-1])
+    x = torch.randn(4, K, device=DEVICE)
+    with torch.inference_mode():
+        for _ in range(3):
+            y = layer(x, adapter_ids=ids, validate=False)
+    assert len(builds) == 1
+    assert rel_err(y, oracle(layer, x, ids)) < TOL[torch.float32]
