@@ -521,6 +521,23 @@ def check_pools_and_tables(x, N, row_slot, pool_A, pool_BT, slot_off, slot_rank,
         raise ValueError("slot_off, slot_rank, slot_scale, slot_drop: expected the same length (one entry per slot)")
 
 
+SHARED_ROWS = ("slot_off, slot_rank: two slots share pool rows; give each slot its own rows (copy an adapter "
+               "used at two scales)")
+
+
+def _shared_pool_rows(slot_off: Tensor, slot_rank: Tensor) -> Tensor:
+    """Whether two slots of nonzero rank own overlapping pool rows (a 0-d bool tensor, no host
+    sync, no data-dependent shapes). The pools' gradients are written slot by slot, so such
+    slots would overwrite each other's; their forward is right (fine for inference)."""
+    big = torch.iinfo(torch.int64).max
+    used = slot_rank > 0
+    off = torch.where(used, slot_off.long(), big)
+    end = torch.where(used, slot_off.long() + slot_rank.long(), big)
+    order = torch.argsort(off)
+    off, end = off[order], end[order]
+    return ((end[:-1] > off[1:]) & (off[1:] != big)).any()
+
+
 def _check_table_values(row_slot, slot_off, slot_rank, slot_drop, pool_rows: int, max_rank,
                         pools_need_grad: bool = False) -> int:
     """Values of caller-built tables (one host sync): the kernels index the pools
@@ -540,6 +557,8 @@ def _check_table_values(row_slot, slot_off, slot_rank, slot_drop, pool_rows: int
                                 "slot_off, slot_rank: a slot outside the pool, or above max_rank")
         if slot_drop is not None and S:
             torch._assert_async(((slot_drop >= 0) & (slot_drop < 1)).all(), "slot_drop: expected [0, 1)")
+        if S > 1 and pools_need_grad:
+            torch._assert_async(~_shared_pool_rows(slot_off, slot_rank), SHARED_ROWS)
         return int(max_rank)
     if row_slot.numel() and (int(row_slot.min()) < -1 or int(row_slot.max()) >= S):
         raise ValueError(f"row_slot: expected slots in -1 .. {S - 1}, got {int(row_slot.min())} .. "
@@ -550,16 +569,8 @@ def _check_table_values(row_slot, slot_off, slot_rank, slot_drop, pool_rows: int
                          f"(offsets >= 0, ranks >= 0, offset + rank <= {pool_rows})")
     if slot_drop is not None and S and (float(slot_drop.min()) < 0 or float(slot_drop.max()) >= 1):
         raise ValueError("slot_drop: expected dropout probabilities in [0, 1)")
-    if S > 1 and pools_need_grad:
-        # The pools' gradients are written slot by slot, rows of one slot by one program:
-        # slots sharing pool rows would overwrite each other's (the forward is right: shared
-        # rows are fine for inference, an adapter at two scales for instance).
-        used = slot_rank > 0
-        off, end = slot_off[used].long(), (slot_off[used] + slot_rank[used]).long()
-        order = torch.argsort(off)
-        if off.numel() > 1 and bool((end[order][:-1] > off[order][1:]).any()):
-            raise ValueError("slot_off, slot_rank: two slots share pool rows; give each slot its own rows "
-                             "(copy an adapter used at two scales)")
+    if S > 1 and pools_need_grad and bool(_shared_pool_rows(slot_off, slot_rank)):
+        raise ValueError(SHARED_ROWS)
     true_max = int(slot_rank.max()) if S else 0
     if max_rank is not None and int(max_rank) < true_max:
         raise ValueError(f"max_rank: {max_rank} is below the largest slot_rank {true_max}")
