@@ -19,8 +19,8 @@ fill the GPU.
 import triton
 import triton.language as tl
 
-from .tiles import (add_bias, dropout_keep, load_tile, split_dot_store, split_k_range, split_sum, store_tile,
-                    swizzle_tile)
+from .tiles import (add_bias, dropout_keep, load_tile, rank_dots, split_dot_store, split_k_range, split_sum,
+                    store_tile, swizzle_tile)
 
 
 @triton.jit
@@ -70,14 +70,9 @@ def lora_matmul_kernel(
     # The epilogue runs once per output tile: in the first split only.
     if pid_k == 0:
         if HAS_LOWRANK:
-            # BLOCK_R ranks per dot (at most 64): one step for the usual ranks, a loop for
-            # large or stacked ones, whose single tiles would not fit shared memory
-            low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for r0 in range(0, R, BLOCK_R):
-                offs_r = r0 + tl.arange(0, BLOCK_R)
-                u = load_tile(u_ptr, offs_m, offs_r, stride_um, stride_ur, M, R)
-                v = load_tile(v_ptr, offs_r, offs_n, stride_vr, stride_vn, R, N)
-                low = tl.dot(u.to(DOT_DTYPE), v.to(DOT_DTYPE), low, input_precision=INPUT_PRECISION)
+            low = rank_dots(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), u_ptr + offs_m[:, None] * stride_um,
+                            v_ptr + offs_n[None, :] * stride_vn, R, offs_m < M, offs_n[None, :] < N, stride_ur,
+                            stride_vr, DOT_DTYPE, INPUT_PRECISION, BLOCK_R)
             if DROP_EPI:
                 keep = dropout_keep(seed, offs_m[:, None], offs_n[None, :], p)
                 low = tl.where(keep, low * keep_scale, 0.0)

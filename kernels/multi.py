@@ -49,7 +49,7 @@ optionally split over SPLIT_M programs that add fp32 partials atomically.
 import triton
 import triton.language as tl
 
-from .tiles import add_bias, csr_rows_dot, dropout_keep, split_dot_store, split_sum, store_rows, swizzle_tile
+from .tiles import add_bias, csr_rows_dot, dropout_keep, rank_dots, split_dot_store, split_sum, store_rows, swizzle_tile
 
 
 @triton.jit
@@ -220,28 +220,15 @@ def _segment_dots(acc, u_ptr, q_ptr, slot_ptr, perm_ptr, segid_ptr, segstart_ptr
             q_rows = q_ptr + off.to(tl.int64) * stride_qr + offs_n[None, :].to(tl.int64) * stride_qn
             if DROP_EPI:
                 # dropout applies to the segment's whole low-rank term: sum it apart first
-                low = _rank_dots(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), u_rows, q_rows, rank, seg_ok, n_ok,
+                low = rank_dots(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), u_rows, q_rows, rank, seg_ok, n_ok,
                                  stride_ur, stride_qr, DOT_DTYPE, INPUT_PRECISION, BLOCK_R)
                 p = tl.load(drop_ptr + slot)
                 keep = dropout_keep(seed, rows[:, None], offs_n[None, :], p)
                 acc += tl.where(keep, low / (1.0 - p), 0.0)
             else:
                 # straight into acc: no second M x N register tile
-                acc = _rank_dots(acc, u_rows, q_rows, rank, seg_ok, n_ok, stride_ur, stride_qr, DOT_DTYPE,
+                acc = rank_dots(acc, u_rows, q_rows, rank, seg_ok, n_ok, stride_ur, stride_qr, DOT_DTYPE,
                                  INPUT_PRECISION, BLOCK_R)
-    return acc
-
-
-@triton.jit
-def _rank_dots(acc, u_rows, q_rows, rank, seg_ok, n_ok, stride_ur, stride_qr,
-               DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
-    """acc + u[segment rows, :rank] @ Q[off : off + rank, n-tile], BLOCK_R ranks per dot."""
-    for r0 in range(0, rank, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        r_ok = offs_r < rank
-        u = tl.load(u_rows + offs_r[None, :] * stride_ur, mask=seg_ok[:, None] & r_ok[None, :], other=0.0)
-        q = tl.load(q_rows + offs_r[:, None].to(tl.int64) * stride_qr, mask=r_ok[:, None] & n_ok, other=0.0)
-        acc = tl.dot(u.to(DOT_DTYPE), q.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
     return acc
 
 

@@ -148,3 +148,18 @@ def csr_rows_dot(x_ptr, row_ptr, col_ptr, val_ptr, order_ptr, offs_m, m_ok, offs
                      mask=m_ok[:, None, None] & ok[None, :, :], other=0.0)
         acc += tl.sum(xg.to(tl.float32) * val[None, :, :], axis=2)
     return acc
+
+
+@triton.jit
+def rank_dots(acc, u_rows, q_rows, rank, seg_ok, n_ok, stride_ur, stride_qr,
+              DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
+    """acc + u[rows, :rank] @ Q[:rank, n-tile] (u_rows: the rows' pointers (M, 1), q_rows: the
+    columns' (1, N), both at rank 0), BLOCK_R ranks per dot: large or stacked ranks loop,
+    so the tiles stay inside shared memory."""
+    for r0 in range(0, rank, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_ok = offs_r < rank
+        u = tl.load(u_rows + offs_r[None, :] * stride_ur, mask=seg_ok[:, None] & r_ok[None, :], other=0.0)
+        q = tl.load(q_rows + offs_r[:, None].to(tl.int64) * stride_qr, mask=r_ok[:, None] & n_ok, other=0.0)
+        acc = tl.dot(u.to(DOT_DTYPE), q.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+    return acc
