@@ -42,6 +42,12 @@ def optimizer_steps() -> int:
     return _OPT_STEPS[0]
 
 
+def same_key(a: tuple, b: tuple) -> bool:
+    """Whether two cache keys are equal: their tensors the same objects, the rest equal (a
+    tensor's == is elementwise)."""
+    return len(a) == len(b) and all(x is y if isinstance(x, Tensor) else x == y for x, y in zip(a, b))
+
+
 def version(t: Tensor, untracked=None):
     """``t._version``, or ``untracked`` for an inference tensor (made under
     ``torch.inference_mode()``), which keeps no version counter."""

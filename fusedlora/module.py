@@ -341,10 +341,8 @@ class FusedLinear(nn.Linear):
         to W's dtype as merging rounds it) is finite everywhere."""
         W = self.weight
         if self._kind[name] == "sparse":
-            values, scaling = self.sparse_values[name], self.sparse_scaling[name]
-            dt = torch.promote_types(values.dtype, torch.float32)
-            merged = (sparse_ops._entries_of(W, *self._positions(name)).to(dt)
-                      + values.to(device=W.device, dtype=dt) * scaling).to(W.dtype)
+            _, merged = sparse_ops.merged_entries(W, *self._positions(name), self.sparse_values[name],
+                                                  self.sparse_scaling[name])
             finite = bool(torch.isfinite(merged).all()) and bool(torch.isfinite(W).all())
         else:
             delta = self._delta_weight(name).to(W.device)

@@ -16,14 +16,8 @@ from torch import Tensor
 
 from . import reference, weight_delta_rows
 from .backend import record, select_backend
-from .derived import _OPT_STEPS, outside_inference_mode, version
+from .derived import optimizer_steps, outside_inference_mode, same_key, version
 from .multi import _INT_DTYPES, _multi_forward
-
-# Optimizer steps taken in this process (every torch.optim.Optimizer, through its global
-# step hook). A fused optimizer step (``AdamW(fused=True)``, the default of some trainers)
-# writes the parameters in place without bumping their version counter, so the pool's
-# fingerprint also carries this count: a step anywhere makes the next routed serving
-# call copy the layer's adapters again (O(their size), once per step).
 
 
 # ------------------------------------------------------------------ global ids
@@ -109,11 +103,7 @@ def _param_key(A: Tensor, B: Tensor) -> tuple:
     # version), their in-place version counters (inference tensors have none: a
     # fresh object, equal to nothing, so that they are copied every sync) and the
     # optimizer steps so far (a fused step bumps no version).
-    return (A, version(A, object()), A.data_ptr(), B, version(B, object()), B.data_ptr(), _OPT_STEPS[0])
-
-
-def _same_key(a: tuple, b: tuple) -> bool:
-    return len(a) == len(b) and all(x is y if isinstance(x, Tensor) else x == y for x, y in zip(a, b))
+    return (A, version(A, object()), A.data_ptr(), B, version(B, object()), B.data_ptr(), optimizer_steps())
 
 
 class AdapterPool:
@@ -204,9 +194,9 @@ class AdapterPool:
             A, B = layer.lora_A[name], layer.lora_B[name]
             e = self.entries.get(name)
             key = _param_key(A, B)
-            if e is None or not _same_key(e.key, key):
+            if e is None or not same_key(e.key, key):
                 _check_poolable(layer, name, A, B)
-                if e is not None and _same_key(e.key[:-1], key[:-1]) and not (A.requires_grad or B.requires_grad):
+                if e is not None and same_key(e.key[:-1], key[:-1]) and not (A.requires_grad or B.requires_grad):
                     # only an optimizer step moved the key, and no optimizer steps frozen
                     # parameters: no write, so a graph that saved the pool for its backward
                     # stays valid (and no copy, no compare)
@@ -219,7 +209,7 @@ class AdapterPool:
         once and kept until the pool's rows change (a sync's copy bumps their versions)."""
         key = (dtype, self.used, self.A.data_ptr(), version(self.A, object()), self.BT.data_ptr(),
                version(self.BT, object()))
-        if self._cast is None or not _same_key(self._cast[0], key):
+        if self._cast is None or not same_key(self._cast[0], key):
             with outside_inference_mode():
                 self._cast = (key, self.A[:self.used].to(dtype), self.BT[:self.used].to(dtype))
         return self._cast[1], self._cast[2]
@@ -340,7 +330,7 @@ def _fingerprint(layer, params) -> tuple:
     weight's dtype and device."""
     W = layer.weight
     grad = torch.is_grad_enabled()
-    return (layer._multi_struct, grad, W.dtype, W.device, _OPT_STEPS[0],
+    return (layer._multi_struct, grad, W.dtype, W.device, optimizer_steps(),
             tuple(map(id, layer.lora_A._parameters.values())), tuple(map(id, layer.lora_B._parameters.values())),
             tuple(layer.scaling.values()), tuple(layer.lora_dropout.values()),
             tuple([version(p, object()) for p in params]), tuple([p.data_ptr() for p in params]),

@@ -456,14 +456,20 @@ def _write_entries(weight: Tensor, rows: Tensor, cols: Tensor, values: Tensor) -
         weight.index_put_((rows, cols), values)
 
 
+def merged_entries(weight: Tensor, rows: Tensor, cols: Tensor, values: Tensor, scaling: float):
+    """(W's entries at (rows, cols), what a merge writes there: round(W + scaling * v), summed
+    in float32 or wider and rounded once to W's dtype)."""
+    entries = _entries_of(weight, rows, cols)
+    dt = torch.promote_types(values.dtype, torch.float32)
+    return entries, (entries.to(dt) + values.to(device=weight.device, dtype=dt) * scaling).to(weight.dtype)
+
+
 @torch.no_grad()
 def merge_saving_(weight: Tensor, rows: Tensor, cols: Tensor, values: Tensor, scaling: float) -> SavedEntries:
     """W[r, c] = round(W[r, c] + scaling * v) at the positions (rows, cols) (distinct, in
     range: checked by the caller; any strides of W), keeping the entries it overwrites and
     the ones it writes. O(nnz): a gather, an add in float32, a scatter; no atomics."""
-    saved = _entries_of(weight, rows, cols)
-    dt = torch.promote_types(values.dtype, torch.float32)
-    written = (saved.to(dt) + values.to(device=weight.device, dtype=dt) * scaling).to(weight.dtype)
+    saved, written = merged_entries(weight, rows, cols, values, scaling)
     _write_entries(weight, rows, cols, written)
     return SavedEntries(rows, cols, saved, written, version(weight), weight.data_ptr(), optimizer_steps())
 

@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.autograd import forward_ad
 
 from .backend import interpreting, record, scoped_setting, select_backend
-from .derived import outside_inference_mode, version
+from .derived import outside_inference_mode, same_key, version
 from .ops import on_device, triton_serves
 
 _VALUE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -61,10 +61,6 @@ def _fingerprint(layer, names: Sequence[str], kinds: Sequence[str], device: torc
             fp += (v, v.data_ptr(), v.shape, v.stride(), v.dtype, v.device, i, i.data_ptr(), i.device,
                    version(i), layer.sparse_scaling[name])
     return tuple(fp)
-
-
-def _same(a: tuple, b: tuple) -> bool:
-    return len(a) == len(b) and all(x is y if isinstance(x, Tensor) else x == y for x, y in zip(a, b))
 
 
 def _entries(layer, names: Sequence[str], kinds: Sequence[str], device: torch.device):
@@ -108,7 +104,7 @@ def _table(layer, names: Sequence[str], kinds: Sequence[str], device: torch.devi
     """(table int64 (S, 6), scale float32 (S,)) for the layer's slots, or None (see _entries)."""
     fp = _fingerprint(layer, names, kinds, device)
     cached = layer._delta_rows
-    if cached is not None and _same(cached[0], fp):
+    if cached is not None and same_key(cached[0], fp):
         return cached[1], cached[2]
     with outside_inference_mode():  # kept across calls, also by calls outside inference mode
         built = _entries(layer, names, kinds, device)
