@@ -612,3 +612,16 @@ def test_auto_float64_sparse_rows_take_the_composition(monkeypatch):
         y = sparse_linear(x, W, None, idx, values, 1.0)
     assert dispatched("sparse.forward") == {"sparse.forward:eager:dense": 1}
     assert rel_err(y, reference.sparse_linear(x, W, None, idx, values, 1.0)) < 1e-12
+
+
+def test_safe_merge_of_a_sparse_adapter(torch_backend):
+    """safe_merge=True refuses a sparse adapter whose merged entries would not be finite (an
+    inf value, or one past the 16-bit range after scaling), leaving W as it was."""
+    layer, w0, _, _ = two_sparse_adapters(16, 24, torch.float16, (0.3, 0.3), seed=5)
+    with torch.no_grad():
+        layer.sparse_values["a"][3] = 1e5  # 0.9 * 1e5 passes float16's 65504
+    with pytest.raises(ValueError, match="'a' seems to be broken"):
+        layer.merge(["a"], safe_merge=True)
+    assert torch.equal(layer.weight.detach(), w0) and not layer.merged_adapters
+    layer.merge(["b"], safe_merge=True)
+    assert layer.merged_adapters == ["b"]
