@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
-from .backend import dispatch, interpreting, record, scoped_setting, select_backend
+from .backend import cdiv, dispatch, interpreting, next_pow2, record, scoped_setting, select_backend
 from .c3a_spectral import _spectral_delta_, _spectral_grads
 from .ops import (autocast_inputs, bias_grad, check_linear_args, fused_op, pick, register_autograd, rows_of,
                   triton_dtype_ok, triton_serves)
@@ -121,7 +121,6 @@ def _decode_pair(x: Tensor, weight: Tensor, bias: Optional[Tensor], c3a_kernel: 
     """y for 1..16 rows and blocks of 16 and more in two launches and no memset
     (kernels/c3a.py, decode): the circulant delta's products in fp32 beside W's split-K
     tiles, then one finishing kernel."""
-    import triton
 
     from .kernels.c3a import c3a_decode_finish_kernel, c3a_decode_kernel
     from .launch import _input_precision, _pow2_at_least, _tl_dtype, bias_arg, decode_plan
@@ -132,8 +131,8 @@ def _decode_pair(x: Tensor, weight: Tensor, bias: Optional[Tensor], c3a_kernel: 
     split = plan["SPLIT_K"]
     block_b = 16 if interpreting() else min(32, _pow2_at_least(b))  # 64 x 64 gathers spill (255 registers)
     delta_k = 16 if interpreting() else 64
-    i_chunks = triton.cdiv(b, block_b)
-    delta_tiles, n_tiles = (N // b) * i_chunks, triton.cdiv(N, plan["BLOCK_N"])
+    i_chunks = cdiv(b, block_b)
+    delta_tiles, n_tiles = (N // b) * i_chunks, cdiv(N, plan["BLOCK_N"])
     part = torch.empty((split, M, 2 * N), device=x.device, dtype=torch.float32)
     # 16-bit x is exact in tf32, w is not: 3xTF32 keeps the delta fp32-accurate
     delta_precision = "tf32x3" if x.dtype.itemsize == 2 else _input_precision(torch.float32)
@@ -231,14 +230,13 @@ def _circulant(c3a_kernel: Tensor, dtype: torch.dtype) -> Tensor:
     if not triton_serves(c3a_kernel.device, dtype):
         record("c3a.circulant", "torch", "gather")
         return reference.c3a_circulant(c3a_kernel, dtype)
-    import triton
 
     from .kernels.c3a import c3a_circulant_kernel
 
     N, K = nb_out * b, nb_in * b
     out = torch.empty(N, K, dtype=dtype, device=c3a_kernel.device)
     tile = (16, 16) if interpreting() else (32, 128)
-    c3a_circulant_kernel[(triton.cdiv(N, tile[0]), triton.cdiv(K, tile[1]))](
+    c3a_circulant_kernel[(cdiv(N, tile[0]), cdiv(K, tile[1]))](
         out, c3a_kernel, N, K, b, out.stride(0), out.stride(1), *c3a_kernel.stride(),
         BLOCK_N=tile[0], BLOCK_K=tile[1])
     record("c3a.circulant", "triton", "gather")
@@ -253,13 +251,12 @@ def _diagonal_sums(g: Tensor, c3a_kernel: Tensor) -> Tensor:
     if not (b >= 16 and triton_serves(g.device, g.dtype, c3a_kernel.dtype)):
         record("c3a.diagonal_sums", "torch", "gather")
         return reference.c3a_diagonal_sums(g, c3a_kernel)
-    import triton
 
     from .kernels.c3a import c3a_diagonal_sums_kernel
 
     out = torch.empty(c3a_kernel.shape, dtype=c3a_kernel.dtype, device=g.device)
-    block_u = 16 if interpreting() else min(128, triton.next_power_of_2(b))
-    c3a_diagonal_sums_kernel[(nb_out * nb_in, triton.cdiv(b, block_u))](
+    block_u = 16 if interpreting() else min(128, next_pow2(b))
+    c3a_diagonal_sums_kernel[(nb_out * nb_in, cdiv(b, block_u))](
         g, out, b, nb_in, g.stride(0), g.stride(1), *out.stride(), 1.0 / g.shape[1],
         BLOCK_S=16 if interpreting() else 32, BLOCK_U=block_u)
     record("c3a.diagonal_sums", "triton", "rows")

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .backend import interpreting, record, scoped_setting
+from .backend import cdiv, interpreting, next_pow2, record, scoped_setting
 
 import triton  # noqa: E402  (imported after backend so TRITON_INTERPRET is read)
 import triton.language as tl  # noqa: E402
@@ -102,7 +102,7 @@ def _target_programs(device: torch.device) -> int:
 
 
 def _pow2_at_least(n: int, floor: int = 16) -> int:
-    return max(floor, triton.next_power_of_2(max(int(n), 1)))
+    return max(floor, next_pow2(max(int(n), 1)))
 
 
 def _input_precision(dot_dtype: torch.dtype) -> str:
@@ -124,8 +124,8 @@ def split_k(tiles: int, k_tiles: int, device: torch.device) -> int:
     target = _target_programs(device)
     if tiles >= target or k_tiles < 1:  # K = 0: nothing to split
         return 1
-    split = min(k_tiles, triton.cdiv(target, tiles))
-    return triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))  # no split without a K tile
+    split = min(k_tiles, cdiv(target, tiles))
+    return cdiv(k_tiles, cdiv(k_tiles, split))  # no split without a K tile
 
 
 def _small_plan(M: int, N: int, K: int, device: torch.device, elem_bytes: int = 2) -> Optional[dict]:
@@ -154,8 +154,8 @@ def finish_plan(plan: dict, M: int, N: int, K: int, device: torch.device) -> Opt
     """Give a memory-bound tile plan its SPLIT_K; under the interpreter, hand
     shapes with enough tiles to the autotuned entry instead (None) so tests
     cover that path too."""
-    tiles = triton.cdiv(M, plan["BLOCK_M"]) * triton.cdiv(N, plan["BLOCK_N"])
-    plan["SPLIT_K"] = split_k(tiles, triton.cdiv(K, plan["BLOCK_K"]), device)
+    tiles = cdiv(M, plan["BLOCK_M"]) * cdiv(N, plan["BLOCK_N"])
+    plan["SPLIT_K"] = split_k(tiles, cdiv(K, plan["BLOCK_K"]), device)
     if interpreting() and M > 16 and tiles >= _target_programs(device):
         return None
     return plan
@@ -174,12 +174,12 @@ def launch_gemm(kernel, tuned, plan: Optional[dict], M: int, N: int, args: tuple
     (``tuned()``) when ``plan`` is None, else ``kernel`` with the plan's tiles and
     SPLIT_K programs per tile; record which ran."""
     if plan is None:
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), 1)  # noqa: E731
+        grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), 1)  # noqa: E731
         tuned()[grid](*args, **flags, SPLIT_K=1)
         record(tag, "triton", "gemm")
         return
     split = plan["SPLIT_K"]
-    kernel[(triton.cdiv(M, plan["BLOCK_M"]) * triton.cdiv(N, plan["BLOCK_N"]), split)](*args, **flags, **plan)
+    kernel[(cdiv(M, plan["BLOCK_M"]) * cdiv(N, plan["BLOCK_N"]), split)](*args, **flags, **plan)
     record(tag, "triton", "splitk" if split > 1 else "small")
 
 
@@ -252,7 +252,7 @@ def decode_plan(x: torch.Tensor, N: int) -> dict:
     plan = dict(_small_plan(M, N, K, x.device, x.dtype.itemsize))
     plan.pop("GROUP_M")
     assert 0 < M <= plan["BLOCK_M"] and N > 0 and K > 0, (M, N, K)
-    plan["SPLIT_K"] = split_k(triton.cdiv(N, plan["BLOCK_N"]), triton.cdiv(K, plan["BLOCK_K"]), x.device)
+    plan["SPLIT_K"] = split_k(cdiv(N, plan["BLOCK_N"]), cdiv(K, plan["BLOCK_K"]), x.device)
     return plan
 
 
@@ -264,7 +264,7 @@ def decode_partials(x: torch.Tensor, weight: torch.Tensor, lora_A: Optional[torc
     N, R = weight.shape[0], (lora_A.shape[0] if lora_A is not None else 0)
     plan = decode_plan(x, N)
     bn, split = plan["BLOCK_N"], plan["SPLIT_K"]
-    r_tiles, n_tiles = triton.cdiv(R, bn), triton.cdiv(N, bn)
+    r_tiles, n_tiles = cdiv(R, bn), cdiv(N, bn)
     part = torch.empty((split, M, r_tiles * bn + N), device=x.device, dtype=torch.float32)
     a = lora_A if lora_A is not None else weight  # no shrink tiles: never read
     lora_decode_kernel[((r_tiles + n_tiles) * split,)](
@@ -287,7 +287,7 @@ def lora_decode(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     block_r = lowrank_block_r(R)
     bn = plan["BLOCK_N"]
     warps = {k: plan[k] for k in ("num_warps",) if k in plan}
-    lora_decode_finish_kernel[(triton.cdiv(N, bn),)](
+    lora_decode_finish_kernel[(cdiv(N, bn),)](
         part, lora_B, bias_arg(bias, y), u, y, M, N, R, r_cols,
         part.stride(0), part.stride(1), lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), float(scaling),
         HAS_BIAS=bias is not None, DOT_DTYPE=_tl_dtype(x.dtype), INPUT_PRECISION=_input_precision(x.dtype),
@@ -303,7 +303,7 @@ def dropout_mask(shape, p: float, seed: int, device) -> torch.Tensor:
     if M and N:
         from .ops import on_device
 
-        grid = (triton.cdiv(M, 32), triton.cdiv(N, 32))
+        grid = (cdiv(M, 32), cdiv(N, 32))
         with on_device(out.device):  # called outside any fused op's body (ops.dropout_keep_mask)
             dropout_materialize_kernel[grid](out, M, N, out.stride(0), out.stride(1), float(p), int(seed),
                                              BLOCK_M=32, BLOCK_N=32)

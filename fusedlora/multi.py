@@ -54,9 +54,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import dispatch, interpreting, record, select_backend
-from .ops import (autocast_inputs, backward_backend, bias_grad, fused_op, pick, register_autograd, torch_masks,
-                  triton_dtype_ok)
+from .backend import cdiv, dispatch, interpreting, record
+from .ops import (autocast_inputs, backward_backend, bias_grad, fused_op, pick, register_autograd, seed_value,
+                  torch_masks, triton_dtype_ok)
 
 _INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
@@ -159,7 +159,6 @@ def _meta(routing: Optional[Routing], dummy: Tensor):
 def _shrink(x: Tensor, pool: Tensor, row_slot: Tensor, sl: _Slots, max_rank: int, routing: Optional[Routing],
             dropout: bool, tag: str) -> Tensor:
     """u[m, :rank] = scale * drop(x[m]) P[slot]^T, float32 (M x max_rank), rows in natural order."""
-    import triton
 
     from .kernels.multi import multi_shrink_kernel
     from .launch import _input_precision, _pow2_at_least, _tl_dtype, split_k
@@ -175,9 +174,9 @@ def _shrink(x: Tensor, pool: Tensor, row_slot: Tensor, sl: _Slots, max_rank: int
         block_m, block_r, block_k, warps = 64, min(64, _pow2_at_least(max_rank)), 64, 4
     else:
         block_m, block_r, block_k, warps = 1, 16, 256, 4
-    rows = triton.cdiv(M, block_m) if sorted_ else M
-    r_chunks = triton.cdiv(max_rank, block_r)
-    split = split_k(rows * r_chunks, triton.cdiv(K, block_k), x.device)
+    rows = cdiv(M, block_m) if sorted_ else M
+    r_chunks = cdiv(max_rank, block_r)
+    split = split_k(rows * r_chunks, cdiv(K, block_k), x.device)
     perm, segid, segstart = _meta(routing, row_slot)
     multi_shrink_kernel[(rows, r_chunks, split)](
         x, pool, u, row_slot, perm, segid, segstart, sl.off, sl.rank, sl.scale, sl.drop, M, K,
@@ -192,7 +191,6 @@ def _shrink(x: Tensor, pool: Tensor, row_slot: Tensor, sl: _Slots, max_rank: int
 def _matmul(a: Tensor, b: Tensor, bias: Optional[Tensor], u: Tensor, q: Tensor, row_slot: Tensor, sl: _Slots,
             routing: Optional[Routing], drop_epi: bool, out_dtype: torch.dtype, tag: str) -> Tensor:
     """C[m] = a[m] @ b + bias + drop?(u[m, :rank] @ q[off : off + rank]) (slot of row m)."""
-    import triton
 
     from .kernels.multi import multi_matmul_kernel
     from .launch import _input_precision, _pow2_at_least, _small_plan, _tl_dtype, bias_arg
@@ -217,11 +215,11 @@ def _matmul(a: Tensor, b: Tensor, bias: Optional[Tensor], u: Tensor, q: Tensor, 
                  INPUT_PRECISION=_input_precision(a.dtype), SORTED=sorted_, SEG_DOT_MAX=_seg_dot_max(epilogue=True))
     path = "sgmv" if sorted_ else "bgmv"
     if plan is None:
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), 1)  # noqa: E731
+        grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), 1)  # noqa: E731
         _tuned_matmul()[grid](*args, **flags, SPLIT_K=1)
         record(tag, "triton", path)
     else:
-        grid = (triton.cdiv(M, plan["BLOCK_M"]) * triton.cdiv(N, plan["BLOCK_N"]), split)
+        grid = (cdiv(M, plan["BLOCK_M"]) * cdiv(N, plan["BLOCK_N"]), split)
         multi_matmul_kernel[grid](*args, **flags, **plan, BLOCK_R=16)
         record(tag, "triton", f"{path}-splitk" if split > 1 else path)
     return c if c.dtype == out_dtype else c.to(out_dtype)
@@ -231,7 +229,6 @@ def _decode_pair(x: Tensor, weight: Tensor, bias: Optional[Tensor], pool_A: Tens
                  row_slot: Tensor, sl: _Slots, max_rank: int) -> Tuple[Tensor, Tensor]:
     """(y, u) of a BGMV forward of 1..16 rows without dropout in two launches and no memset
     (kernels/multi.py, decode): the per-row shrink runs in the base GEMM's split-K grid."""
-    import triton
 
     from .kernels.multi import multi_decode_finish_kernel, multi_decode_kernel
     from .launch import _input_precision, _tl_dtype, bias_arg, decode_plan
@@ -241,7 +238,7 @@ def _decode_pair(x: Tensor, weight: Tensor, bias: Optional[Tensor], pool_A: Tens
     plan = decode_plan(x, N)
     split = plan["SPLIT_K"]
     shrink_k, finish_n, finish_r = (16, 16, 8) if interpreting() else (256, 32, 8)
-    r_chunks, n_tiles = triton.cdiv(max_rank, 16), triton.cdiv(N, plan["BLOCK_N"])
+    r_chunks, n_tiles = cdiv(max_rank, 16), cdiv(N, plan["BLOCK_N"])
     part = torch.empty((split, M, max_rank + N), device=x.device, dtype=torch.float32)
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     u = torch.empty((M, max_rank), device=x.device, dtype=torch.float32)
@@ -250,7 +247,7 @@ def _decode_pair(x: Tensor, weight: Tensor, bias: Optional[Tensor], pool_A: Tens
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), pool_A.stride(0), pool_A.stride(1),
         part.stride(0), part.stride(1), DOT_DTYPE=_tl_dtype(x.dtype), INPUT_PRECISION=_input_precision(x.dtype),
         **plan, BLOCK_R=16, SHRINK_BLOCK_K=shrink_k)
-    multi_decode_finish_kernel[(triton.cdiv(N, finish_n),)](
+    multi_decode_finish_kernel[(cdiv(N, finish_n),)](
         part, pool_BT, bias_arg(bias, y), u, y, row_slot, sl.off, sl.rank,
         M, N, max_rank, max_rank, part.stride(0), part.stride(1), pool_BT.stride(0), pool_BT.stride(1),
         u.stride(0), y.stride(0), y.stride(1), HAS_BIAS=bias is not None, SPLIT_K=split,
@@ -262,7 +259,6 @@ def _decode_pair(x: Tensor, weight: Tensor, bias: Optional[Tensor], pool_A: Tens
 def _grouped_grad(left: Tensor, right: Tensor, routing: Routing, sl: _Slots, pool_rows: int, max_rank: int,
                   drop_right: bool, out_dtype: torch.dtype, tag: str) -> Tensor:
     """out[off[s] + j, n] = sum over rows m of slot s of left[m, j] * drop?(right)[m, n]; pool-shaped."""
-    import triton
 
     from .kernels.multi import multi_grad_kernel
     from .launch import _input_precision, _target_programs, _tl_dtype
@@ -273,10 +269,10 @@ def _grouped_grad(left: Tensor, right: Tensor, routing: Routing, sl: _Slots, poo
     if M == 0 or N == 0 or max_rank == 0 or pool_rows == 0 or S == 0:
         return out.to(out_dtype)
     block_m, block_n, block_r = (16, 16, 16) if interpreting() else (64, 128, 16)
-    r_chunks = triton.cdiv(max_rank, block_r)
-    n_tiles = triton.cdiv(N, block_n)
+    r_chunks = cdiv(max_rank, block_r)
+    n_tiles = cdiv(N, block_n)
     programs = S * r_chunks * n_tiles
-    split = max(1, min(triton.cdiv(M, block_m), triton.cdiv(_target_programs(right.device), programs)))
+    split = max(1, min(cdiv(M, block_m), cdiv(_target_programs(right.device), programs)))
     multi_grad_kernel[(S * r_chunks, n_tiles, split)](
         left, right, out, routing.perm, routing.start, routing.end, sl.off, sl.rank, sl.drop, N, r_chunks,
         left.stride(0), left.stride(1), right.stride(0), right.stride(1), out.stride(0), out.stride(1), sl.seed,
@@ -364,7 +360,7 @@ def _torch_backward(grad_y, x, weight, pool_A, pool_BT, row_slot, sl: _Slots):
 @fused_op("fusedlora::multi_lora_linear")
 def _multi_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], pool_A: Tensor, pool_BT: Tensor,
                    row_slot: Tensor, slot_off: Tensor, slot_rank: Tensor, slot_scale: Tensor, slot_drop: Tensor,
-                   max_rank: int, dropout: bool, seed: Tensor) -> Tuple[Tensor, Tensor]:
+                   max_rank: int, dropout: bool, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """2-D x -> (y, u): y[m] = x[m] W^T + b + u[m] P_B[slot[m]], u = scale * drop(x) P_A^T
     (float32, saved for backward); dropout (if ``dropout``) with each slot's probability."""
     return dispatch("multi.forward", _multi_forward_on, x, weight, bias, pool_A, pool_BT, row_slot, slot_off,
@@ -374,8 +370,8 @@ def _multi_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], pool_A: Te
 
 def _multi_forward_on(backend: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], pool_A: Tensor,
                       pool_BT: Tensor, row_slot: Tensor, slot_off: Tensor, slot_rank: Tensor, slot_scale: Tensor,
-                      slot_drop: Tensor, max_rank: int, dropout: bool, seed: Tensor) -> Tuple[Tensor, Tensor]:
-    sl = _Slots(slot_off, slot_rank, slot_scale, slot_drop, dropout, int(seed.item()) if dropout else 0)
+                      slot_drop: Tensor, max_rank: int, dropout: bool, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    sl = _Slots(slot_off, slot_rank, slot_scale, slot_drop, dropout, seed_value(seed))
     # the gather has no dropout, and pads every row to max_rank: decode rows only
     if backend == "torch" or (backend == "eager" and (dropout or x.shape[0] > 16)):
         record("multi.forward", "torch", "grouped")
@@ -415,11 +411,11 @@ def _(x, weight, bias, pool_A, pool_BT, row_slot, slot_off, slot_rank, slot_scal
 @fused_op("fusedlora::multi_lora_linear_backward")
 def _multi_backward(grad_y: Tensor, x: Tensor, weight: Tensor, pool_A: Tensor, pool_BT: Tensor, u: Tensor,
                     row_slot: Tensor, slot_off: Tensor, slot_rank: Tensor, slot_scale: Tensor, slot_drop: Tensor,
-                    max_rank: int, dropout: bool, seed: Tensor, torch_mask: bool, needs: List[bool]) -> List[Tensor]:
+                    max_rank: int, dropout: bool, seed: Optional[Tensor], torch_mask: bool, needs: List[bool]) -> List[Tensor]:
     """(dx, dW, db, d pool_A, d pool_BT); an empty tensor stands for a gradient not asked for.
     ``torch_mask``: the forward drew its dropout from torch's generator (ops.torch_masks)."""
     need_x, need_w, need_b, need_a, need_bb = needs
-    sl = _Slots(slot_off, slot_rank, slot_scale, slot_drop, dropout, int(seed.item()) if dropout else 0)
+    sl = _Slots(slot_off, slot_rank, slot_scale, slot_drop, dropout, seed_value(seed))
     backend = backward_backend(x.device, dropout, torch_mask)
     if backend == "torch":
         record("multi.backward", "torch", "grouped")

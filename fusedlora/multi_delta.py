@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backend import interpreting, record, select_backend
+from .backend import cdiv, interpreting, record, select_backend
 from .multi import (_check_table_values, _groups, _meta, _seg_dot_max, _shrink, _Slots, check_pools_and_tables,
                     route, sort_min_rows)
 from .ops import _check_same, _check_tensor, autocast_inputs, autocasting, fused_op, pick, rows_of, triton_dtype_ok
@@ -50,7 +50,6 @@ def _overlaps_itself(t: Tensor) -> bool:
 def _expand_into(y: Tensor, x: Tensor, u: Tensor, pool_BT: Tensor, row_slot: Tensor, sl: _Slots,
                  routing) -> None:
     """y[m] += u[m, :rank] @ pool_BT[off : off + rank] for each row's slot, in place."""
-    import triton
 
     from .kernels.multi import multi_matmul_kernel
     from .launch import _input_precision, _pow2_at_least, _tl_dtype
@@ -62,7 +61,7 @@ def _expand_into(y: Tensor, x: Tensor, u: Tensor, pool_BT: Tensor, row_slot: Ten
     else:  # the sorted tiles run a tensor-core dot per segment; the gather tiles, rank-1 updates per row
         block_m, block_n = (64, 128) if sorted_ else (16, 128)
     perm, segid, segstart = _meta(routing, row_slot)
-    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n), 1)
+    grid = (cdiv(M, block_m) * cdiv(N, block_n), 1)
     # K = 0: the base loop is empty, a (x) and b (pool_BT) are never read; c = y, read and written
     multi_matmul_kernel[grid](
         x, pool_BT, y, y, u, pool_BT, row_slot, perm, segid, segstart, sl.off, sl.rank, sl.drop,

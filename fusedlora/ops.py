@@ -37,9 +37,6 @@ def triton_dtype_ok(t: Tensor, name: str = "x") -> None:
                         "use FUSEDLORA_BACKEND=torch for float64")
 
 
-_NO_SEED = torch.zeros((), dtype=torch.int64)
-
-
 def bias_grad(grad_y: Tensor, dtype: torch.dtype) -> Tensor:
     """db = the column sums of grad_y, accumulated in float32 at least (float64 stays float64)."""
     return grad_y.sum(0, dtype=torch.promote_types(grad_y.dtype, torch.float32)).to(dtype)
@@ -212,12 +209,26 @@ def check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> Tupl
     return check_scalar("scaling", scaling), check_scalar("dropout_p", dropout_p, 0.0, 1.0, high_open=True)
 
 
-def draw_seed(dropout_p: float) -> Tensor:
+def draw_seed(dropout_p: float) -> Optional[Tensor]:
     """A dropout seed from torch's CPU generator (so torch.manual_seed governs it).
-    It stays a CPU tensor: no device sync, and torch.compile keeps it in the graph."""
+    It stays a CPU tensor: no device sync, and torch.compile keeps it in the graph.
+    None without dropout: a CPU tensor among a CUDA op's inputs puts that op in a CUDA-graph
+    partition that rejects the CPU storage (torch 2.11, mode="reduce-overhead"; pytorch #190233)."""
     if dropout_p == 0.0:
-        return _NO_SEED
+        return None
     return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+
+
+def seed_value(seed: Optional[Tensor]) -> int:
+    """draw_seed's seed as an int (0 for None: no dropout). A seed read inside a CUDA-graph
+    capture would be baked into the graph, and every replay would draw the same mask: refused."""
+    if seed is None:
+        return 0
+    if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("fusedlora: dropout inside a CUDA graph (torch.compile mode='reduce-overhead' or a "
+                           "manual capture) would replay one mask on every call; train with lora_dropout=0, "
+                           "or compile without CUDA graphs (mode='default' or 'max-autotune-no-cudagraphs')")
+    return int(seed.item())
 
 
 def torch_masks(device: torch.device, op: str, rows: int) -> bool:
@@ -249,7 +260,7 @@ def torch_keep_mask(shape, p: float, seed: int, device) -> Optional[Tensor]:
 # ------------------------------------------------------------------ LoRA ops
 @fused_op("fusedlora::lora_linear")
 def _lora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
-                  scaling: float, dropout_p: float, seed: Tensor) -> Tuple[Tensor, Tensor]:
+                  scaling: float, dropout_p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """2-D x -> (y, u) with u = s * drop(x) A^T in float32, saved for backward."""
     # with dropout, the backward regenerates the forward's mask: auto keeps the Triton pair
     return dispatch("lora.forward", _lora_forward_on, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
@@ -257,7 +268,7 @@ def _lora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Ten
 
 
 def _lora_forward_on(backend: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
-                     lora_B: Tensor, scaling: float, dropout_p: float, seed: Tensor) -> Tuple[Tensor, Tensor]:
+                     lora_B: Tensor, scaling: float, dropout_p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     if backend == "cuda":
         from .cuda_ext import decode_serves
 
@@ -270,7 +281,7 @@ def _lora_forward_on(backend: str, x: Tensor, weight: Tensor, bias: Optional[Ten
     if backend in ("torch", "eager"):
         xd = x
         if dropout_p:
-            xd = reference.apply_dropout(x, torch_keep_mask(x.shape, dropout_p, seed.item(), x.device), dropout_p)
+            xd = reference.apply_dropout(x, torch_keep_mask(x.shape, dropout_p, seed_value(seed), x.device), dropout_p)
         if backend == "torch":
             u = scaling * (xd @ lora_A.t())
             record("lora.forward", "torch", "reference")
@@ -286,7 +297,7 @@ def _lora_forward_on(backend: str, x: Tensor, weight: Tensor, bias: Optional[Ten
     if decode_pair_serves(x, weight, dropout_p > 0.0):
         return lora_decode(x, weight, bias, lora_A, lora_B, scaling)
     u = matmul(x, lora_A.t(), out_dtype=torch.float32, dot_dtype=x.dtype, alpha=scaling,
-               dropout=Dropout(dropout_p, int(seed.item()), "a"), tag="lora.shrink")
+               dropout=Dropout(dropout_p, seed_value(seed), "a"), tag="lora.shrink")
     y = matmul(x, weight.t(), out_dtype=x.dtype, dot_dtype=x.dtype, bias=bias, u=u, v=lora_B.t(),
                tag="lora.forward")
     return y, u
@@ -300,21 +311,21 @@ def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
 
 @fused_op("fusedlora::lora_linear_backward")
 def _lora_backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, u: Tensor,
-                   scaling: float, dropout_p: float, seed: Tensor, torch_mask: bool,
+                   scaling: float, dropout_p: float, seed: Optional[Tensor], torch_mask: bool,
                    needs: List[bool]) -> List[Tensor]:
     """(dx, dW, db, dA, dB); an empty tensor stands for a gradient not asked for.
     ``torch_mask``: the forward drew its dropout from torch's generator (ops.torch_masks)."""
     need_x, need_w, need_b, need_a, need_bb = needs
     backend = backward_backend(x.device, dropout_p > 0, torch_mask)
     if backend == "torch":
-        mask = torch_keep_mask(x.shape, dropout_p, seed.item(), x.device)
+        mask = torch_keep_mask(x.shape, dropout_p, seed_value(seed), x.device)
         grads = reference.lora_linear_grads(grad_y, x, weight, lora_A, lora_B, scaling, mask, dropout_p)
         record("lora.backward", "torch", "reference")
         return [g if n else grad_y.new_empty(0) for g, n in zip(grads, needs)]
     from .launch import Dropout, matmul
 
     dt = x.dtype
-    seed_i = int(seed.item())
+    seed_i = seed_value(seed)
     # A fresh empty tensor per slot: custom op outputs may not alias each other.
     dx, dW, db, dA, dB = (grad_y.new_empty(0) for _ in range(5))
     g = None

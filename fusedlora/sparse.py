@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
-from .backend import interpreting, record, requested_backend, select_backend
+from .backend import cdiv, interpreting, record, requested_backend, select_backend
 from .ops import (autocast_inputs, bias_grad, check_linear_args, check_scalar, fused_op, pick, register_autograd,
                   rows_of, triton_dtype_ok, triton_serves)
 from .derived import DerivedCache, optimizer_steps, version
@@ -143,7 +143,6 @@ def _sparse_matmul(a: Tensor, b: Tensor, layout: Tuple[Tensor, Tensor, Tensor, T
 def _sddmm(grad_y: Tensor, x: Tensor, rows: Tensor, cols: Tensor, perm: Tensor, scaling: float,
            out_dtype: torch.dtype) -> Tensor:
     """d_values (user order) = scaling * (grad_y^T x)[rows, cols], sampled at the nonzeros only."""
-    import triton
 
     from .kernels.sparse import sddmm_kernel
     from .launch import _target_programs
@@ -152,10 +151,10 @@ def _sddmm(grad_y: Tensor, x: Tensor, rows: Tensor, cols: Tensor, perm: Tensor, 
     if nnz == 0 or M == 0:
         return torch.zeros((nnz,), device=x.device, dtype=out_dtype)
     block_m, block_e = (16, 16) if interpreting() else (64, 64)
-    chunks, m_blocks = triton.cdiv(nnz, block_e), triton.cdiv(M, block_m)
-    split = max(1, min(m_blocks, triton.cdiv(_target_programs(x.device), chunks)))
-    rows_per_split = triton.cdiv(m_blocks, split) * block_m
-    split = triton.cdiv(M, rows_per_split)
+    chunks, m_blocks = cdiv(nnz, block_e), cdiv(M, block_m)
+    split = max(1, min(m_blocks, cdiv(_target_programs(x.device), chunks)))
+    rows_per_split = cdiv(m_blocks, split) * block_m
+    split = cdiv(M, rows_per_split)
     out = (torch.zeros if split > 1 else torch.empty)(
         (nnz,), device=x.device, dtype=torch.float32 if split > 1 else out_dtype)
     sddmm_kernel[(chunks, split)](
@@ -195,7 +194,6 @@ def _rows_decode(x: Tensor, weight: Tensor, bias: Optional[Tensor], values: Tens
     W is streamed once and never merged into; the tile-merging GEMM would spend five
     one-hot products per weight tile here (129 us against 14 us for F.linear at 1 row,
     4096 x 4096 on the H200)."""
-    import triton
 
     from .kernels.sparse import sparse_decode_finish_kernel, sparse_rows_add_kernel
     from .launch import _pow2_at_least, bias_arg, decode_pair_serves, decode_partials, matmul
@@ -206,7 +204,7 @@ def _rows_decode(x: Tensor, weight: Tensor, bias: Optional[Tensor], values: Tens
     if decode_pair_serves(x, weight, False):  # two launches, no memset (launch.DECODE_PAIR)
         part, plan, r_cols = decode_partials(x, weight)
         y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-        sparse_decode_finish_kernel[(triton.cdiv(N, block_n),)](
+        sparse_decode_finish_kernel[(cdiv(N, block_n),)](
             part, x, row_ptr, col, values.contiguous(), order, bias_arg(bias, y), y,
             M, N, r_cols, part.stride(0), part.stride(1), x.stride(0), x.stride(1), y.stride(0), y.stride(1),
             float(scaling), HAS_BIAS=bias is not None, SPLIT_K=plan["SPLIT_K"], BLOCK_M=_pow2_at_least(M, 1),
@@ -214,7 +212,7 @@ def _rows_decode(x: Tensor, weight: Tensor, bias: Optional[Tensor], values: Tens
         record("sparse.forward", "triton", "rows-decode")
         return y
     y = matmul(x, weight.t(), out_dtype=torch.float32, dot_dtype=x.dtype, bias=bias, tag="sparse.base")
-    sparse_rows_add_kernel[(triton.cdiv(N, block_n),)](
+    sparse_rows_add_kernel[(cdiv(N, block_n),)](
         y, x, row_ptr, col, values.contiguous(), order, M, N, y.stride(0), y.stride(1), x.stride(0), x.stride(1),
         float(scaling), BLOCK_M=_pow2_at_least(M, 1), BLOCK_N=block_n, BLOCK_E=16)
     record("sparse.forward", "triton", "rows")
@@ -230,13 +228,12 @@ def _dense_weight(weight: Tensor, layout: Tuple[Tensor, ...], values: Tensor, sc
     N, K = weight.shape
     w = torch.empty((N, K), device=weight.device, dtype=weight.dtype)
     if triton_serves(w.device, w.dtype, values.dtype):
-        import triton
 
         from .kernels.sparse import sparse_densify_kernel
 
         block_k = 4 * tile  # the copy's tile; the layout's buckets are tile x tile
-        sparse_densify_kernel[(triton.cdiv(N, tile), triton.cdiv(K, block_k))](
-            w, weight, offsets, rows, cols, perm, values.detach().contiguous(), N, K, triton.cdiv(K, tile),
+        sparse_densify_kernel[(cdiv(N, tile), cdiv(K, block_k))](
+            w, weight, offsets, rows, cols, perm, values.detach().contiguous(), N, K, cdiv(K, tile),
             w.stride(0), w.stride(1), weight.stride(0), weight.stride(1), float(scaling),
             TILE=tile, BLOCK_K=block_k, BLOCK_E=64)
         record("sparse.densify", "triton", "tiles")
@@ -254,12 +251,11 @@ def _sampled(g: Tensor, rows: Tensor, cols: Tensor, perm: Tensor, scaling: float
     kernels in 1444 us)."""
     dv = torch.empty_like(values)
     if rows.numel() and triton_serves(g.device, g.dtype, values.dtype):
-        import triton
 
         from .kernels.sparse import sparse_gather_kernel
 
         block = 1024
-        sparse_gather_kernel[(triton.cdiv(rows.numel(), block),)](
+        sparse_gather_kernel[(cdiv(rows.numel(), block),)](
             dv, g, rows, cols, perm, rows.numel(), g.stride(0), g.stride(1), float(scaling), BLOCK_E=block)
         record("sparse.sample", "triton", "gather")
         return dv

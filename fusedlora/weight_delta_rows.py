@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
-from .backend import interpreting, record, scoped_setting, select_backend
+from .backend import cdiv, interpreting, record, scoped_setting, select_backend
 from .derived import outside_inference_mode, same_key, version
 from .ops import on_device, triton_serves
 
@@ -161,7 +161,6 @@ def add_rows_(layer, y: Tensor, x2: Tensor, row_slot: Tensor, names: Sequence[st
     tensors are not where and what the kernel reads (see _entries): nothing was done.
     ``kinds_in_batch``: the kinds recorded as served (those with rows, when validation
     counted them; else every C3A / sparse kind of the layer, whose rows may be there)."""
-    import triton
 
     from .kernels.multi import multi_weight_delta_rows_kernel
 
@@ -172,7 +171,7 @@ def add_rows_(layer, y: Tensor, x2: Tensor, row_slot: Tensor, names: Sequence[st
     (M, K), N = x2.shape, layer.out_features
     block_n, block_k = (32, 32) if interpreting() else (64, 64)
     with on_device(x2.device):  # Triton launches on the current device
-        multi_weight_delta_rows_kernel[(triton.cdiv(N, block_n), M)](
+        multi_weight_delta_rows_kernel[(cdiv(N, block_n), M)](
             y, x2, row_slot, table, scale, N, K, 1.0 / K, y.stride(0), y.stride(1), x2.stride(0), x2.stride(1),
             BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_E=16)
     for kind in sorted(set(kinds_in_batch) - {"lora"}):

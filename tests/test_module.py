@@ -345,6 +345,65 @@ def test_torch_compile_fullgraph_no_graph_break(monkeypatch, backend):
     assert rel_err(compiled(x), model(x)) < 1e-6
 
 
+def test_compiled_graph_feeds_no_seed_tensor_without_dropout(torch_backend):
+    """Without dropout the fused ops get no seed tensor: a CPU tensor among a CUDA op's inputs
+    puts the op in a CUDA-graph partition that then rejects the CPU storage (torch 2.11,
+    mode="reduce-overhead": "storage data ptrs are not allocated in pool"). With dropout the
+    seed is there, a fresh draw per call."""
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def seeds(gm):  # the seed arguments of the fused ops in a traced graph
+        calls = [n for n in gm.graph.nodes if n.op == "call_function" and "fusedlora" in str(n.target)]
+        assert calls, gm.graph
+        return [n.args[-1] for n in calls]
+
+    torch.manual_seed(0)
+    layer = FusedLinear(16, 12)
+    layer.add_lora("a", r=4)
+    x = torch.randn(3, 16, requires_grad=True)
+    for p in (0.0, 0.2):
+        layer.lora_dropout["a"] = p
+        torch._dynamo.reset()
+        graphs.clear()
+        torch.compile(layer, backend=keep, fullgraph=True)(x).sum().backward()
+        got = seeds(graphs[0])
+        assert all((s is None) == (p == 0.0) for s in got), (p, got)
+    # the routed (multi-adapter) op too
+    layer.lora_dropout["a"] = 0.0
+    layer.add_lora("b", r=2)
+    ids = torch.tensor([layer.adapter_id("a"), -1, layer.adapter_id("b")])
+    torch._dynamo.reset()
+    graphs.clear()
+    torch.compile(lambda t: layer(t, adapter_ids=ids, validate=False), backend=keep, fullgraph=True)(x)
+    assert all(s is None for s in seeds(graphs[0]))
+
+
+def test_dropout_inside_a_cuda_graph_capture_is_refused(torch_backend, monkeypatch):
+    """A capture bakes the seed read on the host into the graph: every replay would draw the
+    forward's one mask. Refused with the way out; without dropout the capture goes on."""
+    from fusedlora import ops
+
+    layer = FusedLinear(16, 12)
+    layer.add_lora("a", r=4, lora_dropout=0.1)
+    layer.add_lora("b", r=2)
+    x = torch.randn(3, 16)
+    ids = torch.tensor([layer.adapter_id("a"), layer.adapter_id("b"), -1])
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="dropout inside a CUDA graph.*lora_dropout=0"):
+        layer(x)
+    with pytest.raises(RuntimeError, match="dropout inside a CUDA graph"):
+        layer(x, adapter_ids=ids)
+    assert ops.seed_value(None) == 0
+    layer.eval()  # no dropout in eval: nothing to refuse
+    layer(x)
+    layer(x, adapter_ids=ids)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_torch_compile_dynamic_shapes_every_adapter_kind(monkeypatch, backend):
     """torch.compile(dynamic=True) traces Python floats (the layer's scaling, dropout p) as
