@@ -9,6 +9,9 @@ adapters of the row's ranks; B random, not PEFT's zeros):
   base     F.linear(x, W, b) alone
   delta    F.linear, then fusedlora.add_multi_lora_ into its output: the delta-only form for a
            base computed elsewhere (quantized GEMMs), inference only
+  scoped   multi's layer and LAYERS-1 copies of it, each on x, in one use_adapters pass: the
+           time per layer of a model's forward, where the layers share one routing (the first
+           layer's id -> slot lookup and sort); inference only
   gather   the eager gather + bmm baseline: adapters padded to the largest rank and
            stacked, A[ids] and B[ids] gathered per row, two bmm (skipped above 4 GiB)
   peft     peft.tuners.lora.Linear with the A adapters, mixed batch (adapter_names=):
@@ -135,8 +138,38 @@ def _multi(i):
     if not train:
         with torch.no_grad():
             layer(i["x"], adapter_ids=ids, validate=False)   # builds the pool outside the timing
-        return torch.no_grad()(lambda: layer(i["x"], adapter_ids=ids, validate=False))
+        thunk = torch.no_grad()(lambda: layer(i["x"], adapter_ids=ids, validate=False))
+        thunk.layer, thunk.ids = layer, ids  # for _scoped
+        return thunk
     return grad_thunk(lambda: layer(i["x"], adapter_ids=ids, validate=False), i, wrt)
+
+
+LAYERS = 4
+
+
+def _scoped(i):
+    """A forward pass of LAYERS layers under use_adapters (each on x, so that every layer does
+    the work of multi's), timed per layer."""
+    import copy
+
+    from fusedlora import use_adapters
+
+    if "gy" in i:
+        raise Skip("timed for inference (training shares the routing the same way)")
+    single_layer = _multi(i)
+    layer, ids = single_layer.layer, single_layer.ids
+    model = nn.ModuleList([layer] + [copy.deepcopy(layer) for _ in range(LAYERS - 1)])
+
+    @torch.no_grad()
+    def fwd():
+        with use_adapters(model, ids, validate=False):
+            for m in model:
+                y = m(i["x"])
+        return y
+
+    fwd()  # the copies' pools, outside the timing
+    fwd.calls = LAYERS
+    return fwd
 
 
 def _delta(i):
@@ -238,10 +271,13 @@ def cases(opts: Options):
             base = (2 * base[0], base[1] + numel_bytes(elem, (s["T"], s["N"]), (s["T"], s["K"])))
         # every implementation that computes the layer's own function is checked against gather
         # (single runs one adapter of the mean rank: another function; PEFT has no backward)
-        check = ("gather", "multi", "delta", "peft") if variant != "fwd+bwd" else ("gather", "multi")
+        check = ("gather", "multi", "scoped", "delta", "peft") if variant != "fwd+bwd" else ("gather", "multi")
         yield Case(path=PATH, variant=variant, shape=s, dtype=opts.dtype, device=opts.device,
                    make_inputs=lambda s=s, v=variant: _inputs(s, v, opts.device, opts.dtype, next(seeds)),
-                   impls={"multi": _multi, "single": _single, "base": base_thunk, "delta": _delta, "gather": _gather,
-                          "peft": _peft},
+                   impls={"multi": _multi, "scoped": _scoped, "single": _single, "base": base_thunk, "delta": _delta,
+                          "gather": _gather, "peft": _peft},
                    work={"*": (flops, nbytes), "base": base}, ref="single", roof_impls=("multi", "single"),
-                   check=check)
+                   check=check,
+                   # prefill too: graph replays give the kernels' time apart from the host's
+                   # (the 2026-11-28 H200 host took ~100 us a Triton launch)
+                   graph=True if variant != "fwd+bwd" and opts.device.type == "cuda" else None)

@@ -379,7 +379,8 @@ class FusedLinear(nn.Linear):
             return routing.layer_forward(self, x, adapter_ids, validate=validate, strict=True)
         route = self._multi_route
         if route is not None and self._kind:
-            return routing.layer_forward(self, x, route.ids, validate=False, strict=False, present=route.present)
+            return routing.layer_forward(self, x, route.ids, validate=False, strict=False, present=route.present,
+                                         scope=route)
         names = [] if self.merged else self._active
         if not names:
             return F.linear(x, self.weight, self.bias)

@@ -47,8 +47,9 @@ Pieces (docs/multi.md has the design note):
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -120,6 +121,29 @@ def route(row_slot: Tensor, num_slots: int, bounds: bool = True) -> Routing:
         start = torch.searchsorted(sorted_slot, slots, out_int32=True)
         end = torch.searchsorted(sorted_slot, slots, right=True, out_int32=True)
     return Routing(perm.to(torch.int32), segid, segstart, start, end)
+
+
+# Row slots that the layers of one forward pass share (routing.layer_forward under
+# use_adapters hands each layer of the pass the same tensor): their sort is computed by the
+# first layer and reused. Only tensors made and marked by routing (never a caller's, which
+# could be changed in place) are shared; an entry leaves with its tensor.
+_SHARED: Dict[int, list] = {}  # id(row_slot) -> [weak reference to it, its Routing or None]
+
+
+def share_routing(row_slot: Tensor) -> None:
+    key = id(row_slot)
+    _SHARED[key] = [weakref.ref(row_slot, lambda _ref, key=key: _SHARED.pop(key, None)), None]
+
+
+def routing_of(row_slot: Tensor, num_slots: int, bounds: bool = True) -> Routing:
+    """route(row_slot, num_slots, bounds), computed once for a shared row_slot."""
+    entry = _SHARED.get(id(row_slot))
+    if entry is None or entry[0]() is not row_slot:
+        return route(row_slot, num_slots, bounds)
+    r = entry[1]
+    if r is None or (bounds and r.start is None) or (r.start is not None and r.start.shape[0] != max(num_slots, 1)):
+        r = entry[1] = route(row_slot, num_slots, bounds)
+    return r
 
 
 # ------------------------------------------------------------------ launchers
@@ -395,7 +419,7 @@ def _multi_forward_on(backend: str, x: Tensor, weight: Tensor, bias: Optional[Te
 
     if decode_pair_serves(x, weight, dropout) and x.shape[0] <= sort_min_rows():
         return _decode_pair(x, weight, bias, pool_A, pool_BT, row_slot, sl, max_rank)
-    routing = route(row_slot, slot_rank.shape[0], bounds=False) if x.shape[0] > sort_min_rows() else None
+    routing = routing_of(row_slot, slot_rank.shape[0], bounds=False) if x.shape[0] > sort_min_rows() else None
     u = _shrink(x, pool_A, row_slot, sl, max_rank, routing, dropout, "multi.shrink")
     y = _matmul(x, weight.t(), bias, u, pool_BT, row_slot, sl, routing, False, x.dtype, "multi.forward")
     return y, u
@@ -428,7 +452,7 @@ def _multi_backward(grad_y: Tensor, x: Tensor, weight: Tensor, pool_A: Tensor, p
     M = x.shape[0]
     dx, dW, db, dA, dBT = (grad_y.new_empty(0) for _ in range(5))
     sort_rows = M > sort_min_rows()
-    routing = route(row_slot, slot_rank.shape[0]) if M > 0 and (need_a or need_bb or sort_rows) else None
+    routing = routing_of(row_slot, slot_rank.shape[0]) if M > 0 and (need_a or need_bb or sort_rows) else None
     g = None
     if need_x or need_a:
         g = _shrink(grad_y, pool_BT, row_slot, sl, max_rank, routing if sort_rows else None, False,

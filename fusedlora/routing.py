@@ -17,7 +17,7 @@ from torch import Tensor
 from . import reference, weight_delta_rows
 from .backend import record, select_backend
 from .derived import optimizer_steps, outside_inference_mode, same_key, version
-from .multi import _INT_DTYPES, _multi_forward
+from .multi import _INT_DTYPES, _multi_forward, share_routing
 
 
 # ------------------------------------------------------------------ global ids
@@ -95,6 +95,7 @@ class Tables:
     max_drop: float
     names: Tuple[str, ...]
     kinds: Tuple[str, ...]
+    slot_ids: Tuple[int, ...]  # the global id of each slot: what id_to_slot maps (layers sharing it share row slots)
 
 
 def _param_key(A: Tensor, B: Tensor) -> tuple:
@@ -265,7 +266,7 @@ def _build_tables(names, kinds, ranks, scales, drops, offs, ids, device) -> Tabl
     return Tables(torch.tensor(table, **i32), torch.tensor(list(offs), **i32), torch.tensor(list(ranks), **i32),
                   torch.tensor(list(scales), dtype=torch.float32, device=device),
                   torch.tensor(list(drops), dtype=torch.float32, device=device), max(ranks, default=0),
-                  max(drops, default=0.0), tuple(names), tuple(kinds))
+                  max(drops, default=0.0), tuple(names), tuple(kinds), tuple(ids))
 
 
 def _check_poolable(layer, name: str, A: Tensor, B: Tensor) -> None:
@@ -292,8 +293,9 @@ def _compiling() -> bool:
         return False
 
 
-def expand_ids(ids, x: Tensor) -> Tensor:
-    """Check ``ids`` against x and return one id per row of x.reshape(-1, K) (int64)."""
+def ids_per_row(ids, x: Tensor) -> Tensor:
+    """Check ``ids`` against x and return one id per row of x.reshape(-1, K), in ids' dtype
+    (a view where it can be)."""
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"adapter_ids: expected an integer torch.Tensor, got {type(ids).__name__}")
     if ids.dtype not in _INT_DTYPES:
@@ -309,7 +311,7 @@ def expand_ids(ids, x: Tensor) -> Tensor:
         per_sample = f"one id per sample (shape ({x.shape[0]},)) or " if x.dim() > 1 else ""
         raise ValueError(f"adapter_ids: expected {per_sample}one id per row (shape {lead}) of x of shape "
                          f"{tuple(x.shape)}, got {tuple(ids.shape)}")
-    return rows.long()
+    return rows
 
 
 def _bad_ids_error(layer, row_ids: Tensor, row_slot: Tensor, tables: Tables) -> ValueError:
@@ -368,13 +370,14 @@ def _prepare(layer, compiling: bool):
 
 
 def layer_forward(layer, x: Tensor, ids: Tensor, validate: bool = True, strict: bool = True,
-                  present: Optional[frozenset] = None) -> Tensor:
+                  present: Optional[frozenset] = None, scope: Optional["_Route"] = None) -> Tensor:
     """FusedLinear's forward with per-row adapters (FusedLinear.forward(x, adapter_ids=...) calls this).
 
     ``strict``: an id that names no adapter of this layer is an error (when
     validating); otherwise (use_adapters) it serves that row with the base.
     ``present`` (global ids of the batch, known to use_adapters) narrows the
-    C3A / sparse deltas to the adapters in the batch.
+    C3A / sparse deltas to the adapters in the batch. ``scope``: the use_adapters
+    scope whose ids these are (its layers share their row slots within a forward pass).
     """
     from .ops import autocast_inputs, check_linear_args, rows_of
 
@@ -385,13 +388,18 @@ def layer_forward(layer, x: Tensor, ids: Tensor, validate: bool = True, strict: 
     # checked after the casts, as a 16-bit x from the layer before meets float32 W here
     x, W, b = autocast_inputs(x, layer.weight, layer.bias)
     check_linear_args(x, W, b)
-    row_ids = expand_ids(ids, x)
+    row_ids = ids_per_row(ids, x)
     kinds = layer._kind
     compiling = _compiling()
     tables, pool_A, pool_BT, loras = _prepare(layer, compiling)
     differentiable = pool_A is None
-    table = tables.id_to_slot
-    row_slot = table[row_ids.clamp(-1, table.shape[0] - 1)]  # two launches, int32 out: decode pays per launch
+    row_slot = scope.row_slot(layer, x, tables) if scope is not None else None
+    if row_slot is None:
+        row_ids = row_ids.long()
+        table = tables.id_to_slot
+        row_slot = table[row_ids.clamp(-1, table.shape[0] - 1)]  # two launches, int32 out: decode pays per launch
+        if scope is not None:
+            scope.keep(x, tables, row_slot)
 
     counts = None
     if validate and x.device.type != "meta":  # meta tensors hold no ids to check: shapes only
@@ -527,6 +535,34 @@ class _Route:
         # meta ids hold no values to check: shapes only
         self._present = _check_model_ids(layers, ids) if validate and not ids.is_meta else None
         self._version = version(ids)
+        self._rows: Dict[tuple, Tensor] = {}  # this forward pass's row slots, by _rows_key
+        self._ran: set = set()  # ids of the layers that ran in this forward pass
+
+    # Row slots shared by the layers of one forward pass: a model's layers mostly hold the
+    # same adapters in the same order, so the first layer's id -> slot lookup, and the sort
+    # of its rows (multi.routing_of), serve them all instead of ~15 small launches per layer.
+    # A pass ends when a layer runs again; so ids changed in place between passes are seen
+    # (inference tensors included), changes within a pass only through the version counter.
+    def _rows_key(self, x: Tensor, tables: Tables):
+        if _compiling() or x.is_meta or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return None  # traced or captured: every layer computes its own (in the graph)
+        return (tuple(x.shape[:-1]), x.device, tables.slot_ids, version(self.ids),
+                torch.is_inference_mode_enabled())
+
+    def row_slot(self, layer, x: Tensor, tables: Tables) -> Optional[Tensor]:
+        """The row slots computed by another layer of this pass, or None."""
+        if id(layer) in self._ran:  # a new forward pass
+            self._rows.clear()
+            self._ran.clear()
+        self._ran.add(id(layer))
+        key = self._rows_key(x, tables)
+        return self._rows.get(key) if key is not None else None
+
+    def keep(self, x: Tensor, tables: Tables, row_slot: Tensor) -> None:
+        key = self._rows_key(x, tables)
+        if key is not None:
+            self._rows[key] = row_slot
+            share_routing(row_slot)
 
     @property
     def present(self) -> Optional[frozenset]:

@@ -562,6 +562,81 @@ def test_use_adapters_ids_changed_in_place_are_checked_again(torch_backend):
     assert rel_err(y1, _per_sample(model, x, ["ua_a", "ua_c", "ua_b"])) < 1e-6
 
 
+def _stack(orders):
+    """FusedLinear(16, 16) layers holding adapters sh_a (r=2) and sh_b (r=5) in the given orders."""
+    torch.manual_seed(4)
+    layers = []
+    for order in orders:
+        m = FusedLinear(16, 16)
+        for n in order:
+            m.add_lora(n, r={"sh_a": 2, "sh_b": 5}[n], init_lora_weights=False)
+        layers.append(m)
+    return nn.Sequential(*layers).to(DEVICE)
+
+
+def test_use_adapters_layers_share_one_routing_per_pass(triton_backend, monkeypatch):
+    """The layers of a use_adapters forward pass that hold the same adapters in the same
+    order share the first one's row slots and sort (one route per pass, not per layer);
+    a layer in another order routes itself; the next pass routes again, so ids changed in
+    place between passes are seen, inference tensors included. Outputs and gradients equal
+    the per-layer routed calls."""
+    model = _stack([("sh_a", "sh_b")] * 3 + [("sh_b", "sh_a")])
+    ids_of = lambda names: [fusedlora.adapter_id(n) if n else -1 for n in names]  # noqa: E731
+    names = ["sh_b", None, "sh_a", "sh_a", "sh_b", None, "sh_b", "sh_a"] * 3  # 24 rows: sorted (SGMV) path
+    x = torch.randn(len(names), 16, device=DEVICE)
+    routes = []
+    real = multi.route
+    monkeypatch.setattr(multi, "route", lambda *a, **k: routes.append(a[0].shape[0]) or real(*a, **k))
+
+    def per_layer(x, ids):
+        for m in model:
+            x = m(x, adapter_ids=ids)
+        return x
+
+    with torch.inference_mode():
+        ids = torch.tensor(ids_of(names), device=DEVICE)
+        want = per_layer(x, ids)
+        routes.clear()
+        with fusedlora.use_adapters(model, ids, validate=False):
+            got = model(x)
+            assert len(routes) == 2, routes  # the first layer, and the one in the other order
+            ids[:4] = torch.tensor(ids_of(["sh_a", "sh_a", None, "sh_b"]), device=DEVICE)  # the next batch, in place
+            got2 = model(x)
+            assert len(routes) == 4, routes
+        assert rel_err(got, want) < TOL[torch.float32]
+        assert rel_err(got2, per_layer(x, ids)) < TOL[torch.float32]
+    # training: the backward's grouped gradients read the shared routing too
+    ids = torch.tensor(ids_of(names), device=DEVICE)
+    xg = x.clone().requires_grad_()
+    with fusedlora.use_adapters(model, ids):
+        model(xg).square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad and p.grad is not None] + [xg.grad]
+    model.zero_grad()
+    xg.grad = None
+    per_layer(xg, ids).square().sum().backward()
+    want_grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None] + [xg.grad]
+    assert len(grads) == len(want_grads) > 5
+    assert all(rel_err(g, w) < TOL[torch.float32] for g, w in zip(grads, want_grads))
+
+
+def test_shared_routing_is_only_for_routings_own_row_slots(triton_backend):
+    """routing_of computes afresh for a tensor routing did not mark (a caller's, which may be
+    changed in place), and forgets a marked tensor with it."""
+    slots = torch.tensor([1, 0, -1, 1, 0], dtype=torch.int32, device=DEVICE)
+    a = multi.routing_of(slots, 2)
+    slots[0] = 0
+    b = multi.routing_of(slots, 2)
+    assert not torch.equal(a.perm, b.perm)
+    mine = slots.clone()
+    multi.share_routing(mine)
+    assert multi.routing_of(mine, 2, bounds=False) is multi.routing_of(mine, 2, bounds=False)
+    full = multi.routing_of(mine, 2)  # asks for bounds: computed once more, then kept
+    assert full.start is not None and multi.routing_of(mine, 2) is full
+    key = id(mine)
+    del mine
+    assert key not in multi._SHARED
+
+
 def test_use_adapters_tiny_llama(triton_backend, monkeypatch):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
