@@ -71,12 +71,13 @@ else
 fi
 if [ "${PROFILE:-1}" = 1 ]; then
   step "host and device time of a training step"
-  timeout "${PROFILE_S:-40}" python -m bench.profile_step 4096 >> "$LOG" 2>&1; tail -24 "$LOG"
+  timeout "${PROFILE_S:-60}" python -m bench.profile_step 4096 >> "$LOG" 2>&1; tail -42 "$LOG"
 fi
 left=$(( ${END:-560} - SECONDS ))
 step "quick benchmark (${left}s)"
 [ "$left" -gt 60 ] && timeout "$left" python -m fusedlora bench --quick --report --budget $((left - 30)) --out "$OUT" \
-  --first "^decode (lora|multi) r16" --first "^decode (c3a|sparse)" --first "^(c3a|sparse) fwd.*M=4096" \
-  --first "^multi fwd r(8|64|8\+64)" --first "^switch" --first "^kinds" --first "^lora fwd.*M=4096" \
+  --first "^lora fwd.*M=4096" --first "^multi fwd r(16|8|64|8\+64).*T=4096" --first "^switch" \
+  --first "^decode (lora|multi) r16" --first "^multi fwd r16.*T=64" --first "^(c3a|sparse) fwd.*M=4096" \
+  --first "^decode (c3a|sparse)" --first "^kinds" \
   --paths "${PATHS:-decode,c3a,sparse,multi,kinds,switch,lora}" 2>> "$LOG" | tee -a "$LOG" | tail -30
 step "done"

@@ -70,8 +70,8 @@ def parse_args(argv):
                    help="stop starting cases after this many seconds (and on SIGTERM) and write what was "
                         "measured, the cases left listed as not run: for leased GPU time")
     p.add_argument("--first", action="append", default=[], metavar="REGEX",
-                   help="run the cases matching REGEX first (repeatable; matched against e.g. "
-                        "'c3a fwd M=4096 K=4096 N=4096 b=128'): the rows a short lease must not miss")
+                   help="run the cases matching REGEX first (repeatable, in the order given; matched against "
+                        "e.g. 'c3a fwd M=4096 K=4096 N=4096 b=128'): the rows a short lease must not miss")
     p.add_argument("--report", action="store_true",
                    help="also draw the plots (PNG, needs matplotlib: pip install -e .[bench]) and link them "
                         "from the markdown report; shows a progress bar (tqdm if installed)")
@@ -151,7 +151,9 @@ def main(argv=None) -> int:
             per_dtype[dt] = harness.measure_ceilings(device, dt, small=args.smoke, bandwidth_of=ceilings)
             ceilings.setdefault("other_dtypes", {})[str(dt).replace("torch.", "")] = per_dtype[dt]
     if args.first:
-        cases.sort(key=lambda c: not any(re.search(rx, case_label(c)) for rx in args.first))  # stable
+        def rank(c):  # the first --first that matches; unmatched cases last; stable within each
+            return next((i for i, rx in enumerate(args.first) if re.search(rx, case_label(c))), len(args.first))
+        cases.sort(key=rank)
     progress, rows, left = Progress(len(cases), bar=args.report), [], []
     before = signal.signal(signal.SIGTERM, _stop)  # `timeout` kills with SIGTERM: keep what was measured
     deadline = None if args.budget is None else time.perf_counter() + args.budget
