@@ -123,7 +123,8 @@ CUDA_WINS: dict = {}
 # (the base GEMM then each output feature's nonzeros) took 29-39 us against 51-59 us for
 # the dense composition (CUDA-graph replays), so sparse.forward keeps Triton there.
 # ops with a composition
-EAGER_OPS = ("sparse.forward", "sparse.backward", "c3a.forward", "c3a.backward", "lora.forward", "multi.forward")
+EAGER_OPS = ("sparse.forward", "sparse.backward", "c3a.forward", "c3a.backward", "lora.forward", "lora.backward",
+             "multi.forward")
 EAGER_WINS: dict = {"sparse.forward": 16, "sparse.backward": 0, "c3a.forward": 0, "c3a.backward": 0}
 
 

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import math
 import numbers
+import threading
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -239,11 +240,13 @@ def torch_masks(device: torch.device, op: str, rows: int) -> bool:
     return select_backend(device, op, rows) in ("torch", "eager")
 
 
-def backward_backend(device: torch.device, dropout: bool, torch_mask: bool) -> str:
-    """The backward's backend: the one asked for now, unless dropout needs the forward's
-    mask family (torch's generator: the torch backend; Philox: Triton, which the forward ran)."""
-    backend = select_backend(device)
-    if dropout and torch_mask != (backend == "torch"):
+def backward_backend(device: torch.device, dropout: bool, torch_mask: bool, op: Optional[str] = None,
+                     rows: int = 0) -> str:
+    """The backward's backend: the one asked for now (for ``op`` on ``rows`` rows), unless
+    dropout needs the forward's mask family (torch's generator: the torch or eager backend;
+    Philox: Triton, which the forward ran)."""
+    backend = select_backend(device, op, rows)
+    if dropout and torch_mask != (backend in ("torch", "eager")):
         return "torch" if torch_mask else "triton"
     return backend
 
@@ -258,6 +261,9 @@ def torch_keep_mask(shape, p: float, seed: int, device) -> Optional[Tensor]:
 
 
 # ------------------------------------------------------------------ LoRA ops
+_inference = threading.local()  # .on: lora_linear's current call is a direct (graph-free) one
+
+
 @fused_op("fusedlora::lora_linear")
 def _lora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                   scaling: float, dropout_p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
@@ -286,11 +292,12 @@ def _lora_forward_on(backend: str, x: Tensor, weight: Tensor, bias: Optional[Ten
             u = scaling * (xd @ lora_A.t())
             record("lora.forward", "torch", "reference")
             return torch.nn.functional.linear(x, weight, bias) + u @ lora_B.t(), u.float()
-        # three cuBLAS launches and two small ops: the fewest a host-bound call can pay for
+        # three cuBLAS launches: the fewest a host-bound call can pay for; u (float32, what
+        # the backward reads) two more, skipped when nothing will read it (_inference)
         xa = torch.nn.functional.linear(xd, lora_A)
         y = torch.nn.functional.linear(x, weight, bias).addmm_(xa, lora_B.t(), alpha=scaling)
         record("lora.forward", "eager", "composition")
-        return y, xa.float().mul_(scaling)
+        return y, (xa if getattr(_inference, "on", False) else xa.float().mul_(scaling))
     triton_dtype_ok(x)
     from .launch import Dropout, decode_pair_serves, lora_decode, matmul
 
@@ -316,9 +323,12 @@ def _lora_backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lo
     """(dx, dW, db, dA, dB); an empty tensor stands for a gradient not asked for.
     ``torch_mask``: the forward drew its dropout from torch's generator (ops.torch_masks)."""
     need_x, need_w, need_b, need_a, need_bb = needs
-    backend = backward_backend(x.device, dropout_p > 0, torch_mask)
-    if backend == "torch":
+    backend = backward_backend(x.device, dropout_p > 0, torch_mask, "lora.backward", x.shape[0])
+    if backend in ("torch", "eager"):
         mask = torch_keep_mask(x.shape, dropout_p, seed_value(seed), x.device)
+        if backend == "eager":
+            record("lora.backward", "eager", "composition")
+            return _lora_grads_eager(grad_y, x, weight, lora_A, lora_B, u, scaling, mask, dropout_p, needs)
         grads = reference.lora_linear_grads(grad_y, x, weight, lora_A, lora_B, scaling, mask, dropout_p)
         record("lora.backward", "torch", "reference")
         return [g if n else grad_y.new_empty(0) for g, n in zip(grads, needs)]
@@ -343,6 +353,29 @@ def _lora_backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lo
                     dropout=Dropout(dropout_p, seed_i, "b"), tag="lora.grad_A")
     if need_bb:
         dB = matmul(grad_y.t(), u, out_dtype=lora_B.dtype, dot_dtype=dt, tag="lora.grad_B")
+    return [dx, dW, db, dA, dB]
+
+
+def _lora_grads_eager(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, u: Tensor,
+                      scaling: float, mask: Optional[Tensor], dropout_p: float, needs: List[bool]) -> List[Tensor]:
+    """The eager composition's backward: one cuBLAS product (or two) per gradient asked for,
+    none for the others (the reference computes all five: dW alone is a full GEMM)."""
+    need_x, need_w, need_b, need_a, need_bb = needs
+    dx, dW, db, dA, dB = (grad_y.new_empty(0) for _ in range(5))
+    g = grad_y @ lora_B if need_x or need_a else None  # (M, r), scaling applied below
+    if need_x:
+        if mask is None:
+            dx = torch.addmm(grad_y @ weight, g, lora_A, alpha=scaling)
+        else:
+            dx = grad_y @ weight + reference.apply_dropout(g @ lora_A, mask, dropout_p) * scaling
+    if need_w:
+        dW = (grad_y.t() @ x).to(weight.dtype)
+    if need_b:
+        db = bias_grad(grad_y, x.dtype)
+    if need_a:
+        dA = (g.t() @ reference.apply_dropout(x, mask, dropout_p)).mul_(scaling).to(lora_A.dtype)
+    if need_bb:
+        dB = (grad_y.t() @ u.to(grad_y.dtype)).to(lora_B.dtype)
     return [dx, dW, db, dA, dB]
 
 
@@ -386,7 +419,11 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
     scaling, dropout_p = check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     lead = x.shape[:-1]
     op = pick(_lora_forward, x, weight, bias, lora_A, lora_B)
-    y, _ = op(rows_of(x), weight, bias, lora_A, lora_B, scaling, dropout_p, draw_seed(dropout_p))
+    _inference.on = op is _lora_forward.direct  # no graph records u: its float32 copy need not be made
+    try:
+        y, _ = op(rows_of(x), weight, bias, lora_A, lora_B, scaling, dropout_p, draw_seed(dropout_p))
+    finally:
+        _inference.on = False
     return y.reshape(*lead, weight.shape[0])
 
 

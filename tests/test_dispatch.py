@@ -99,7 +99,7 @@ def test_lora_composition_gradients_match_reference(gpu_call):
 
 def test_eager_backend_composition_with_dropout_pairs_with_its_backward(monkeypatch):
     """FUSEDLORA_BACKEND=eager: LoRA's forward is the composition; with dropout its backward
-    (the reference path) redraws the same mask from the seed."""
+    (the eager composition's) redraws the same mask from the seed."""
     monkeypatch.setenv("FUSEDLORA_BACKEND", "eager")
     fusedlora.reset_dispatch()
     torch.manual_seed(3)
@@ -108,6 +108,7 @@ def test_eager_backend_composition_with_dropout_pairs_with_its_backward(monkeypa
     y = lora_linear(x, W, b, A, B, 2.0, dropout_p=0.3)
     y.sum().backward()
     assert dispatched("lora.forward") == {"lora.forward:eager:composition": 1}
+    assert dispatched("lora.backward") == {"lora.backward:eager:composition": 1}
     monkeypatch.setenv("FUSEDLORA_BACKEND", "torch")
     leaves = [t.detach().clone().requires_grad_() for t in (x, W, b, A, B)]
     torch.manual_seed(7)
@@ -116,6 +117,60 @@ def test_eager_backend_composition_with_dropout_pairs_with_its_backward(monkeypa
     assert rel_err(y, y_ref) < TOL[torch.float32]
     for t, leaf in zip((x, W, b, A, B), leaves):
         assert rel_err(t.grad, leaf.grad) < TOL[torch.float32]
+
+
+def test_eager_inference_call_skips_the_float32_u(monkeypatch):
+    """An inference call (no graph to record) of the eager composition does not make u's
+    float32 copy, which only a backward reads (two launches of five at decode sizes); a call
+    that records a graph does, and its gradients are right."""
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "eager")
+    torch.manual_seed(2)
+    x, W, b, A, B = (t.to(torch.bfloat16) for t in _lora(3, K=16, N=12, r=4))  # u's copy: float32
+    made = []
+    real = fusedlora.ops._lora_forward_on
+    monkeypatch.setattr(fusedlora.ops, "_lora_forward_on", lambda *a: made.append(real(*a)[1].dtype) or real(*a))
+    ref = reference.lora_linear(x.double(), W.double(), b.double(), A.double(), B.double(), 0.5)
+    with torch.no_grad():
+        assert rel_err(lora_linear(x, W, b, A, B, 0.5), ref) < TOL[torch.bfloat16]
+    assert made == [torch.bfloat16] and not fusedlora.ops._inference.on
+    made.clear()
+    Bg = B.clone().requires_grad_()
+    lora_linear(x, W, b, A, Bg, 0.5).sum().backward()
+    assert made == [torch.float32]
+    Bd = B.double().requires_grad_()
+    reference.lora_linear(x.double(), W.double(), b.double(), A.double(), Bd, 0.5).sum().backward()
+    assert rel_err(Bg.grad, Bd.grad) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("frozen", [(), ("W", "b"), ("W", "b", "A"), ("x", "W", "b", "B")])
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_eager_lora_backward_computes_what_is_asked(monkeypatch, frozen, p):
+    """The eager composition's backward: each gradient asked for equals the float64
+    reference's (the same dropout mask), and a frozen W costs no dW product."""
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "eager")
+    torch.manual_seed(5)
+    names = ("x", "W", "b", "A", "B")
+    leaves = [t.requires_grad_(n not in frozen) for n, t in zip(names, _lora(7))]
+    calls = []
+    real = torch.Tensor.__matmul__
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: calls.append((a.shape, b.shape)) or real(a, b))
+    torch.manual_seed(11)
+    y = lora_linear(*leaves, 1.5, dropout_p=p)
+    gy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [t for t in leaves if t.requires_grad], gy)
+    monkeypatch.setattr(torch.Tensor, "__matmul__", real)
+    x, W = leaves[0], leaves[1]
+    full = (W.shape[0], x.shape[0]), tuple(x.shape)  # gy^T @ x: dW's product
+    assert (tuple(calls[-1][0]), tuple(calls[-1][1])) != full and all(
+        (tuple(a), tuple(b)) != full for a, b in calls) == ("W" in frozen), calls
+    torch.manual_seed(11)
+    mask = fusedlora.ops.dropout_keep_mask(x.shape, p, int(fusedlora.ops.draw_seed(p) or 0), "cpu") if p else None
+    ref = [t.detach().double().requires_grad_(t.requires_grad) for t in leaves]
+    y_ref = reference.lora_linear(*ref, 1.5, None if mask is None else mask.double(), p)
+    want = torch.autograd.grad(y_ref, [t for t in ref if t.requires_grad], gy.double())
+    assert rel_err(y, y_ref) < TOL[torch.float32]
+    for g, w in zip(grads, want):
+        assert rel_err(g, w) < TOL[torch.float32]
 
 
 @pytest.mark.parametrize("blk", [8, 16])
