@@ -58,8 +58,10 @@ class DerivedCache(dict):
     """key -> a value derived from some tensors (a layout, its row view, flat indices),
     served while those very tensors are unchanged: the same objects, at the same address
     and in-place version. A freed tensor's memory can come back at the same address with
-    version 0, so an entry holds weak references to the tensors it was built from. A dict,
-    so that ``del cache[key]`` forgets an entry; ``limit`` entries at most (then cleared)."""
+    version 0, so an entry holds weak references to the tensors it was built from, and their
+    storage (``t.data = new`` keeps the object and its version but frees the old storage,
+    whose address a later swap could bring back). A dict, so that ``del cache[key]``
+    forgets an entry; ``limit`` entries at most (then cleared)."""
 
     def __init__(self, limit: Optional[int] = None):
         super().__init__()
@@ -77,7 +79,7 @@ class DerivedCache(dict):
             value = build()
         if self.limit is not None and len(self) >= self.limit:
             self.clear()
-        self[key] = (stamp, tuple(weakref.ref(t) for t in tensors), value)
+        self[key] = (stamp, tuple(weakref.ref(t) for t in tensors), value, tuple(t.detach() for t in tensors))
         return value
 
     def __reduce__(self):

@@ -358,6 +358,13 @@ class FusedLinear(nn.Linear):
             self._add_delta(self.merged_adapters[-1], -1.0)
             self.merged_adapters.pop()
 
+    def __getstate__(self):
+        # Pickled (torch.save, deepcopy) without the caches that hold raw addresses and
+        # tensors compared by identity: rebuilt on the first routed call.
+        state = dict(super().__getstate__())
+        state["_delta_rows"] = state["_multi_cache"] = None
+        return state
+
     def switch_merged(self, name: str) -> None:
         """Serve adapter ``name`` merged: unmerge what is merged, merge ``name``
         and make it the active adapter. Between sparse adapters this is an

@@ -89,38 +89,43 @@ def _seg_dot_max(epilogue: bool = False) -> int:
 # ------------------------------------------------------------------- routing
 @dataclass
 class Routing:
-    """Rows grouped by slot (device tensors, no host sync): perm (sorted position
-    -> row), segid (position -> segment), segstart (segment -> first position;
-    M beyond the last), start/end (slot -> its positions; only the gradient
-    kernel reads them, so the forward's routing leaves them None)."""
+    """Rows grouped by slot (device tensors, no host sync): perm (sorted position -> row),
+    slots (sorted position -> its slot, ascending: -1 rows first) and ends (ends[s + 1] = one
+    past the last position of slot s, ends[0] that of the -1 rows). A run of one slot is a
+    segment; a kernel walks the segments of its tile from one to the next through ends."""
 
     perm: Tensor
-    segid: Tensor
-    segstart: Tensor
-    start: Optional[Tensor]
-    end: Optional[Tensor]
+    slots: Tensor
+    ends: Tensor
+
+    @property
+    def start(self) -> Tensor:  # slot -> its first position (the gradient kernel's view)
+        return self.ends[:-1]
+
+    @property
+    def end(self) -> Tensor:  # slot -> one past its last position
+        return self.ends[1:]
 
 
-def route(row_slot: Tensor, num_slots: int, bounds: bool = True) -> Routing:
-    """Stable device-side sort of the rows by slot (-1 rows first), and its segments;
-    ``bounds``: also each slot's range of positions (two searchsorted launches)."""
-    M = row_slot.shape[0]
-    dev = row_slot.device
+_BINS: Dict[tuple, Tensor] = {}  # (slots, device) -> arange(-1, slots), int32
+
+
+def _bins(num_slots: int, device: torch.device) -> Tensor:
+    key = (num_slots, device)
+    bins = _BINS.get(key)
+    if bins is None:
+        bins = torch.arange(-1, num_slots, dtype=torch.int32, device=device)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):  # a graph's memory: not kept
+            _BINS[key] = bins
+    return bins
+
+
+def route(row_slot: Tensor, num_slots: int) -> Routing:
+    """Stable device-side sort of the rows by slot (-1 rows first) and where each slot's
+    rows end: a sort and a searchsorted (three launches with perm's cast), no host sync."""
     sorted_slot, perm = torch.sort(row_slot, stable=True)
-    new = torch.ones(M, dtype=torch.bool, device=dev)
-    new[1:] = sorted_slot[1:] != sorted_slot[:-1]
-    segid = torch.cumsum(new, 0, dtype=torch.int32) - 1
-    # Segment starts by a scatter with a dummy target (M + 1) for the
-    # positions that start none: no data-dependent shape, no sync.
-    segstart = torch.full((M + 2,), M, dtype=torch.int32, device=dev)
-    target = torch.where(new, segid.long(), torch.full_like(segid, M + 1, dtype=torch.long))
-    segstart.scatter_(0, target, torch.arange(M, dtype=torch.int32, device=dev))
-    start = end = None
-    if bounds:
-        slots = torch.arange(max(num_slots, 1), dtype=sorted_slot.dtype, device=dev)
-        start = torch.searchsorted(sorted_slot, slots, out_int32=True)
-        end = torch.searchsorted(sorted_slot, slots, right=True, out_int32=True)
-    return Routing(perm.to(torch.int32), segid, segstart, start, end)
+    ends = torch.searchsorted(sorted_slot, _bins(num_slots, row_slot.device), right=True, out_int32=True)
+    return Routing(perm.to(torch.int32), sorted_slot, ends)
 
 
 # Row slots that the layers of one forward pass share (routing.layer_forward under
@@ -135,15 +140,14 @@ def share_routing(row_slot: Tensor) -> None:
     _SHARED[key] = [weakref.ref(row_slot, lambda _ref, key=key: _SHARED.pop(key, None)), None]
 
 
-def routing_of(row_slot: Tensor, num_slots: int, bounds: bool = True) -> Routing:
-    """route(row_slot, num_slots, bounds), computed once for a shared row_slot."""
+def routing_of(row_slot: Tensor, num_slots: int) -> Routing:
+    """route(row_slot, num_slots), computed once for a shared row_slot."""
     entry = _SHARED.get(id(row_slot))
     if entry is None or entry[0]() is not row_slot:
-        return route(row_slot, num_slots, bounds)
-    r = entry[1]
-    if r is None or (bounds and r.start is None) or (r.start is not None and r.start.shape[0] != max(num_slots, 1)):
-        r = entry[1] = route(row_slot, num_slots, bounds)
-    return r
+        return route(row_slot, num_slots)
+    if entry[1] is None or entry[1].ends.shape[0] != num_slots + 1:
+        entry[1] = route(row_slot, num_slots)
+    return entry[1]
 
 
 # ------------------------------------------------------------------ launchers
@@ -177,7 +181,7 @@ class _Slots:
 def _meta(routing: Optional[Routing], dummy: Tensor):
     if routing is None:
         return dummy, dummy, dummy
-    return routing.perm, routing.segid, routing.segstart
+    return routing.perm, routing.slots, routing.ends
 
 
 def _shrink(x: Tensor, pool: Tensor, row_slot: Tensor, sl: _Slots, max_rank: int, routing: Optional[Routing],
@@ -201,9 +205,9 @@ def _shrink(x: Tensor, pool: Tensor, row_slot: Tensor, sl: _Slots, max_rank: int
     rows = cdiv(M, block_m) if sorted_ else M
     r_chunks = cdiv(max_rank, block_r)
     split = split_k(rows * r_chunks, cdiv(K, block_k), x.device)
-    perm, segid, segstart = _meta(routing, row_slot)
+    perm, sorted_slots, ends = _meta(routing, row_slot)
     multi_shrink_kernel[(rows, r_chunks, split)](
-        x, pool, u, row_slot, perm, segid, segstart, sl.off, sl.rank, sl.scale, sl.drop, M, K,
+        x, pool, u, row_slot, perm, sorted_slots, ends, sl.off, sl.rank, sl.scale, sl.drop, M, K, sl.rank.shape[0],
         x.stride(0), x.stride(1), pool.stride(0), pool.stride(1), u.stride(0), u.stride(1), sl.seed,
         DOT_DTYPE=_tl_dtype(x.dtype), INPUT_PRECISION=_input_precision(x.dtype), SORTED=sorted_, DROPOUT=dropout,
         SEG_DOT_MAX=_seg_dot_max() or block_m + 1, SPLIT_K=split, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k,
@@ -229,10 +233,10 @@ def _matmul(a: Tensor, b: Tensor, bias: Optional[Tensor], u: Tensor, q: Tensor, 
     split = plan["SPLIT_K"] if plan else 1
     c = (torch.zeros if split > 1 else torch.empty)(
         (M, N), device=a.device, dtype=torch.float32 if split > 1 else out_dtype)
-    perm, segid, segstart = _meta(routing, row_slot)
+    perm, sorted_slots, ends = _meta(routing, row_slot)
     args = (a, b, c, bias_arg(bias, c), u, q,
-            row_slot, perm, segid, segstart, sl.off, sl.rank,
-            sl.drop, M, N, K, _pow2_at_least(M, 1), _pow2_at_least(u.shape[1], 1),
+            row_slot, perm, sorted_slots, ends, sl.off, sl.rank,
+            sl.drop, M, N, K, sl.rank.shape[0], _pow2_at_least(M, 1), _pow2_at_least(u.shape[1], 1),
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
             u.stride(0), u.stride(1), q.stride(0), q.stride(1), sl.seed)
     flags = dict(HAS_BIAS=bias is not None, DROP_EPI=drop_epi, DOT_DTYPE=_tl_dtype(a.dtype),
@@ -419,7 +423,7 @@ def _multi_forward_on(backend: str, x: Tensor, weight: Tensor, bias: Optional[Te
 
     if decode_pair_serves(x, weight, dropout) and x.shape[0] <= sort_min_rows():
         return _decode_pair(x, weight, bias, pool_A, pool_BT, row_slot, sl, max_rank)
-    routing = routing_of(row_slot, slot_rank.shape[0], bounds=False) if x.shape[0] > sort_min_rows() else None
+    routing = routing_of(row_slot, slot_rank.shape[0]) if x.shape[0] > sort_min_rows() else None
     u = _shrink(x, pool_A, row_slot, sl, max_rank, routing, dropout, "multi.shrink")
     y = _matmul(x, weight.t(), bias, u, pool_BT, row_slot, sl, routing, False, x.dtype, "multi.forward")
     return y, u

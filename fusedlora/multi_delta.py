@@ -60,12 +60,12 @@ def _expand_into(y: Tensor, x: Tensor, u: Tensor, pool_BT: Tensor, row_slot: Ten
         block_m, block_n = 16, 16
     else:  # the sorted tiles run a tensor-core dot per segment; the gather tiles, rank-1 updates per row
         block_m, block_n = (64, 128) if sorted_ else (16, 128)
-    perm, segid, segstart = _meta(routing, row_slot)
+    perm, sorted_slots, ends = _meta(routing, row_slot)
     grid = (cdiv(M, block_m) * cdiv(N, block_n), 1)
     # K = 0: the base loop is empty, a (x) and b (pool_BT) are never read; c = y, read and written
     multi_matmul_kernel[grid](
-        x, pool_BT, y, y, u, pool_BT, row_slot, perm, segid, segstart, sl.off, sl.rank, sl.drop,
-        M, N, 0, _pow2_at_least(M, 1), _pow2_at_least(u.shape[1], 1),
+        x, pool_BT, y, y, u, pool_BT, row_slot, perm, sorted_slots, ends, sl.off, sl.rank, sl.drop,
+        M, N, 0, sl.rank.shape[0], _pow2_at_least(M, 1), _pow2_at_least(u.shape[1], 1),
         x.stride(0), x.stride(1), pool_BT.stride(0), pool_BT.stride(1), y.stride(0), y.stride(1),
         u.stride(0), u.stride(1), pool_BT.stride(0), pool_BT.stride(1), 0,
         HAS_BIAS=False, DROP_EPI=False, DOT_DTYPE=_tl_dtype(y.dtype), INPUT_PRECISION=_input_precision(y.dtype),
@@ -93,7 +93,7 @@ def _add_multi_lora(y: Tensor, x: Tensor, pool_A: Tensor, pool_BT: Tensor, row_s
     # The extension and the eager compositions have no delta-only form: Triton serves
     # every other backend, and the dispatch table says so.
     triton_dtype_ok(x)
-    routing = route(row_slot, slot_rank.shape[0], bounds=False) if x.shape[0] > sort_min_rows() else None
+    routing = route(row_slot, slot_rank.shape[0]) if x.shape[0] > sort_min_rows() else None
     u = _shrink(x, pool_A, row_slot, sl, max_rank, routing, False, "multi.delta_shrink")
     _expand_into(y, x, u, pool_BT, row_slot, sl, routing)
 

@@ -393,7 +393,7 @@ def layer_forward(layer, x: Tensor, ids: Tensor, validate: bool = True, strict: 
     compiling = _compiling()
     tables, pool_A, pool_BT, loras = _prepare(layer, compiling)
     differentiable = pool_A is None
-    row_slot = scope.row_slot(layer, x, tables) if scope is not None else None
+    row_slot = scope.row_slot(x, tables) if scope is not None else None
     if row_slot is None:
         row_ids = row_ids.long()
         table = tables.id_to_slot
@@ -536,25 +536,31 @@ class _Route:
         self._present = _check_model_ids(layers, ids) if validate and not ids.is_meta else None
         self._version = version(ids)
         self._rows: Dict[tuple, Tensor] = {}  # this forward pass's row slots, by _rows_key
-        self._ran: set = set()  # ids of the layers that ran in this forward pass
+        self._in_pass = False  # inside a forward of the scope's model (its hooks say so)
 
-    # Row slots shared by the layers of one forward pass: a model's layers mostly hold the
-    # same adapters in the same order, so the first layer's id -> slot lookup, and the sort
-    # of its rows (multi.routing_of), serve them all instead of ~15 small launches per layer.
-    # A pass ends when a layer runs again; so ids changed in place between passes are seen
-    # (inference tensors included), changes within a pass only through the version counter.
+    # Row slots shared by the layers of one forward pass of the scope's model: a model's
+    # layers mostly hold the same adapters in the same order, so the first layer's id -> slot
+    # lookup, and the sort of its rows (multi.routing_of), serve them all instead of ~15 small
+    # launches per layer. Only inside a forward of the model given to use_adapters (hooks
+    # mark its start and end), so ids changed between calls are always looked up afresh,
+    # inference tensors and writes through .data included; a submodule called on its own
+    # computes its own.
+    def begin_pass(self, *_) -> None:
+        self._rows.clear()
+        self._in_pass = True
+
+    def end_pass(self, *_) -> None:
+        self._rows.clear()
+        self._in_pass = False
+
     def _rows_key(self, x: Tensor, tables: Tables):
-        if _compiling() or x.is_meta or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
-            return None  # traced or captured: every layer computes its own (in the graph)
+        if not self._in_pass or _compiling() or x.is_meta or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return None  # outside a pass, traced or captured: every layer computes its own (in the graph)
         return (tuple(x.shape[:-1]), x.device, tables.slot_ids, version(self.ids),
                 torch.is_inference_mode_enabled())
 
-    def row_slot(self, layer, x: Tensor, tables: Tables) -> Optional[Tensor]:
+    def row_slot(self, x: Tensor, tables: Tables) -> Optional[Tensor]:
         """The row slots computed by another layer of this pass, or None."""
-        if id(layer) in self._ran:  # a new forward pass
-            self._rows.clear()
-            self._ran.clear()
-        self._ran.add(id(layer))
         key = self._rows_key(x, tables)
         return self._rows.get(key) if key is not None else None
 
@@ -626,8 +632,12 @@ def use_adapters(model: torch.nn.Module, ids: Tensor, validate: bool = True):
     saved = [(m, m._multi_route) for m in layers]
     for m in layers:
         m._multi_route = route_
+    hooks = (model.register_forward_pre_hook(route_.begin_pass),
+             model.register_forward_hook(route_.end_pass, always_call=True))
     try:
         yield model
     finally:
+        for h in hooks:
+            h.remove()
         for m, prev in saved:
             m._multi_route = prev

@@ -47,9 +47,10 @@ def use_one_launch(on: bool):
 
 def _fingerprint(layer, names: Sequence[str], kinds: Sequence[str], device: torch.device) -> tuple:
     """What the table depends on, read at C speed: each C3A kernel, sparse value and index
-    tensor itself (held, so none of them can be freed and its id and address handed to a
-    new one while the table is kept: compared by identity), its address, shape, strides and
-    dtype, the indices' version, the scalings, the device and the layer's adds / deletes."""
+    tensor itself (held, so none of them can be freed and its id handed to a new one while
+    the table is kept: compared by identity; the table also holds the indices' storage, which
+    `.data = ` could free), its address, shape, strides and dtype, the indices' version, the
+    scalings, the device and the layer's adds / deletes."""
     fp: list = [layer._multi_struct, device]
     for name, kind in zip(names, kinds):
         if kind == "c3a":
@@ -91,7 +92,9 @@ def _entries(layer, names: Sequence[str], kinds: Sequence[str], device: torch.de
             if v.shape[0] != layout.nnz:
                 return None
             row_ptr, col, order = _row_csr(layout.rows, layout.cols, layout.perm, N)
-            keep += [row_ptr, col, order]
+            # the indices' storage too: `indices.data = new` would free it, and a later swap
+            # could bring other indices back at its address with its version (a stale CSR)
+            keep += [row_ptr, col, order, layer.sparse_indices[name].detach()]
             rows.append([2, row_ptr.data_ptr(), col.data_ptr(), order.data_ptr(), v.data_ptr(), _VALUE_CODES[v.dtype]])
             scales.append(float(layer.sparse_scaling[name]))
         else:

@@ -30,10 +30,11 @@ Two row orders:
   product is memory-bound. No sort, no host work.
 * SGMV (segmented, ``SORTED=True``): rows visited in the order ``perm`` of a
   device-side stable sort by slot, so that rows of one adapter are
-  contiguous: segment i covers sorted positions segstart[i] ..
-  segstart[i+1] - 1 and segid[p] is the segment of position p. A tile of
-  BLOCK_M sorted positions loops over the (few) segments it intersects and
-  runs each as a tensor-core dot with that adapter's rows: for prefill.
+  contiguous (a segment): sorted[p] is the slot at sorted position p and
+  ends[s + 1] one past the last position of slot s (ends[0]: of the -1
+  rows). A tile of BLOCK_M sorted positions walks the (few) segments it
+  intersects, each to the next through ends, and runs each as a
+  tensor-core dot with that adapter's rows: for prefill.
   A tile that intersects more than SEG_DOT_MAX segments (a fragmented
   batch) falls back to the per-row gather of the BGMV path for that tile
   only, decided at run time. x is read and y written through ``perm``: no
@@ -50,6 +51,27 @@ import triton
 import triton.language as tl
 
 from .tiles import add_bias, csr_rows_dot, dropout_keep, rank_dots, split_dot_store, split_sum, store_rows, swizzle_tile
+
+
+@triton.jit
+def _segment_end(sorted_ptr, ends_ptr, pos, hi, S):
+    """(slot, end) of the segment at sorted position pos of a tile ending at hi: end is one
+    past its last position in the tile (at least pos + 1). Slots outside [-1, S) (unchecked
+    callers) end at the tile's end; the caller skips any slot outside [0, S)."""
+    slot = tl.load(sorted_ptr + pos)
+    end = tl.load(ends_ptr + tl.minimum(tl.maximum(slot + 1, 0), S))
+    end = tl.where(slot >= S, hi, end)
+    return slot, tl.maximum(tl.minimum(end, hi), pos + 1)
+
+
+@triton.jit
+def _tile_segments(sorted_ptr, lo, hi, BLOCK_M: tl.constexpr):
+    """How many segments the sorted positions [lo, hi) meet (slot changes + 1)."""
+    offs = lo + 1 + tl.arange(0, BLOCK_M)
+    ok = offs < hi
+    cur = tl.load(sorted_ptr + offs, mask=ok, other=0)
+    prev = tl.load(sorted_ptr + offs - 1, mask=ok, other=0)
+    return 1 + tl.sum((ok & (cur != prev)).to(tl.int32), axis=0)
 
 
 @triton.jit
@@ -89,8 +111,8 @@ def _shrink_row(x_ptr, p_ptr, u_ptr, slot_ptr, off_ptr, rank_ptr, scale_ptr, dro
 
 @triton.jit
 def multi_shrink_kernel(
-    x_ptr, p_ptr, u_ptr, slot_ptr, perm_ptr, segid_ptr, segstart_ptr, off_ptr, rank_ptr, scale_ptr, drop_ptr,
-    M, K,
+    x_ptr, p_ptr, u_ptr, slot_ptr, perm_ptr, sorted_ptr, ends_ptr, off_ptr, rank_ptr, scale_ptr, drop_ptr,
+    M, K, S,
     stride_xm, stride_xk, stride_pr, stride_pk, stride_um, stride_ur, seed,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, SORTED: tl.constexpr, DROPOUT: tl.constexpr,
     SEG_DOT_MAX: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -111,15 +133,12 @@ def multi_shrink_kernel(
     if SORTED:
         lo = tl.program_id(0) * BLOCK_M
         hi = tl.minimum(lo + BLOCK_M, M)
-        first = tl.load(segid_ptr + lo)
-        last = tl.load(segid_ptr + hi - 1)
-        if last - first < SEG_DOT_MAX:
+        if _tile_segments(sorted_ptr, lo, hi, BLOCK_M) <= SEG_DOT_MAX:
             offs_p = lo + tl.arange(0, BLOCK_M)
-            for seg in range(first, last + 1):
-                start = tl.maximum(tl.load(segstart_ptr + seg), lo)
-                end = tl.minimum(tl.load(segstart_ptr + seg + 1), hi)
-                slot = tl.load(slot_ptr + tl.load(perm_ptr + start))
-                if slot >= 0:
+            start = lo
+            while start < hi:
+                slot, end = _segment_end(sorted_ptr, ends_ptr, start, hi, S)
+                if (slot >= 0) & (slot < S):
                     rank = tl.load(rank_ptr + slot)
                     if r0 < rank:
                         off = tl.load(off_ptr + slot)
@@ -151,6 +170,7 @@ def multi_shrink_kernel(
                             tl.store(u_ptrs, acc, mask=p_ok[:, None] & r_ok[None, :])
                         else:
                             tl.atomic_add(u_ptrs, acc, mask=p_ok[:, None] & r_ok[None, :])
+                start = end
         else:
             for pos in range(lo, hi):
                 _shrink_row(x_ptr, p_ptr, u_ptr, slot_ptr, off_ptr, rank_ptr, scale_ptr, drop_ptr, seed,
@@ -199,8 +219,8 @@ def _gather_expand(acc, u_ptr, q_ptr, slot_ptr, off_ptr, rank_ptr, drop_ptr, see
 
 
 @triton.jit
-def _segment_dots(acc, u_ptr, q_ptr, slot_ptr, perm_ptr, segid_ptr, segstart_ptr, off_ptr, rank_ptr, drop_ptr, seed,
-                  rows, offs_p, pos_ok, offs_n, pid_m, M, N, stride_um, stride_ur, stride_qr, stride_qn,
+def _segment_dots(acc, u_ptr, q_ptr, sorted_ptr, ends_ptr, off_ptr, rank_ptr, drop_ptr, seed,
+                  rows, offs_p, pos_ok, offs_n, pid_m, M, N, S, stride_um, stride_ur, stride_qr, stride_qn,
                   DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DROP_EPI: tl.constexpr):
     """SGMV epilogue: for each segment of the (sorted) tile and each rank chunk up to that
@@ -208,11 +228,10 @@ def _segment_dots(acc, u_ptr, q_ptr, slot_ptr, perm_ptr, segid_ptr, segstart_ptr
     n_ok = offs_n[None, :] < N
     lo = pid_m * BLOCK_M
     hi = tl.minimum(lo + BLOCK_M, M)
-    for seg in range(tl.load(segid_ptr + lo), tl.load(segid_ptr + hi - 1) + 1):
-        start = tl.load(segstart_ptr + seg)
-        end = tl.load(segstart_ptr + seg + 1)
-        slot = tl.load(slot_ptr + tl.load(perm_ptr + tl.maximum(start, lo)))
-        if slot >= 0:
+    start = lo
+    while start < hi:
+        slot, end = _segment_end(sorted_ptr, ends_ptr, start, hi, S)
+        if (slot >= 0) & (slot < S):
             rank = tl.load(rank_ptr + slot)
             off = tl.load(off_ptr + slot)
             seg_ok = pos_ok & (offs_p >= start) & (offs_p < end)
@@ -229,14 +248,15 @@ def _segment_dots(acc, u_ptr, q_ptr, slot_ptr, perm_ptr, segid_ptr, segstart_ptr
                 # straight into acc: no second M x N register tile
                 acc = rank_dots(acc, u_rows, q_rows, rank, seg_ok, n_ok, stride_ur, stride_qr, DOT_DTYPE,
                                  INPUT_PRECISION, BLOCK_R)
+        start = end
     return acc
 
 
 @triton.jit
 def multi_matmul_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr, u_ptr, q_ptr,
-    slot_ptr, perm_ptr, segid_ptr, segstart_ptr, off_ptr, rank_ptr, drop_ptr,
-    M, N, K, M_BUCKET, R_MAX,
+    slot_ptr, perm_ptr, sorted_ptr, ends_ptr, off_ptr, rank_ptr, drop_ptr,
+    M, N, K, S, M_BUCKET, R_MAX,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     stride_um, stride_ur, stride_qr, stride_qn, seed,
     HAS_BIAS: tl.constexpr, DROP_EPI: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -289,11 +309,9 @@ def multi_matmul_kernel(
         if SORTED:
             if SEG_DOT_MAX > 0:
                 lo = pid_m * BLOCK_M
-                first = tl.load(segid_ptr + lo)
-                last = tl.load(segid_ptr + tl.minimum(lo + BLOCK_M, M) - 1)
-                if last - first < SEG_DOT_MAX:
-                    acc = _segment_dots(acc, u_ptr, q_ptr, slot_ptr, perm_ptr, segid_ptr, segstart_ptr, off_ptr,
-                                        rank_ptr, drop_ptr, seed, rows, offs_p, pos_ok, offs_n, pid_m, M, N,
+                if _tile_segments(sorted_ptr, lo, tl.minimum(lo + BLOCK_M, M), BLOCK_M) <= SEG_DOT_MAX:
+                    acc = _segment_dots(acc, u_ptr, q_ptr, sorted_ptr, ends_ptr, off_ptr,
+                                        rank_ptr, drop_ptr, seed, rows, offs_p, pos_ok, offs_n, pid_m, M, N, S,
                                         stride_um, stride_ur, stride_qr, stride_qn, DOT_DTYPE, INPUT_PRECISION,
                                         BLOCK_M, BLOCK_N, BLOCK_R, DROP_EPI)
                 else:
@@ -301,8 +319,8 @@ def multi_matmul_kernel(
                                          pos_ok, offs_n, N, stride_um, stride_ur, stride_qr, stride_qn,
                                          BLOCK_M, BLOCK_N, DROP_EPI)
             else:
-                acc = _segment_dots(acc, u_ptr, q_ptr, slot_ptr, perm_ptr, segid_ptr, segstart_ptr, off_ptr,
-                                    rank_ptr, drop_ptr, seed, rows, offs_p, pos_ok, offs_n, pid_m, M, N,
+                acc = _segment_dots(acc, u_ptr, q_ptr, sorted_ptr, ends_ptr, off_ptr,
+                                    rank_ptr, drop_ptr, seed, rows, offs_p, pos_ok, offs_n, pid_m, M, N, S,
                                     stride_um, stride_ur, stride_qr, stride_qn, DOT_DTYPE, INPUT_PRECISION,
                                     BLOCK_M, BLOCK_N, BLOCK_R, DROP_EPI)
         else:

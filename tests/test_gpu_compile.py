@@ -17,7 +17,7 @@ import pytest
 
 _FLOAT_SCALARS = ("alpha", "p", "keep_scale", "w_scale", "scaling")
 _INT_POINTERS = ("off_ptr", "offsets_ptr", "red_idx_ptr", "out_idx_ptr", "perm_ptr", "rows_ptr", "cols_ptr", "row_ptr", "col_ptr",
-                 "slot_ptr", "segid_ptr", "segstart_ptr", "rank_ptr", "start_ptr", "end_ptr")
+                 "slot_ptr", "sorted_ptr", "ends_ptr", "rank_ptr", "start_ptr", "end_ptr")
 _FP32_POINTERS = ("u_ptr", "w_ptr", "val_ptr", "scale_ptr", "l_ptr", "drop_ptr", "y_ptr", "part_ptr")
 
 

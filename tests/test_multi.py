@@ -89,6 +89,38 @@ def test_mixed_ranks_rowwise_equal_single_adapter(triton_backend, dtype, M):
         assert set(ran) == {"multi.forward:triton:bgmv-decode"}, ran
 
 
+@pytest.mark.parametrize("seg_dot_max", [2, 64])  # most tiles per row / every tile by segments
+def test_sorted_kernels_walk_segments_through_ends(triton_backend, monkeypatch, seg_dot_max):
+    """SGMV on slots crafted for the segment walk: -1 rows first, a slot with no rows, a
+    segment across tile boundaries, one-row segments; with every tile walked by segments,
+    also slots outside [-1, S) (what an unchecked caller could pass: the walk gives such rows
+    the base only and reads nothing past the tables; the per-row fallback, like BGMV, reads
+    the tables at the slot: callers check). Against the float64 oracle, kernels directly."""
+    from fusedlora.routing import pack_loras
+
+    monkeypatch.setattr(multi, "SEG_DOT_MAX_INTERPRET", seg_dot_max)
+
+    torch.manual_seed(8)
+    K, N, M = 24, 20, 40
+    As = [torch.randn(r, K, device=DEVICE) / K ** 0.5 for r in (3, 5, 2, 4)]
+    Bs = [torch.randn(N, r, device=DEVICE) for r in (3, 5, 2, 4)]
+    pool_A, pool_BT, off, rank, scale, rmax = pack_loras(As, Bs, [0.5, 2.0, 1.0, 1.5], device=DEVICE)
+    slots = [-1] * 5 + [0] * 19 + [2] + [3] * 3 + [0, 3, -1, 2] + [3] * 4  # slot 1: no rows
+    slots += [7, 4, -4, -2] if seg_dot_max == 64 else [0, 2, -1, -1]
+    row_slot = torch.tensor(slots, dtype=torch.int32, device=DEVICE)[torch.randperm(M)]
+    x = torch.randn(M, K, device=DEVICE)
+    W, b = torch.randn(N, K, device=DEVICE) / K ** 0.5, torch.randn(N, device=DEVICE)
+    sl = multi._Slots(off, rank, scale, torch.zeros(4, device=DEVICE), False, 0)
+    routing = multi.route(row_slot, 4)
+    assert routing.ends.tolist() == [sum(s < j for s in slots) for j in range(0, 5)]
+    u = multi._shrink(x, pool_A, row_slot, sl, rmax, routing, False, "multi.shrink")
+    y = multi._matmul(x, W.t(), b, u, pool_BT, row_slot, sl, routing, False, x.dtype, "multi.forward")
+    served = torch.where((row_slot >= 0) & (row_slot < 4), row_slot, -1).cpu()
+    want = reference.multi_lora_linear(x.double(), W.double(), b.double(), served, [a.double() for a in As],
+                                       [b_.double() for b_ in Bs], [0.5, 2.0, 1.0, 1.5])
+    assert rel_err(y, want) < TOL[torch.float32]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])
 def test_bgmv_decode_pair_u_and_repeatability(triton_backend, dtype):
     """The two-launch BGMV decode on a strided x, ranks 20 and 3 (20 spans two shrink
@@ -605,6 +637,25 @@ def test_use_adapters_layers_share_one_routing_per_pass(triton_backend, monkeypa
             assert len(routes) == 4, routes
         assert rel_err(got, want) < TOL[torch.float32]
         assert rel_err(got2, per_layer(x, ids)) < TOL[torch.float32]
+        # a layer used twice (tied) and a submodule called on its own: a pass is one forward
+        # of the scope's model, so neither keeps a previous pass's row slots
+        tied = nn.Sequential(model[0], model[1], model[1])
+        with fusedlora.use_adapters(tied, ids, validate=False):
+            tied(x)
+            ids[:4] = torch.tensor(ids_of(["sh_b", None, "sh_a", "sh_a"]), device=DEVICE)
+            y_tied = tied(x)
+            routes.clear()
+            y_sub = tied[1](x)
+            ids[:4] = torch.tensor(ids_of([None, "sh_b", "sh_b", "sh_a"]), device=DEVICE)
+            y_sub2 = tied[1](x)
+            assert len(routes) == 2  # outside a pass of the model: each call routes itself
+        ids_then = torch.tensor(ids_of(["sh_b", None, "sh_a", "sh_a"]) + ids_of(names)[4:], device=DEVICE)
+        want_tied = x
+        for m in tied:
+            want_tied = m(want_tied, adapter_ids=ids_then)
+        assert rel_err(y_tied, want_tied) < TOL[torch.float32]
+        assert rel_err(y_sub, model[1](x, adapter_ids=ids_then)) < TOL[torch.float32]
+        assert rel_err(y_sub2, model[1](x, adapter_ids=ids)) < TOL[torch.float32]
     # training: the backward's grouped gradients read the shared routing too
     ids = torch.tensor(ids_of(names), device=DEVICE)
     xg = x.clone().requires_grad_()
@@ -629,9 +680,9 @@ def test_shared_routing_is_only_for_routings_own_row_slots(triton_backend):
     assert not torch.equal(a.perm, b.perm)
     mine = slots.clone()
     multi.share_routing(mine)
-    assert multi.routing_of(mine, 2, bounds=False) is multi.routing_of(mine, 2, bounds=False)
-    full = multi.routing_of(mine, 2)  # asks for bounds: computed once more, then kept
-    assert full.start is not None and multi.routing_of(mine, 2) is full
+    assert multi.routing_of(mine, 2) is multi.routing_of(mine, 2)
+    other = multi.routing_of(mine, 3)  # another slot count: computed once more, then kept
+    assert other.ends.shape[0] == 4 and multi.routing_of(mine, 3) is other
     key = id(mine)
     del mine
     assert key not in multi._SHARED

@@ -193,6 +193,37 @@ def test_replaced_index_buffers_are_never_mistaken_for_the_old_ones(triton_backe
         assert rel_err(y, oracle(layer, x, ids)) < TOL[torch.float32], step
 
 
+def test_index_storage_swapped_through_data_is_never_mistaken_for_the_old(triton_backend):
+    """As above, but the mask's storage swapped under the same object (``indices.data = new``,
+    twice between forwards: the version stays 0 and a freed address could come back): the
+    one launch's table and the layout cache both hold the storage they were built from, so
+    every forward uses the current mask. Pickling drops the table (it holds raw addresses)."""
+    import io
+
+    layer = mixed_layer()
+    ids = ids_for(layer, ["wd_s32", "wd_s32", "wd_c6"], [-1])
+    x = torch.randn(4, K, device=DEVICE)
+    masks = [random_indices((N, K), density=0.08, seed=200 + s).to(DEVICE) for s in range(12)]
+    masks = [m for m in masks if m.shape == layer.sparse_indices["wd_s32"].shape]
+    assert len(masks) > 4
+    for step in range(1, len(masks)):
+        with torch.no_grad():
+            layer(x, adapter_ids=ids)
+        layer.sparse_indices["wd_s32"].data = masks[step - 1].clone()
+        layer.sparse_indices["wd_s32"].data = masks[step].clone()
+        with torch.no_grad():
+            y = layer(x, adapter_ids=ids)
+        assert rel_err(y, oracle(layer, x, ids)) < TOL[torch.float32], step
+    assert layer._delta_rows is not None
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert loaded._delta_rows is None and loaded._multi_cache is None and layer._delta_rows is not None
+    with torch.no_grad():
+        assert rel_err(loaded(x, adapter_ids=ids), oracle(layer, x, ids)) < TOL[torch.float32]
+
+
 def test_values_and_kernels_the_kernel_cannot_read_go_to_the_torch_form(triton_backend):
     """Strided or expanded sparse values are served right (by the PyTorch form, recorded);
     values or a C3A kernel of the wrong size raise there instead of being read out of bounds."""
