@@ -14,7 +14,7 @@ from . import c3a as c3a_ops
 from . import ops, reference, routing
 from . import sparse as sparse_ops
 from .backend import record
-from .derived import DerivedCache
+from .derived import DerivedCache, version
 
 
 class _BufferDict(nn.Module):
@@ -72,6 +72,7 @@ class FusedLinear(nn.Linear):
         self.merged_adapters: List[str] = []
         self._multi_pool = None   # routing.AdapterPool, built at the first adapter_ids forward
         self._multi_route = None  # set by fusedlora.use_adapters for the forwards in its scope
+        self._last_route = None   # (route, its ids' version) of the last forward outside a backward
         self._multi_cache = None  # routing._prepare's answer and what it depends on
         self._multi_struct = 0    # bumped by every add / delete of an adapter
         self._delta_rows = None   # weight_delta_rows' slot table and what it depends on
@@ -362,7 +363,7 @@ class FusedLinear(nn.Linear):
         # Pickled (torch.save, deepcopy) without the caches that hold raw addresses and
         # tensors compared by identity: rebuilt on the first routed call.
         state = dict(super().__getstate__())
-        state["_delta_rows"] = state["_multi_cache"] = None
+        state["_delta_rows"] = state["_multi_cache"] = state["_last_route"] = None
         return state
 
     def switch_merged(self, name: str) -> None:
@@ -384,7 +385,7 @@ class FusedLinear(nn.Linear):
         ``fusedlora.use_adapters``."""
         if adapter_ids is not None:
             return routing.layer_forward(self, x, adapter_ids, validate=validate, strict=True)
-        route = self._multi_route
+        route = self._route_now()
         if route is not None and self._kind:
             return routing.layer_forward(self, x, route.ids, validate=False, strict=False, present=route.present,
                                          scope=route)
@@ -411,6 +412,23 @@ class FusedLinear(nn.Linear):
             record("lora.extra_adapter", "torch", "eager")
             y = y + self._lora_delta(x, n)
         return y
+
+    def _route_now(self):
+        """The use_adapters route of this forward. A gradient checkpoint recomputes forwards
+        during the backward, which may run after the scope has exited: such a recomputation
+        takes the route its original forward had (refused if its ids changed in place since)."""
+        route = self._multi_route
+        if torch.compiler.is_compiling():
+            return route  # a traced forward: the graph keeps what it read
+        if torch._C._current_graph_task_id() == -1:  # not inside a backward
+            self._last_route = None if route is None else (route, version(route.ids))
+            return route
+        if route is None and getattr(self, "_last_route", None) is not None:
+            route, seen = self._last_route
+            if version(route.ids) != seen:
+                raise RuntimeError("use_adapters: the ids were changed in place between a checkpointed forward "
+                                   "and its recomputation in backward; keep them until backward() returns")
+        return route
 
     def _fused_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
         if self._kind[name] == "c3a":

@@ -670,6 +670,35 @@ def test_use_adapters_layers_share_one_routing_per_pass(triton_backend, monkeypa
     assert all(rel_err(g, w) < TOL[torch.float32] for g, w in zip(grads, want_grads))
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointed_forward_recomputed_after_the_scope_keeps_its_ids(torch_backend, reentrant):
+    """A training step that leaves use_adapters before backward(): the checkpoints' recomputed
+    forwards route by the ids their forwards had (they got the layers' active adapters, or an
+    error, before); ids changed in place in between are refused, not used."""
+    from torch.utils.checkpoint import checkpoint
+
+    model = _stack([("sh_a", "sh_b")] * 2)
+    ids = torch.tensor([fusedlora.adapter_id(n) for n in ["sh_a", "sh_b", "sh_a", "sh_b"]], device=DEVICE)
+    x = torch.randn(4, 16, device=DEVICE)
+
+    def step(ckpt, change=False):
+        model.zero_grad()
+        with fusedlora.use_adapters(model, ids):
+            h = x.detach().requires_grad_()  # reentrant checkpoints need an input that does
+            for m in model:
+                h = checkpoint(m, h, use_reentrant=reentrant) if ckpt else m(h)
+        if change:
+            ids[0] = ids[1]
+        h.square().sum().backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    want = step(False)
+    got = step(True)
+    assert len(got) == len(want) > 0 and all(rel_err(g, w) < TOL[torch.float32] for g, w in zip(got, want))
+    with pytest.raises(RuntimeError, match="changed in place between a checkpointed forward"):
+        step(True, change=True)
+
+
 def test_shared_routing_is_only_for_routings_own_row_slots(triton_backend):
     """routing_of computes afresh for a tensor routing did not mark (a caller's, which may be
     changed in place), and forgets a marked tensor with it."""
