@@ -107,24 +107,14 @@ class Routing:
         return self.ends[1:]
 
 
-_BINS: Dict[tuple, Tensor] = {}  # (slots, device) -> arange(-1, slots), int32
-
-
-def _bins(num_slots: int, device: torch.device) -> Tensor:
-    key = (num_slots, device)
-    bins = _BINS.get(key)
-    if bins is None:
-        bins = torch.arange(-1, num_slots, dtype=torch.int32, device=device)
-        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):  # a graph's memory: not kept
-            _BINS[key] = bins
-    return bins
-
-
 def route(row_slot: Tensor, num_slots: int) -> Routing:
     """Stable device-side sort of the rows by slot (-1 rows first) and where each slot's
-    rows end: a sort and a searchsorted (three launches with perm's cast), no host sync."""
+    rows end: a sort and a searchsorted (four launches with the bins' arange and perm's
+    cast), no host sync. The arange is not cached: made during torch.compile's CUDA-graph
+    warm-up, a kept tensor would live in the graphs' private pool, which may hand it out again."""
     sorted_slot, perm = torch.sort(row_slot, stable=True)
-    ends = torch.searchsorted(sorted_slot, _bins(num_slots, row_slot.device), right=True, out_int32=True)
+    bins = torch.arange(-1, num_slots, dtype=sorted_slot.dtype, device=row_slot.device)
+    ends = torch.searchsorted(sorted_slot, bins, right=True, out_int32=True)
     return Routing(perm.to(torch.int32), sorted_slot, ends)
 
 
@@ -137,17 +127,26 @@ _SHARED: Dict[int, list] = {}  # id(row_slot) -> [weak reference to it, its Rout
 
 def share_routing(row_slot: Tensor) -> None:
     key = id(row_slot)
-    _SHARED[key] = [weakref.ref(row_slot, lambda _ref, key=key: _SHARED.pop(key, None)), None]
+    _SHARED[key] = [weakref.ref(row_slot, lambda _ref, key=key: _SHARED.pop(key, None)), {}]
+
+
+def shared_plan(row_slot: Tensor, key: tuple, build):
+    """build(), computed once per ``key`` for a shared row_slot (every call otherwise). ``key``
+    names what else the plan reads: tensors by id (the plan must hold them, so that no id is
+    reused while it is kept; routing's tables are shared by content, never written in place),
+    sizes by value."""
+    entry = _SHARED.get(id(row_slot))
+    if entry is None or entry[0]() is not row_slot:
+        return build()
+    plan = entry[1].get(key)
+    if plan is None:
+        plan = entry[1][key] = build()
+    return plan
 
 
 def routing_of(row_slot: Tensor, num_slots: int) -> Routing:
     """route(row_slot, num_slots), computed once for a shared row_slot."""
-    entry = _SHARED.get(id(row_slot))
-    if entry is None or entry[0]() is not row_slot:
-        return route(row_slot, num_slots)
-    if entry[1] is None or entry[1].ends.shape[0] != num_slots + 1:
-        entry[1] = route(row_slot, num_slots)
-    return entry[1]
+    return shared_plan(row_slot, ("route", num_slots), lambda: route(row_slot, num_slots))
 
 
 # ------------------------------------------------------------------ launchers
@@ -354,15 +353,21 @@ def _gather_forward(x, weight, bias, pool_A, pool_BT, row_slot, sl: _Slots, max_
     y = F.linear(x, weight, bias)
     if max_rank == 0 or x.shape[0] == 0 or pool_A.shape[0] == 0:
         return y, torch.zeros((x.shape[0], max_rank), device=x.device, dtype=torch.float32)
-    slot = row_slot.long()
-    live = slot >= 0
-    s = slot.clamp(min=0)
-    j = torch.arange(max_rank, device=x.device)
-    keep = j < torch.where(live, sl.rank.long()[s], 0)[:, None]                        # (M, R)
-    idx = (sl.off.long()[s][:, None] + j).clamp(max=pool_A.shape[0] - 1).reshape(-1)  # rows of the pools
-    a = pool_A.index_select(0, idx).view(x.shape[0], max_rank, -1)                 # (M, R, K)
     acc = torch.promote_types(x.dtype, torch.float32)
-    xa = torch.bmm(a, x[:, :, None])[:, :, 0].to(acc) * sl.scale.to(acc)[s][:, None]
+
+    def plan():  # ~10 small launches, once per forward pass for the layers sharing row_slot and tables
+        slot = row_slot.long()
+        live = slot >= 0
+        s = slot.clamp(min=0)
+        j = torch.arange(max_rank, device=x.device)
+        keep = j < torch.where(live, sl.rank.long()[s], 0)[:, None]                        # (M, R)
+        idx = (sl.off.long()[s][:, None] + j).clamp(max=pool_A.shape[0] - 1).reshape(-1)  # rows of the pools
+        return keep, idx, sl.scale.to(acc)[s][:, None], (sl.off, sl.rank, sl.scale)  # held: their ids key it
+
+    key = ("gather", id(sl.off), id(sl.rank), id(sl.scale), max_rank, pool_A.shape[0], acc)
+    keep, idx, row_scale, _ = shared_plan(row_slot, key, plan)
+    a = pool_A.index_select(0, idx).view(x.shape[0], max_rank, -1)                 # (M, R, K)
+    xa = torch.bmm(a, x[:, :, None])[:, :, 0].to(acc) * row_scale
     u = torch.where(keep, xa, 0)
     bt = pool_BT.index_select(0, idx).view(x.shape[0], max_rank, -1).masked_fill(~keep[:, :, None], 0)
     return y + torch.bmm(u.to(x.dtype)[:, None, :], bt)[:, 0], u.float()

@@ -119,7 +119,6 @@ class AdapterPool:
         self.layout_version = 0
         self.copied_rows = 0                # rows written since creation (tests check amortisation)
         self.sparse_order: Dict[str, tuple] = {}  # sparse adapters' nonzeros sorted by output row
-        self._tables: Dict[tuple, Tables] = {}
         self._cast: Optional[tuple] = None  # (what it was cast from, A, BT) in another dtype
 
     # ---- rows
@@ -233,13 +232,19 @@ class AdapterPool:
             offs = tuple(offs)
         ids = tuple(REGISTRY.get(n) for n in names)
         key = (names, tuple(kinds.values()), ranks, scales, drops, offs, ids, layer.weight.device)
-        t = self._tables.get(key)
+        t = _TABLES.get(key)
         if t is None:
             t = _build_tables(names, tuple(kinds.values()), ranks, scales, drops, offs, ids, layer.weight.device)
-            if len(self._tables) > 4:
-                self._tables.clear()
-            self._tables[key] = t
+            if len(_TABLES) >= 256:
+                _TABLES.clear()
+            _TABLES[key] = t
         return t
+
+
+# Tables by content, shared by the layers that hold the same adapters at the same pool rows
+# (a model's layers mostly do): a routed batch's per-row plan derived from them and from the
+# shared row slots is then built once per forward pass (multi.shared_plan). Never written in place.
+_TABLES: Dict[tuple, "Tables"] = {}
 
 
 def layer_tables(layer) -> Tables:
@@ -536,7 +541,7 @@ class _Route:
         self._present = _check_model_ids(layers, ids) if validate and not ids.is_meta else None
         self._version = version(ids)
         self._rows: Dict[tuple, Tensor] = {}  # this forward pass's row slots, by _rows_key
-        self._in_pass = False  # inside a forward of the scope's model (its hooks say so)
+        self._in_pass = 0  # forwards of the scope's model under way (its hooks count them)
 
     # Row slots shared by the layers of one forward pass of the scope's model: a model's
     # layers mostly hold the same adapters in the same order, so the first layer's id -> slot
@@ -545,13 +550,15 @@ class _Route:
     # mark its start and end), so ids changed between calls are always looked up afresh,
     # inference tensors and writes through .data included; a submodule called on its own
     # computes its own.
-    def begin_pass(self, *_) -> None:
-        self._rows.clear()
-        self._in_pass = True
+    def begin_pass(self) -> None:
+        if not self._in_pass:
+            self._rows.clear()
+        self._in_pass += 1  # the model may call itself: the pass is the outermost call
 
-    def end_pass(self, *_) -> None:
-        self._rows.clear()
-        self._in_pass = False
+    def end_pass(self) -> None:
+        self._in_pass = max(self._in_pass - 1, 0)
+        if not self._in_pass:
+            self._rows.clear()
 
     def _rows_key(self, x: Tensor, tables: Tables):
         if not self._in_pass or _compiling() or x.is_meta or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
@@ -632,12 +639,33 @@ def use_adapters(model: torch.nn.Module, ids: Tensor, validate: bool = True):
     saved = [(m, m._multi_route) for m in layers]
     for m in layers:
         m._multi_route = route_
-    hooks = (model.register_forward_pre_hook(route_.begin_pass),
-             model.register_forward_hook(route_.end_pass, always_call=True))
+    _pass_hooks(model)
+    outer = model.__dict__.get("_fusedlora_route")
+    model.__dict__["_fusedlora_route"] = route_
     try:
         yield model
     finally:
-        for h in hooks:
-            h.remove()
+        model.__dict__["_fusedlora_route"] = outer
         for m, prev in saved:
             m._multi_route = prev
+
+
+def _pass_hooks(model: torch.nn.Module) -> None:
+    """A forward pre-hook and an always-called forward hook on ``model`` that mark a pass of
+    its current use_adapters scope: registered once per model and kept (a new pair per scope
+    would make a compiled model recompile at every scope)."""
+    if "_fusedlora_pass_hooks" not in model.__dict__:
+        model.__dict__["_fusedlora_pass_hooks"] = (model.register_forward_pre_hook(_begin_pass),
+                                                   model.register_forward_hook(_end_pass, always_call=True))
+
+
+def _begin_pass(model, *_) -> None:
+    route_ = None if _compiling() else model.__dict__.get("_fusedlora_route")
+    if route_ is not None:
+        route_.begin_pass()
+
+
+def _end_pass(model, *_) -> None:
+    route_ = None if _compiling() else model.__dict__.get("_fusedlora_route")
+    if route_ is not None:
+        route_.end_pass()

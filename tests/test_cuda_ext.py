@@ -526,7 +526,8 @@ def test_auto_runs_the_eager_compositions_where_they_measured_faster(monkeypatch
         assert backend.select_backend(cpu, "sparse.forward", 8) == "eager"
         assert backend.select_backend(cpu, "lora.forward", 8) == "eager"  # F.linear plus two matmuls
         assert backend.select_backend(cpu, "multi.forward", 8) == "eager"  # a gather and two bmm
-        assert backend.select_backend(cpu, "lora.backward", 8) == "torch"
+        assert backend.select_backend(cpu, "lora.backward", 8) == "eager"  # a cuBLAS product per gradient
+        assert backend.select_backend(cpu, "multi.backward", 8) == "torch"
         assert backend.select_backend(cpu) == "torch"
 
 

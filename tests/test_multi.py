@@ -699,6 +699,56 @@ def test_checkpointed_forward_recomputed_after_the_scope_keeps_its_ids(torch_bac
         step(True, change=True)
 
 
+def test_use_adapters_eager_decode_builds_its_gather_plan_once_per_pass(monkeypatch):
+    """The eager gather (auto's eager path for decode rows) derives each row's pool rows,
+    rank mask and scale from the row slots and the layer's tables: layers sharing both (same
+    adapters at the same pool rows: their tables are shared by content) build it once per
+    pass; a layer whose adapters sit elsewhere builds its own. Outputs as per layer."""
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "eager")
+    fusedlora.reset_dispatch()
+    model = _stack([("sh_a", "sh_b")] * 3 + [("sh_b", "sh_a")])
+    names = ["sh_b", None, "sh_a", "sh_a", "sh_b"]
+    ids = torch.tensor([fusedlora.adapter_id(n) if n else -1 for n in names], device=DEVICE)
+    x = torch.randn(len(names), 16, device=DEVICE)
+    built = []
+    real = multi.shared_plan
+    monkeypatch.setattr(multi, "shared_plan", lambda row_slot, key, build: real(
+        row_slot, key, lambda: built.append(key[0]) or build()))
+    with torch.no_grad():
+        want = x
+        for m in model:
+            want = m(want, adapter_ids=ids)
+        assert built.count("gather") == 4  # unshared: one per layer
+        built.clear()
+        with fusedlora.use_adapters(model, ids, validate=False):
+            got = model(x)
+        assert built.count("gather") == 2, built
+        assert model[0]._multi_cache[2][0] is model[1]._multi_cache[2][0]  # the same Tables object
+    assert dispatched("multi.forward") == {"multi.forward:eager:gather": 8}
+    assert rel_err(got, want) < TOL[torch.float32]
+
+
+def test_compiled_model_compiles_once_across_use_adapters_scopes(torch_backend):
+    """use_adapters marks a forward pass with hooks on the model registered once and kept:
+    new hooks per scope would fail Dynamo's guards, recompiling at every scope (and, past
+    the recompile limit, running uncompiled or failing under fullgraph)."""
+    import torch._dynamo.testing
+
+    torch._dynamo.reset()
+    model = _model()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    x = torch.randn(4, 3, 16, device=DEVICE)
+    ids = torch.tensor([fusedlora.adapter_id(n) for n in ["ua_a", "ua_b", "ua_a", "ua_b"]], device=DEVICE)
+    with torch.no_grad():
+        for _ in range(10):
+            with fusedlora.use_adapters(model, ids):
+                y = compiled(x)
+                assert rel_err(y, model(x)) < 1e-6
+    assert counter.frame_count == 1
+    assert len(model._forward_pre_hooks) == 1 and len(model._forward_hooks) == 1
+
+
 def test_shared_routing_is_only_for_routings_own_row_slots(triton_backend):
     """routing_of computes afresh for a tensor routing did not mark (a caller's, which may be
     changed in place), and forgets a marked tensor with it."""
