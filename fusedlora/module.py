@@ -73,6 +73,8 @@ class FusedLinear(nn.Linear):
         self._multi_pool = None   # routing.AdapterPool, built at the first adapter_ids forward
         self._multi_route = None  # set by fusedlora.use_adapters for the forwards in its scope
         self._last_route = None   # (route, its ids' version) of the last forward outside a backward
+        self._recent_routes = []  # (ids, version) or None of the graph-building forwards since a recomputation
+        self._routes_used = False  # a backward has recomputed this layer since
         self._multi_cache = None  # routing._prepare's answer and what it depends on
         self._multi_struct = 0    # bumped by every add / delete of an adapter
         self._delta_rows = None   # weight_delta_rows' slot table and what it depends on
@@ -364,6 +366,7 @@ class FusedLinear(nn.Linear):
         # tensors compared by identity: rebuilt on the first routed call.
         state = dict(super().__getstate__())
         state["_delta_rows"] = state["_multi_cache"] = state["_last_route"] = None
+        state["_recent_routes"], state["_routes_used"] = [], False
         return state
 
     def switch_merged(self, name: str) -> None:
@@ -385,7 +388,7 @@ class FusedLinear(nn.Linear):
         ``fusedlora.use_adapters``."""
         if adapter_ids is not None:
             return routing.layer_forward(self, x, adapter_ids, validate=validate, strict=True)
-        route = self._route_now()
+        route = self._route_now(x)
         if route is not None and self._kind:
             return routing.layer_forward(self, x, route.ids, validate=False, strict=False, present=route.present,
                                          scope=route)
@@ -413,21 +416,37 @@ class FusedLinear(nn.Linear):
             y = y + self._lora_delta(x, n)
         return y
 
-    def _route_now(self):
+    def _route_now(self, x: torch.Tensor):
         """The use_adapters route of this forward. A gradient checkpoint recomputes forwards
         during the backward, which may run after the scope has exited: such a recomputation
-        takes the route its original forward had (refused if its ids changed in place since)."""
+        takes the route of the layer's last forward, refused when the ids were changed in place
+        since, or when forwards that may build a graph (grad mode on, or an input that requires
+        grad, as in a reentrant checkpoint's first pass) ran under different ids since the
+        last recomputation (micro-batches of several scopes before one backward)."""
         route = self._multi_route
         if torch.compiler.is_compiling():
             return route  # a traced forward: the graph keeps what it read
         if torch._C._current_graph_task_id() == -1:  # not inside a backward
-            self._last_route = None if route is None else (route, version(route.ids))
+            entry = None if route is None else (route.ids, version(route.ids))
+            self._last_route = None if route is None else (route, entry[1])
+            if torch.is_grad_enabled() or x.requires_grad:
+                if self._routes_used:
+                    self._recent_routes, self._routes_used = [], False
+                if not any(e is entry or (e is not None and entry is not None and e[0] is entry[0] and e[1] == entry[1])
+                           for e in self._recent_routes):
+                    self._recent_routes = (self._recent_routes + [entry])[-4:]
             return route
-        if route is None and getattr(self, "_last_route", None) is not None:
-            route, seen = self._last_route
-            if version(route.ids) != seen:
-                raise RuntimeError("use_adapters: the ids were changed in place between a checkpointed forward "
-                                   "and its recomputation in backward; keep them until backward() returns")
+        self._routes_used = True
+        if route is not None or getattr(self, "_last_route", None) is None:
+            return route
+        if len(self._recent_routes) > 1:
+            raise RuntimeError("use_adapters: a checkpointed FusedLinear is recomputed in backward outside the "
+                               "scope, after forwards under several ids (micro-batches of different scopes?): call "
+                               "backward() inside each use_adapters scope")
+        route, seen = self._last_route
+        if version(route.ids) != seen:
+            raise RuntimeError("use_adapters: the ids were changed in place between a checkpointed forward "
+                               "and its recomputation in backward; keep them until backward() returns")
         return route
 
     def _fused_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:

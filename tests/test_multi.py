@@ -695,8 +695,22 @@ def test_checkpointed_forward_recomputed_after_the_scope_keeps_its_ids(torch_bac
     want = step(False)
     got = step(True)
     assert len(got) == len(want) > 0 and all(rel_err(g, w) < TOL[torch.float32] for g, w in zip(got, want))
+    assert all(rel_err(g, w) < TOL[torch.float32] for g, w in zip(step(True), want))  # the next step too
     with pytest.raises(RuntimeError, match="changed in place between a checkpointed forward"):
         step(True, change=True)
+    # two micro-batches under different ids, one backward outside both scopes: ambiguous, refused
+    for m in model:
+        m._recent_routes, m._routes_used = [], False
+    other = torch.tensor([fusedlora.adapter_id("sh_b")] * 4, device=DEVICE)
+    losses = []
+    for mb_ids in (ids, other):
+        with fusedlora.use_adapters(model, mb_ids):
+            h = x.detach().requires_grad_()
+            for m in model:
+                h = checkpoint(m, h, use_reentrant=reentrant)
+        losses.append(h.square().sum())
+    with pytest.raises(RuntimeError, match="after forwards under several ids"):
+        sum(losses).backward()
 
 
 def test_use_adapters_eager_decode_builds_its_gather_plan_once_per_pass(monkeypatch):
