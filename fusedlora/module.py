@@ -40,6 +40,11 @@ class _BufferDict(nn.Module):
 _RESERVED_NAMES = frozenset(dir(nn.ParameterDict())) | frozenset(dir(_BufferDict()))
 
 
+def _same_route(a, b) -> bool:
+    """Two (ids, version) entries (or None) name the same routing: the same ids tensor, unchanged."""
+    return a is b or (a is not None and b is not None and a[0] is b[0] and a[1] == b[1])
+
+
 class FusedLinear(nn.Linear):
     """``nn.Linear`` with LoRA, C3A and sparse-delta adapters, PEFT semantics, fused kernels.
 
@@ -72,8 +77,8 @@ class FusedLinear(nn.Linear):
         self.merged_adapters: List[str] = []
         self._multi_pool = None   # routing.AdapterPool, built at the first adapter_ids forward
         self._multi_route = None  # set by fusedlora.use_adapters for the forwards in its scope
-        self._last_route = None   # (route, its ids' version) of the last forward outside a backward
-        self._recent_routes = []  # (ids, version) or None of the graph-building forwards since a recomputation
+        self._recent_routes = []  # (ids, version) or None: graph-building forwards since a recomputation
+        self._recent_present = None  # the batch's adapters (use_adapters' present) of the last one
         self._routes_used = False  # a backward has recomputed this layer since
         self._multi_cache = None  # routing._prepare's answer and what it depends on
         self._multi_struct = 0    # bumped by every add / delete of an adapter
@@ -365,7 +370,7 @@ class FusedLinear(nn.Linear):
         # Pickled (torch.save, deepcopy) without the caches that hold raw addresses and
         # tensors compared by identity: rebuilt on the first routed call.
         state = dict(super().__getstate__())
-        state["_delta_rows"] = state["_multi_cache"] = state["_last_route"] = None
+        state["_delta_rows"] = state["_multi_cache"] = state["_recent_present"] = None
         state["_recent_routes"], state["_routes_used"] = [], False
         return state
 
@@ -388,10 +393,11 @@ class FusedLinear(nn.Linear):
         ``fusedlora.use_adapters``."""
         if adapter_ids is not None:
             return routing.layer_forward(self, x, adapter_ids, validate=validate, strict=True)
-        route = self._route_now(x)
-        if route is not None and self._kind:
-            return routing.layer_forward(self, x, route.ids, validate=False, strict=False, present=route.present,
-                                         scope=route)
+        routed = self._route_now(x)
+        if routed is not None and self._kind:
+            scope = self._multi_route  # shares row slots within a pass of its model (not a recomputation's)
+            return routing.layer_forward(self, x, routed[0], validate=False, strict=False, present=routed[2],
+                                         scope=scope if scope is not None and scope.ids is routed[0] else None)
         names = [] if self.merged else self._active
         if not names:
             return F.linear(x, self.weight, self.bias)
@@ -417,37 +423,42 @@ class FusedLinear(nn.Linear):
         return y
 
     def _route_now(self, x: torch.Tensor):
-        """The use_adapters route of this forward. A gradient checkpoint recomputes forwards
-        during the backward, which may run after the scope has exited: such a recomputation
-        takes the route of the layer's last forward, refused when the ids were changed in place
-        since, or when forwards that may build a graph (grad mode on, or an input that requires
-        grad, as in a reentrant checkpoint's first pass) ran under different ids since the
-        last recomputation (micro-batches of several scopes before one backward)."""
+        """(ids, present) routing this forward, or None. A gradient checkpoint recomputes
+        forwards during the backward, maybe after the scope has exited or inside another one.
+        The layer keeps the ids of its forwards that may build a graph (grad mode on, or an
+        input that requires grad, as in a reentrant checkpoint's first pass) since a backward
+        last recomputed it; a recomputation routes by them when they are one (no scope
+        included) and unchanged in place, and is refused when several are pending
+        (micro-batches of different scopes before one backward). Eager only: a compiled
+        block read its route when traced."""
         route = self._multi_route
         if torch.compiler.is_compiling():
-            return route  # a traced forward: the graph keeps what it read
+            return None if route is None else (route.ids, None, route.present)
+        now = None if route is None else (route.ids, version(route.ids), route.present)
         if torch._C._current_graph_task_id() == -1:  # not inside a backward
-            entry = None if route is None else (route.ids, version(route.ids))
-            self._last_route = None if route is None else (route, entry[1])
             if torch.is_grad_enabled() or x.requires_grad:
                 if self._routes_used:
                     self._recent_routes, self._routes_used = [], False
-                if not any(e is entry or (e is not None and entry is not None and e[0] is entry[0] and e[1] == entry[1])
-                           for e in self._recent_routes):
-                    self._recent_routes = (self._recent_routes + [entry])[-4:]
-            return route
+                key = None if now is None else (now[0], now[1])
+                if not any(_same_route(e, key) for e in self._recent_routes):
+                    self._recent_routes = (self._recent_routes + [key])[-4:]
+                    self._recent_present = now[2] if now is not None else None
+            return now
         self._routes_used = True
-        if route is not None or getattr(self, "_last_route", None) is None:
-            return route
-        if len(self._recent_routes) > 1:
-            raise RuntimeError("use_adapters: a checkpointed FusedLinear is recomputed in backward outside the "
-                               "scope, after forwards under several ids (micro-batches of different scopes?): call "
-                               "backward() inside each use_adapters scope")
-        route, seen = self._last_route
-        if version(route.ids) != seen:
+        pending = self._recent_routes
+        if not pending:
+            return now
+        if len(pending) > 1:
+            raise RuntimeError("use_adapters: a checkpointed FusedLinear is recomputed in backward after "
+                               "forwards under several ids (or with and without a scope) that are all pending: "
+                               "call backward() inside each use_adapters scope, once per scope")
+        if pending[0] is None:
+            return None
+        ids, seen = pending[0]
+        if version(ids) != seen:
             raise RuntimeError("use_adapters: the ids were changed in place between a checkpointed forward "
                                "and its recomputation in backward; keep them until backward() returns")
-        return route
+        return ids, seen, self._recent_present
 
     def _fused_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
         if self._kind[name] == "c3a":

@@ -654,7 +654,11 @@ def _pass_hooks(model: torch.nn.Module) -> None:
     """A forward pre-hook and an always-called forward hook on ``model`` that mark a pass of
     its current use_adapters scope: registered once per model and kept (a new pair per scope
     would make a compiled model recompile at every scope)."""
-    if "_fusedlora_pass_hooks" not in model.__dict__:
+    hooks = model.__dict__.get("_fusedlora_pass_hooks")
+    if hooks is None or hooks[0].id not in model._forward_pre_hooks or hooks[1].id not in model._forward_hooks:
+        if hooks is not None:  # a user cleared one of them (model._forward_hooks.clear()): a fresh pair
+            for h in hooks:
+                h.remove()
         model.__dict__["_fusedlora_pass_hooks"] = (model.register_forward_pre_hook(_begin_pass),
                                                    model.register_forward_hook(_end_pass, always_call=True))
 

@@ -4,6 +4,8 @@ Under the interpreter the SGMV (sorted) path runs for batches of more than
 16 rows and the BGMV (gather) path for fewer; sorted tiles meeting more than
 2 segments take the per-row gather epilogue (fusedlora.multi's thresholds).
 """
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -698,10 +700,48 @@ def test_checkpointed_forward_recomputed_after_the_scope_keeps_its_ids(torch_bac
     assert all(rel_err(g, w) < TOL[torch.float32] for g, w in zip(step(True), want))  # the next step too
     with pytest.raises(RuntimeError, match="changed in place between a checkpointed forward"):
         step(True, change=True)
+    ids[0] = fusedlora.adapter_id("sh_a")
+    for m in model:  # the refused backward stopped before recomputing every layer
+        m._recent_routes, m._routes_used = [], False
+    # an inference forward under other ids (or none) between the forward and its backward:
+    # not a graph-building forward, so the recomputation keeps the forward's ids
+    other = torch.tensor([fusedlora.adapter_id("sh_b")] * 4, device=DEVICE)
+    for eval_ids in (other, None):
+        model.zero_grad()
+        with fusedlora.use_adapters(model, ids):
+            h = x.detach().requires_grad_()
+            for m in model:
+                h = checkpoint(m, h, use_reentrant=reentrant)
+        with torch.no_grad(), (fusedlora.use_adapters(model, eval_ids) if eval_ids is not None
+                               else contextlib.nullcontext()):
+            model(x)
+        h.square().sum().backward()
+        got = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        assert all(rel_err(g, w) < TOL[torch.float32] for g, w in zip(got, want)), eval_ids
+    # unscoped single-adapter training with a scoped (mixed-batch) evaluation in between: the
+    # recomputation runs unrouted, as its forward did
+    model.zero_grad()
+    for m in model:
+        m.set_adapter("sh_a")
+    h = x.detach().requires_grad_()
+    for m in model:
+        h = checkpoint(m, h, use_reentrant=reentrant)
+    with torch.no_grad(), fusedlora.use_adapters(model, other):
+        model(x)
+    h.square().sum().backward()
+    got = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad()
+    h = x.detach().requires_grad_()
+    for m in model:
+        h = m(h)
+    h.square().sum().backward()
+    assert all(rel_err(g, p.grad) < TOL[torch.float32] for g, p in
+               zip(got, [p for p in model.parameters() if p.grad is not None]))
+    for m in model:
+        m.set_adapter(None)
     # two micro-batches under different ids, one backward outside both scopes: ambiguous, refused
     for m in model:
         m._recent_routes, m._routes_used = [], False
-    other = torch.tensor([fusedlora.adapter_id("sh_b")] * 4, device=DEVICE)
     losses = []
     for mb_ids in (ids, other):
         with fusedlora.use_adapters(model, mb_ids):
@@ -760,6 +800,27 @@ def test_compiled_model_compiles_once_across_use_adapters_scopes(torch_backend):
                 y = compiled(x)
                 assert rel_err(y, model(x)) < 1e-6
     assert counter.frame_count == 1
+    assert len(model._forward_pre_hooks) == 1 and len(model._forward_hooks) == 1
+
+
+def test_pass_hooks_come_back_when_a_user_clears_them(torch_backend):
+    """model._forward_hooks.clear() drops use_adapters' end-of-pass hook: the next scope
+    registers the pair again, so passes still end and refilled ids are looked up afresh."""
+    model = _stack([("sh_a", "sh_b")] * 2)
+    x = torch.randn(3, 16, device=DEVICE)
+    with torch.inference_mode():
+        ids = torch.tensor([fusedlora.adapter_id(n) for n in ["sh_a", "sh_b", "sh_a"]], device=DEVICE)
+        with fusedlora.use_adapters(model, ids):
+            model(x)
+        model._forward_hooks.clear()
+        with fusedlora.use_adapters(model, ids):
+            model(x)
+            ids.copy_(torch.tensor([fusedlora.adapter_id(n) for n in ["sh_b", "sh_b", "sh_a"]], device=DEVICE))
+            got = model(x)
+        want = x
+        for m in model:
+            want = m(want, adapter_ids=ids)
+    assert rel_err(got, want) < TOL[torch.float32]
     assert len(model._forward_pre_hooks) == 1 and len(model._forward_hooks) == 1
 
 
