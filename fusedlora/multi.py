@@ -362,15 +362,17 @@ def _gather_forward(x, weight, bias, pool_A, pool_BT, row_slot, sl: _Slots, max_
         j = torch.arange(max_rank, device=x.device)
         keep = j < torch.where(live, sl.rank.long()[s], 0)[:, None]                        # (M, R)
         idx = (sl.off.long()[s][:, None] + j).clamp(max=pool_A.shape[0] - 1).reshape(-1)  # rows of the pools
-        return keep, idx, sl.scale.to(acc)[s][:, None], (sl.off, sl.rank, sl.scale)  # held: their ids key it
+        return keep, ~keep[:, :, None], idx, sl.scale.to(acc)[s][:, None], (sl.off, sl.rank, sl.scale)  # held: ids key it
 
     key = ("gather", id(sl.off), id(sl.rank), id(sl.scale), max_rank, pool_A.shape[0], acc)
-    keep, idx, row_scale, _ = shared_plan(row_slot, key, plan)
-    a = pool_A.index_select(0, idx).view(x.shape[0], max_rank, -1)                 # (M, R, K)
+    keep, past_rank, idx, row_scale, _ = shared_plan(row_slot, key, plan)
+    M = x.shape[0]
+    a = pool_A.index_select(0, idx).view(M, max_rank, -1)                 # (M, R, K)
     xa = torch.bmm(a, x[:, :, None])[:, :, 0].to(acc) * row_scale
     u = torch.where(keep, xa, 0)
-    bt = pool_BT.index_select(0, idx).view(x.shape[0], max_rank, -1).masked_fill(~keep[:, :, None], 0)
-    return y + torch.bmm(u.to(x.dtype)[:, None, :], bt)[:, 0], u.float()
+    bt = pool_BT.index_select(0, idx).view(M, max_rank, -1).masked_fill(past_rank, 0)
+    y.view(M, 1, -1).baddbmm_(u.to(x.dtype)[:, None, :], bt)  # y is F.linear's, fresh: added in place
+    return y, u.float()
 
 
 def _torch_backward(grad_y, x, weight, pool_A, pool_BT, row_slot, sl: _Slots):
