@@ -368,9 +368,10 @@ class FusedLinear(nn.Linear):
 
     def __getstate__(self):
         # Pickled (torch.save, deepcopy) without the caches that hold raw addresses and
-        # tensors compared by identity: rebuilt on the first routed call.
+        # tensors compared by identity (rebuilt on the first routed call), and without the
+        # use_adapters scope it may be in (a copy made inside a scope is not routed by it).
         state = dict(super().__getstate__())
-        state["_delta_rows"] = state["_multi_cache"] = state["_recent_present"] = None
+        state["_delta_rows"] = state["_multi_cache"] = state["_recent_present"] = state["_multi_route"] = None
         state["_recent_routes"], state["_routes_used"] = [], False
         return state
 

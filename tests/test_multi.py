@@ -803,6 +803,19 @@ def test_compiled_model_compiles_once_across_use_adapters_scopes(torch_backend):
     assert len(model._forward_pre_hooks) == 1 and len(model._forward_hooks) == 1
 
 
+def test_a_copy_made_inside_a_scope_is_not_routed_by_it(torch_backend):
+    import copy
+
+    model = _stack([("sh_a", "sh_b")])
+    ids = torch.tensor([fusedlora.adapter_id("sh_a")] * 2, device=DEVICE)
+    x = torch.randn(2, 16, device=DEVICE)
+    with fusedlora.use_adapters(model, ids):
+        twin = copy.deepcopy(model)
+    with torch.no_grad():
+        assert rel_err(twin(x), model(x)) < 1e-6  # both unrouted: the base (no active adapter)
+        assert twin[0]._multi_route is None
+
+
 def test_pass_hooks_come_back_when_a_user_clears_them(torch_backend):
     """model._forward_hooks.clear() drops use_adapters' end-of-pass hook: the next scope
     registers the pair again, so passes still end and refilled ids are looked up afresh."""
