@@ -14,7 +14,7 @@ from . import c3a as c3a_ops
 from . import ops, reference, routing
 from . import sparse as sparse_ops
 from .backend import record
-from .derived import DerivedCache, version
+from .derived import DerivedCache
 
 
 class _BufferDict(nn.Module):
@@ -38,11 +38,6 @@ class _BufferDict(nn.Module):
 # attributes: an adapter of such a name would be refused by them half-way through an
 # add ("to", "update"), or would silently replace one ("training": then .eval() fails).
 _RESERVED_NAMES = frozenset(dir(nn.ParameterDict())) | frozenset(dir(_BufferDict()))
-
-
-def _same_route(a, b) -> bool:
-    """Two (ids, version) entries (or None) name the same routing: the same ids tensor, unchanged."""
-    return a is b or (a is not None and b is not None and a[0] is b[0] and a[1] == b[1])
 
 
 class FusedLinear(nn.Linear):
@@ -77,9 +72,7 @@ class FusedLinear(nn.Linear):
         self.merged_adapters: List[str] = []
         self._multi_pool = None   # routing.AdapterPool, built at the first adapter_ids forward
         self._multi_route = None  # set by fusedlora.use_adapters for the forwards in its scope
-        self._recent_routes = []  # (ids, version) or None: graph-building forwards since a recomputation
-        self._recent_present = None  # the batch's adapters (use_adapters' present) of the last one
-        self._routes_used = False  # a backward has recomputed this layer since
+        self._last_routed = False  # the last forward outside a backward ran in a use_adapters scope
         self._multi_cache = None  # routing._prepare's answer and what it depends on
         self._multi_struct = 0    # bumped by every add / delete of an adapter
         self._delta_rows = None   # weight_delta_rows' slot table and what it depends on
@@ -371,8 +364,8 @@ class FusedLinear(nn.Linear):
         # tensors compared by identity (rebuilt on the first routed call), and without the
         # use_adapters scope it may be in (a copy made inside a scope is not routed by it).
         state = dict(super().__getstate__())
-        state["_delta_rows"] = state["_multi_cache"] = state["_recent_present"] = state["_multi_route"] = None
-        state["_recent_routes"], state["_routes_used"] = [], False
+        state["_delta_rows"] = state["_multi_cache"] = state["_multi_route"] = None
+        state["_last_routed"] = False
         return state
 
     def switch_merged(self, name: str) -> None:
@@ -394,11 +387,10 @@ class FusedLinear(nn.Linear):
         ``fusedlora.use_adapters``."""
         if adapter_ids is not None:
             return routing.layer_forward(self, x, adapter_ids, validate=validate, strict=True)
-        routed = self._route_now(x)
-        if routed is not None and self._kind:
-            scope = self._multi_route  # shares row slots within a pass of its model (not a recomputation's)
-            return routing.layer_forward(self, x, routed[0], validate=False, strict=False, present=routed[2],
-                                         scope=scope if scope is not None and scope.ids is routed[0] else None)
+        route = self._route_now()
+        if route is not None and self._kind:
+            return routing.layer_forward(self, x, route.ids, validate=False, strict=False, present=route.present,
+                                         scope=route)
         names = [] if self.merged else self._active
         if not names:
             return F.linear(x, self.weight, self.bias)
@@ -423,43 +415,21 @@ class FusedLinear(nn.Linear):
             y = y + self._lora_delta(x, n)
         return y
 
-    def _route_now(self, x: torch.Tensor):
-        """(ids, present) routing this forward, or None. A gradient checkpoint recomputes
-        forwards during the backward, maybe after the scope has exited or inside another one.
-        The layer keeps the ids of its forwards that may build a graph (grad mode on, or an
-        input that requires grad, as in a reentrant checkpoint's first pass) since a backward
-        last recomputed it; a recomputation routes by them when they are one (no scope
-        included) and unchanged in place, and is refused when several are pending
-        (micro-batches of different scopes before one backward). Eager only: a compiled
-        block read its route when traced."""
+    def _route_now(self):
+        """The use_adapters scope routing this forward, or None. A gradient checkpoint recomputes a
+        forward during the backward; one that ran in a use_adapters scope, recomputed outside
+        any (backward() after the scope exited), would route differently: refused, not guessed
+        (the layer cannot tell which of its forwards a recomputation replays)."""
         route = self._multi_route
         if torch.compiler.is_compiling():
-            return None if route is None else (route.ids, None, route.present)
-        now = None if route is None else (route.ids, version(route.ids), route.present)
+            return route
         if torch._C._current_graph_task_id() == -1:  # not inside a backward
-            if torch.is_grad_enabled() or x.requires_grad:
-                if self._routes_used:
-                    self._recent_routes, self._routes_used = [], False
-                key = None if now is None else (now[0], now[1])
-                if not any(_same_route(e, key) for e in self._recent_routes):
-                    self._recent_routes = (self._recent_routes + [key])[-4:]
-                    self._recent_present = now[2] if now is not None else None
-            return now
-        self._routes_used = True
-        pending = self._recent_routes
-        if not pending:
-            return now
-        if len(pending) > 1:
-            raise RuntimeError("use_adapters: a checkpointed FusedLinear is recomputed in backward after "
-                               "forwards under several ids (or with and without a scope) that are all pending: "
-                               "call backward() inside each use_adapters scope, once per scope")
-        if pending[0] is None:
-            return None
-        ids, seen = pending[0]
-        if version(ids) != seen:
-            raise RuntimeError("use_adapters: the ids were changed in place between a checkpointed forward "
-                               "and its recomputation in backward; keep them until backward() returns")
-        return ids, seen, self._recent_present
+            self._last_routed = route is not None
+        elif route is None and getattr(self, "_last_routed", False):
+            raise RuntimeError("use_adapters: a FusedLinear forward that ran in a use_adapters scope is recomputed "
+                               "in backward (gradient checkpointing) outside any scope: call backward() inside the "
+                               "scope, so that the recomputation routes by the same ids")
+        return route
 
     def _fused_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
         if self._kind[name] == "c3a":
