@@ -387,7 +387,7 @@ class FusedLinear(nn.Linear):
         ``fusedlora.use_adapters``."""
         if adapter_ids is not None:
             return routing.layer_forward(self, x, adapter_ids, validate=validate, strict=True)
-        route = self._route_now()
+        route = self._route_now(x)
         if route is not None and self._kind:
             return routing.layer_forward(self, x, route.ids, validate=False, strict=False, present=route.present,
                                          scope=route)
@@ -415,16 +415,21 @@ class FusedLinear(nn.Linear):
             y = y + self._lora_delta(x, n)
         return y
 
-    def _route_now(self):
+    def _route_now(self, x: torch.Tensor):
         """The use_adapters scope routing this forward, or None. A gradient checkpoint recomputes a
         forward during the backward; one that ran in a use_adapters scope, recomputed outside
         any (backward() after the scope exited), would route differently: refused, not guessed
-        (the layer cannot tell which of its forwards a recomputation replays)."""
+        (the layer cannot tell which of its forwards a recomputation replays). Known when the
+        layer's last forward that may build a graph (grad mode on, or an input requiring grad)
+        was routed; evaluations under no_grad in between do not count. Not known for a
+        reentrant checkpoint's inner layers fed by non-FusedLinear ops (their first pass runs
+        under no_grad on inputs that do not require grad)."""
         route = self._multi_route
         if torch.compiler.is_compiling():
             return route
         if torch._C._current_graph_task_id() == -1:  # not inside a backward
-            self._last_routed = route is not None
+            if torch.is_grad_enabled() or x.requires_grad:  # may build a graph (a reentrant checkpoint's
+                self._last_routed = route is not None     # first pass runs under no_grad): not an evaluation
         elif route is None and getattr(self, "_last_routed", False):
             raise RuntimeError("use_adapters: a FusedLinear forward that ran in a use_adapters scope is recomputed "
                                "in backward (gradient checkpointing) outside any scope: call backward() inside the "

@@ -374,8 +374,10 @@ def _lora_grads_eager(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor,
         db = bias_grad(grad_y, x.dtype)
     if need_a:
         dA = (g.t() @ reference.apply_dropout(x, mask, dropout_p)).mul_(scaling).to(lora_A.dtype)
-    if need_bb:
-        dB = (grad_y.t() @ u.to(grad_y.dtype)).to(lora_B.dtype)
+    if need_bb:  # u is float32: a float64 layer's is formed again at its own precision
+        u = u.to(grad_y.dtype) if grad_y.dtype != torch.float64 else \
+            scaling * (reference.apply_dropout(x, mask, dropout_p) @ lora_A.t())
+        dB = (grad_y.t() @ u).to(lora_B.dtype)
     return [dx, dW, db, dA, dB]
 
 

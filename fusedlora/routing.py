@@ -563,8 +563,10 @@ class _Route:
     def _rows_key(self, x: Tensor, tables: Tables):
         if not self._in_pass or _compiling() or x.is_meta or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             return None  # outside a pass, traced or captured: every layer computes its own (in the graph)
-        return (tuple(x.shape[:-1]), x.device, tables.slot_ids, version(self.ids),
-                torch.is_inference_mode_enabled())
+        slot_ids = getattr(tables, "slot_ids", None)  # None: Tables unpickled from an older version
+        if slot_ids is None:
+            return None
+        return (tuple(x.shape[:-1]), x.device, slot_ids, version(self.ids), torch.is_inference_mode_enabled())
 
     def row_slot(self, x: Tensor, tables: Tables) -> Optional[Tensor]:
         """The row slots computed by another layer of this pass, or None."""

@@ -142,6 +142,18 @@ def test_eager_inference_call_skips_the_float32_u(monkeypatch):
     assert rel_err(Bg.grad, Bd.grad) < TOL[torch.bfloat16]
 
 
+def test_eager_lora_backward_keeps_float64(monkeypatch):
+    """The eager backward of a float64 layer forms dB's u again in float64 (the forward's saved
+    u is float32): every gradient to float64's tolerance."""
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "eager")
+    torch.manual_seed(6)
+    leaves = [t.double().requires_grad_() for t in _lora(5)]
+    grads = torch.autograd.grad(lora_linear(*leaves, 0.7).square().sum(), leaves)
+    ref = [t.detach().clone().requires_grad_() for t in leaves]
+    want = torch.autograd.grad(reference.lora_linear(*ref, 0.7).square().sum(), ref)
+    assert all(rel_err(g, w) < TOL[torch.float64] for g, w in zip(grads, want))
+
+
 @pytest.mark.parametrize("frozen", [(), ("W", "b"), ("W", "b", "A"), ("x", "W", "b", "B")])
 @pytest.mark.parametrize("p", [0.0, 0.25])
 def test_eager_lora_backward_computes_what_is_asked(monkeypatch, frozen, p):

@@ -708,15 +708,23 @@ def test_checkpointed_forward_recomputed_outside_its_scope_is_refused(torch_back
         with pytest.raises(RuntimeError, match="outside any scope: call backward"):
             step(ckpt, inside=False)
     assert all(rel_err(g, w) < TOL[torch.float32] for g, w in zip(step(False, inside=False), want))
-    # unscoped single-adapter training, a scoped evaluation between steps
+    # unscoped single-adapter training; a scoped evaluation (no_grad) between steps, or between
+    # a forward and its backward (a reference pass): not a forward a recomputation replays
     for m in model:
         m.set_adapter("sh_a")
+    model.zero_grad()
+    model(x.detach().requires_grad_()).square().sum().backward()
+    want = [p.grad.clone() for p in model.parameters() if p.grad is not None]
     for _ in range(2):
         model.zero_grad()
         h = x.detach().requires_grad_()
         for m in model:
             h = checkpoint(m, h, use_reentrant=reentrant)
+        with torch.no_grad(), fusedlora.use_adapters(model, ids):
+            model(x)
         h.square().sum().backward()
+        got = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        assert all(rel_err(g, w) < TOL[torch.float32] for g, w in zip(got, want))
         with torch.no_grad(), fusedlora.use_adapters(model, ids):
             model(x)
 
