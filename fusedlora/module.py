@@ -72,7 +72,7 @@ class FusedLinear(nn.Linear):
         self.merged_adapters: List[str] = []
         self._multi_pool = None   # routing.AdapterPool, built at the first adapter_ids forward
         self._multi_route = None  # set by fusedlora.use_adapters for the forwards in its scope
-        self._last_routed = False  # the last forward outside a backward ran in a use_adapters scope
+        self._last_routed = False  # the last forward that may build a graph ran in a use_adapters scope
         self._multi_cache = None  # routing._prepare's answer and what it depends on
         self._multi_struct = 0    # bumped by every add / delete of an adapter
         self._delta_rows = None   # weight_delta_rows' slot table and what it depends on

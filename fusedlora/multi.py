@@ -346,9 +346,10 @@ def _torch_forward(x, weight, bias, pool_A, pool_BT, row_slot, sl: _Slots, max_r
 
 def _gather_forward(x, weight, bias, pool_A, pool_BT, row_slot, sl: _Slots, max_rank):
     """The eager composition of up to 16 rows (no dropout): each row gathers max_rank rows of
-    the pools from its slot's offset, then two batched products. No host sync and about a
-    dozen launches, where the Triton path's launches cost 3-4x more host time per eager call
-    at decode sizes (backend.HOST_WINS). Rows past a slot's rank (another adapter's, maybe
+    the pools from its slot's offset, then two batched products. No host sync; about twenty
+    launches, 8 for the later layers of a use_adapters pass (the per-row plan is shared), where
+    the Triton path's launches cost 3-4x more host time per eager call at decode sizes
+    (backend.HOST_WINS). Rows past a slot's rank (another adapter's, maybe
     non-finite) are selected away, never multiplied by zero."""
     y = F.linear(x, weight, bias)
     if max_rank == 0 or x.shape[0] == 0 or pool_A.shape[0] == 0:
