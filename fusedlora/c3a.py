@@ -121,7 +121,6 @@ def _decode_pair(x: Tensor, weight: Tensor, bias: Optional[Tensor], c3a_kernel: 
     """y for 1..16 rows and blocks of 16 and more in two launches and no memset
     (kernels/c3a.py, decode): the circulant delta's products in fp32 beside W's split-K
     tiles, then one finishing kernel."""
-
     from .kernels.c3a import c3a_decode_finish_kernel, c3a_decode_kernel
     from .launch import _input_precision, _pow2_at_least, _tl_dtype, bias_arg, decode_plan
 

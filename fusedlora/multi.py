@@ -122,7 +122,7 @@ def route(row_slot: Tensor, num_slots: int) -> Routing:
 # use_adapters hands each layer of the pass the same tensor): their sort is computed by the
 # first layer and reused. Only tensors made and marked by routing (never a caller's, which
 # could be changed in place) are shared; an entry leaves with its tensor.
-_SHARED: Dict[int, list] = {}  # id(row_slot) -> [weak reference to it, its Routing or None]
+_SHARED: Dict[int, list] = {}  # id(row_slot) -> [weak reference to it, {plan key: plan} (its Routing, ...)]
 
 
 def share_routing(row_slot: Tensor) -> None:
@@ -186,7 +186,6 @@ def _meta(routing: Optional[Routing], dummy: Tensor):
 def _shrink(x: Tensor, pool: Tensor, row_slot: Tensor, sl: _Slots, max_rank: int, routing: Optional[Routing],
             dropout: bool, tag: str) -> Tensor:
     """u[m, :rank] = scale * drop(x[m]) P[slot]^T, float32 (M x max_rank), rows in natural order."""
-
     from .kernels.multi import multi_shrink_kernel
     from .launch import _input_precision, _pow2_at_least, _tl_dtype, split_k
 
@@ -218,7 +217,6 @@ def _shrink(x: Tensor, pool: Tensor, row_slot: Tensor, sl: _Slots, max_rank: int
 def _matmul(a: Tensor, b: Tensor, bias: Optional[Tensor], u: Tensor, q: Tensor, row_slot: Tensor, sl: _Slots,
             routing: Optional[Routing], drop_epi: bool, out_dtype: torch.dtype, tag: str) -> Tensor:
     """C[m] = a[m] @ b + bias + drop?(u[m, :rank] @ q[off : off + rank]) (slot of row m)."""
-
     from .kernels.multi import multi_matmul_kernel
     from .launch import _input_precision, _pow2_at_least, _small_plan, _tl_dtype, bias_arg
 
@@ -256,7 +254,6 @@ def _decode_pair(x: Tensor, weight: Tensor, bias: Optional[Tensor], pool_A: Tens
                  row_slot: Tensor, sl: _Slots, max_rank: int) -> Tuple[Tensor, Tensor]:
     """(y, u) of a BGMV forward of 1..16 rows without dropout in two launches and no memset
     (kernels/multi.py, decode): the per-row shrink runs in the base GEMM's split-K grid."""
-
     from .kernels.multi import multi_decode_finish_kernel, multi_decode_kernel
     from .launch import _input_precision, _tl_dtype, bias_arg, decode_plan
 
@@ -286,7 +283,6 @@ def _decode_pair(x: Tensor, weight: Tensor, bias: Optional[Tensor], pool_A: Tens
 def _grouped_grad(left: Tensor, right: Tensor, routing: Routing, sl: _Slots, pool_rows: int, max_rank: int,
                   drop_right: bool, out_dtype: torch.dtype, tag: str) -> Tensor:
     """out[off[s] + j, n] = sum over rows m of slot s of left[m, j] * drop?(right)[m, n]; pool-shaped."""
-
     from .kernels.multi import multi_grad_kernel
     from .launch import _input_precision, _target_programs, _tl_dtype
 
@@ -407,7 +403,7 @@ def _multi_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], pool_A: Te
 def _multi_forward_on(backend: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], pool_A: Tensor,
                       pool_BT: Tensor, row_slot: Tensor, slot_off: Tensor, slot_rank: Tensor, slot_scale: Tensor,
                       slot_drop: Tensor, max_rank: int, dropout: bool, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    sl = _Slots(slot_off, slot_rank, slot_scale, slot_drop, dropout, seed_value(seed))
+    sl = _Slots(slot_off, slot_rank, slot_scale, slot_drop, dropout, seed_value(seed) if dropout else 0)
     # the gather has no dropout, and pads every row to max_rank: decode rows only
     if backend == "torch" or (backend == "eager" and (dropout or x.shape[0] > 16)):
         record("multi.forward", "torch", "grouped")
@@ -451,7 +447,7 @@ def _multi_backward(grad_y: Tensor, x: Tensor, weight: Tensor, pool_A: Tensor, p
     """(dx, dW, db, d pool_A, d pool_BT); an empty tensor stands for a gradient not asked for.
     ``torch_mask``: the forward drew its dropout from torch's generator (ops.torch_masks)."""
     need_x, need_w, need_b, need_a, need_bb = needs
-    sl = _Slots(slot_off, slot_rank, slot_scale, slot_drop, dropout, seed_value(seed))
+    sl = _Slots(slot_off, slot_rank, slot_scale, slot_drop, dropout, seed_value(seed) if dropout else 0)
     backend = backward_backend(x.device, dropout, torch_mask)
     if backend == "torch":
         record("multi.backward", "torch", "grouped")

@@ -50,7 +50,6 @@ def _overlaps_itself(t: Tensor) -> bool:
 def _expand_into(y: Tensor, x: Tensor, u: Tensor, pool_BT: Tensor, row_slot: Tensor, sl: _Slots,
                  routing) -> None:
     """y[m] += u[m, :rank] @ pool_BT[off : off + rank] for each row's slot, in place."""
-
     from .kernels.multi import multi_matmul_kernel
     from .launch import _input_precision, _pow2_at_least, _tl_dtype
 

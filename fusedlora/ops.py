@@ -362,6 +362,7 @@ def _lora_grads_eager(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor,
     none for the others (the reference computes all five: dW alone is a full GEMM)."""
     need_x, need_w, need_b, need_a, need_bb = needs
     dx, dW, db, dA, dB = (grad_y.new_empty(0) for _ in range(5))
+    xd = reference.apply_dropout(x, mask, dropout_p)  # x itself without dropout
     g = grad_y @ lora_B if need_x or need_a else None  # (M, r), scaling applied below
     if need_x:
         if mask is None:
@@ -373,10 +374,9 @@ def _lora_grads_eager(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor,
     if need_b:
         db = bias_grad(grad_y, x.dtype)
     if need_a:
-        dA = (g.t() @ reference.apply_dropout(x, mask, dropout_p)).mul_(scaling).to(lora_A.dtype)
+        dA = (g.t() @ xd).mul_(scaling).to(lora_A.dtype)
     if need_bb:  # u is float32: a float64 layer's is formed again at its own precision
-        u = u.to(grad_y.dtype) if grad_y.dtype != torch.float64 else \
-            scaling * (reference.apply_dropout(x, mask, dropout_p) @ lora_A.t())
+        u = u.to(grad_y.dtype) if grad_y.dtype != torch.float64 else scaling * (xd @ lora_A.t())
         dB = (grad_y.t() @ u).to(lora_B.dtype)
     return [dx, dW, db, dA, dB]
 

@@ -143,7 +143,6 @@ def _sparse_matmul(a: Tensor, b: Tensor, layout: Tuple[Tensor, Tensor, Tensor, T
 def _sddmm(grad_y: Tensor, x: Tensor, rows: Tensor, cols: Tensor, perm: Tensor, scaling: float,
            out_dtype: torch.dtype) -> Tensor:
     """d_values (user order) = scaling * (grad_y^T x)[rows, cols], sampled at the nonzeros only."""
-
     from .kernels.sparse import sddmm_kernel
     from .launch import _target_programs
 
@@ -194,7 +193,6 @@ def _rows_decode(x: Tensor, weight: Tensor, bias: Optional[Tensor], values: Tens
     W is streamed once and never merged into; the tile-merging GEMM would spend five
     one-hot products per weight tile here (129 us against 14 us for F.linear at 1 row,
     4096 x 4096 on the H200)."""
-
     from .kernels.sparse import sparse_decode_finish_kernel, sparse_rows_add_kernel
     from .launch import _pow2_at_least, bias_arg, decode_pair_serves, decode_partials, matmul
 
@@ -228,7 +226,6 @@ def _dense_weight(weight: Tensor, layout: Tuple[Tensor, ...], values: Tensor, sc
     N, K = weight.shape
     w = torch.empty((N, K), device=weight.device, dtype=weight.dtype)
     if triton_serves(w.device, w.dtype, values.dtype):
-
         from .kernels.sparse import sparse_densify_kernel
 
         block_k = 4 * tile  # the copy's tile; the layout's buckets are tile x tile
@@ -251,7 +248,6 @@ def _sampled(g: Tensor, rows: Tensor, cols: Tensor, perm: Tensor, scaling: float
     kernels in 1444 us)."""
     dv = torch.empty_like(values)
     if rows.numel() and triton_serves(g.device, g.dtype, values.dtype):
-
         from .kernels.sparse import sparse_gather_kernel
 
         block = 1024

@@ -164,7 +164,6 @@ def add_rows_(layer, y: Tensor, x2: Tensor, row_slot: Tensor, names: Sequence[st
     tensors are not where and what the kernel reads (see _entries): nothing was done.
     ``kinds_in_batch``: the kinds recorded as served (those with rows, when validation
     counted them; else every C3A / sparse kind of the layer, whose rows may be there)."""
-
     from .kernels.multi import multi_weight_delta_rows_kernel
 
     got = _table(layer, names, kinds, x2.device)
