@@ -1,7 +1,10 @@
 """LoRA rows: fused ``fusedlora.ops.lora_linear`` against the ways people run LoRA today.
 
 Implementations, all timed on the same random input sets:
-  fused    fusedlora.ops.lora_linear
+  fused    fusedlora.ops.lora_linear on the Triton kernels (use_backend("triton")): the shrink, then
+           the base GEMM with the expand in its epilogue (the two-launch decode pair at 1..16 rows)
+  auto     the same call under the default dispatch: on CUDA the eager composition above 16 rows
+           (backend.EAGER_WINS) and for eager 1..16-row forwards (HOST_WINS), Triton in graphs at 1..16
   base     F.linear(x, W, b) alone: the floor the adapter's cost is measured from
   eager    x W^T + b + s (x A^T) B^T as three matmuls and an add
   compile  torch.compile of eager (static shapes)
@@ -20,7 +23,7 @@ from torch import nn
 from fusedlora import ops
 
 from .harness import (frozen_linear, Options, Skip, adapter_case, base_thunk, compiled, elem_size, gemm_adapter_bytes,
-                      gemm_adapter_flops, grad_thunk, matmul_flops, numel_bytes, random_maker)
+                      gemm_adapter_flops, grad_thunk, matmul_flops, numel_bytes, on_backend, random_maker)
 
 PATH = "lora"
 SCALING = 2.0  # lora_alpha = 2 r, a common choice; any nonzero value times the same
@@ -69,9 +72,13 @@ def eager(x, W, b, A, B, s: float):
     return F.linear(x, W, b) + s * F.linear(F.linear(x, A), B)
 
 
-def _fused(i):
+def _auto(i):
     return grad_thunk(lambda: ops.lora_linear(i["x"], i["W"], i["b"], i["A"], i["B"], SCALING), i,
                       [i["x"], i["A"], i["B"]])
+
+
+def _fused(i):
+    return on_backend("triton", _auto(i))
 
 
 def _eager(i, fn=None):
@@ -106,6 +113,6 @@ def cases(opts: Options):
     for variant in VARIANTS:
         for s in shapes(opts):
             yield adapter_case(PATH, variant, s, opts, lambda s=s, v=variant: _inputs(s, v, opts.device, opts.dtype),
-                               {"fused": _fused, "base": base_thunk, "eager": _eager,
+                               {"fused": _fused, "auto": _auto, "base": base_thunk, "eager": _eager,
                                 "compile": compiled(eager, lambda fn, i: _eager(i, fn)), "peft": _peft},
                                work(s, variant, elem))

@@ -122,10 +122,18 @@ CUDA_WINS: dict = {}
 # and for sparse above 16 rows (11x at 4096); at 1..16 rows the sparse Triton rows path
 # (the base GEMM then each output feature's nonzeros) took 29-39 us against 51-59 us for
 # the dense composition (CUDA-graph replays), so sparse.forward keeps Triton there.
+# LoRA above 16 rows, from measurements of its parts (the rows themselves not yet timed): the
+# fused Triton forward took 259-278 us at 4096 x 4096 x 4096, r 8..64, where F.linear took
+# 187-201 (the multi bench's `single` and `base` columns, 2026-11-27_h200_2 and 2026-11-28_h200),
+# and fused forward+backward 2.07 ms against the frozen base's 0.39 (2026-11-27_h200). The
+# composition adds to F.linear two thin GEMMs and a read and write of y (addmm_): ~25 us at
+# the ~4 TB/s the H200 copied a 4096 x 4096 W with; the backward's, cuBLAS products likewise.
+# The bench's `lora` rows (`auto` against `fused`) confirm or undo this entry.
 # ops with a composition
 EAGER_OPS = ("sparse.forward", "sparse.backward", "c3a.forward", "c3a.backward", "lora.forward", "lora.backward",
              "multi.forward")
-EAGER_WINS: dict = {"sparse.forward": 16, "sparse.backward": 0, "c3a.forward": 0, "c3a.backward": 0}
+EAGER_WINS: dict = {"sparse.forward": 16, "sparse.backward": 0, "c3a.forward": 0, "c3a.backward": 0,
+                    "lora.forward": 16, "lora.backward": 16}
 
 
 # Auto mode for eager calls outside CUDA-graph capture, from GPU measurements: op ->

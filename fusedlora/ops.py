@@ -430,11 +430,11 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
 
 
 def dropout_keep_mask(x_shape: Sequence[int], dropout_p: float, seed: int, device) -> Tensor:
-    """The keep-mask (float 0/1, shape (rows, in_features)) that the active backend
-    draws for a flattened x of ``x_shape`` and this seed: for tests and debugging."""
+    """The keep-mask (float 0/1, shape (rows, in_features)) that lora_linear's backend for
+    these rows draws for a flattened x of ``x_shape`` and this seed: for tests and debugging."""
     rows = int(math.prod(x_shape[:-1]))
     shape = (rows, int(x_shape[-1]))
-    if select_backend(torch.device(device)) == "torch":
+    if torch_masks(torch.device(device), "lora.forward", rows):
         mask = torch_keep_mask(shape, dropout_p, seed, device)
         return torch.ones(shape, device=device) if mask is None else mask.float()
     from .launch import dropout_mask

@@ -438,7 +438,7 @@ def test_auto_uses_the_cuda_kernels_only_where_measured(ext, monkeypatch):
     monkeypatch.setitem(backend.CUDA_WINS, "multi.forward", 1)
     monkeypatch.setitem(backend.CUDA_WINS, "lora.forward", 16)
     assert backend.select_backend(cuda, "lora.forward", 4) == "cuda"
-    assert backend.select_backend(cuda, "lora.forward", 17) == "triton"
+    assert backend.select_backend(cuda, "lora.forward", 17) == "eager"  # EAGER_WINS above 16
     assert backend.select_backend(cuda, "multi.forward", 4) == "triton"
     assert backend.select_backend(cuda, "multi.forward", 1) == "cuda"
     monkeypatch.setenv("FUSEDLORA_BUILD_EXT", "0")
@@ -507,7 +507,7 @@ def test_auto_never_builds_and_a_failed_build_is_not_retried(monkeypatch, tmp_pa
 
 def test_auto_runs_the_eager_compositions_where_they_measured_faster(monkeypatch):
     """backend.EAGER_WINS (from the H200 runs): sparse and C3A go to their PyTorch
-    compositions on CUDA, sparse forwards only above 16 rows; an op taken out of the table goes back to Triton; asking for
+    compositions on CUDA, sparse forwards and LoRA only above 16 rows; an op taken out of the table goes back to Triton; asking for
     eager gives the reference path to ops that have no composition."""
     from fusedlora import backend
 
@@ -516,7 +516,9 @@ def test_auto_runs_the_eager_compositions_where_they_measured_faster(monkeypatch
     for op in ("sparse.forward", "sparse.backward", "c3a.forward", "c3a.backward"):
         assert backend.select_backend(cuda, op, 4096) == "eager", op
         assert backend.select_backend(cpu, op, 4096) == "torch", op
-    assert backend.select_backend(cuda, "lora.forward", 4096) == "triton"
+    # LoRA above 16 rows: F.linear and cuBLAS's thin products; at 1..16 rows Triton (in graphs)
+    for op in ("lora.forward", "lora.backward"):
+        assert [backend.select_backend(cuda, op, m) for m in (1, 16, 17, 4096)] == ["triton"] * 2 + ["eager"] * 2
     # sparse decode rows stay on Triton's rows path, which measured faster there
     assert [backend.select_backend(cuda, "sparse.forward", m) for m in (1, 16, 17)] == ["triton", "triton", "eager"]
     assert backend.select_backend(cuda, "sparse.backward", 1) == "eager"

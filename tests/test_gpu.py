@@ -119,3 +119,15 @@ def test_auto_under_torch_compile_cuda_graphs(monkeypatch):
     assert rel_err(y, ref) < TOL[torch.bfloat16]
     ran = dispatched("lora.forward")
     assert any(":eager:" in k for k in ran) and any(":triton:" in k for k in ran), ran
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_auto_trains_lora_above_16_rows_on_the_cublas_composition(monkeypatch, p):
+    """backend.EAGER_WINS: above 16 rows auto runs LoRA's forward and backward as cuBLAS
+    products (F.linear, addmm_ of the rank-r term), dropout from torch's generator, and
+    every gradient matches the float64 reference; 3-D x of 2 x 300 rows."""
+    monkeypatch.delenv("FUSEDLORA_BACKEND", raising=False)
+    fusedlora.reset_dispatch()
+    check_against_reference(make_inputs(0, 1000, 777, 13, torch.bfloat16, lead=(2, 300)), p=p, seed=3)
+    assert dispatched("lora.forward") == {"lora.forward:eager:composition": 1}
+    assert dispatched("lora.backward") == {"lora.backward:eager:composition": 1}
