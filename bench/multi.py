@@ -2,8 +2,11 @@
 
 Implementations, all timed on the same random input sets (x, W, b and A
 adapters of the row's ranks; B random, not PEFT's zeros):
-  multi    FusedLinear(x, adapter_ids=ids, validate=False): the fused SGMV/BGMV path
-           (pool built and synchronised in setup, as a serving loop would have it)
+  multi    FusedLinear(x, adapter_ids=ids, validate=False) under the default dispatch (pool
+           built and synchronised in setup, as a serving loop would have it): above 16 rows
+           (multi.CUBLAS_BASE_ROWS) F.linear, then the SGMV/BGMV terms added into its output
+  fused    the same with the base GEMM fused at every row count (multi.use_fused_base): the
+           adapters' terms in the epilogue of fusedlora's Triton GEMM
   single   fusedlora.ops.lora_linear with ONE adapter of the batch's mean rank for every
            row: the roofline of this problem (what a batch of one adapter costs)
   base     F.linear(x, W, b) alone
@@ -34,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusedlora import FusedLinear, add_multi_lora_, ops
+from fusedlora import FusedLinear, add_multi_lora_, multi, ops
 
 from .harness import frozen_linear, Case, Options, Skip, base_thunk, elem_size, grad_thunk, matmul_flops, numel_bytes
 
@@ -142,6 +145,15 @@ def _multi(i):
         thunk.layer, thunk.ids = layer, ids  # for _scoped
         return thunk
     return grad_thunk(lambda: layer(i["x"], adapter_ids=ids, validate=False), i, wrt)
+
+
+def _fused(i):
+    thunk = _multi(i)
+
+    def run():
+        with multi.use_fused_base(True):
+            return thunk()
+    return run
 
 
 LAYERS = 4
@@ -271,10 +283,11 @@ def cases(opts: Options):
             base = (2 * base[0], base[1] + numel_bytes(elem, (s["T"], s["N"]), (s["T"], s["K"])))
         # every implementation that computes the layer's own function is checked against gather
         # (single runs one adapter of the mean rank: another function; PEFT has no backward)
-        check = ("gather", "multi", "scoped", "delta", "peft") if variant != "fwd+bwd" else ("gather", "multi")
+        check = (("gather", "multi", "fused", "scoped", "delta", "peft") if variant != "fwd+bwd"
+                 else ("gather", "multi", "fused"))
         yield Case(path=PATH, variant=variant, shape=s, dtype=opts.dtype, device=opts.device,
                    make_inputs=lambda s=s, v=variant: _inputs(s, v, opts.device, opts.dtype, next(seeds)),
-                   impls={"multi": _multi, "scoped": _scoped, "single": _single, "base": base_thunk, "delta": _delta,
+                   impls={"multi": _multi, "fused": _fused, "scoped": _scoped, "single": _single, "base": base_thunk, "delta": _delta,
                           "gather": _gather, "peft": _peft},
                    work={"*": (flops, nbytes), "base": base}, ref="single", roof_impls=("multi", "single"),
                    check=check,

@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import cdiv, dispatch, interpreting, record
+from .backend import cdiv, dispatch, interpreting, record, scoped_setting
 from .ops import (autocast_inputs, backward_backend, bias_grad, fused_op, pick, register_autograd, seed_value,
                   torch_masks, triton_dtype_ok)
 
@@ -74,6 +74,22 @@ SORT_MIN_ROWS_INTERPRET = 16
 # gather's pointer tiles.
 SEG_DOT_MAX_GPU = 8
 SEG_DOT_MAX_INTERPRET = 2
+
+
+# Products of more rows than this run the layer's base GEMM on cuBLAS (the forward's
+# F.linear, the backward's dY W and dY^T x) and add the adapters' terms into its output with
+# the SGMV/BGMV kernels (`_add_terms`: the shrink's u times each row's pool rows, one read
+# and write of the output): on the H200 our Triton GEMM took 1.3-1.4x cuBLAS's time at
+# 4096 x 4096 x 4096 (backend.EAGER_WINS' note), more than the extra pass over y costs
+# (~17 us there). At most this many rows, the fused kernels (the base GEMM with the
+# adapters in its epilogue, or the decode pair). use_fused_base() turns the split off.
+CUBLAS_BASE_ROWS = 16
+
+
+def use_fused_base(on: bool = True):
+    """The fused GEMM at every row count (on) or above CUBLAS_BASE_ROWS' 16 rows as well
+    (off) for the calls in this scope, process-wide: the bench's A/B."""
+    return scoped_setting(__name__, "CUBLAS_BASE_ROWS", 1 << 62 if on else 16)
 
 
 def sort_min_rows() -> int:
@@ -248,6 +264,34 @@ def _matmul(a: Tensor, b: Tensor, bias: Optional[Tensor], u: Tensor, q: Tensor, 
         multi_matmul_kernel[grid](*args, **flags, **plan, BLOCK_R=16)
         record(tag, "triton", f"{path}-splitk" if split > 1 else path)
     return c if c.dtype == out_dtype else c.to(out_dtype)
+
+
+def _add_terms(c: Tensor, u: Tensor, q: Tensor, row_slot: Tensor, sl: _Slots, routing: Optional[Routing],
+               drop_epi: bool, tag: str, variant: str = "") -> None:
+    """c[m] += drop?(u[m, :rank] @ q[off : off + rank]) for each row's slot, in place: the
+    multi_matmul_kernel with an empty base loop (K = 0) and ADD_C, so each output tile is read
+    and written once (c is the base product computed elsewhere)."""
+    from .kernels.multi import multi_matmul_kernel
+    from .launch import _input_precision, _pow2_at_least, _tl_dtype
+
+    M, N = c.shape
+    sorted_ = routing is not None
+    if interpreting():
+        block_m, block_n = 16, 16
+    else:  # the sorted tiles run a tensor-core dot per segment; the gather tiles, rank-1 updates per row
+        block_m, block_n = (64, 128) if sorted_ else (16, 128)
+    perm, sorted_slots, ends = _meta(routing, row_slot)
+    grid = (cdiv(M, block_m) * cdiv(N, block_n), 1)
+    # K = 0: a and b (here c and q) are never read
+    multi_matmul_kernel[grid](
+        c, q, c, c, u, q, row_slot, perm, sorted_slots, ends, sl.off, sl.rank, sl.drop,
+        M, N, 0, sl.rank.shape[0], _pow2_at_least(M, 1), _pow2_at_least(u.shape[1], 1),
+        c.stride(0), c.stride(1), q.stride(0), q.stride(1), c.stride(0), c.stride(1),
+        u.stride(0), u.stride(1), q.stride(0), q.stride(1), sl.seed,
+        HAS_BIAS=False, DROP_EPI=drop_epi, DOT_DTYPE=_tl_dtype(c.dtype), INPUT_PRECISION=_input_precision(c.dtype),
+        SORTED=sorted_, SEG_DOT_MAX=_seg_dot_max(epilogue=True), SPLIT_K=1,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=16, BLOCK_R=16, GROUP_M=8, ADD_C=True, num_warps=4)
+    record(tag, "triton", variant + ("sgmv" if sorted_ else "bgmv"))
 
 
 def _decode_pair(x: Tensor, weight: Tensor, bias: Optional[Tensor], pool_A: Tensor, pool_BT: Tensor,
@@ -429,6 +473,10 @@ def _multi_forward_on(backend: str, x: Tensor, weight: Tensor, bias: Optional[Te
         return _decode_pair(x, weight, bias, pool_A, pool_BT, row_slot, sl, max_rank)
     routing = routing_of(row_slot, slot_rank.shape[0]) if x.shape[0] > sort_min_rows() else None
     u = _shrink(x, pool_A, row_slot, sl, max_rank, routing, dropout, "multi.shrink")
+    if x.shape[0] > CUBLAS_BASE_ROWS and weight.shape[0] > 0:
+        y = F.linear(x, weight, bias)
+        _add_terms(y, u, pool_BT, row_slot, sl, routing, False, "multi.forward", "cublas+")
+        return y, u
     y = _matmul(x, weight.t(), bias, u, pool_BT, row_slot, sl, routing, False, x.dtype, "multi.forward")
     return y, u
 
@@ -465,10 +513,17 @@ def _multi_backward(grad_y: Tensor, x: Tensor, weight: Tensor, pool_A: Tensor, p
     if need_x or need_a:
         g = _shrink(grad_y, pool_BT, row_slot, sl, max_rank, routing if sort_rows else None, False,
                     "multi.grad_shrink")
-    if need_x:
+    cublas = M > CUBLAS_BASE_ROWS
+    if need_x and cublas and x.shape[1] > 0:
+        dx = grad_y @ weight
+        _add_terms(dx, g, pool_A, row_slot, sl, routing if sort_rows else None, dropout, "multi.grad_x", "cublas+")
+    elif need_x:
         dx = _matmul(grad_y, weight, None, g, pool_A, row_slot, sl, routing if sort_rows else None, dropout, dt,
                      "multi.grad_x")
-    if need_w:
+    if need_w and cublas:
+        dW = (grad_y.t() @ x).to(weight.dtype)
+        record("multi.grad_weight", "eager", "cublas")
+    elif need_w:
         dW = matmul(grad_y.t(), x, out_dtype=weight.dtype, dot_dtype=dt, tag="multi.grad_weight")
     if need_b:
         db = bias_grad(grad_y, dt)

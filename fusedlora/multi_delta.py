@@ -26,9 +26,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backend import cdiv, interpreting, record, select_backend
-from .multi import (_check_table_values, _groups, _meta, _seg_dot_max, _shrink, _Slots, check_pools_and_tables,
-                    route, sort_min_rows)
+from .backend import record, select_backend
+from .multi import (_add_terms, _check_table_values, _groups, _shrink, _Slots, check_pools_and_tables, route,
+                    sort_min_rows)
 from .ops import _check_same, _check_tensor, autocast_inputs, autocasting, fused_op, pick, rows_of, triton_dtype_ok
 
 
@@ -45,32 +45,6 @@ def _overlaps_itself(t: Tensor) -> bool:
         return False
     g = math.gcd(sm, sn)
     return sn // g < m and sm // g < n
-
-
-def _expand_into(y: Tensor, x: Tensor, u: Tensor, pool_BT: Tensor, row_slot: Tensor, sl: _Slots,
-                 routing) -> None:
-    """y[m] += u[m, :rank] @ pool_BT[off : off + rank] for each row's slot, in place."""
-    from .kernels.multi import multi_matmul_kernel
-    from .launch import _input_precision, _pow2_at_least, _tl_dtype
-
-    M, N = y.shape
-    sorted_ = routing is not None
-    if interpreting():
-        block_m, block_n = 16, 16
-    else:  # the sorted tiles run a tensor-core dot per segment; the gather tiles, rank-1 updates per row
-        block_m, block_n = (64, 128) if sorted_ else (16, 128)
-    perm, sorted_slots, ends = _meta(routing, row_slot)
-    grid = (cdiv(M, block_m) * cdiv(N, block_n), 1)
-    # K = 0: the base loop is empty, a (x) and b (pool_BT) are never read; c = y, read and written
-    multi_matmul_kernel[grid](
-        x, pool_BT, y, y, u, pool_BT, row_slot, perm, sorted_slots, ends, sl.off, sl.rank, sl.drop,
-        M, N, 0, sl.rank.shape[0], _pow2_at_least(M, 1), _pow2_at_least(u.shape[1], 1),
-        x.stride(0), x.stride(1), pool_BT.stride(0), pool_BT.stride(1), y.stride(0), y.stride(1),
-        u.stride(0), u.stride(1), pool_BT.stride(0), pool_BT.stride(1), 0,
-        HAS_BIAS=False, DROP_EPI=False, DOT_DTYPE=_tl_dtype(y.dtype), INPUT_PRECISION=_input_precision(y.dtype),
-        SORTED=sorted_, SEG_DOT_MAX=_seg_dot_max(epilogue=True), SPLIT_K=1,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=16, BLOCK_R=16, GROUP_M=8, ADD_C=True, num_warps=4)
-    record("multi.delta", "triton", "sgmv" if sorted_ else "bgmv")
 
 
 @fused_op("fusedlora::add_multi_lora_", mutates_args=("y",))
@@ -94,7 +68,7 @@ def _add_multi_lora(y: Tensor, x: Tensor, pool_A: Tensor, pool_BT: Tensor, row_s
     triton_dtype_ok(x)
     routing = route(row_slot, slot_rank.shape[0]) if x.shape[0] > sort_min_rows() else None
     u = _shrink(x, pool_A, row_slot, sl, max_rank, routing, False, "multi.delta_shrink")
-    _expand_into(y, x, u, pool_BT, row_slot, sl, routing)
+    _add_terms(y, u, pool_BT, row_slot, sl, routing, False, "multi.delta")
 
 
 @_add_multi_lora.register_fake

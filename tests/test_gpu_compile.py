@@ -262,6 +262,10 @@ def variants():
         "multi-sm90-bf16-delta-bgmv": (multi_matmul_kernel, 90, "bf16", "bf16",
                                        gemm(HAS_BIAS=False, DROP_EPI=False, SORTED=False, SEG_DOT_MAX=0, BLOCK_R=16,
                                             BLOCK_M=16, BLOCK_K=16, ADD_C=True), 4, 3, None),
+        # above 16 rows: dx = dy W from cuBLAS, each row's dropped g P_A added into it
+        "multi-sm90-bf16-grad-x-add-sgmv": (multi_matmul_kernel, 90, "bf16", "bf16",
+                                            gemm(HAS_BIAS=False, DROP_EPI=True, SORTED=True, SEG_DOT_MAX=0,
+                                                 BLOCK_R=16, BLOCK_M=64, BLOCK_K=16, ADD_C=True), 4, 3, "mma"),
         # BGMV decode pair: per-row shrink programs and W's split-K tiles in one grid, then the
         # finishing sum with the per-row expand gathered in 3-D rank chunks
         "multi-sm90-bf16-decode-pair": (multi_decode_kernel, 90, "bf16", "fp32",

@@ -69,10 +69,23 @@ def reference_multi(layer, names, x, row_ids, grad_y=None):
     return y, xd, p
 
 
+@pytest.fixture(params=["cublas", "fused"])
+def base(request):
+    """How routed products of more than 16 rows run: the base GEMM on cuBLAS with the
+    adapters' terms added into its output (the default, multi.CUBLAS_BASE_ROWS), or fused."""
+    with multi.use_fused_base(request.param == "fused"):
+        yield request.param
+
+
+def via(base, M):
+    """The dispatch variant's prefix of a routed product of M rows under ``base``."""
+    return "cublas+" if base == "cublas" and M > multi.CUBLAS_BASE_ROWS else ""
+
+
 # --------------------------------------------------------------- forward
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("M", [5, 37])  # BGMV, SGMV
-def test_mixed_ranks_rowwise_equal_single_adapter(triton_backend, dtype, M):
+@pytest.mark.parametrize("M,base", [(5, "cublas"), (37, "cublas"), (37, "fused")], indirect=["base"])  # BGMV, SGMV
+def test_mixed_ranks_rowwise_equal_single_adapter(triton_backend, dtype, M, base):
     layer, names = make_layer(45, 29, [1, 3, 8], dtype)
     layer.eval()
     x = torch.randn(M, 45, device=DEVICE, dtype=dtype)
@@ -84,7 +97,7 @@ def test_mixed_ranks_rowwise_equal_single_adapter(triton_backend, dtype, M):
     assert rel_err(y, reference_multi(layer, names, x, ids)[0]) < TOL[dtype]
     path = "sgmv" if M > multi.sort_min_rows() else "bgmv"
     ran = dispatched("multi.")
-    assert any(k.startswith(f"multi.forward:triton:{path}") for k in ran), ran
+    assert any(k.startswith(f"multi.forward:triton:{via(base, M)}{path}") for k in ran), ran
     if path == "sgmv":
         assert "multi.shrink:triton:sgmv" in ran, ran
     else:  # decode rows: the shrink runs in the decode pair's first launch
@@ -158,8 +171,8 @@ def test_bgmv_decode_pair_u_and_repeatability(triton_backend, dtype):
     assert dispatched("multi.") == {"multi.forward:triton:bgmv-decode": 2}
 
 
-@pytest.mark.parametrize("M", [6, 40])
-def test_forward_backward_all_grads(triton_backend, M):
+@pytest.mark.parametrize("M,base", [(6, "cublas"), (40, "cublas"), (40, "fused")], indirect=["base"])
+def test_forward_backward_all_grads(triton_backend, M, base):
     """fp32 and fp16, BGMV and SGMV: y, dx, dW, db and every adapter's dA, dB against float64."""
     for dtype in (torch.float32, torch.float16):
         layer, names = make_layer(33, 26, [1, 3, 8, 20], dtype, seed=M)
@@ -179,11 +192,13 @@ def test_forward_backward_all_grads(triton_backend, M):
         ran = dispatched("multi.")
         for op in ("multi.grad_A:triton:grouped", "multi.grad_B:triton:grouped"):
             assert op in ran, ran
-        assert any(k.startswith("multi.grad_x:triton:") for k in ran), ran
+        assert any(k.startswith("multi.grad_x:triton:" + via(base, M)) for k in ran), ran
+        assert any(k.startswith("multi.forward:triton:" + via(base, M)) for k in ran), ran
 
 
-@pytest.mark.parametrize("seg_dot_max", [2, 0])
-def test_fragmented_sorted_tiles_and_per_row_ids_3d(triton_backend, monkeypatch, seg_dot_max):
+@pytest.mark.parametrize("seg_dot_max,base", [(2, "fused"), (0, "fused"), (2, "cublas"), (0, "cublas")],
+                         indirect=["base"])
+def test_fragmented_sorted_tiles_and_per_row_ids_3d(triton_backend, monkeypatch, seg_dot_max, base):
     """Six adapters, 2-3 rows each: sorted tiles meet more than SEG_DOT_MAX segments and take
     the in-tile gather (2), or one dot per segment however many (0, the GPU's epilogue);
     per-row ids on a 3-D input."""
@@ -198,7 +213,7 @@ def test_fragmented_sorted_tiles_and_per_row_ids_3d(triton_backend, monkeypatch,
     assert y.shape == (4, 5, 20)
     assert rel_err(y, reference_multi(layer, names, x, ids)[0]) < TOL[torch.float32]
     assert rel_err(y, rowwise_single(layer, x, ids)) < TOL[torch.float32]
-    assert "multi.forward:triton:sgmv" in dispatched()
+    assert f"multi.forward:triton:{via(base, 20)}sgmv" in dispatched()
 
 
 def test_per_sample_ids_3d_noncontiguous_odd_shapes_no_bias(triton_backend):
@@ -414,8 +429,9 @@ def test_bad_ids_raise_and_validate_false_skips(triton_backend):
     layer.unmerge()
 
 
-@pytest.mark.parametrize("backend,M", [("triton", 6), ("triton", 40), ("torch", 12)])
-def test_dropout_in_training_per_adapter(monkeypatch, backend, M):
+@pytest.mark.parametrize("backend,M,base", [("triton", 6, "cublas"), ("triton", 40, "cublas"), ("triton", 40, "fused"),
+                                            ("torch", 12, "cublas")], indirect=["base"])
+def test_dropout_in_training_per_adapter(monkeypatch, backend, M, base):
     """Each adapter's own lora_dropout on its rows, drawn from one seed as the single-adapter
     path draws it (kernel mask = ops.dropout_keep_mask at that adapter's p); all gradients."""
     monkeypatch.setenv("FUSEDLORA_BACKEND", backend)
@@ -934,7 +950,7 @@ def test_torch_compile_fullgraph(monkeypatch, backend):
 # ------------------------------------------------------------------ GPU only
 @pytest.mark.gpu
 @pytest.mark.parametrize("M", [1, 64, 333, 4096])
-def test_gpu_bf16_large_mixed_ranks(triton_backend, M):
+def test_gpu_bf16_large_mixed_ranks(triton_backend, M, base):
     layer, names = make_layer(4096, 4096, [8, 16, 64, 8, 16, 64, 8, 16], torch.bfloat16)
     x = torch.randn(M, 4096, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
     ids = draw_ids(layer, names, M, seed=M)
@@ -951,7 +967,7 @@ def test_gpu_bf16_large_mixed_ranks(triton_backend, M):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("M", [8, 256])
-def test_gpu_cuda_graph_capture_validate_false(triton_backend, M):
+def test_gpu_cuda_graph_capture_validate_false(triton_backend, M, base):
     layer, names = make_layer(1024, 768, [16, 4, 32], torch.bfloat16)
     layer.eval()
     x = torch.randn(M, 1024, device="cuda", dtype=torch.bfloat16)
@@ -1086,8 +1102,8 @@ def test_mixed_kinds_fp16_3d_and_zero_rows(triton_backend, validate):
     assert rel_err(y_ua, layer(x.detach(), adapter_ids=ids[:, :1].expand(2, 3))) < 1e-3
 
 
-@pytest.mark.parametrize("M", [5, 20])  # BGMV, SGMV
-def test_multi_lora_linear_strided_tables_bias_and_pools(triton_backend, M):
+@pytest.mark.parametrize("M,base", [(5, "cublas"), (20, "cublas"), (20, "fused")], indirect=["base"])  # BGMV, SGMV
+def test_multi_lora_linear_strided_tables_bias_and_pools(triton_backend, M, base):
     """Every argument of the functional form a strided view: the 1-D tables and the bias with
     junk between their entries (in range, so that a kernel reading them with unit stride gives
     wrong rows, not a crash), the pools and the weight transposed; all gradients vs float64."""
@@ -1113,7 +1129,7 @@ def test_multi_lora_linear_strided_tables_bias_and_pools(triton_backend, M):
     assert not any(t.is_contiguous() for t in (*tables.values(), leaves["weight"], leaves["bias"], leaves["pool_A"]))
     fusedlora.reset_dispatch()
     y = multi_lora_linear(**leaves, **tables, max_rank=rmax)
-    assert any(k.startswith("multi.forward:triton:" + ("sgmv" if M > multi.sort_min_rows() else "bgmv"))
+    assert any(k.startswith("multi.forward:triton:" + via(base, M) + ("sgmv" if M > multi.sort_min_rows() else "bgmv"))
                for k in dispatched()), dispatched()
     gy = torch.randn_like(y)
     y.backward(gy)
