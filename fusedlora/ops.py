@@ -257,6 +257,8 @@ def torch_keep_mask(shape, p: float, seed: int, device) -> Optional[Tensor]:
     if p == 0.0:
         return None
     gen = torch.Generator(device=device).manual_seed(int(seed))
+    # uniform draws against p, as the multi-adapter torch path draws them (one p per row
+    # there): the two ops' masks agree at the same seed and probability
     return torch.rand(shape, generator=gen, device=device) >= p
 
 
@@ -268,7 +270,8 @@ _inference = threading.local()  # .on: lora_linear's current call is a direct (g
 def _lora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                   scaling: float, dropout_p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """2-D x -> (y, u) with u = s * drop(x) A^T in float32, saved for backward."""
-    # with dropout, the backward regenerates the forward's mask: auto keeps the Triton pair
+    # the host path (HOST_WINS) only without dropout: a forward on it would leave its backward
+    # (Triton's, at 1..16 rows) a mask of the other family
     return dispatch("lora.forward", _lora_forward_on, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
                     host_ok=dropout_p == 0.0)
 
@@ -285,19 +288,19 @@ def _lora_forward_on(backend: str, x: Tensor, weight: Tensor, bias: Optional[Ten
                                       gemv=gemv_for("lora.forward", "decode", x, weight))
         backend = "triton"  # the extension has no kernel for this shape: recorded below
     if backend in ("torch", "eager"):
-        xd = x
-        if dropout_p:
-            xd = reference.apply_dropout(x, torch_keep_mask(x.shape, dropout_p, seed_value(seed), x.device), dropout_p)
+        mask = torch_keep_mask(x.shape, dropout_p, seed_value(seed), x.device)
         if backend == "torch":
-            u = scaling * (xd @ lora_A.t())
+            u = scaling * (reference.apply_dropout(x, mask, dropout_p) @ lora_A.t())
             record("lora.forward", "torch", "reference")
             return torch.nn.functional.linear(x, weight, bias) + u @ lora_B.t(), u.float()
         # three cuBLAS launches: the fewest a host-bound call can pay for; u (float32, what
-        # the backward reads) two more, skipped when nothing will read it (_inference)
-        xa = torch.nn.functional.linear(xd, lora_A)
-        y = torch.nn.functional.linear(x, weight, bias).addmm_(xa, lora_B.t(), alpha=scaling)
+        # the backward reads) two more, skipped when nothing will read it (_inference). With
+        # dropout, x * mask is one more pass: 1 / (1 - p) rides in the scaling
+        alpha = scaling / (1.0 - dropout_p)
+        xa = torch.nn.functional.linear(x if mask is None else x * mask, lora_A)
+        y = torch.nn.functional.linear(x, weight, bias).addmm_(xa, lora_B.t(), alpha=alpha)
         record("lora.forward", "eager", "composition")
-        return y, (xa if getattr(_inference, "on", False) else xa.float().mul_(scaling))
+        return y, (xa if getattr(_inference, "on", False) else xa.float().mul_(alpha))
     triton_dtype_ok(x)
     from .launch import Dropout, decode_pair_serves, lora_decode, matmul
 
@@ -362,21 +365,22 @@ def _lora_grads_eager(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor,
     none for the others (the reference computes all five: dW alone is a full GEMM)."""
     need_x, need_w, need_b, need_a, need_bb = needs
     dx, dW, db, dA, dB = (grad_y.new_empty(0) for _ in range(5))
-    xd = reference.apply_dropout(x, mask, dropout_p)  # x itself without dropout
+    alpha = scaling / (1.0 - dropout_p) if mask is not None else scaling  # dropout's 1 / (1 - p) folded in
     g = grad_y @ lora_B if need_x or need_a else None  # (M, r), scaling applied below
     if need_x:
         if mask is None:
             dx = torch.addmm(grad_y @ weight, g, lora_A, alpha=scaling)
         else:
-            dx = grad_y @ weight + reference.apply_dropout(g @ lora_A, mask, dropout_p) * scaling
+            dx = (grad_y @ weight).add_((g @ lora_A).mul_(mask), alpha=alpha)
     if need_w:
         dW = (grad_y.t() @ x).to(weight.dtype)
     if need_b:
         db = bias_grad(grad_y, x.dtype)
+    xd = x if mask is None or not (need_a or (need_bb and grad_y.dtype == torch.float64)) else x * mask
     if need_a:
-        dA = (g.t() @ xd).mul_(scaling).to(lora_A.dtype)
+        dA = (g.t() @ xd).mul_(alpha).to(lora_A.dtype)
     if need_bb:  # u is float32: a float64 layer's is formed again at its own precision
-        u = u.to(grad_y.dtype) if grad_y.dtype != torch.float64 else scaling * (xd @ lora_A.t())
+        u = u.to(grad_y.dtype) if grad_y.dtype != torch.float64 else alpha * (xd @ lora_A.t())
         dB = (grad_y.t() @ u).to(lora_B.dtype)
     return [dx, dW, db, dA, dB]
 
