@@ -83,13 +83,13 @@ SEG_DOT_MAX_INTERPRET = 2
 # 4096 x 4096 x 4096 (backend.EAGER_WINS' note), more than the extra pass over y costs
 # (~17 us there). At most this many rows, the fused kernels (the base GEMM with the
 # adapters in its epilogue, or the decode pair). use_fused_base() turns the split off.
-CUBLAS_BASE_ROWS = 16
+CUBLAS_BASE_ROWS = _CUBLAS_BASE_ROWS = 16
 
 
 def use_fused_base(on: bool = True):
     """The fused GEMM at every row count (on) or above CUBLAS_BASE_ROWS' 16 rows as well
     (off) for the calls in this scope, process-wide: the bench's A/B."""
-    return scoped_setting(__name__, "CUBLAS_BASE_ROWS", 1 << 62 if on else 16)
+    return scoped_setting(__name__, "CUBLAS_BASE_ROWS", 1 << 62 if on else _CUBLAS_BASE_ROWS)
 
 
 def sort_min_rows() -> int:
