@@ -88,7 +88,8 @@ fusedlora::LoraDecodeArgs check_base(const at::Tensor& x, const at::Tensor& weig
   value_check(weight.stride(1) == 1, "weight: expected unit stride along in_features (row-major), got strides (" +
                                          std::to_string(weight.stride(0)) + ", " + std::to_string(weight.stride(1)) +
                                          ")");
-  value_check(N < (1LL << 31) && K < (1LL << 31), "weight: dimensions must fit in int32");
+  value_check(N <= fusedlora::kMaxFeatures && K <= fusedlora::kMaxFeatures,
+              "weight: the decode kernels take at most 2^30 features on each side, got " + shape_of(weight));
   value_check(N >= 1 && K >= 1, "weight: the decode kernels need at least one output and one input feature, got " +
                                     shape_of(weight));
   if (bias.has_value()) {
@@ -179,7 +180,7 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_decode(const at::Tensor& x, const 
   auto args = check_base(x, weight, bias, gemv);
   same_dtype(pool_A, x, "pool_A");
   same_dtype(pool_BT, x, "pool_BT");
-  value_check(pool_A.dim() == 2 && pool_A.size(1) == args.K && pool_A.stride(1) == 1,
+  value_check(pool_A.dim() == 2 && pool_A.size(1) == args.K && pool_A.stride(1) == 1 && pool_A.size(0) < (1LL << 31),
               "pool_A: expected (R_total, " + std::to_string(args.K) + ") with unit stride along K, got " +
                   shape_of(pool_A));
   value_check(pool_BT.dim() == 2 && pool_BT.size(1) == args.N && pool_BT.size(0) == pool_A.size(0) &&
@@ -195,7 +196,9 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_decode(const at::Tensor& x, const 
               "slot_off, slot_rank, slot_scale: expected one entry per slot each");
   // any width of u at least the largest rank (the caller's promise, as on Triton); a
   // shrink block j reads pooled rows only where j is below its row's rank
-  value_check(max_rank >= 0 && max_rank < (1LL << 31), "max_rank: expected >= 0, got " + std::to_string(max_rank));
+  value_check(max_rank >= 0 && max_rank <= pool_A.size(0),
+              "max_rank: expected 0 .. " + std::to_string(pool_A.size(0)) + " (no slot owns more rows than the pool "
+              "holds), got " + std::to_string(max_rank));
   on_device_of({&pool_A, &pool_BT, &row_slot, &slot_off, &slot_rank, &slot_scale}, x);
   const at::Tensor slots = row_slot.contiguous(), offs = slot_off.contiguous(), ranks = slot_rank.contiguous(),
                    scales = slot_scale.contiguous();
@@ -209,6 +212,8 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_decode(const at::Tensor& x, const 
   args.slot_off = offs.data_ptr<int>();
   args.slot_rank = ranks.data_ptr<int>();
   args.slot_scale = scales.data_ptr<float>();
+  args.num_slots = static_cast<int>(slot_off.size(0));
+  args.pool_rows = static_cast<int>(pool_A.size(0));
   return run(args, x, weight, bias, "multi_lora_decode");
 }
 
@@ -245,6 +250,8 @@ at::Tensor sparse_decode(const at::Tensor& x, const at::Tensor& weight, const c1
   const fusedlora::DType val_dtype = dtype_of(values, "values");
   value_check(row_ptr.size(0) == args.N + 1, "row_ptr: expected out_features + 1 = " + std::to_string(args.N + 1) +
                                                   " entries, got " + std::to_string(row_ptr.size(0)));
+  value_check(col.size(0) < (1LL << 31), "col: the CSR positions are int32: at most 2^31 - 1 nonzeros, got " +
+                                             std::to_string(col.size(0)));
   value_check(col.size(0) == order.size(0) && values.size(0) == col.size(0),
               "col, order, values: expected one entry per nonzero each, got " + std::to_string(col.size(0)) + ", " +
                   std::to_string(order.size(0)) + " and " + std::to_string(values.size(0)));

@@ -59,6 +59,8 @@ struct LoraDecodeArgs {
   const int* slot_off = nullptr;     // (S,) device
   const int* slot_rank = nullptr;    // (S,) device
   const float* slot_scale = nullptr; // (S,) device
+  int num_slots = 0;                  // S: a row's slot at or past it serves the base only
+  int pool_rows = 0;                  // rows of the pooled A and B: a slot's rows are clipped to them
   WeightDelta delta;                  // C3A / sparse adapters (R = 0 then: no LoRA)
   Gemv gemv = Gemv::kFma;
   int sm_major = 0;  // compute capability of x's device
@@ -74,6 +76,10 @@ int lora_decode_k_split(const LoraDecodeArgs& args, int num_sms);
 
 // Largest M the decode kernels take.
 constexpr int kMaxDecodeRows = 16;
+
+// Largest K and N: the kernels index features in 32 bits, and a split's end (K plus one
+// split's length) must stay below 2^31.
+constexpr int kMaxFeatures = 1 << 30;
 
 // Launches the GEMV (the shrink in its first R blocks) and the finishing kernel.
 cudaError_t lora_decode_forward(const LoraDecodeArgs& args);

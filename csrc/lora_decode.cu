@@ -88,8 +88,14 @@ struct Slot {
 __device__ __forceinline__ Slot slot_of(int m, const LoraDecodeArgs& p) {
   if (p.row_slot == nullptr) return {0, p.R, p.scaling};
   const int s = p.row_slot[m];
-  if (s < 0) return {0, 0, 0.f};
-  return {p.slot_off[s], p.slot_rank[s], p.slot_scale[s]};
+  // The op is callable with unchecked tables (torch.ops.fusedlora.*, validate=False): a
+  // slot past the tables serves the base only, and a slot's rows are clipped to the pool,
+  // so no value of them reads outside the tables or the pool.
+  if (s < 0 || s >= p.num_slots) return {0, 0, 0.f};
+  const int off = p.slot_off[s];
+  const int rank = p.slot_rank[s];
+  if (off < 0 || rank <= 0 || off >= p.pool_rows) return {0, 0, 0.f};
+  return {off, min(rank, p.pool_rows - off), p.slot_scale[s]};
 }
 
 // The shrink's block j: u[m, j] = scale_m * x[m] . A[off_m + j] over all of K for every
@@ -148,7 +154,7 @@ __device__ __forceinline__ void shrink_block(int j, const LoraDecodeArgs& p, boo
 #pragma unroll
     for (int q = 0; q < kParts; ++q) s += sums[m][q];
     const Slot sl = slot_of(m, p);
-    p.u[m * p.R + j] = j < sl.rank ? sl.scale * s : 0.f;
+    p.u[static_cast<int64_t>(m) * p.R + j] = j < sl.rank ? sl.scale * s : 0.f;
   }
 }
 
@@ -396,7 +402,8 @@ __global__ void lora_finish(const LoraDecodeArgs p, int k_blocks) {
   const int rank = min(sl.rank, p.R);
   if (rank > 0) {
     const T* b_row = static_cast<const T*>(p.b) + n * p.stride_bn + static_cast<int64_t>(sl.off) * p.stride_bj;
-    for (int j = 0; j < rank; ++j) acc += p.u[m * p.R + j] * to_float(b_row[j * p.stride_bj]);
+    const float* u_row = p.u + static_cast<int64_t>(m) * p.R;
+    for (int j = 0; j < rank; ++j) acc += u_row[j] * to_float(b_row[j * p.stride_bj]);
   }
   const WeightDelta& d = p.delta;
   if (d.sp_row_ptr != nullptr) {
@@ -417,11 +424,13 @@ cudaError_t launch_rows(const LoraDecodeArgs& p) {
   };
   const int splits = p.k_split < 1 ? 1 : p.k_split;
   // Splits cut K at multiples of the chunk so vector loads stay aligned.
-  const int chunks = (p.K + kChunk - 1) / kChunk;
+  // in 64 bits: K + a split's length passes 2^31 for K near it (the binding caps K at 2^30)
+  const int64_t chunks = (static_cast<int64_t>(p.K) + kChunk - 1) / kChunk;
+  const int64_t k_per_split = (chunks + splits - 1) / splits * kChunk;
   Plan plan;
   plan.shrink_blocks = p.R;
-  plan.k_per_split = ((chunks + splits - 1) / splits) * kChunk;
-  plan.k_blocks = (p.K + plan.k_per_split - 1) / plan.k_per_split;
+  plan.k_per_split = static_cast<int>(k_per_split);
+  plan.k_blocks = static_cast<int>((p.K + k_per_split - 1) / k_per_split);
   plan.shrink_vec = p.R > 0 && vec_rows(p.x, p.ld_x) && vec_rows(p.a, p.ld_a);
   const bool mma = p.gemv == Gemv::kMma;
   const int rows_per_block = mma ? kMmaRows : kRowsPerBlock;
@@ -491,7 +500,9 @@ int lora_decode_k_split(const LoraDecodeArgs& p, int num_sms) {
 
 cudaError_t lora_decode_forward(const LoraDecodeArgs& p) {
   if (p.M < 1 || p.M > kMaxDecodeRows || p.N < 1 || p.K < 1 || p.R < 0) return cudaErrorInvalidValue;
-  if (p.row_slot != nullptr && (p.slot_off == nullptr || p.slot_rank == nullptr || p.slot_scale == nullptr))
+  if (p.K > kMaxFeatures || p.N > kMaxFeatures) return cudaErrorInvalidValue;
+  if (p.row_slot != nullptr && p.num_slots > 0 &&
+      (p.slot_off == nullptr || p.slot_rank == nullptr || p.slot_scale == nullptr))
     return cudaErrorInvalidValue;
   if (p.partial == nullptr || (p.R > 0 && (p.u == nullptr || p.a == nullptr || p.b == nullptr)))
     return cudaErrorInvalidValue;

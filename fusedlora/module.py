@@ -76,6 +76,9 @@ class FusedLinear(nn.Linear):
         self._multi_cache = None  # routing._prepare's answer and what it depends on
         self._multi_struct = 0    # bumped by every add / delete of an adapter
         self._delta_rows = None   # weight_delta_rows' slot table and what it depends on
+        # a traced forward reads the layouts eager code built last: build them again (and check
+        # the indices) as soon as load_state_dict or a device move may have changed the indices
+        self.register_load_state_dict_post_hook(FusedLinear._refresh_layouts_hook)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "FusedLinear":
@@ -205,12 +208,28 @@ class FusedLinear(nn.Linear):
             # forward uses the layout eager calls built (or one of add_sparse's
             # already checked indices).
             layout = self._sparse_layout.latest(name)
-            if layout is None:
+            if layout is None or layout.device != indices.device:
                 layout = sparse_ops.build_layout(indices, tuple(self.weight.shape), validate=False)
                 self._sparse_layout.put_unchecked(name, layout)
             return layout
         return self._sparse_layout.get_or_build(
             name, (indices,), lambda: sparse_ops.build_layout(indices, tuple(self.weight.shape)))
+
+    def _refresh_layouts(self) -> None:
+        if torch.compiler.is_compiling():
+            return
+        for name, kind in self._kind.items():
+            if kind == "sparse" and not self.sparse_indices[name].is_meta:  # meta: shapes only, nothing to check
+                self._layout(name)
+
+    @staticmethod
+    def _refresh_layouts_hook(module: "FusedLinear", incompatible_keys) -> None:
+        module._refresh_layouts()
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._refresh_layouts()
+        return out
 
     def adapter_id(self, name: str) -> int:
         """The integer id of adapter ``name`` for ``adapter_ids`` / ``fusedlora.use_adapters``:

@@ -628,6 +628,9 @@ def _check_table_values(row_slot, slot_off, slot_rank, slot_drop, pool_rows: int
     out of bounds. Returns max_rank. Under torch.compile the same checks run as device-side
     asserts (no sync, no graph break), and max_rank, which sizes buffers, must be given."""
     S = slot_off.shape[0]
+    if max_rank is not None and not 0 <= int(max_rank) <= pool_rows:
+        raise ValueError(f"max_rank: expected 0 .. {pool_rows} (no slot owns more rows than the pool holds), "
+                         f"got {max_rank}")
     if torch.compiler.is_compiling():
         if max_rank is None:
             raise ValueError("max_rank: under torch.compile pass the largest slot rank (an int): reading it "

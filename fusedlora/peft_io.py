@@ -31,7 +31,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -72,6 +72,7 @@ _REASONS = {
     "target_parameters": "LoRA on parameters (target_parameters) is not supported",
     "megatron_config": "Megatron parallel layers (megatron_config) are not supported",
 }
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 _META_KEYS = ("task_type", "base_model_name_or_path", "revision")
 _META_ATTR = "_fusedlora_peft_meta"
 
@@ -94,6 +95,13 @@ def check_config(config: dict, where: str) -> str:
                    else f"option {k}={v!r} is not supported" for k, v in sorted(bad.items())]
         raise ValueError(f"{where}: cannot load this {peft_type} adapter: " + "; ".join(reasons))
     if peft_type == "LORA":
+        init = config.get("init_lora_weights", True)
+        if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+            # PEFT reruns these inits when it loads the adapter and they rewrite the base weight
+            # (PiSSA: W - B0 A0); FusedLinear keeps W, so its output would differ by B0 A0
+            raise ValueError(f"{where}: init_lora_weights={init!r} rewrites the base weight when PEFT loads the "
+                             "adapter, which fusedlora does not reproduce; convert it to a plain LoRA adapter with "
+                             "PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=...)")
         _positive_int(config.get("r", 8), f"{where}: r")
         for key in ("rank_pattern", "alpha_pattern"):
             if not isinstance(config.get(key) or {}, dict):
@@ -454,11 +462,14 @@ def _candidate_names(model: nn.Module) -> List[str]:
     return [n for n, _ in model.named_modules() if n and n not in inner]
 
 
-def _target_modules(model: nn.Module, targets: List[str]) -> List[str]:
+def _target_modules(model: nn.Module, targets: List[str]) -> Union[List[str], str]:
     names = _candidate_names(model)
     want = set(targets)
     suffixes = sorted({t.rsplit(".", 1)[-1] for t in targets})
-    for choice in (suffixes, sorted(targets)):
+    # a list entry matches every name ending in "." + entry, so a target whose full name ends
+    # another module's (top-level q beside block.q) needs PEFT's string form: re.fullmatch
+    exact = "|".join(re.escape(t) for t in sorted(targets))
+    for choice in (suffixes, sorted(targets), exact):
         if {n for n in names if name_matches(choice, n)} == want:
             return choice
     raise ValueError(f"model: cannot name the adapted modules {sorted(want)[:3]}... as PEFT target_modules")

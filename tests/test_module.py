@@ -345,6 +345,31 @@ def test_torch_compile_fullgraph_no_graph_break(monkeypatch, backend):
     assert rel_err(compiled(x), model(x)) < 1e-6
 
 
+def test_compiled_forward_follows_sparse_indices_loaded_after_it_was_traced(torch_backend):
+    """A traced forward reads the layout eager code built last: load_state_dict (new indices
+    copied in place) builds it again at once, and checks them there."""
+    from fusedlora.sparse import random_indices
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    x = torch.randn(4, 16)
+    layer, source = FusedLinear(16, 32), FusedLinear(16, 32)
+    for m, seed in ((layer, 0), (source, 1)):
+        idx = random_indices((32, 16), density=0.1, seed=seed)
+        m.add_sparse("s", idx, torch.randn(idx.shape[1]))
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        compiled(x)  # traced against the first indices
+        layer.load_state_dict(source.state_dict())
+        assert rel_err(compiled(x), source(x)) < 1e-6
+        assert rel_err(layer(x), source(x)) < 1e-6
+    bad = source.state_dict()
+    bad["sparse_indices.s"] = bad["sparse_indices.s"].clone()
+    bad["sparse_indices.s"][0, 0] = 32  # row out of range
+    with pytest.raises(ValueError, match="indices"):
+        layer.load_state_dict(bad)
+
+
 def test_compiled_graph_feeds_no_seed_tensor_without_dropout(torch_backend):
     """Without dropout the fused ops get no seed tensor: a CPU tensor among a CUDA op's inputs
     puts the op in a CUDA-graph partition that then rejects the CPU storage (torch 2.11,

@@ -1002,6 +1002,7 @@ def test_multi_lora_linear_rejects_tables_that_would_index_out_of_bounds(triton_
         (dict(slot_off=torch.tensor([0, 30], dtype=torch.int32, device=DEVICE)), "slot_off"),
         (dict(slot_rank=torch.tensor([4, -1], dtype=torch.int32, device=DEVICE)), "slot_rank"),
         (dict(max_rank=4), "max_rank"),
+        (dict(max_rank=21), r"max_rank: expected 0 \.\. 20"),  # above the pool's rows
         (dict(slot_drop=torch.tensor([0.0, 1.0], device=DEVICE)), "slot_drop"),
     ]
     for change, name in bad:

@@ -220,6 +220,32 @@ def test_save_refuses_what_peft_cannot_hold(base, tmp_path):
     assert not os.listdir(tmp_path)
 
 
+def test_save_names_targets_whose_names_end_other_modules(tmp_path):
+    """A top-level q adapted beside an unadapted block.q: neither suffixes nor full names as a
+    list select exactly q (a list entry matches any name ending in '.q'); the escaped regex does."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = nn.Linear(8, 8)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.block = nn.Linear(8, 8), Block()
+
+        def forward(self, x):
+            return self.block.q(self.q(x))
+
+    torch.manual_seed(0)
+    net, x = Net(), torch.randn(3, 8)
+    pm = peft.get_peft_model(copy.deepcopy(net), peft.LoraConfig(r=2, target_modules=r"q", init_lora_weights=False))
+    model = fusedlora.from_peft(pm)
+    fusedlora.save_peft_adapter(model, tmp_path, "default")
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == "q"
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(net), tmp_path).eval()
+    assert rel_err(back(x), pm.eval()(x)) < 1e-6
+
+
 # ------------------------------------------------------------------- from_peft
 def test_from_peft_lora_two_adapters(base, tmp_path):
     pm = make_peft(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=LINEARS))
@@ -282,6 +308,9 @@ def _saved(base, tmp_path, config, name="peft"):
     (dict(bias="all"), "bias='all'"),
     (dict(modules_to_save=["lm_head"]), "modules_to_save"),
     (dict(lora_bias=True), "lora_bias"),
+    # PEFT reruns these inits on load and they rewrite the base weight (W - B0 A0)
+    (dict(init_lora_weights="pissa"), "init_lora_weights='pissa' rewrites the base weight"),
+    (dict(init_lora_weights="olora"), "init_lora_weights='olora'"),
 ])
 def test_load_refuses_unsupported_lora_options(base, tmp_path, config, match):
     path = _saved(base, tmp_path, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], **config))
