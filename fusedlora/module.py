@@ -215,6 +215,11 @@ class FusedLinear(nn.Linear):
         return self._sparse_layout.get_or_build(
             name, (indices,), lambda: sparse_ops.build_layout(indices, tuple(self.weight.shape)))
 
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        for name in self.__dict__.get("_kind", {}):
+            routing.REGISTRY.id_for(name)  # unpickled in another process: its names get ids there
+
     def _refresh_layouts(self) -> None:
         if torch.compiler.is_compiling():
             return

@@ -572,6 +572,9 @@ def check_multi_args(x, weight, bias, row_slot, pool_A, pool_BT, slot_off, slot_
     from .ops import check_linear_args
 
     check_linear_args(x, weight, bias)
+    if x.dim() != 2:  # one row_slot entry per row: the functional form takes rows, as the kernels do
+        raise ValueError(f"x: expected a 2-D (rows, in_features) tensor (one row_slot entry per row), "
+                         f"got shape {tuple(x.shape)}")
     check_pools_and_tables(x, weight.shape[0], row_slot, pool_A, pool_BT, slot_off, slot_rank, slot_scale, slot_drop)
 
 

@@ -58,10 +58,20 @@ def adapter_id(name: str) -> int:
 def pack_loras(As: List[Optional[Tensor]], Bs: List[Optional[Tensor]], scalings: List[float], device=None):
     """Pool arguments of ``multi_lora_linear`` for slots 0..S-1 (a None A is a slot of rank 0):
     (pool_A, pool_BT, slot_off, slot_rank, slot_scale, max_rank); differentiable in As and Bs."""
-    ref = next(a for a in As if a is not None)
+    if not len(As) == len(Bs) == len(scalings):
+        raise ValueError(f"As, Bs, scalings: expected one entry per slot each, got {len(As)}, {len(Bs)} and "
+                         f"{len(scalings)}")
+    ref = next((a for a in As if a is not None), None)
+    if ref is None:
+        raise ValueError("As: expected at least one adapter (a tensor of shape (r, in_features)), got only None")
     device = ref.device if device is None else device
     offs, ranks, off = [], [], 0
-    for A in As:
+    for s, (A, B) in enumerate(zip(As, Bs)):
+        if (A is None) != (B is None) or (A is not None and (A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]
+                                                             or A.shape[1] != ref.shape[1])):
+            raise ValueError(f"As[{s}], Bs[{s}]: expected A (r, {ref.shape[1]}) and B (out_features, r) of one rank "
+                             f"(or both None), got {None if A is None else tuple(A.shape)} and "
+                             f"{None if B is None else tuple(B.shape)}")
         r = 0 if A is None else A.shape[0]
         offs.append(off)
         ranks.append(r)
@@ -230,7 +240,7 @@ class AdapterPool:
                 offs.append(o)
                 o += r
             offs = tuple(offs)
-        ids = tuple(REGISTRY.get(n) for n in names)
+        ids = tuple(REGISTRY.id_for(n) for n in names)
         key = (names, tuple(kinds.values()), ranks, scales, drops, offs, ids, layer.weight.device)
         t = _TABLES.get(key)
         if t is None:
@@ -259,7 +269,7 @@ def layer_tables(layer) -> Tables:
     for r in ranks:
         offs.append(o)
         o += r
-    ids = tuple(REGISTRY.get(n) for n in names)
+    ids = tuple(REGISTRY.id_for(n) for n in names)
     return _build_tables(names, tuple(kinds.values()), ranks, scales, drops, tuple(offs), ids, layer.weight.device)
 
 

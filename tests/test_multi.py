@@ -1014,6 +1014,43 @@ def test_multi_lora_linear_rejects_tables_that_would_index_out_of_bounds(triton_
     assert dispatched() == {}, "a kernel ran before the error"
 
 
+def test_pack_loras_refuses_mismatched_or_missing_adapters():
+    from fusedlora.routing import pack_loras
+
+    A2, A3 = torch.randn(2, 8), torch.randn(3, 8)
+    B2, B3 = torch.randn(6, 2), torch.randn(6, 3)
+    with pytest.raises(ValueError, match=r"As\[0\], Bs\[0\]: expected A \(r, 8\) and B"):
+        pack_loras([A2, A3], [B3, B2], [1.0, 1.0])  # both pools have 5 rows: slot 0 would read slot 1's B
+    with pytest.raises(ValueError, match=r"As\[1\], Bs\[1\]"):
+        pack_loras([A2, None], [B2, B3], [1.0, 1.0])
+    with pytest.raises(ValueError, match="one entry per slot"):
+        pack_loras([A2], [B2], [1.0, 2.0])
+    with pytest.raises(ValueError, match="at least one adapter"):
+        pack_loras([None], [None], [1.0])
+    assert pack_loras([A2, None, A3], [B2, None, B3], [1.0, 0.0, 2.0])[0].shape == (5, 8)
+
+
+def test_unpickled_layer_routes_in_a_process_that_never_registered_its_names(monkeypatch, tmp_path):
+    """The adapter-name registry is per process: a layer loaded where its names were never
+    added registers them as it is unpickled (a spawned worker, torch.load)."""
+    from fusedlora import routing
+
+    layer = FusedLinear(16, 24)
+    layer.add_lora("pickled_a", r=2, init_lora_weights=False)
+    layer.add_lora("pickled_b", r=5, init_lora_weights=False)
+    torch.save(layer, tmp_path / "layer.pt")
+    monkeypatch.setattr(routing, "REGISTRY", routing._Registry())  # as in a fresh process
+    loaded = torch.load(tmp_path / "layer.pt", weights_only=False)
+    ids = routing.adapter_ids(["pickled_b", "__base__", "pickled_a"])
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        y = loaded(x, adapter_ids=ids)
+        for row, name in ((0, "pickled_b"), (2, "pickled_a")):
+            loaded.set_adapter(name)
+            assert rel_err(y[row], loaded(x[row:row + 1])[0]) < 1e-5
+        assert rel_err(y[1], torch.nn.functional.linear(x[1], loaded.weight, loaded.bias)) < 1e-6
+
+
 @pytest.mark.parametrize("change,exc,name", [
     (dict(pool_A=torch.randn(20, 19)), ValueError, "pool_A"),                          # K columns
     (dict(pool_BT=torch.randn(20, 11)), ValueError, "pool_BT"),                        # N columns
@@ -1027,6 +1064,8 @@ def test_multi_lora_linear_rejects_tables_that_would_index_out_of_bounds(triton_
     (dict(slot_off=torch.zeros(2, dtype=torch.int32, device="meta")), ValueError, "slot_off"),
     (dict(weight=torch.randn(12, 20, dtype=torch.float16)), TypeError, "weight"),
     (dict(bias=torch.randn(11)), ValueError, "bias"),
+    (dict(x=torch.randn(5, 1, 20)), ValueError, r"x: expected a 2-D"),                # rows, not samples
+    (dict(x=torch.randn(20)), ValueError, r"x: expected a 2-D"),
 ])
 def test_multi_lora_linear_rejects_bad_arguments_before_launch(triton_backend, change, exc, name):
     """The functional form's argument checks (shapes, dtypes, devices of the pools and
