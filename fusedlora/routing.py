@@ -48,6 +48,13 @@ class _Registry:
 REGISTRY = _Registry()
 
 
+def _id_of(name: str) -> int:
+    """The name's id, registered now if new (without the registry's lock where it is known:
+    Dynamo cannot enter a lock, and every name of a layer is known from its add or unpickling)."""
+    i = REGISTRY.get(name)
+    return REGISTRY.id_for(name) if i is None else i
+
+
 def adapter_id(name: str) -> int:
     """The process-wide id of adapter ``name`` (assigned now if the name is new)."""
     if not isinstance(name, str) or not name:
@@ -240,7 +247,7 @@ class AdapterPool:
                 offs.append(o)
                 o += r
             offs = tuple(offs)
-        ids = tuple(REGISTRY.id_for(n) for n in names)
+        ids = tuple(_id_of(n) for n in names)
         key = (names, tuple(kinds.values()), ranks, scales, drops, offs, ids, layer.weight.device)
         t = _TABLES.get(key)
         if t is None:
@@ -269,7 +276,7 @@ def layer_tables(layer) -> Tables:
     for r in ranks:
         offs.append(o)
         o += r
-    ids = tuple(REGISTRY.id_for(n) for n in names)
+    ids = tuple(_id_of(n) for n in names)
     return _build_tables(names, tuple(kinds.values()), ranks, scales, drops, tuple(offs), ids, layer.weight.device)
 
 
