@@ -673,6 +673,7 @@ def use_adapters(model: torch.nn.Module, ids: Tensor, validate: bool = True):
     for m in layers:
         m._multi_route = route_
     _pass_hooks(model)
+    model.__dict__["_fusedlora_routed_layers"] = layers  # cleared by the next plain training pass
     outer = model.__dict__.get("_fusedlora_route")
     model.__dict__["_fusedlora_route"] = route_
     try:
@@ -697,9 +698,18 @@ def _pass_hooks(model: torch.nn.Module) -> None:
 
 
 def _begin_pass(model, *_) -> None:
-    route_ = None if _compiling() else model.__dict__.get("_fusedlora_route")
+    if _compiling():
+        return
+    route_ = model.__dict__.get("_fusedlora_route")
     if route_ is not None:
         route_.begin_pass()
+    elif torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1:
+        # a training pass of the model outside any scope: its layers' checkpoints recompute this
+        # pass's forwards, not the routed ones before it, so the layers' "last forward was
+        # routed" is stale (a reentrant checkpoint's inner layers run their first pass under
+        # no_grad and would not reset it themselves)
+        for layer in model.__dict__.pop("_fusedlora_routed_layers", ()):
+            layer._last_routed = False
 
 
 def _end_pass(model, *_) -> None:

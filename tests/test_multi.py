@@ -745,6 +745,40 @@ def test_checkpointed_forward_recomputed_outside_its_scope_is_refused(torch_back
             model(x)
 
 
+def test_plain_reentrant_checkpoint_step_after_a_routed_step(torch_backend):
+    """A reentrant checkpoint's first pass runs under no_grad, and a layer behind a LayerNorm
+    sees an input that does not require grad: that pass cannot tell the layer its last forward
+    was not routed. The model's next training pass outside any scope does (its pass hook):
+    the plain step's recomputation is not refused, and its gradients are the step's without
+    checkpoints."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln, self.fc, self.ckpt = nn.LayerNorm(16), FusedLinear(16, 16), False
+            self.fc.add_lora("ck_a", r=2, init_lora_weights=False)
+
+        def body(self, h):
+            return self.fc(self.ln(h))
+
+        def forward(self, h):
+            return checkpoint(self.body, h, use_reentrant=True) if self.ckpt else self.body(h)
+
+    torch.manual_seed(0)
+    model, x = Block(), torch.randn(4, 16, requires_grad=True)
+    with fusedlora.use_adapters(model, torch.full((4,), model.fc.adapter_id("ck_a"))):
+        model(x).sum().backward()
+    grads = {}
+    for ckpt in (True, False):  # the checkpointed step right after the routed one
+        model.zero_grad()
+        model.ckpt = ckpt
+        model(x).square().sum().backward()
+        grads[ckpt] = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    assert len(grads[True]) == len(grads[False]) > 0
+    assert all(rel_err(g, w) < TOL[torch.float32] for g, w in zip(grads[True], grads[False]))
+
+
 def test_use_adapters_eager_decode_builds_its_gather_plan_once_per_pass(monkeypatch):
     """The eager gather (auto's eager path for decode rows) derives each row's pool rows,
     rank mask and scale from the row slots and the layer's tables: layers sharing both (same
