@@ -84,7 +84,7 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
             or not callable(getattr(peft_model, "get_base_model", None)):
         raise TypeError(f"peft_model: expected a peft.PeftModel, got {type(peft_model).__name__}")
     for n, cfg in configs.items():
-        check_config(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg, f"adapter {n!r}")
+        check_config(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg, f"adapter {n!r}", live=True)
     base = peft_model.get_base_model()
 
     errors: List[str] = []

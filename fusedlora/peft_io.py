@@ -78,8 +78,9 @@ _META_ATTR = "_fusedlora_peft_meta"
 
 
 # ------------------------------------------------------------------ config
-def check_config(config: dict, where: str) -> str:
-    """Refuse a config fusedlora cannot reproduce exactly; returns its peft_type."""
+def check_config(config: dict, where: str, live: bool = False) -> str:
+    """Refuse a config fusedlora cannot reproduce exactly; returns its peft_type. ``live``: the
+    config of a PeftModel in memory, whose base weights already hold what its init wrote."""
     if not isinstance(config, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(config).__name__}")
     peft_type = config.get("peft_type")
@@ -96,7 +97,7 @@ def check_config(config: dict, where: str) -> str:
         raise ValueError(f"{where}: cannot load this {peft_type} adapter: " + "; ".join(reasons))
     if peft_type == "LORA":
         init = config.get("init_lora_weights", True)
-        if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        if not live and isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
             # PEFT reruns these inits when it loads the adapter and they rewrite the base weight
             # (PiSSA: W - B0 A0); FusedLinear keeps W, so its output would differ by B0 A0
             raise ValueError(f"{where}: init_lora_weights={init!r} rewrites the base weight when PEFT loads the "

@@ -283,6 +283,14 @@ def test_from_peft_c3a_shira(base, kind):
     assert rel_err(logits(model), ref) < TOL
 
 
+def test_from_peft_takes_a_live_pissa_model(base):
+    """A live PeftModel already holds the base weight its PiSSA init rewrote: converted as it
+    is (a saved one is refused at load, test_load_refuses_unsupported_lora_options)."""
+    pm = make_peft(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa"))
+    ref = logits(pm)
+    assert rel_err(logits(fusedlora.from_peft(pm)), ref) < TOL
+
+
 def test_from_peft_keeps_merged_state(base):
     pm = make_peft(base, peft.LoraConfig(r=4, target_modules=["q_proj", "up_proj"]))
     ref = logits(pm)
