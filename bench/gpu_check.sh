@@ -47,7 +47,7 @@ try:
 except ValueError as e:
     print('extension call ok:', e)" > /tmp/ext_probe.txt 2>&1 & probe=$!
 # what no GPU has run yet goes first, then the rest (one junit file each would pass the 8-file limit)
-NEW="above_16_rows or cublas or warm_up_then_capture or spectral or cuda_graphs or decode_pair or shrink or two_kernels or autocast or delta or values_through or weight_delta_rows"
+NEW="unchecked_tables or cublas_aligned or above_16_rows or cublas or warm_up_then_capture or spectral or cuda_graphs or decode_pair or shrink or two_kernels or autocast or delta or values_through or weight_delta_rows"
 FUSEDLORA_AUTOTUNE=0 timeout -s INT "${NEW_S:-80}" $PYTEST -m gpu $PAR -k "$NEW" \
   --ignore tests/test_cuda_ext.py >> "$LOG" 2>&1
 echo "new gpu tests rc=$?" | tee -a "$LOG"; summary 10

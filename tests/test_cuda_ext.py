@@ -226,6 +226,23 @@ def test_cuda_bgmv_shrink_zeroes_what_a_row_does_not_use(ext, gemv):
     assert rel_err(y, ref) < TOL[torch.float16]
 
 
+@pytest.mark.gpu
+def test_cuda_bgmv_unchecked_tables_read_nothing_outside_them(ext):
+    """The binding is callable with tables nobody validated (torch.ops, validate=False): a row
+    whose slot is past the tables serves the base only, and a slot whose rows run past the
+    pool (or start past it) is clipped to the pool's rows, so nothing is read out of bounds."""
+    m = multi_args(M=3, K=1024, N=520, dtype=torch.float16, device="cuda")
+    m["row_slot"] = torch.tensor([7, 1, 0], dtype=torch.int32, device="cuda")   # slot 7 of 2
+    m["slot_off"] = torch.tensor([6, 40], dtype=torch.int32, device="cuda")     # 6 + 2 > 7 rows; 40 past them
+    y, u = ext.multi_lora_decode(**m)
+    torch.cuda.synchronize()
+    x, pA, pBT = m["x"].double(), m["pool_A"].double(), m["pool_BT"].double()
+    ref = torch.nn.functional.linear(x, m["weight"].double(), m["bias"].double())
+    ref[2] += 1.0 * (x[2] @ pA[6:7].t()) @ pBT[6:7]  # slot 0 clipped to its one row inside the pool
+    assert rel_err(y, ref) < TOL[torch.float16]
+    assert torch.equal(u[0], torch.zeros_like(u[0])) and torch.equal(u[1], torch.zeros_like(u[1]))
+
+
 def multi_args(M=3, K=8, N=6, dtype=torch.float32, device="cpu"):
     from fusedlora.routing import pack_loras
 
