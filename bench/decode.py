@@ -141,6 +141,11 @@ def _base(i):
 
 
 def _eager(i):
+    # the layer's parameters require grad: like the other columns (inference), without a graph
+    return torch.no_grad()(_eager_call(i))
+
+
+def _eager_call(i):
     layer, x, W, b = i["layer"], i["x"], i["W"], i["b"]
     if "route" in i:  # gather + bmm over the rows' own adapters
         names = [f"decode_{a}" for a in range(POOL)]
@@ -210,17 +215,22 @@ def _by_shape(rows, variant: str) -> dict:
     return by_key
 
 
+# A win by less than this is within run-to-run noise (the 2026-11-28 report named the extension's
+# BGMV for 4 rows on 21.4 against 21.6 us): not enough to move a dispatch table.
+WIN_MARGIN = 0.03
+
+
 def cuda_wins(rows, impl: str = "cuda") -> dict:
     """op -> the largest M such that at every M' <= M, and every shape measured, the CUDA
-    kernel of column ``impl`` ran (its row's dispatch says so) and was no slower than
-    Triton (graph times)."""
+    kernel of column ``impl`` ran (its row's dispatch says so) and beat Triton by at least
+    WIN_MARGIN (graph times)."""
     verdicts = {}  # op -> M -> CUDA won at every shape (and variant) of that M
     for variant, op in OPS.items():
         verdict = verdicts.setdefault(op, {})
         for (M, _, _), impls in _by_shape(rows, variant).items():
             cuda, triton = impls.get(impl), impls.get("triton")
             ran = cuda is not None and any(f"{op}:cuda:" in d for d in cuda.get("dispatch", []))
-            won = ran and triton is not None and best_ms(cuda) <= best_ms(triton)
+            won = ran and triton is not None and best_ms(cuda) * (1 + WIN_MARGIN) <= best_ms(triton)
             verdict[M] = verdict.get(M, True) and won
     table = {}
     for op, verdict in verdicts.items():
@@ -259,6 +269,6 @@ def summary(rows) -> list:
             "`fusedlora.backend.CUDA_WINS = " + repr(cuda_wins(rows)) + "`  (FUSEDLORA_CUDA_GEMV=fma, the default)",
             "",
             "`fusedlora.backend.CUDA_WINS = " + repr(cuda_wins(rows, "cuda-mma")) + "`  (FUSEDLORA_CUDA_GEMV=mma)", "",
-            "(op -> the largest row count up to which the CUDA kernel was no slower than Triton at every "
+            "(op -> the largest row count up to which the CUDA kernel beat Triton by 3 % or more at every "
             "shape and every smaller row count, CUDA-graph times; ops missing stay on Triton.)", "",
             *host_table(rows)]

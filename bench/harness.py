@@ -334,7 +334,7 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype, small: bool = Fal
         del src, dst
         moved = 2 * copy_bytes  # read + write
         copy = {"bytes_moved": moved, **copy_t}
-        bytes_per_s = moved / (copy_t["median_ms"] * 1e-3)
+        bytes_per_s = moved / (copy_t[CEILING_QUANTILE] * 1e-3)
     else:
         copy, bytes_per_s = bandwidth_of["copy"], bandwidth_of["bytes_per_s"]
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -342,9 +342,17 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype, small: bool = Fal
     mm_t = time_thunks([lambda: torch.matmul(a, b)], device)
     del a, b
     return {"bytes_per_s": bytes_per_s,
-            "flops_per_s": 2 * n**3 / (mm_t["median_ms"] * 1e-3),
+            "flops_per_s": 2 * n**3 / (mm_t[CEILING_QUANTILE] * 1e-3),
+            "quantile": CEILING_QUANTILE,
             "copy": copy,
             "matmul": {"n": n, "dtype": str(dtype).replace("torch.", ""), **mm_t}}
+
+
+# A ceiling is what the device can reach, so its fast mode, not its median: the H200's 8192^3
+# bf16 matmul times were bimodal in every run (p20 ~ min 1.38-1.46 ms, median ~ p80 1.54-1.60 ms,
+# a clock or power state), and a median ceiling put F.linear at 101-114 % of the roof. p20, not
+# the min: one lucky sample is not a rate the device holds.
+CEILING_QUANTILE = "p20_ms"
 
 
 # ---------------------------------------------------------------- run a case

@@ -45,11 +45,12 @@ def main(rows: int = 1) -> None:
         layer = FusedLinear(K, N, device=device, dtype=dtype).eval()
         if kind in ("lora", "multi"):
             for a in range(8 if kind == "multi" else 1):
-                layer.add_lora(f"{kind}{a}", r=16, lora_alpha=32)
+                layer.add_lora(f"{kind}{a}", r=16, lora_alpha=32, init_lora_weights=False)  # no zeros
         elif kind == "c3a":
-            layer.add_c3a("c", block_size=64)
+            layer.add_c3a("c", block_size=64, init_weights="gaussian")
         else:
-            layer.add_sparse("s", random_indices((N, K), density=0.01, seed=0))
+            idx = random_indices((N, K), density=0.01, seed=0)
+            layer.add_sparse("s", idx, torch.randn(idx.shape[1], device=device) * 0.01)
         layers[kind] = layer
     multi = layers["multi"]
     ids = torch.tensor([multi.adapter_id(f"multi{i % 8}") for i in range(rows)], device=device)

@@ -101,6 +101,17 @@ def work(s: dict, ranks, slot_of_row, train: bool, elem: int):
     return flops, nbytes
 
 
+def single_rank(ranks, slot_of_row) -> int:
+    """The rank of `single`'s one adapter: the rows' mean rank."""
+    return max(1, round(sum(ranks[a] for a in slot_of_row) / max(1, len(slot_of_row))))
+
+
+def single_work(s: dict, r: int, train: bool, elem: int):
+    """(flops, minimal bytes) of `single`: one rank-r adapter for every row (its own roofline,
+    not the multi-adapter problem's: one adapter's bytes)."""
+    return work(s, [r], [0] * s["T"], train, elem)
+
+
 def _inputs(s: dict, variant: str, device, dtype, seed: int):
     T, A, K, N = s["T"], s["A"], s["K"], s["N"]
     gen = torch.Generator().manual_seed(seed)
@@ -204,8 +215,7 @@ def _delta(i):
 
 
 def _single(i):
-    ranks = i["adapters"]["ranks"]
-    r = max(1, round(sum(ranks[a] for a in i["adapters"]["slots"]) / max(1, len(i["adapters"]["slots"]))))
+    r = single_rank(i["adapters"]["ranks"], i["adapters"]["slots"])
     K, N = i["W"].shape[1], i["W"].shape[0]
     A = i["adapters"]["A"][0].new_empty(r, K).normal_(std=K ** -0.5).requires_grad_("gy" in i)
     B = i["adapters"]["B"][0].new_empty(N, r).normal_(std=r ** -0.5).requires_grad_("gy" in i)
@@ -225,9 +235,16 @@ def _gather(i):
     idx = torch.tensor(ad["slots"], device=i["x"].device)
     scale = torch.full((len(As),), SCALING, device=i["x"].device, dtype=i["x"].dtype)
 
+    def stacked():
+        return (torch.stack([F.pad(a, (0, 0, 0, rmax - a.shape[0])) for a in As]),    # (A, rmax, K)
+                torch.stack([F.pad(b, (0, rmax - b.shape[1])) for b in Bs]))          # (A, N, rmax)
+
+    # a server keeps its adapters stacked: stacked once, outside the timing; a training step
+    # stacks the parameters at every call, as autograd must see them
+    ready = None if train else stacked()
+
     def fwd():
-        A_st = torch.stack([F.pad(a, (0, 0, 0, rmax - a.shape[0])) for a in As])     # (A, rmax, K)
-        B_st = torch.stack([F.pad(b, (0, rmax - b.shape[1])) for b in Bs])           # (A, N, rmax)
+        A_st, B_st = stacked() if ready is None else ready
         u = torch.bmm(A_st[idx], i["x"][:, :, None])                                 # (T, rmax, 1)
         d = torch.bmm(B_st[idx], u)[:, :, 0] * scale[idx, None]
         return F.linear(i["x"], i["W"], i["b"]) + d
@@ -277,6 +294,7 @@ def cases(opts: Options):
     for variant, s in shapes(opts):
         probe = _inputs(dict(s, K=1, N=1), variant, "cpu", torch.float32, 0)["adapters"]
         flops, nbytes = work(s, probe["ranks"], probe["slots"], variant == "fwd+bwd", elem)
+        single = single_work(s, single_rank(probe["ranks"], probe["slots"]), variant == "fwd+bwd", elem)
         base = (matmul_flops((s["T"], s["N"], s["K"])),
                 numel_bytes(elem, (s["T"], s["K"]), (s["N"], s["K"]), (s["N"],), (s["T"], s["N"])))
         if variant == "fwd+bwd":  # base_thunk also takes dx = gy W (W frozen): gy read, dx written
@@ -289,7 +307,8 @@ def cases(opts: Options):
                    make_inputs=lambda s=s, v=variant: _inputs(s, v, opts.device, opts.dtype, next(seeds)),
                    impls={"multi": _multi, "fused": _fused, "scoped": _scoped, "single": _single, "base": base_thunk, "delta": _delta,
                           "gather": _gather, "peft": _peft},
-                   work={"*": (flops, nbytes), "base": base}, ref="single", roof_impls=("multi", "single"),
+                   work={"*": (flops, nbytes), "base": base, "single": single}, ref="single",
+                   roof_impls=("multi", "single"),
                    check=check,
                    # prefill too: graph replays give the kernels' time apart from the host's
                    # (the 2026-11-28 H200 host took ~100 us a Triton launch)

@@ -25,7 +25,8 @@ import torch  # noqa: E402
 
 from bench import harness  # noqa: E402
 
-_NOT_PATHS = {"harness", "run", "report"}
+# modules of bench/ that are tools, not bench paths (profile_step has a cases() of its own)
+_NOT_PATHS = {"harness", "run", "report", "profile_step", "host_overhead", "decode_plans"}
 
 
 def discover_paths() -> list:

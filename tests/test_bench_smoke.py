@@ -60,6 +60,14 @@ def test_bench_smoke_writes_table_json_and_report(tmp_path):
         assert not pngs and "matplotlib is not importable" in text
 
 
+def test_every_discovered_path_is_a_bench_path():
+    """`--paths all` (the default) runs what discover_paths finds: tools of bench/ with a
+    function named cases (profile_step) must not be among them."""
+    from bench import run
+
+    assert run.discover_paths() == ["c3a", "decode", "kinds", "lora", "multi", "sparse", "switch"]
+
+
 def test_bench_refuses_full_size_on_cpu_except_cheap_paths(tmp_path):
     run = subprocess.run([sys.executable, "bench/run.py", "--device", "cpu", "--paths", "lora",
                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -126,6 +134,9 @@ def test_cuda_wins_is_the_prefix_of_row_counts_where_cuda_ran_and_won():
         rows += [_row("lora r16", M, "cuda", 99.0, cuda), _row("lora r16", M, "triton", 1.0, triton)]
     # graph times decide (the eager medians say the opposite); 16 lost, so 64 does not count
     assert cuda_wins(rows) == {"lora.forward": 4}
+    # a win inside run-to-run noise (under WIN_MARGIN) does not move the table
+    rows = [_row("lora r16", 1, "cuda", 1.0, 21.4), _row("lora r16", 1, "triton", 1.0, 21.6)]
+    assert cuda_wins(rows) == {}
     # a row where the extension did not run (fell back to Triton) is no win
     rows = [_row("c3a b64", 1, "cuda", 1.0, ran=False), _row("c3a b64", 1, "triton", 2.0)]
     assert cuda_wins(rows) == {}
