@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.autograd import forward_ad
 
 from . import reference
-from .backend import dispatch, interpreting, record, select_backend
+from .backend import dispatch, interpreting, record, requested_backend, select_backend
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -232,20 +232,31 @@ def seed_value(seed: Optional[Tensor]) -> int:
     return int(seed.item())
 
 
-def torch_masks(device: torch.device, op: str, rows: int) -> bool:
+def dtype_fallback(backend: str, device: torch.device, dtype: Optional[torch.dtype], fallback: str = "eager") -> str:
+    """auto's kernel pick (Triton, the extension) for a dtype no kernel takes (float64 on CUDA):
+    ``fallback``, the op's composition, instead, at every row count (its dispatch record says
+    so; without this a float64 layer ran above 16 rows and raised below). A backend asked for
+    by name is kept: it raises."""
+    if dtype is not None and backend in ("triton", "cuda") and requested_backend() == "auto" and \
+            not triton_serves(device, dtype):
+        return fallback
+    return backend
+
+
+def torch_masks(device: torch.device, op: str, rows: int, dtype: Optional[torch.dtype] = None) -> bool:
     """Whether the forward of ``op`` draws its dropout from torch's generator (the torch and
     eager backends) rather than the kernels' Philox. Read where the forward ran (its autograd
     context) and given to the backward, which must draw the same mask even when the backend
     asked for has changed by then (a use_backend scope left before .backward())."""
-    return select_backend(device, op, rows) in ("torch", "eager")
+    return dtype_fallback(select_backend(device, op, rows), device, dtype) in ("torch", "eager")
 
 
 def backward_backend(device: torch.device, dropout: bool, torch_mask: bool, op: Optional[str] = None,
-                     rows: int = 0) -> str:
+                     rows: int = 0, dtype: Optional[torch.dtype] = None, fallback: str = "eager") -> str:
     """The backward's backend: the one asked for now (for ``op`` on ``rows`` rows), unless
     dropout needs the forward's mask family (torch's generator: the torch or eager backend;
     Philox: Triton, which the forward ran)."""
-    backend = select_backend(device, op, rows)
+    backend = dtype_fallback(select_backend(device, op, rows), device, dtype, fallback)
     if dropout and torch_mask != (backend in ("torch", "eager")):
         return "torch" if torch_mask else "triton"
     return backend
@@ -278,6 +289,7 @@ def _lora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Ten
 
 def _lora_forward_on(backend: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
                      lora_B: Tensor, scaling: float, dropout_p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    backend = dtype_fallback(backend, x.device, x.dtype)
     if backend == "cuda":
         from .cuda_ext import decode_serves
 
@@ -326,7 +338,7 @@ def _lora_backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lo
     """(dx, dW, db, dA, dB); an empty tensor stands for a gradient not asked for.
     ``torch_mask``: the forward drew its dropout from torch's generator (ops.torch_masks)."""
     need_x, need_w, need_b, need_a, need_bb = needs
-    backend = backward_backend(x.device, dropout_p > 0, torch_mask, "lora.backward", x.shape[0])
+    backend = backward_backend(x.device, dropout_p > 0, torch_mask, "lora.backward", x.shape[0], x.dtype)
     if backend in ("torch", "eager"):
         mask = torch_keep_mask(x.shape, dropout_p, seed_value(seed), x.device)
         if backend == "eager":
@@ -335,6 +347,7 @@ def _lora_backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lo
         grads = reference.lora_linear_grads(grad_y, x, weight, lora_A, lora_B, scaling, mask, dropout_p)
         record("lora.backward", "torch", "reference")
         return [g if n else grad_y.new_empty(0) for g, n in zip(grads, needs)]
+    triton_dtype_ok(x)
     from .launch import Dropout, matmul
 
     dt = x.dtype
@@ -395,7 +408,7 @@ def _lora_setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
     ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
     ctx.scaling, ctx.dropout_p = scaling, dropout_p
-    ctx.torch_mask = dropout_p > 0 and torch_masks(x.device, "lora.forward", x.shape[0])
+    ctx.torch_mask = dropout_p > 0 and torch_masks(x.device, "lora.forward", x.shape[0], x.dtype)
     ctx.mark_non_differentiable(output[1])
 
 

@@ -400,3 +400,38 @@ def test_dropout_backward_draws_the_forwards_mask_after_a_backend_switch(monkeyp
         yl = lora_linear(xl, W, b, A.detach(), B.detach(), 0.7, p)
         yl.backward(torch.ones_like(yl))
     assert rel_err(ym, yl) < TOL[torch.float32] and rel_err(xm.grad, xl.grad) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_auto_float64_lora_and_routed_rows_take_the_compositions_at_every_row_count(gpu_call, monkeypatch, dropout):
+    """auto picks Triton for LoRA's 1..16 rows and for routed rows on CUDA; Triton has no
+    float64 kernels, so a float64 layer ran above 16 rows and raised below (the warm-up of
+    the capture path raised first). Such calls take the compositions at every row count,
+    forward and backward, dropout's mask family included, and the dispatch record says so."""
+    from fusedlora import ops
+
+    monkeypatch.setattr(ops, "select_backend", backend.select_backend)  # auto's CUDA pick: Triton
+    f64 = dict(dtype=torch.float64)
+    for M in (0, 3, 16, 17):
+        torch.manual_seed(M)
+        x = torch.randn(M, 12, **f64, requires_grad=True)
+        W, A, B = torch.randn(8, 12, **f64), torch.randn(2, 12, **f64, requires_grad=True), \
+            torch.randn(8, 2, **f64, requires_grad=True)
+        fusedlora.reset_dispatch()
+        y = lora_linear(x, W, None, A, B, 1.5, dropout)
+        y.square().sum().backward()
+        ran = dispatched("lora.")
+        assert not [k for k in ran if ":triton:" in k], (M, ran)
+        if dropout == 0.0:  # the float64 reference, gradients included
+            ref = reference.lora_linear(x.detach(), W, None, A.detach(), B.detach(), 1.5)
+            assert rel_err(y, ref) < 1e-12
+    pool_A, pool_BT, off, rank, scale, rmax = pack_loras([torch.randn(2, 12, **f64)], [torch.randn(8, 2, **f64)],
+                                                         [1.0])
+    slots = torch.tensor([0, -1, 0], dtype=torch.int32)
+    fusedlora.reset_dispatch()
+    x = torch.randn(3, 12, **f64, requires_grad=True)
+    y = multi_lora_linear(x, torch.randn(8, 12, **f64), None, slots, pool_A.requires_grad_(), pool_BT, off, rank,
+                          scale)
+    y.sum().backward()
+    ran = dispatched("multi.")
+    assert not [k for k in ran if ":triton:" in k] and ran["multi.backward:torch:grouped"] == 1, ran

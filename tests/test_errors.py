@@ -47,6 +47,20 @@ def test_triton_backend_rejects_float64(triton_backend):
     assert dispatched() == {}
 
 
+def test_triton_backward_rejects_float64_by_name(monkeypatch):
+    """The backward runs the backend asked for when it runs: a float64 forward on the torch
+    backend, backpropagated under triton, gets the forward's TypeError, not the launcher's KeyError."""
+    a = args(dtype=torch.float64)
+    a["x"].requires_grad_()
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "torch")
+    y = ops.lora_linear(**a)
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "triton")
+    fusedlora.reset_dispatch()
+    with pytest.raises(TypeError, match="x: the Triton backend supports"):
+        y.sum().backward()
+    assert dispatched() == {}
+
+
 def test_unknown_backend_name(monkeypatch):
     monkeypatch.setenv("FUSEDLORA_BACKEND", "fastest")
     with pytest.raises(ValueError, match="FUSEDLORA_BACKEND"):
