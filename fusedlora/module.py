@@ -223,9 +223,17 @@ class FusedLinear(nn.Linear):
     def _refresh_layouts(self) -> None:
         if torch.compiler.is_compiling():
             return
+        pool = self._multi_pool
         for name, kind in self._kind.items():
-            if kind == "sparse" and not self.sparse_indices[name].is_meta:  # meta: shapes only, nothing to check
+            if kind != "sparse":
+                continue
+            # dropped first: an inference tensor (a model loaded under inference_mode) keeps no
+            # version counter, so an in-place load would pass every cache's check
+            for cache in (self._sparse_layout, self._sparse_flat, pool.sparse_order if pool is not None else {}):
+                cache.pop(name, None)
+            if not self.sparse_indices[name].is_meta:  # meta: shapes only, nothing to check
                 self._layout(name)
+        self._delta_rows = None
 
     @staticmethod
     def _refresh_layouts_hook(module: "FusedLinear", incompatible_keys) -> None:
@@ -265,7 +273,8 @@ class FusedLinear(nn.Linear):
             raise ValueError(f"adapter name: {name!r} is merged into the weight; unmerge() first")
         for table in (self.lora_A, self.lora_B, self.scaling, self.r, self.lora_alpha, self.lora_dropout,
                       self.use_rslora, self.c3a_kernel, self.sparse_values, self.sparse_indices,
-                      self.sparse_scaling, self._sparse_layout, self._sparse_flat):
+                      self.sparse_scaling, self._sparse_layout, self._sparse_flat,
+                      self._multi_pool.sparse_order if self._multi_pool is not None else {}):
             if name in table:
                 del table[name]
         del self._kind[name]
@@ -330,7 +339,9 @@ class FusedLinear(nn.Linear):
             # is: load_state_dict copies unchecked ones in place, and a scatter with an
             # out-of-range column would write into the next row, a duplicate drop a value
             rows, cols = sparse_ops.check_indices(idx, tuple(self.weight.shape))
-            return rows.long().to(device), cols.long().to(device)
+            # copies, never views of the buffer: a merge's saved positions must not move when
+            # indices are loaded in place while it is merged (the unmerge restores those entries)
+            return rows.to(device, torch.int64, copy=True), cols.to(device, torch.int64, copy=True)
 
         return self._sparse_flat.get_or_build(name, (idx,), build, extra=device)
 

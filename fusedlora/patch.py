@@ -135,6 +135,9 @@ def to_fused(linear: nn.Linear, hooks_from: Optional[nn.Module] = None) -> Fused
     for table in _HOOK_TABLES:
         hooks = getattr(source, table, None)
         if hooks:
+            own = getattr(fused, table, None)
+            if own:  # FusedLinear's own (the load post-hook that rebuilds sparse layouts) stay, after
+                hooks = type(hooks)(list(hooks.items()) + list(own.items()))
             setattr(fused, table, hooks)
     # which kind the backward hooks are (register_full_backward_hook sets it): nn.Module runs
     # the table's hooks only when it is set

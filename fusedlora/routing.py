@@ -16,7 +16,7 @@ from torch import Tensor
 
 from . import reference, weight_delta_rows
 from .backend import record, select_backend
-from .derived import optimizer_steps, outside_inference_mode, same_key, version
+from .derived import DerivedCache, optimizer_steps, outside_inference_mode, same_key, version
 from .multi import _INT_DTYPES, _multi_forward, share_routing
 
 
@@ -96,6 +96,10 @@ class _Entry:
     off: int
     rank: int
     key: tuple
+    # the parameters as last copied (detached: their storage stays alive, so a `p.data = new`
+    # cannot hand the old address back to the key) and whether both were frozen then
+    held: tuple = ()
+    frozen: bool = False
 
 
 @dataclass
@@ -135,7 +139,7 @@ class AdapterPool:
         self.entries: Dict[str, _Entry] = {}
         self.layout_version = 0
         self.copied_rows = 0                # rows written since creation (tests check amortisation)
-        self.sparse_order: Dict[str, tuple] = {}  # sparse adapters' nonzeros sorted by output row
+        self.sparse_order = DerivedCache()  # sparse adapters' nonzeros sorted by output row
         self._cast: Optional[tuple] = None  # (what it was cast from, A, BT) in another dtype
 
     # ---- rows
@@ -193,7 +197,7 @@ class AdapterPool:
             self.layout_version += 1
         self.A[e.off:e.off + r] = A
         self.BT[e.off:e.off + r] = B.t()
-        e.key = key
+        e.key, e.held = key, (A, B)
         self.copied_rows += r
 
     def sync(self, layer) -> None:
@@ -211,15 +215,18 @@ class AdapterPool:
             A, B = layer.lora_A[name], layer.lora_B[name]
             e = self.entries.get(name)
             key = _param_key(A, B)
+            frozen = not (A.requires_grad or B.requires_grad)
             if e is None or not same_key(e.key, key):
                 _check_poolable(layer, name, A, B)
-                if e is not None and same_key(e.key[:-1], key[:-1]) and not (A.requires_grad or B.requires_grad):
-                    # only an optimizer step moved the key, and no optimizer steps frozen
-                    # parameters: no write, so a graph that saved the pool for its backward
-                    # stays valid (and no copy, no compare)
+                if e is not None and same_key(e.key[:-1], key[:-1]) and frozen and e.frozen:
+                    # only an optimizer step moved the key, and the adapter was frozen already
+                    # when last copied (no optimizer steps frozen parameters): no write, so a
+                    # graph that saved the pool for its backward stays valid. One frozen since
+                    # (train, freeze, serve) may have been stepped before: copied again
                     e.key = key
                     continue
                 self._write(name, A.detach(), B.detach(), key)
+                self.entries[name].frozen = frozen
 
     def cast(self, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
         """The live rows of A and BT in ``dtype`` (a float32 model's pool under autocast), cast
@@ -388,7 +395,9 @@ def _prepare(layer, compiling: bool):
             answer = (tables, pool.A[:pool.used], pool.BT[:pool.used], loras)
         else:
             answer = (tables, None, None, loras)
-    layer._multi_cache = (params, _fingerprint(layer, params), answer)
+    # the detached params hold their storage: an address in the fingerprint cannot come back
+    # to another tensor (p.data = new, twice) while the answer is cached
+    layer._multi_cache = (params, _fingerprint(layer, params), answer, [p.detach() for p in params])
     return answer
 
 
@@ -538,17 +547,15 @@ def _sparse_delta(layer, name: str, x2: Tensor) -> Tensor:
     values = layer.sparse_values[name]
     N = layer.out_features
     pool = None if _compiling() else layer._multi_pool
-    hit = pool.sparse_order.get(name) if pool is not None else None
-    if hit is not None and hit[0] is indices and hit[1] == version(indices):  # indices are not trained
-        order, cols, offsets = hit[2:]
-    else:
-        with outside_inference_mode() if pool is not None else contextlib.nullcontext():  # kept: see _prepare
-            rows, cols = indices[0].long(), indices[1].long()
-            order = torch.argsort(rows * layer.in_features + cols)
-            offsets = torch.searchsorted(rows[order], torch.arange(N, device=rows.device))
-            cols = cols[order]
-        if pool is not None:
-            pool.sparse_order[name] = (indices, version(indices), order, cols, offsets)
+
+    def build():
+        rows, cols = indices[0].long(), indices[1].long()
+        order = torch.argsort(rows * layer.in_features + cols)
+        offsets = torch.searchsorted(rows[order], torch.arange(N, device=rows.device))
+        return order, cols[order], offsets
+
+    # kept per adapter while its indices are unchanged (the same tensor, address and version)
+    order, cols, offsets = build() if pool is None else pool.sparse_order.get_or_build(name, (indices,), build)
     dt = torch.promote_types(x2.dtype, torch.float32)
     w = values[order].to(dt) * layer.sparse_scaling[name]
     out = F.embedding_bag(cols, x2.to(dt).t(), offsets, mode="sum", per_sample_weights=w)  # (N, M)

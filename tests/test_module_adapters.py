@@ -443,3 +443,69 @@ def test_float32_adapters_beside_a_16bit_weight(monkeypatch, backend):
         layer.unmerge()
     with pytest.raises(TypeError, match="dtype: expected None or one of"):
         layer.add_lora("c", r=2, dtype=torch.int8)
+
+
+def test_unmerge_after_indices_loaded_while_merged_restores_the_merged_positions():
+    """The merge keeps its own copy of the positions it wrote: indices loaded in place while
+    merged (load_state_dict does not unmerge first, as in PEFT) do not move where the unmerge
+    restores W."""
+    layer = make_layer(16, 8)
+    layer.add_sparse("s", torch.stack([torch.arange(8)] * 2), torch.randn(8))
+    w0 = layer.weight.detach().clone()
+    layer.merge()
+    layer.load_state_dict({"sparse_indices.s": torch.stack([torch.arange(8), torch.arange(8) + 5])}, strict=False)
+    layer.unmerge()
+    assert torch.equal(layer.weight, w0)
+
+
+def test_sparse_indices_loaded_under_inference_mode_are_read(torch_backend):
+    """Inference tensors keep no version counter: a load under inference_mode (a serving
+    setup) drops the cached layouts of the adapter instead of trusting their stamps."""
+    x = torch.randn(4, 16)
+    with torch.inference_mode():
+        layer = FusedLinear(16, 12)
+        layer.add_sparse("s", torch.stack([torch.arange(8)] * 2), torch.randn(8))
+        layer(x)
+        sd = {k: v.clone() for k, v in layer.state_dict().items()}
+        sd["sparse_indices.s"] = torch.stack([torch.arange(8), torch.arange(8) + 5])
+        layer.load_state_dict(sd)
+        y = layer(x)
+    ref = reference.sparse_linear(x, layer.weight, layer.bias, sd["sparse_indices.s"], sd["sparse_values.s"], 1.0)
+    assert rel_err(y, ref) < 1e-6
+
+
+def test_patched_linear_with_load_hooks_keeps_the_layout_refresh(torch_backend):
+    """patch_model hands the replaced nn.Linear's hooks to the FusedLinear: its own load
+    post-hook (which builds sparse layouts again for compiled forwards) stays beside them."""
+    from torch import nn
+
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(16, 12))
+    seen = []
+    model[0].register_load_state_dict_post_hook(lambda module, keys: seen.append(1))
+    fusedlora.patch_model(model)
+    model[0].add_sparse("s", torch.stack([torch.arange(8)] * 2), torch.randn(8))
+    x = torch.randn(4, 16)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        compiled(x)
+        sd = {k: v.clone() for k, v in model.state_dict().items()}
+        sd["0.sparse_indices.s"] = torch.stack([torch.arange(8), torch.arange(8) + 5])
+        model.load_state_dict(sd)
+        ref = reference.sparse_linear(x, model[0].weight, model[0].bias, sd["0.sparse_indices.s"],
+                                      sd["0.sparse_values.s"], 1.0)
+        assert rel_err(compiled(x), ref) < 1e-6
+    assert seen == [1]
+
+
+def test_deleted_sparse_adapter_leaves_no_cached_order_in_the_pool(torch_backend):
+    layer = FusedLinear(16, 12)
+    layer.add_lora("keep", r=2)
+    x = torch.randn(3, 16)
+    for i in range(5):
+        name = f"gone_{i}"
+        layer.add_sparse(name, torch.stack([torch.arange(8)] * 2), torch.randn(8))
+        with torch.no_grad():
+            layer(x, adapter_ids=torch.full((3,), layer.adapter_id(name)))
+        layer.delete_adapter(name)
+    assert len(layer._multi_pool.sparse_order) == 0

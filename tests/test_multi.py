@@ -345,6 +345,13 @@ def test_pool_resyncs_after_fused_optimizer_steps_and_data_assignment(torch_back
     check()
     layer.lora_B[names[1]].data = torch.randn(12, 3, device=DEVICE)
     check()
+    # train, freeze, serve: a fused step taken while trainable, the adapter frozen before the
+    # next routed forward (the pool must not take "frozen" for "no optimizer stepped it")
+    layer(x).square().sum().backward()  # the active adapter
+    opt.step()
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    check()
 
 
 def test_pool_kept_for_a_backward_survives_an_unrelated_optimizer_step(triton_backend):
