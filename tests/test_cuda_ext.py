@@ -232,8 +232,18 @@ def test_cuda_bgmv_unchecked_tables_read_nothing_outside_them(ext):
     whose slot is past the tables serves the base only, and a slot whose rows run past the
     pool (or start past it) is clipped to the pool's rows, so nothing is read out of bounds."""
     m = multi_args(M=3, K=1024, N=520, dtype=torch.float16, device="cuda")
-    m["row_slot"] = torch.tensor([7, 1, 0], dtype=torch.int32, device="cuda")   # slot 7 of 2
-    m["slot_off"] = torch.tensor([6, 40], dtype=torch.int32, device="cuda")     # 6 + 2 > 7 rows; 40 past them
+    for name in ("pool_A", "pool_BT"):  # NaN past the pool's 7 rows: a read there makes y non-finite
+        t = m[name]
+        buf = torch.full((64, t.shape[1]), float("nan"), dtype=t.dtype, device="cuda")
+        buf[:t.shape[0]] = t
+        m[name] = buf[:t.shape[0]]
+    # tables of 2 slots, views into longer ones whose further entries name real rows: a read of
+    # slot 7 would add a LoRA term to row 0
+    i32 = dict(dtype=torch.int32, device="cuda")
+    m["slot_off"] = torch.tensor([6, 40] + [0] * 6, **i32)[:2]   # 6 + 2 > 7 rows; 40 past them
+    m["slot_rank"] = torch.tensor([2, 5] + [5] * 6, **i32)[:2]
+    m["slot_scale"] = torch.tensor([1.0, 0.5] + [1.0] * 6, device="cuda")[:2]
+    m["row_slot"] = torch.tensor([7, 1, 0], **i32)              # slot 7 of 2
     y, u = ext.multi_lora_decode(**m)
     torch.cuda.synchronize()
     x, pA, pBT = m["x"].double(), m["pool_A"].double(), m["pool_BT"].double()
