@@ -56,8 +56,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backend import cdiv, dispatch, interpreting, record, scoped_setting
-from .ops import (autocast_inputs, backward_backend, bias_grad, dtype_fallback, fused_op, pick, register_autograd,
-                  seed_value, torch_masks, triton_dtype_ok)
+from .ops import (autocast_inputs, backward_backend, bias_grad, drawn_mask_family, dtype_fallback, fused_op,
+                  note_mask_family, pick, register_autograd, seed_value, torch_masks, triton_dtype_ok)
 
 _INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
@@ -449,6 +449,8 @@ def _multi_forward_on(backend: str, x: Tensor, weight: Tensor, bias: Optional[Te
                       slot_drop: Tensor, max_rank: int, dropout: bool, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     sl = _Slots(slot_off, slot_rank, slot_scale, slot_drop, dropout, seed_value(seed) if dropout else 0)
     backend = dtype_fallback(backend, x.device, x.dtype, "torch")  # float64 under auto: the grouped form
+    if dropout:  # the gather and the extension have no dropout: torch's grouped form, or Triton's kernels
+        note_mask_family(sl.seed, backend in ("torch", "eager"))
     # the gather has no dropout, and pads every row to max_rank: decode rows only
     if backend == "torch" or (backend == "eager" and (dropout or x.shape[0] > 16)):
         record("multi.forward", "torch", "grouped")
@@ -497,6 +499,8 @@ def _multi_backward(grad_y: Tensor, x: Tensor, weight: Tensor, pool_A: Tensor, p
     ``torch_mask``: the forward drew its dropout from torch's generator (ops.torch_masks)."""
     need_x, need_w, need_b, need_a, need_bb = needs
     sl = _Slots(slot_off, slot_rank, slot_scale, slot_drop, dropout, seed_value(seed) if dropout else 0)
+    if dropout:
+        torch_mask = drawn_mask_family(sl.seed, torch_mask)
     backend = backward_backend(x.device, dropout, torch_mask, dtype=x.dtype, fallback="torch")
     if backend == "torch":
         record("multi.backward", "torch", "grouped")

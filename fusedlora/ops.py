@@ -7,6 +7,7 @@ here, before any kernel is launched.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import math
@@ -262,6 +263,31 @@ def backward_backend(device: torch.device, dropout: bool, torch_mask: bool, op: 
     return backend
 
 
+# seed -> the mask family (True: torch's generator) a dropout forward drew with it, as it ran.
+# The backward reads it back at run time: under torch.compile the autograd context (ctx.torch_mask)
+# is filled once, at trace time, so a backend changed since (use_backend, FUSEDLORA_BACKEND, an
+# on-disk compile cache made by another process) would replay the other family's mask, silently.
+# The last 2^14 dropout forwards (layers x micro-batches before one backward); the context's
+# value serves a seed no longer held.
+_MASK_FAMILY: "collections.OrderedDict[int, bool]" = collections.OrderedDict()
+_MASK_FAMILY_SIZE = 1 << 14
+_MASK_FAMILY_LOCK = threading.Lock()
+
+
+def note_mask_family(seed: int, torch_mask: bool) -> None:
+    with _MASK_FAMILY_LOCK:
+        _MASK_FAMILY[seed] = torch_mask
+        _MASK_FAMILY.move_to_end(seed)
+        if len(_MASK_FAMILY) > _MASK_FAMILY_SIZE:
+            _MASK_FAMILY.popitem(last=False)
+
+
+def drawn_mask_family(seed: int, traced: bool) -> bool:
+    """The family the forward with ``seed`` drew (``traced``, the context's, if not held)."""
+    with _MASK_FAMILY_LOCK:
+        return _MASK_FAMILY.get(seed, traced)
+
+
 def torch_keep_mask(shape, p: float, seed: int, device) -> Optional[Tensor]:
     """The torch backend's dropout mask: a pure function of the seed, so the
     backward pass draws it again instead of storing it."""
@@ -290,6 +316,8 @@ def _lora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Ten
 def _lora_forward_on(backend: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
                      lora_B: Tensor, scaling: float, dropout_p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     backend = dtype_fallback(backend, x.device, x.dtype)
+    if dropout_p > 0.0:  # the extension has no dropout: its callers below go to Triton
+        note_mask_family(seed_value(seed), backend in ("torch", "eager"))
     if backend == "cuda":
         from .cuda_ext import decode_serves
 
@@ -338,6 +366,8 @@ def _lora_backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lo
     """(dx, dW, db, dA, dB); an empty tensor stands for a gradient not asked for.
     ``torch_mask``: the forward drew its dropout from torch's generator (ops.torch_masks)."""
     need_x, need_w, need_b, need_a, need_bb = needs
+    if dropout_p > 0.0:
+        torch_mask = drawn_mask_family(seed_value(seed), torch_mask)
     backend = backward_backend(x.device, dropout_p > 0, torch_mask, "lora.backward", x.shape[0], x.dtype)
     if backend in ("torch", "eager"):
         mask = torch_keep_mask(x.shape, dropout_p, seed_value(seed), x.device)
