@@ -220,7 +220,10 @@ class FusedLinear(nn.Linear):
         for name in self.__dict__.get("_kind", {}):
             routing.REGISTRY.id_for(name)  # unpickled in another process: its names get ids there
 
-    def _refresh_layouts(self) -> None:
+    def _refresh_layouts(self, rebuild: bool = True) -> None:
+        """Drop the sparse adapters' cached derivations and (``rebuild``) build their layouts
+        again, which checks the indices. A device or dtype move only drops them: the indices
+        moved are the ones checked before (and to_empty's are not written yet)."""
         if torch.compiler.is_compiling():
             return
         pool = self._multi_pool
@@ -231,7 +234,7 @@ class FusedLinear(nn.Linear):
             # version counter, so an in-place load would pass every cache's check
             for cache in (self._sparse_layout, self._sparse_flat, pool.sparse_order if pool is not None else {}):
                 cache.pop(name, None)
-            if not self.sparse_indices[name].is_meta:  # meta: shapes only, nothing to check
+            if rebuild and not self.sparse_indices[name].is_meta:  # meta: shapes only, nothing to check
                 self._layout(name)
         self._delta_rows = None
 
@@ -241,7 +244,7 @@ class FusedLinear(nn.Linear):
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
-        self._refresh_layouts()
+        self._refresh_layouts(rebuild=False)
         return out
 
     def adapter_id(self, name: str) -> int:

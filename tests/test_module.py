@@ -370,6 +370,25 @@ def test_compiled_forward_follows_sparse_indices_loaded_after_it_was_traced(torc
         layer.load_state_dict(bad)
 
 
+def test_meta_built_sparse_layer_materialised_with_to_empty_then_loaded(torch_backend):
+    """init_empty_weights-style loading: to_empty's indices are unwritten memory, so a device
+    move does not check them (it drops the cached layouts); the load that follows does."""
+    from fusedlora.sparse import random_indices
+
+    torch._dynamo.reset()
+    idx = random_indices((12, 16), density=0.2, seed=0)
+    src = FusedLinear(16, 12)
+    src.add_sparse("s", idx, torch.randn(idx.shape[1]))
+    layer = FusedLinear(16, 12, device="meta")
+    layer.add_sparse("s", idx.to("meta"), torch.randn(idx.shape[1], device="meta"))
+    layer.to_empty(device="cpu")
+    layer.load_state_dict(src.state_dict())
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        assert rel_err(layer(x), src(x)) < 1e-6
+        assert rel_err(torch.compile(layer, backend="aot_eager", fullgraph=True)(x), src(x)) < 1e-6
+
+
 @pytest.mark.parametrize("traced,now", [("triton", "torch"), ("torch", "triton")])
 def test_compiled_dropout_backward_replays_the_mask_its_forward_drew(monkeypatch, traced, now):
     """Under torch.compile the autograd context is filled at trace time: a backend changed since
