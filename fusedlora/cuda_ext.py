@@ -268,11 +268,15 @@ use_gemv = _GEMV.use  # the decode kernels' GEMV in a scope, as FUSEDLORA_CUDA_G
 DECODE_ROWS = 16  # csrc's kMaxDecodeRows
 
 
+MAX_FEATURES = 1 << 30  # csrc/fusedlora.h kMaxFeatures
+
+
 def decode_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """The decode kernels' shape contract (the binding raises outside it; the ops then run
     Triton, recorded): 1..16 rows, at least one input and one output feature, W unit-stride
-    along in_features."""
-    return 0 < x.shape[0] <= DECODE_ROWS and x.shape[1] > 0 and weight.shape[0] > 0 and weight.stride(1) == 1
+    along in_features, at most 2^30 features on each side (the binding's kMaxFeatures)."""
+    return (0 < x.shape[0] <= DECODE_ROWS and 0 < x.shape[1] <= MAX_FEATURES and 0 < weight.shape[0] <= MAX_FEATURES
+            and weight.stride(1) == 1)
 
 
 @functools.lru_cache(maxsize=None)

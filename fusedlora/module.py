@@ -76,9 +76,9 @@ class FusedLinear(nn.Linear):
         self._multi_cache = None  # routing._prepare's answer and what it depends on
         self._multi_struct = 0    # bumped by every add / delete of an adapter
         self._delta_rows = None   # weight_delta_rows' slot table and what it depends on
-        # a traced forward reads the layouts eager code built last: build them again (and check
-        # the indices) as soon as load_state_dict or a device move may have changed the indices
-        self.register_load_state_dict_post_hook(FusedLinear._refresh_layouts_hook)
+        # a traced forward reads the layouts eager code built last: forget them as soon as
+        # load_state_dict or a device move may have changed the indices
+        self.register_load_state_dict_post_hook(FusedLinear._drop_sparse_caches_hook)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "FusedLinear":
@@ -220,31 +220,33 @@ class FusedLinear(nn.Linear):
         for name in self.__dict__.get("_kind", {}):
             routing.REGISTRY.id_for(name)  # unpickled in another process: its names get ids there
 
-    def _refresh_layouts(self, rebuild: bool = True) -> None:
-        """Drop the sparse adapters' cached derivations and (``rebuild``) build their layouts
-        again, which checks the indices. A device or dtype move only drops them: the indices
-        moved are the ones checked before (and to_empty's are not written yet)."""
+    def _drop_sparse_caches(self) -> None:
+        """Drop the sparse adapters' cached derivations (layouts, flat positions, routed row
+        order, the delta rows' table) after load_state_dict or a device move. The next use builds
+        them again (an eager forward or merge checks the indices then; a traced forward builds
+        from the indices as they are): not here, where a model of many sparse layers would sort
+        every adapter's nonzeros at each .to() or .half(), and to_empty's indices are unwritten
+        memory until the load."""
         if torch.compiler.is_compiling():
             return
         pool = self._multi_pool
         for name, kind in self._kind.items():
             if kind != "sparse":
                 continue
-            # dropped first: an inference tensor (a model loaded under inference_mode) keeps no
-            # version counter, so an in-place load would pass every cache's check
+            # dropped, not checked: an inference tensor (a model loaded under inference_mode)
+            # keeps no version counter, so an in-place load would pass every cache's check
             for cache in (self._sparse_layout, self._sparse_flat, pool.sparse_order if pool is not None else {}):
                 cache.pop(name, None)
-            if rebuild and not self.sparse_indices[name].is_meta:  # meta: shapes only, nothing to check
-                self._layout(name)
         self._delta_rows = None
 
     @staticmethod
-    def _refresh_layouts_hook(module: "FusedLinear", incompatible_keys) -> None:
-        module._refresh_layouts()
+    def _drop_sparse_caches_hook(module, incompatible_keys) -> None:
+        if isinstance(module, FusedLinear):  # patch_model shares hook tables with the nn.Linear it replaced
+            module._drop_sparse_caches()
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
-        self._refresh_layouts(rebuild=False)
+        self._drop_sparse_caches()
         return out
 
     def adapter_id(self, name: str) -> int:

@@ -448,9 +448,9 @@ def _multi_forward_on(backend: str, x: Tensor, weight: Tensor, bias: Optional[Te
                       pool_BT: Tensor, row_slot: Tensor, slot_off: Tensor, slot_rank: Tensor, slot_scale: Tensor,
                       slot_drop: Tensor, max_rank: int, dropout: bool, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     sl = _Slots(slot_off, slot_rank, slot_scale, slot_drop, dropout, seed_value(seed) if dropout else 0)
-    backend = dtype_fallback(backend, x.device, x.dtype, "torch")  # float64 under auto: the grouped form
+    backend = dtype_fallback(backend, x.device, x.dtype)  # float64 under auto: the gather or the grouped form
     if dropout:  # the gather and the extension have no dropout: torch's grouped form, or Triton's kernels
-        note_mask_family(sl.seed, backend in ("torch", "eager"))
+        note_mask_family(sl.seed, x, backend in ("torch", "eager"))
     # the gather has no dropout, and pads every row to max_rank: decode rows only
     if backend == "torch" or (backend == "eager" and (dropout or x.shape[0] > 16)):
         record("multi.forward", "torch", "grouped")
@@ -500,7 +500,7 @@ def _multi_backward(grad_y: Tensor, x: Tensor, weight: Tensor, pool_A: Tensor, p
     need_x, need_w, need_b, need_a, need_bb = needs
     sl = _Slots(slot_off, slot_rank, slot_scale, slot_drop, dropout, seed_value(seed) if dropout else 0)
     if dropout:
-        torch_mask = drawn_mask_family(sl.seed, torch_mask)
+        torch_mask = drawn_mask_family(sl.seed, x, torch_mask)
     backend = backward_backend(x.device, dropout, torch_mask, dtype=x.dtype, fallback="torch")
     if backend == "torch":
         record("multi.backward", "torch", "grouped")
@@ -636,9 +636,6 @@ def _check_table_values(row_slot, slot_off, slot_rank, slot_drop, pool_rows: int
     out of bounds. Returns max_rank. Under torch.compile the same checks run as device-side
     asserts (no sync, no graph break), and max_rank, which sizes buffers, must be given."""
     S = slot_off.shape[0]
-    if max_rank is not None and not 0 <= int(max_rank) <= pool_rows:
-        raise ValueError(f"max_rank: expected 0 .. {pool_rows} (no slot owns more rows than the pool holds), "
-                         f"got {max_rank}")
     if torch.compiler.is_compiling():
         if max_rank is None:
             raise ValueError("max_rank: under torch.compile pass the largest slot rank (an int): reading it "

@@ -263,7 +263,9 @@ def backward_backend(device: torch.device, dropout: bool, torch_mask: bool, op: 
     return backend
 
 
-# seed -> the mask family (True: torch's generator) a dropout forward drew with it, as it ran.
+# (seed, x's shape, dtype, device) -> the mask family (True: torch's generator) a dropout forward
+# drew with them, as it ran (the shape too: a seed repeated by a torch.manual_seed reset per
+# micro-batch must not hand one call's family to another of other rows).
 # The backward reads it back at run time: under torch.compile the autograd context (ctx.torch_mask)
 # is filled once, at trace time, so a backend changed since (use_backend, FUSEDLORA_BACKEND, an
 # on-disk compile cache made by another process) would replay the other family's mask, silently.
@@ -274,18 +276,23 @@ _MASK_FAMILY_SIZE = 1 << 14
 _MASK_FAMILY_LOCK = threading.Lock()
 
 
-def note_mask_family(seed: int, torch_mask: bool) -> None:
+def _family_key(seed: int, x: Tensor) -> tuple:
+    return seed, tuple(x.shape), x.dtype, x.device
+
+
+def note_mask_family(seed: int, x: Tensor, torch_mask: bool) -> None:
+    key = _family_key(seed, x)
     with _MASK_FAMILY_LOCK:
-        _MASK_FAMILY[seed] = torch_mask
-        _MASK_FAMILY.move_to_end(seed)
+        _MASK_FAMILY[key] = torch_mask
+        _MASK_FAMILY.move_to_end(key)
         if len(_MASK_FAMILY) > _MASK_FAMILY_SIZE:
             _MASK_FAMILY.popitem(last=False)
 
 
-def drawn_mask_family(seed: int, traced: bool) -> bool:
-    """The family the forward with ``seed`` drew (``traced``, the context's, if not held)."""
+def drawn_mask_family(seed: int, x: Tensor, traced: bool) -> bool:
+    """The family the forward of x with ``seed`` drew (``traced``, the context's, if not held)."""
     with _MASK_FAMILY_LOCK:
-        return _MASK_FAMILY.get(seed, traced)
+        return _MASK_FAMILY.get(_family_key(seed, x), traced)
 
 
 def torch_keep_mask(shape, p: float, seed: int, device) -> Optional[Tensor]:
@@ -317,7 +324,7 @@ def _lora_forward_on(backend: str, x: Tensor, weight: Tensor, bias: Optional[Ten
                      lora_B: Tensor, scaling: float, dropout_p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     backend = dtype_fallback(backend, x.device, x.dtype)
     if dropout_p > 0.0:  # the extension has no dropout: its callers below go to Triton
-        note_mask_family(seed_value(seed), backend in ("torch", "eager"))
+        note_mask_family(seed_value(seed), x, backend in ("torch", "eager"))
     if backend == "cuda":
         from .cuda_ext import decode_serves
 
@@ -367,7 +374,7 @@ def _lora_backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lo
     ``torch_mask``: the forward drew its dropout from torch's generator (ops.torch_masks)."""
     need_x, need_w, need_b, need_a, need_bb = needs
     if dropout_p > 0.0:
-        torch_mask = drawn_mask_family(seed_value(seed), torch_mask)
+        torch_mask = drawn_mask_family(seed_value(seed), x, torch_mask)
     backend = backward_backend(x.device, dropout_p > 0, torch_mask, "lora.backward", x.shape[0], x.dtype)
     if backend in ("torch", "eager"):
         mask = torch_keep_mask(x.shape, dropout_p, seed_value(seed), x.device)

@@ -136,8 +136,10 @@ def to_fused(linear: nn.Linear, hooks_from: Optional[nn.Module] = None) -> Fused
         hooks = getattr(source, table, None)
         if hooks:
             own = getattr(fused, table, None)
-            if own:  # FusedLinear's own (the load post-hook that rebuilds sparse layouts) stay, after
-                hooks = type(hooks)(list(hooks.items()) + list(own.items()))
+            if own and not isinstance(source, FusedLinear):
+                # FusedLinear's own (the load post-hook that forgets sparse layouts) join the
+                # shared table, last: the handles of the replaced layer's hooks keep working
+                hooks.update(own)
             setattr(fused, table, hooks)
     # which kind the backward hooks are (register_full_backward_hook sets it): nn.Module runs
     # the table's hooks only when it is set

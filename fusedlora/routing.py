@@ -142,6 +142,11 @@ class AdapterPool:
         self.sparse_order = DerivedCache()  # sparse adapters' nonzeros sorted by output row
         self._cast: Optional[tuple] = None  # (what it was cast from, A, BT) in another dtype
 
+    def __setstate__(self, state) -> None:
+        self.__dict__.update(state)
+        if not isinstance(self.sparse_order, DerivedCache):  # pickled before it was one: a plain dict
+            self.sparse_order = DerivedCache()
+
     # ---- rows
     def _reset(self, K: int, N: int, device, dtype) -> None:
         self.A = torch.empty((0, K), device=device, dtype=dtype)
@@ -239,12 +244,11 @@ class AdapterPool:
         return self._cast[1], self._cast[2]
 
     # ---- tables
-    def tables(self, layer, pooled: bool, absent: frozenset = frozenset()) -> Tables:
-        """Device tables for the pool (pooled) or for the torch.cat of the parameters in layer order
-        (of the LoRA adapters not ``absent``: those get rank 0)."""
+    def tables(self, layer, pooled: bool) -> Tables:
+        """Device tables for the pool (pooled) or for the torch.cat of the parameters in layer order."""
         kinds = layer._kind
         names = tuple(kinds)
-        ranks = tuple(layer.r[n] if kinds[n] == "lora" and n not in absent else 0 for n in names)
+        ranks = tuple(layer.r[n] if kinds[n] == "lora" else 0 for n in names)
         scales = tuple(float(layer.scaling[n]) if kinds[n] == "lora" else 0.0 for n in names)
         drops = tuple(float(layer.lora_dropout[n]) if kinds[n] == "lora" else 0.0 for n in names)
         if pooled:
@@ -442,7 +446,7 @@ def layer_forward(layer, x: Tensor, ids: Tensor, validate: bool = True, strict: 
         else:
             others = [s for s, k in enumerate(tables.kinds) if k != "lora"]
             flags = torch.stack([bad.any()]) if bad is not None else row_slot.new_zeros(1, dtype=torch.bool)
-            if others or (differentiable and loras):  # the rows per slot ride on the same sync
+            if others:
                 counts = torch.bincount((row_slot + 1).long(), minlength=len(kinds) + 1)[1:]
                 host = torch.cat([flags.long(), counts]).tolist()
                 counts = host[1:]
@@ -450,19 +454,6 @@ def layer_forward(layer, x: Tensor, ids: Tensor, validate: bool = True, strict: 
                 host = flags.long().tolist()
             if host[0]:
                 raise _bad_ids_error(layer, row_ids, row_slot, tables)
-
-    if differentiable and not compiling and (counts is not None or present is not None):
-        # A LoRA adapter without rows in this batch stays out of the graph: no gradient (None), as
-        # PEFT's mixed batch and the single-adapter path leave it; a zero one would let an optimizer
-        # decay it and move it by its momentum. Known from the validation's counts, or from the ids
-        # use_adapters found in the batch; otherwise (validate=False outside a scope, torch.compile)
-        # the torch.cat of every adapter gives such adapters zeros.
-        slots = zip(tables.names, tables.kinds, counts or tables.names)
-        absent = frozenset(n for n, k, c in slots if k == "lora" and (
-            not c if counts is not None else REGISTRY.get(n) not in present))
-        if absent:
-            loras = [n for n in loras if n not in absent]
-            tables = layer._multi_pool.tables(layer, pooled=False, absent=absent)
 
     lead = x.shape[:-1]
     x2 = rows_of(x)

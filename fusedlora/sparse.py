@@ -433,7 +433,6 @@ class SavedEntries(NamedTuple):
     version: Optional[int] = None
     data_ptr: int = -1
     steps: int = -1
-    held: Optional[Tensor] = None  # W detached: its storage stays alive, so data_ptr cannot come back to another
 
 
 def _entries_of(weight: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
@@ -464,8 +463,7 @@ def merge_saving_(weight: Tensor, rows: Tensor, cols: Tensor, values: Tensor, sc
     the ones it writes. O(nnz): a gather, an add in float32, a scatter; no atomics."""
     saved, written = merged_entries(weight, rows, cols, values, scaling)
     _write_entries(weight, rows, cols, written)
-    return SavedEntries(rows, cols, saved, written, version(weight), weight.data_ptr(), optimizer_steps(),
-                        weight.detach())
+    return SavedEntries(rows, cols, saved, written, version(weight), weight.data_ptr(), optimizer_steps())
 
 
 @torch.no_grad()

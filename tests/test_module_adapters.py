@@ -344,18 +344,16 @@ def test_layer_built_under_inference_mode_routes_and_switches():
 
 
 def test_merge_checks_sparse_indices_loaded_in_place():
-    """load_state_dict copies the indices into the buffer, then builds the layout again, which
-    checks them: the load raises; the indices stay in the buffer (torch's load does not roll
-    back), so merging must check them too: an out-of-range column used to land in the next row
-    of W, a duplicate pair to drop one of its values, both silently."""
+    """load_state_dict copies unchecked indices into the buffer; the forward checks them when it
+    rebuilds the layout, and merging must too: an out-of-range column used to land in the next
+    row of W, a duplicate pair to drop one of its values, both silently."""
     layer = make_layer(16, 8)
     layer.add_sparse("s", torch.tensor([[0, 1], [0, 1]]), torch.tensor([1.0, 2.0]))
     w0 = layer.weight.detach().clone()
     for bad, msg in (([[0, 0], [16, 17]], "out of range"), ([[3, 3], [4, 4]], "duplicate")):
         sd = layer.state_dict()
         sd["sparse_indices.s"] = torch.tensor(bad)
-        with pytest.raises(ValueError, match=msg):
-            layer.load_state_dict(sd)
+        layer.load_state_dict(sd)
         for merge in (layer.merge, lambda: layer.switch_merged("s"), lambda: layer.merge(safe_merge=True)):
             with pytest.raises(ValueError, match=msg):
                 merge()
@@ -495,6 +493,15 @@ def test_patched_linear_with_load_hooks_keeps_the_layout_refresh(torch_backend):
         ref = reference.sparse_linear(x, model[0].weight, model[0].bias, sd["0.sparse_indices.s"],
                                       sd["0.sparse_values.s"], 1.0)
         assert rel_err(compiled(x), ref) < 1e-6
+    assert seen == [1]
+    # the replaced layer's handle still removes its hook (the table is shared, not copied)
+    handle = model[0].register_load_state_dict_post_hook(lambda module, keys: seen.append(2))
+    other = nn.Sequential(nn.Linear(16, 12))
+    gone = other[0].register_load_state_dict_post_hook(lambda module, keys: seen.append(3))
+    fusedlora.patch_model(other)
+    gone.remove()
+    other.load_state_dict(other.state_dict())
+    handle.remove()
     assert seen == [1]
 
 
