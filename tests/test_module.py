@@ -395,49 +395,36 @@ def test_compiled_dropout_backward_replays_the_mask_its_forward_drew(monkeypatch
     """Under torch.compile the autograd context is filled at trace time: a backend changed since
     (use_backend, FUSEDLORA_BACKEND, a compile cache from another process) made the forward draw
     one mask family (torch's generator or the kernels' Philox) and the backward replay the
-    other, silently. The output is linear in A, so L(A + E) - L(A) = <dA, E> holds exactly
-    only with the forward's own mask."""
+    other, silently. The output is linear in the adapter P, so L(P + E) - L(P) = <dP, E> holds
+    exactly only with the forward's own mask: LoRA's A, and a routed pool's A rows."""
     from fusedlora import ops
-
-    monkeypatch.setenv("FUSEDLORA_BACKEND", traced)
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    x, W, gy = torch.randn(20, 32), torch.randn(16, 32), torch.randn(20, 16)
-    A, B, E = torch.randn(4, 32, requires_grad=True), torch.randn(16, 4), torch.randn(4, 32)
-    f = torch.compile(lambda x, A: ops.lora_linear(x, W, None, A, B, 1.0, 0.5), backend="aot_eager",
-                      fullgraph=True)
-    f(x, A)  # traced under the first backend
-    monkeypatch.setenv("FUSEDLORA_BACKEND", now)
-    torch.manual_seed(5)
-    loss = (f(x, A) * gy).sum()
-    loss.backward()
-    with torch.no_grad():
-        torch.manual_seed(5)
-        moved = (f(x, A + E) * gy).sum()
-    assert abs((moved - loss).item() - (A.grad * E).sum().item()) < 1e-3 * abs((moved - loss).item())
-    # routed rows: the same for the multi-adapter op (slot dropout)
     from fusedlora.multi import multi_lora_linear
     from fusedlora.routing import pack_loras
 
-    monkeypatch.setenv("FUSEDLORA_BACKEND", traced)
-    torch._dynamo.reset()
+    torch.manual_seed(0)
+    x, W, gy = torch.randn(20, 32), torch.randn(16, 32), torch.randn(20, 16)
+    B = torch.randn(16, 4)
     pool_A, pool_BT, off, rank, scale, rmax = pack_loras([torch.randn(2, 32), torch.randn(3, 32)],
                                                          [torch.randn(16, 2), torch.randn(16, 3)], [1.0, 0.5])
-    pool_A = pool_A.detach().requires_grad_()
-    slots = torch.tensor([0, 1, -1, 1] * 5, dtype=torch.int32)
-    drop = torch.tensor([0.5, 0.3])
-    g = torch.compile(lambda x, P: multi_lora_linear(x, W, None, slots, P, pool_BT, off, rank, scale, rmax, drop),
-                      backend="aot_eager", fullgraph=True)
-    g(x, pool_A)
-    monkeypatch.setenv("FUSEDLORA_BACKEND", now)
-    E = torch.randn_like(pool_A)
-    torch.manual_seed(6)
-    loss = (g(x, pool_A) * gy).sum()
-    loss.backward()
-    with torch.no_grad():
-        torch.manual_seed(6)
-        moved = (g(x, pool_A + E) * gy).sum()
-    assert abs((moved - loss).item() - (pool_A.grad * E).sum().item()) < 1e-3 * abs((moved - loss).item())
+    slots, drop = torch.tensor([0, 1, -1, 1] * 5, dtype=torch.int32), torch.tensor([0.5, 0.3])
+    cases = [(lambda x, P: ops.lora_linear(x, W, None, P, B, 1.0, 0.5), torch.randn(4, 32)),
+             (lambda x, P: multi_lora_linear(x, W, None, slots, P, pool_BT, off, rank, scale, rmax, drop),
+              pool_A.detach())]
+    for fn, P in cases:
+        P.requires_grad_()
+        monkeypatch.setenv("FUSEDLORA_BACKEND", traced)
+        torch._dynamo.reset()
+        f = torch.compile(fn, backend="aot_eager", fullgraph=True)
+        f(x, P)  # traced under the first backend
+        monkeypatch.setenv("FUSEDLORA_BACKEND", now)
+        E = torch.randn_like(P)
+        torch.manual_seed(5)
+        loss = (f(x, P) * gy).sum()
+        loss.backward()
+        with torch.no_grad():
+            torch.manual_seed(5)
+            moved = (f(x, P + E) * gy).sum()
+        assert abs((moved - loss).item() - (P.grad * E).sum().item()) < 1e-3 * abs((moved - loss).item())
 
 
 def test_compiled_graph_feeds_no_seed_tensor_without_dropout(torch_backend):
