@@ -194,10 +194,11 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_decode(const at::Tensor& x, const 
   value_check(row_slot.size(0) == args.M, "row_slot: expected one slot per row of x");
   value_check(slot_rank.size(0) == slot_off.size(0) && slot_scale.size(0) == slot_off.size(0),
               "slot_off, slot_rank, slot_scale: expected one entry per slot each");
-  // any width of u at least the largest rank (the caller's promise, as on Triton); a
-  // shrink block j reads pooled rows only where j is below its row's rank
-  // any width of u at least the largest rank (a fixed one for static graph buckets; u's index is 64-bit)
-  value_check(max_rank >= 0 && max_rank < (1LL << 31), "max_rank: expected >= 0, got " + std::to_string(max_rank));
+  // any width of u at least the largest rank (the caller's promise, as on Triton; a fixed one
+  // for static graph buckets may pass the pool's rows, and u's index is 64-bit); a shrink block
+  // j reads pooled rows only where j is below its row's rank, clipped to the pool
+  value_check(max_rank >= 0 && max_rank < (1LL << 24),
+              "max_rank: expected 0 .. 2^24 - 1 (u is rows x max_rank), got " + std::to_string(max_rank));
   on_device_of({&pool_A, &pool_BT, &row_slot, &slot_off, &slot_rank, &slot_scale}, x);
   const at::Tensor slots = row_slot.contiguous(), offs = slot_off.contiguous(), ranks = slot_rank.contiguous(),
                    scales = slot_scale.contiguous();

@@ -219,6 +219,9 @@ class FusedLinear(nn.Linear):
         super().__setstate__(state)
         for name in self.__dict__.get("_kind", {}):
             routing.REGISTRY.id_for(name)  # unpickled in another process: its names get ids there
+        hooks = self._load_state_dict_post_hooks
+        if not any(h is FusedLinear._drop_sparse_caches_hook for h in hooks.values()):  # pickled before it
+            self.register_load_state_dict_post_hook(FusedLinear._drop_sparse_caches_hook)
 
     def _drop_sparse_caches(self) -> None:
         """Drop the sparse adapters' cached derivations (layouts, flat positions, routed row

@@ -640,6 +640,8 @@ def _check_table_values(row_slot, slot_off, slot_rank, slot_drop, pool_rows: int
         if max_rank is None:
             raise ValueError("max_rank: under torch.compile pass the largest slot rank (an int): reading it "
                              "from slot_rank would synchronise with the host")
+        if int(max_rank) < 0:
+            raise ValueError(f"max_rank: expected >= 0, got {max_rank}")
         if row_slot.numel():
             torch._assert_async(((row_slot >= -1) & (row_slot < S)).all(), "row_slot: a slot out of range")
         if S:

@@ -143,6 +143,7 @@ class AdapterPool:
         self._cast: Optional[tuple] = None  # (what it was cast from, A, BT) in another dtype
 
     def __setstate__(self, state) -> None:
+        self.__dict__.update(AdapterPool().__dict__)  # what an older pickle lacks
         self.__dict__.update(state)
         if not isinstance(self.sparse_order, DerivedCache):  # pickled before it was one: a plain dict
             self.sparse_order = DerivedCache()

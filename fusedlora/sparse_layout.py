@@ -141,6 +141,11 @@ def build_layout(indices: Tensor, shape, tile: Optional[int] = None, device=None
     if isinstance(tile, bool) or not isinstance(tile, int) or tile & (tile - 1) or not _MIN_TILE <= tile <= _MAX_TILE:
         raise ValueError(f"tile: expected a power of two in [{_MIN_TILE}, {_MAX_TILE}], got {tile!r}")
     rows, cols = check_indices(indices, (N, K), check_values=validate)
+    if not validate and rows.numel():
+        # unchecked (a traced forward's build, where a sort and a host sync cannot run): clamped,
+        # so that indices loaded out of range give wrong numbers there, never out-of-bounds
+        # accesses in the kernels; the next eager use checks them and raises
+        rows, cols = rows.clamp(0, N - 1), cols.clamp(0, K - 1)
     if device is not None:
         rows, cols = rows.to(device), cols.to(device)
     num_tn, num_tk = -(-N // tile), -(-K // tile)
