@@ -232,15 +232,19 @@ class FusedLinear(nn.Linear):
         memory until the load."""
         if torch.compiler.is_compiling():
             return
-        pool = self._multi_pool
         for name, kind in self._kind.items():
             if kind != "sparse":
                 continue
             # dropped, not checked: an inference tensor (a model loaded under inference_mode)
             # keeps no version counter, so an in-place load would pass every cache's check
-            for cache in (self._sparse_layout, self._sparse_flat, pool.sparse_order if pool is not None else {}):
+            for cache in self._sparse_caches():
                 cache.pop(name, None)
         self._delta_rows = None
+
+    def _sparse_caches(self) -> tuple:
+        """The caches of what is derived from a sparse adapter's indices, by adapter name."""
+        pool = self._multi_pool
+        return (self._sparse_layout, self._sparse_flat) + ((pool.sparse_order,) if pool is not None else ())
 
     @staticmethod
     def _drop_sparse_caches_hook(module, incompatible_keys) -> None:
@@ -281,8 +285,7 @@ class FusedLinear(nn.Linear):
             raise ValueError(f"adapter name: {name!r} is merged into the weight; unmerge() first")
         for table in (self.lora_A, self.lora_B, self.scaling, self.r, self.lora_alpha, self.lora_dropout,
                       self.use_rslora, self.c3a_kernel, self.sparse_values, self.sparse_indices,
-                      self.sparse_scaling, self._sparse_layout, self._sparse_flat,
-                      self._multi_pool.sparse_order if self._multi_pool is not None else {}):
+                      self.sparse_scaling, *self._sparse_caches()):
             if name in table:
                 del table[name]
         del self._kind[name]

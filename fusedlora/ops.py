@@ -323,8 +323,9 @@ def _lora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Ten
 def _lora_forward_on(backend: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
                      lora_B: Tensor, scaling: float, dropout_p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     backend = dtype_fallback(backend, x.device, x.dtype)
+    seed_i = seed_value(seed)
     if dropout_p > 0.0:  # the extension has no dropout: its callers below go to Triton
-        note_mask_family(seed_value(seed), x, backend in ("torch", "eager"))
+        note_mask_family(seed_i, x, backend in ("torch", "eager"))
     if backend == "cuda":
         from .cuda_ext import decode_serves
 
@@ -335,7 +336,7 @@ def _lora_forward_on(backend: str, x: Tensor, weight: Tensor, bias: Optional[Ten
                                       gemv=gemv_for("lora.forward", "decode", x, weight))
         backend = "triton"  # the extension has no kernel for this shape: recorded below
     if backend in ("torch", "eager"):
-        mask = torch_keep_mask(x.shape, dropout_p, seed_value(seed), x.device)
+        mask = torch_keep_mask(x.shape, dropout_p, seed_i, x.device)
         if backend == "torch":
             u = scaling * (reference.apply_dropout(x, mask, dropout_p) @ lora_A.t())
             record("lora.forward", "torch", "reference")
@@ -354,7 +355,7 @@ def _lora_forward_on(backend: str, x: Tensor, weight: Tensor, bias: Optional[Ten
     if decode_pair_serves(x, weight, dropout_p > 0.0):
         return lora_decode(x, weight, bias, lora_A, lora_B, scaling)
     u = matmul(x, lora_A.t(), out_dtype=torch.float32, dot_dtype=x.dtype, alpha=scaling,
-               dropout=Dropout(dropout_p, seed_value(seed), "a"), tag="lora.shrink")
+               dropout=Dropout(dropout_p, seed_i, "a"), tag="lora.shrink")
     y = matmul(x, weight.t(), out_dtype=x.dtype, dot_dtype=x.dtype, bias=bias, u=u, v=lora_B.t(),
                tag="lora.forward")
     return y, u
@@ -373,11 +374,12 @@ def _lora_backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lo
     """(dx, dW, db, dA, dB); an empty tensor stands for a gradient not asked for.
     ``torch_mask``: the forward drew its dropout from torch's generator (ops.torch_masks)."""
     need_x, need_w, need_b, need_a, need_bb = needs
+    seed_i = seed_value(seed)
     if dropout_p > 0.0:
-        torch_mask = drawn_mask_family(seed_value(seed), x, torch_mask)
+        torch_mask = drawn_mask_family(seed_i, x, torch_mask)
     backend = backward_backend(x.device, dropout_p > 0, torch_mask, "lora.backward", x.shape[0], x.dtype)
     if backend in ("torch", "eager"):
-        mask = torch_keep_mask(x.shape, dropout_p, seed_value(seed), x.device)
+        mask = torch_keep_mask(x.shape, dropout_p, seed_i, x.device)
         if backend == "eager":
             record("lora.backward", "eager", "composition")
             return _lora_grads_eager(grad_y, x, weight, lora_A, lora_B, u, scaling, mask, dropout_p, needs)
@@ -388,7 +390,6 @@ def _lora_backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lo
     from .launch import Dropout, matmul
 
     dt = x.dtype
-    seed_i = seed_value(seed)
     # A fresh empty tensor per slot: custom op outputs may not alias each other.
     dx, dW, db, dA, dB = (grad_y.new_empty(0) for _ in range(5))
     g = None
